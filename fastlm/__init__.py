@@ -1,0 +1,32 @@
+"""fastlm: fast BERT and GPT-2 inference with fused Triton attention, CUDA FFN kernels and
+CUDA-graph decoding. See DESIGN.md for the contract."""
+
+import logging
+
+from fastlm import _ext  # first: loads fastlm._C, which defines the torch.ops.fastlm namespace
+from fastlm import ops, reference
+from fastlm.backend import use_backend
+from fastlm.models import (
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertModel,
+    GPT2LMHeadModel,
+    WeightError,
+    from_pretrained,
+)
+
+__version__ = "0.1.0"
+logging.getLogger("fastlm").addHandler(logging.NullHandler())
+
+__all__ = [
+    "ops",
+    "reference",
+    "use_backend",
+    "from_pretrained",
+    "BertModel",
+    "BertForSequenceClassification",
+    "BertForMaskedLM",
+    "GPT2LMHeadModel",
+    "WeightError",
+    "__version__",
+]

@@ -1,0 +1,90 @@
+"""Input checks shared by fastlm.ops and the models. Each error names the argument."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+
+
+def tensor(op: str, name: str, t, ndim: Optional[int] = None) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{op}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    return t
+
+
+def float_tensor(op: str, name: str, t, ndim: Optional[int] = None) -> Tensor:
+    tensor(op, name, t, ndim)
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    return t
+
+
+def same(op: str, ref_name: str, ref: Tensor, **others: Optional[Tensor]) -> None:
+    """Every tensor in `others` has the dtype and device of `ref`."""
+    for name, t in others.items():
+        if t is None:
+            continue
+        if t.device != ref.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
+
+
+def shape(op: str, name: str, t: Tensor, expected: Sequence[int], what: str = "") -> None:
+    if tuple(t.shape) != tuple(expected):
+        extra = f" ({what})" if what else ""
+        raise ValueError(f"{op}: {name} must have shape {tuple(expected)}{extra}, got {tuple(t.shape)}")
+
+
+def nonempty(op: str, name: str, t: Tensor) -> None:
+    if t.numel() == 0:
+        raise ValueError(f"{op}: {name} is empty (shape {tuple(t.shape)})")
+
+
+def head_dim(op: str, d: int) -> None:
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"{op}: head dim {d} is not supported (1 to {MAX_HEAD_DIM})")
+
+
+def scale(op: str, s) -> None:
+    if s is not None and (not isinstance(s, (int, float)) or not s == s or s in (float("inf"), float("-inf"))):
+        raise ValueError(f"{op}: scale must be a finite float or None, got {s!r}")
+
+
+def bool_mask(op: str, name: str, m: Optional[Tensor], expected: Sequence[int], device) -> None:
+    if m is None:
+        return
+    tensor(op, name, m)
+    if m.dtype != torch.bool:
+        raise TypeError(f"{op}: {name} must be a bool tensor (True = keep), got {m.dtype}")
+    if m.device != device:
+        raise ValueError(f"{op}: {name} is on {m.device} but q is on {device}")
+    shape(op, name, m, expected)
+
+
+def attention_qkv(op: str, q, k, v) -> None:
+    float_tensor(op, "q", q, 4)
+    float_tensor(op, "k", k, 4)
+    float_tensor(op, "v", v, 4)
+    same(op, "q", q, k=k, v=v)
+    B, H, _, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"{op}: batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != H or v.shape[1] != H:
+        raise ValueError(f"{op}: head counts differ: q {H}, k {k.shape[1]}, v {v.shape[1]}")
+    if k.shape[3] != D:
+        raise ValueError(f"{op}: head dims differ: q {D}, k {k.shape[3]}")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"{op}: k and v lengths differ: k {k.shape[2]}, v {v.shape[2]}")
+    if v.shape[3] != D:
+        raise ValueError(f"{op}: head dims differ: q {D}, v {v.shape[3]}")
+    head_dim(op, D)
+    nonempty(op, "q", q)
+    nonempty(op, "k", k)

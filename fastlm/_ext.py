@@ -1,0 +1,40 @@
+"""Loads the compiled extension fastlm._C if it is there.
+
+fastlm works without it (the reference path runs instead); `fastlm info` says so.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("fastlm")
+
+try:
+    from fastlm import _C  # noqa: F401  (registers torch.ops.fastlm.* from C++)
+
+    LOAD_ERROR: str | None = None
+except ImportError as e:  # not built, or built against another torch
+    _C = None
+    LOAD_ERROR = f"{type(e).__name__}: {e}"
+    log.debug("fastlm._C not loaded (%s); the reference path runs instead", LOAD_ERROR)
+
+if _C is not None:
+
+    @torch.library.register_fake("fastlm::bias_gelu")
+    def _bias_gelu_fake(x, bias, approximate="none"):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def available() -> bool:
+    return _C is not None
+
+
+def cuda_enabled() -> bool:
+    """Whether fastlm._C was built with its CUDA kernels."""
+    return _C is not None and bool(_C.cuda_enabled())
+
+
+def cuda_archs() -> str:
+    return _C.cuda_archs if _C is not None else ""

@@ -1,0 +1,89 @@
+"""Pieces the models share: output records, input checks, init, the weight-map entry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class BaseModelOutput:
+    last_hidden_state: Tensor
+    pooler_output: Optional[Tensor] = None
+
+
+@dataclass
+class CausalLMOutput:
+    logits: Tensor
+
+
+@dataclass
+class LogitsOutput:
+    logits: Tensor
+
+
+@dataclass(frozen=True)
+class W:
+    """One entry of a declarative weight map: fastlm's parameter `ours` is made from the
+    transformers tensors `hf` by `how`:
+      copy       the one tensor as is
+      transpose  Conv1D [in, out] -> nn.Linear [out, in]  (GPT-2)
+      cat        rows stacked in order: fused QKV from query, key, value  (BERT)
+    """
+
+    ours: str
+    hf: tuple[str, ...]
+    how: str = "copy"
+
+
+def check_ids(model: str, input_ids, vocab_size: int, max_positions: int, attention_mask=None, **more):
+    """Checks the token inputs of a model forward; each error names the argument."""
+    if not isinstance(input_ids, Tensor):
+        raise TypeError(f"{model}: input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise TypeError(f"{model}: input_ids must be an integer tensor (token ids), got {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"{model}: input_ids must be 2-D (batch, seq), got shape {tuple(input_ids.shape)}")
+    B, S = input_ids.shape
+    if B == 0 or S == 0:
+        raise ValueError(f"{model}: input_ids is empty (shape {tuple(input_ids.shape)})")
+    if S > max_positions:
+        raise ValueError(
+            f"{model}: input_ids has {S} tokens per sequence, more than the model's {max_positions} positions"
+        )
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{model}: input_ids must lie in [0, {vocab_size}), got values in [{lo}, {hi}]")
+    for name, t in {"attention_mask": attention_mask, **more}.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{model}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != (B, S):
+            raise ValueError(f"{model}: {name} must have the shape of input_ids {(B, S)}, got {tuple(t.shape)}")
+        if t.device != input_ids.device:
+            raise ValueError(f"{model}: {name} is on {t.device} but input_ids is on {input_ids.device}")
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """transformers' init: normal(0, std) for linear and embedding weights, zero biases,
+    LayerNorm at identity."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def activation_name(model: str, hf_act: str) -> str:
+    """transformers' activation name -> fastlm.ops.ffn's."""
+    table = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+    if hf_act not in table:
+        raise ValueError(f"{model}: activation {hf_act!r} is not supported (supported: {', '.join(table)})")
+    return table[hf_act]

@@ -1,0 +1,160 @@
+"""GPT-2 with a language-model head, on fastlm.ops. Names follow transformers' GPT-2
+(wte, wpe, h.N.ln_1, h.N.attn.c_attn, ...), so the weight map is short; Conv1D weights
+are stored transposed, in nn.Linear layout, which is what the kernels read."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from fastlm import ops
+from fastlm.models.common import CausalLMOutput, W, activation_name, check_ids, init_weights
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        d = config.n_embd
+        if d % config.n_head:
+            raise ValueError(f"GPT2: n_embd {d} is not divisible by n_head {config.n_head}")
+        self.n_head, self.head_dim = config.n_head, d // config.n_head
+        self.c_attn = nn.Linear(d, 3 * d)  # fused QKV: rows [q; k; v]
+        self.c_proj = nn.Linear(d, d)
+        scale = self.head_dim**-0.5 if getattr(config, "scale_attn_weights", True) else 1.0
+        if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+            scale /= float(layer_idx + 1)
+        self.scale = scale
+
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
+        B, S, C = x.shape
+        qkv = self.c_attn(x).view(B, S, 3, self.n_head, self.head_dim)  # (B, S, 3, H, D)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x (B, H, S, D), strided views
+        y = ops.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, scale=self.scale)
+        y = y.transpose(1, 2).reshape(B, S, C)  # (B, S, H*D)
+        return self.c_proj(y)
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        d, d_ff = config.n_embd, config.n_inner or 4 * config.n_embd
+        self.c_fc = nn.Linear(d, d_ff)
+        self.c_proj = nn.Linear(d_ff, d)
+        self.activation = activation_name("GPT2", config.activation_function)
+
+    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+        return ops.ffn(
+            x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias,
+            activation=self.activation, residual=residual,
+        )  # residual + mlp(x)
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = GPT2Attention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = GPT2MLP(config)
+
+    def forward(self, h: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
+        a = self.attn(ops.layer_norm(h, self.ln_1.weight, self.ln_1.bias, self.ln_1.eps), key_padding_mask)
+        x, h = ops.layer_norm(a, self.ln_2.weight, self.ln_2.bias, self.ln_2.eps, residual=h)  # ln_2(h + a), h + a
+        return self.mlp(x, residual=h)
+
+
+class GPT2LMHeadModel(nn.Module):
+    """transformers' GPT2LMHeadModel for inference: forward(input_ids, attention_mask) -> .logits."""
+
+    model_type = "gpt2"
+
+    def __init__(self, config):
+        super().__init__()
+        if getattr(config, "add_cross_attention", False):
+            raise ValueError("GPT2LMHeadModel: add_cross_attention=True is not supported")
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if self.tied:
+            self.lm_head.weight = self.wte.weight
+
+    @property
+    def tied(self) -> bool:
+        return bool(getattr(self.config, "tie_word_embeddings", True))
+
+    def init_random(self) -> "GPT2LMHeadModel":
+        init_weights(self, self.config.initializer_range)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wte.weight.dtype
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None
+    ) -> CausalLMOutput:
+        """input_ids (B, S); attention_mask (B, S) with 1 = token, 0 = padding; position_ids
+        (B, S) default 0..S-1 as in transformers' forward. Returns .logits (B, S, vocab)."""
+        cfg = self.config
+        check_ids("GPT2LMHeadModel", input_ids, cfg.vocab_size, cfg.n_positions, attention_mask,
+                  position_ids=position_ids)
+        B, S = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(S, device=input_ids.device)[None]  # (1, S)
+        elif int(position_ids.min()) < 0 or int(position_ids.max()) >= cfg.n_positions:
+            raise ValueError(f"GPT2LMHeadModel: position_ids must lie in [0, {cfg.n_positions})")
+        kpm = None if attention_mask is None else attention_mask.to(device=self.device, dtype=torch.bool)
+        h = self.wte(input_ids) + self.wpe(position_ids)  # (B, S, C)
+        for block in self.h:
+            h = block(h, kpm)
+        h = ops.layer_norm(h, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
+        return CausalLMOutput(logits=self.lm_head(h))  # (B, S, vocab)
+
+    # -- weights -------------------------------------------------------------------------
+    @staticmethod
+    def hf_prefixes() -> tuple[str, ...]:
+        return ("transformer.",)
+
+    @staticmethod
+    def hf_ignored(key: str) -> bool:
+        """Checkpoint entries that are not weights (old causal-mask buffers)."""
+        return key.endswith((".attn.bias", ".attn.masked_bias"))
+
+    def weight_map(self) -> list[W]:
+        T = "transpose"  # transformers' Conv1D keeps [in, out]; we keep nn.Linear's [out, in]
+        m = [W("wte.weight", ("wte.weight",)), W("wpe.weight", ("wpe.weight",))]
+        for i in range(self.config.n_layer):
+            p = f"h.{i}."
+            m += [
+                W(p + "ln_1.weight", (p + "ln_1.weight",)),
+                W(p + "ln_1.bias", (p + "ln_1.bias",)),
+                W(p + "attn.c_attn.weight", (p + "attn.c_attn.weight",), T),
+                W(p + "attn.c_attn.bias", (p + "attn.c_attn.bias",)),
+                W(p + "attn.c_proj.weight", (p + "attn.c_proj.weight",), T),
+                W(p + "attn.c_proj.bias", (p + "attn.c_proj.bias",)),
+                W(p + "ln_2.weight", (p + "ln_2.weight",)),
+                W(p + "ln_2.bias", (p + "ln_2.bias",)),
+                W(p + "mlp.c_fc.weight", (p + "mlp.c_fc.weight",), T),
+                W(p + "mlp.c_fc.bias", (p + "mlp.c_fc.bias",)),
+                W(p + "mlp.c_proj.weight", (p + "mlp.c_proj.weight",), T),
+                W(p + "mlp.c_proj.bias", (p + "mlp.c_proj.bias",)),
+            ]
+        m += [W("ln_f.weight", ("ln_f.weight",)), W("ln_f.bias", ("ln_f.bias",))]
+        if not self.tied:
+            m.append(W("lm_head.weight", ("lm_head.weight",)))
+        return m
+
+    def optional_hf(self) -> tuple[str, ...]:
+        """Checkpoint entries that may be present and are not needed (the tied head)."""
+        return ("lm_head.weight",) if self.tied else ()

@@ -1,0 +1,245 @@
+"""fastlm's public ops: validate the inputs, pick the implementation, call it.
+
+Every op takes float32, float16 or bfloat16 and is inference-only. The reference
+(pure torch) lives in fastlm.reference; kernels in fastlm.kernels (Triton) and
+fastlm._C (C++/CUDA). `fastlm.backend` says how the implementation is chosen.
+Kernels are registered as torch.library custom ops with fake implementations, so
+torch.compile and CUDA graphs see them as single nodes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastlm import _checks as chk
+from fastlm import backend, reference
+
+__all__ = [
+    "attention",
+    "attention_varlen",
+    "softmax",
+    "decode_attention",
+    "bias_gelu",
+    "ffn",
+    "layer_norm",
+]
+
+ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """softmax(q k^T * scale) v for q, k, v (B, H, S, D); strided views are fine.
+
+    key_padding_mask (B, S_k) bool, True = keep. Rows with no kept key give 0. Causal
+    with S_q < S_k aligns the queries to the end of the keys. Returns (B, H, S_q, D).
+    """
+    op = "attention"
+    chk.attention_qkv(op, q, k, v)
+    chk.bool_mask(op, "key_padding_mask", key_padding_mask, (q.shape[0], k.shape[2]), q.device)
+    chk.scale(op, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    impl = backend.pick(op, q.device, triton=_has_triton("attention"))
+    if impl == "triton":
+        return torch.ops.fastlm.attention(q, k, v, bool(causal), key_padding_mask, scale)
+    return reference.attention(q, k, v, bool(causal), key_padding_mask, scale)
+
+
+def attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    *,
+    causal: bool = False,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """Attention over packed tokens q, k, v (T, H, D). Sequence i is rows
+    cu_seqlens[i]:cu_seqlens[i+1]; cu_seqlens int32 (B+1,) from 0 to T; max_seqlen is
+    the longest sequence. Returns (T, H, D)."""
+    op = "attention_varlen"
+    chk.float_tensor(op, "q", q, 3)
+    chk.float_tensor(op, "k", k, 3)
+    chk.float_tensor(op, "v", v, 3)
+    chk.same(op, "q", q, k=k, v=v)
+    if k.shape != q.shape or v.shape[:2] != q.shape[:2] or v.shape[2] != q.shape[2]:
+        raise ValueError(
+            f"attention_varlen: q, k, v must share (T, H, D); got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
+    chk.head_dim(op, q.shape[2])
+    chk.nonempty(op, "q", q)
+    _check_cu_seqlens(op, cu_seqlens, max_seqlen, q)
+    chk.scale(op, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    impl = backend.pick(op, q.device, triton=_has_triton("attention_varlen"))
+    if impl == "triton":
+        return torch.ops.fastlm.attention_varlen(q, k, v, cu_seqlens, int(max_seqlen), bool(causal), scale)
+    return reference.attention_varlen(q, k, v, cu_seqlens, int(max_seqlen), bool(causal), scale)
+
+
+def softmax(x: Tensor, *, dim: int = -1, scale: float = 1.0, mask: Optional[Tensor] = None) -> Tensor:
+    """softmax(x * scale + mask) along `dim`. A bool mask keeps True; a float mask is
+    added; the mask broadcasts to x. Rows with every entry masked give 0."""
+    op = "softmax"
+    chk.float_tensor(op, "x", x)
+    chk.nonempty(op, "x", x)
+    if x.dim() == 0:
+        raise ValueError("softmax: x must have at least 1 dim, got a scalar")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"softmax: dim {dim} is out of range for x with {x.dim()} dims")
+    chk.scale(op, scale)
+    if mask is not None:
+        chk.tensor(op, "mask", mask)
+        if mask.dtype != torch.bool and mask.dtype not in chk.FLOAT_DTYPES:
+            raise TypeError(f"softmax: mask must be bool (True = keep) or float (added), got {mask.dtype}")
+        if mask.device != x.device:
+            raise ValueError(f"softmax: mask is on {mask.device} but x is on {x.device}")
+        try:
+            bshape = torch.broadcast_shapes(mask.shape, x.shape)
+        except RuntimeError:
+            bshape = None
+        if bshape != x.shape:
+            raise ValueError(
+                f"softmax: mask of shape {tuple(mask.shape)} does not broadcast to x of shape {tuple(x.shape)}"
+            )
+    dim = dim % x.dim()
+    impl = backend.pick(op, x.device, triton=_has_triton("softmax"))
+    if impl == "triton":
+        return torch.ops.fastlm.softmax(x, dim, float(scale), mask)
+    return reference.softmax(x, dim, float(scale), mask)
+
+
+def decode_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *, scale: Optional[float] = None
+) -> Tensor:
+    """One new query per sequence: q (B, H, 1, D) against k_cache, v_cache (B, H, S_max, D),
+    of which the first cache_seqlens[b] rows (int32 (B,)) are valid. Returns (B, H, 1, D)."""
+    op = "decode_attention"
+    chk.attention_qkv(op, q, k_cache, v_cache)
+    if q.shape[2] != 1:
+        raise ValueError(f"decode_attention: q must have one query per sequence (B, H, 1, D), got {tuple(q.shape)}")
+    chk.tensor(op, "cache_seqlens", cache_seqlens, 1)
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"decode_attention: cache_seqlens must be int32, got {cache_seqlens.dtype}")
+    if cache_seqlens.device != q.device:
+        raise ValueError(f"decode_attention: cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
+    chk.shape(op, "cache_seqlens", cache_seqlens, (q.shape[0],), "one length per sequence")
+    chk.scale(op, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    impl = backend.pick(op, q.device, triton=_has_triton("decode_attention"))
+    if impl == "triton":
+        return torch.ops.fastlm.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)
+    return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)
+
+
+def bias_gelu(x: Tensor, bias: Tensor, *, approximate: str = "none") -> Tensor:
+    """gelu(x + bias), bias (N,) over the last dim of x; approximate "none" (erf) or "tanh"."""
+    op = "bias_gelu"
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f'bias_gelu: approximate must be "none" or "tanh", got {approximate!r}')
+    chk.float_tensor(op, "x", x)
+    chk.float_tensor(op, "bias", bias, 1)
+    chk.same(op, "x", x, bias=bias)
+    if x.dim() == 0:
+        raise ValueError("bias_gelu: x must have at least 1 dim, got a scalar")
+    chk.nonempty(op, "x", x)
+    chk.shape(op, "bias", bias, (x.shape[-1],), "the last dim of x")
+    impl = backend.pick(op, x.device, cuda=True)
+    if impl == "cuda":
+        return torch.ops.fastlm.bias_gelu(x, bias, approximate)
+    return reference.bias_gelu(x, bias, approximate)
+
+
+def ffn(
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    *,
+    activation: str = "gelu",
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    """linear(act(linear(x, w1, b1)), w2, b2) (+ residual). x (..., d_model),
+    w1 (d_ff, d_model), w2 (d_model, d_ff) in nn.Linear layout; activation "gelu" (erf)
+    or "gelu_tanh"."""
+    op = "ffn"
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"ffn: activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+    chk.float_tensor(op, "x", x)
+    chk.float_tensor(op, "w1", w1, 2)
+    chk.float_tensor(op, "b1", b1, 1)
+    chk.float_tensor(op, "w2", w2, 2)
+    chk.float_tensor(op, "b2", b2, 1)
+    chk.same(op, "x", x, w1=w1, b1=b1, w2=w2, b2=b2, residual=residual)
+    if x.dim() == 0:
+        raise ValueError("ffn: x must have at least 1 dim (..., d_model), got a scalar")
+    chk.nonempty(op, "x", x)
+    d_model, d_ff = x.shape[-1], w1.shape[0]
+    chk.shape(op, "w1", w1, (d_ff, d_model), "(d_ff, d_model) with d_model = x.shape[-1]")
+    chk.shape(op, "b1", b1, (d_ff,), "d_ff = w1.shape[0]")
+    chk.shape(op, "w2", w2, (d_model, d_ff), "(d_model, d_ff)")
+    chk.shape(op, "b2", b2, (d_model,), "d_model")
+    if residual is not None:
+        chk.shape(op, "residual", residual, tuple(x.shape), "the shape of x")
+    for name, w in (("w1", w1), ("w2", w2)):
+        if not w.is_contiguous():
+            raise ValueError(f"ffn: {name} must be contiguous (call .contiguous() once at load time)")
+    return reference.ffn(x, w1, b1, w2, b2, activation, residual)
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, *, residual: Optional[Tensor] = None):
+    """LayerNorm over the last dim (float32 statistics). With `residual`, normalises
+    x + residual and returns (normed, x + residual)."""
+    op = "layer_norm"
+    chk.float_tensor(op, "x", x)
+    chk.float_tensor(op, "weight", weight, 1)
+    chk.float_tensor(op, "bias", bias, 1)
+    chk.same(op, "x", x, weight=weight, bias=bias, residual=residual)
+    if x.dim() == 0:
+        raise ValueError("layer_norm: x must have at least 1 dim, got a scalar")
+    chk.nonempty(op, "x", x)
+    chk.shape(op, "weight", weight, (x.shape[-1],), "the last dim of x")
+    chk.shape(op, "bias", bias, (x.shape[-1],), "the last dim of x")
+    if residual is not None:
+        chk.shape(op, "residual", residual, tuple(x.shape), "the shape of x")
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"layer_norm: eps must be a positive float, got {eps!r}")
+    return reference.layer_norm(x, weight, bias, float(eps), residual)
+
+
+def _check_cu_seqlens(op: str, cu: Tensor, max_seqlen: int, q: Tensor) -> None:
+    chk.tensor(op, "cu_seqlens", cu, 1)
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{op}: cu_seqlens must be int32, got {cu.dtype}")
+    if cu.device != q.device:
+        raise ValueError(f"{op}: cu_seqlens is on {cu.device} but q is on {q.device}")
+    if cu.numel() < 2:
+        raise ValueError(f"{op}: cu_seqlens must have B+1 >= 2 entries, got {cu.numel()}")
+    vals = cu.tolist()  # one small host copy: bad offsets must never reach a kernel
+    if vals[0] != 0 or vals[-1] != q.shape[0]:
+        raise ValueError(f"{op}: cu_seqlens must start at 0 and end at the token count {q.shape[0]}, got {vals}")
+    lengths = [b - a for a, b in zip(vals[:-1], vals[1:])]
+    if min(lengths) < 0:
+        raise ValueError(f"{op}: cu_seqlens must be non-decreasing, got {vals}")
+    if not isinstance(max_seqlen, int) or max_seqlen < max(lengths):
+        raise ValueError(f"{op}: max_seqlen must be an int >= the longest sequence ({max(lengths)}), got {max_seqlen!r}")
+
+
+_TRITON_OPS: set[str] = set()  # filled by fastlm.kernels registration as kernels land
+
+
+def _has_triton(op: str) -> bool:
+    return op in _TRITON_OPS
