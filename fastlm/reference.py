@@ -15,6 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def up(t: Tensor) -> Tensor:
+    """Upcast to float32 for the math (float64 stays float64, for fp64 ground truths)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def safe_softmax(s: Tensor, dim: int = -1) -> Tensor:
     """Softmax where a row with no finite entry (every key masked) gives 0, not NaN."""
     m = s.amax(dim=dim, keepdim=True)
@@ -43,7 +48,7 @@ def attention(
     """softmax(q k^T * scale + mask) v over (B, H, S, D) tensors, in float32."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, S_q, S_k)
+    s = torch.matmul(up(q), up(k).transpose(-1, -2)) * scale  # (B, H, S_q, S_k)
     keep = None
     if causal:
         keep = causal_keep(q.shape[-2], k.shape[-2], q.device)  # (S_q, S_k)
@@ -53,7 +58,7 @@ def attention(
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
     p = safe_softmax(s, dim=-1)
-    return torch.matmul(p, v.float()).to(q.dtype)  # (B, H, S_q, D_v)
+    return torch.matmul(p, up(v)).to(q.dtype)  # (B, H, S_q, D_v)
 
 
 def attention_varlen(
@@ -82,12 +87,12 @@ def attention_varlen(
 def softmax(x: Tensor, dim: int = -1, scale: float = 1.0, mask: Optional[Tensor] = None) -> Tensor:
     """softmax(x * scale + mask) along `dim`; a bool mask keeps True, a float mask is added.
     Rows with every entry masked give 0."""
-    s = x.float() * scale
+    s = up(x) * scale
     if mask is not None:
         if mask.dtype == torch.bool:
             s = s.masked_fill(~mask, float("-inf"))
         else:
-            s = s + mask.float()
+            s = s + up(mask)
     return safe_softmax(s, dim=dim).to(x.dtype)
 
 
@@ -101,7 +106,7 @@ def decode_attention(
 
 
 def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
-    return F.gelu(x.float() + bias.float(), approximate=approximate).to(x.dtype)
+    return F.gelu(up(x) + up(bias), approximate=approximate).to(x.dtype)
 
 
 def ffn(
@@ -124,8 +129,8 @@ def layer_norm(
 ):
     """LayerNorm over the last dim with float32 statistics. With `residual`, normalises
     x + residual and returns (normed, x + residual)."""
-    s = x.float() if residual is None else x.float() + residual.float()
-    y = F.layer_norm(s, (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
+    s = up(x) if residual is None else up(x) + up(residual)
+    y = F.layer_norm(s, (x.shape[-1],), up(weight), up(bias), eps).to(x.dtype)
     if residual is None:
         return y
     return y, s.to(x.dtype)

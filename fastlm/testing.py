@@ -1,0 +1,83 @@
+"""Verification helpers shared by tests/ and bench/device_check.sh.
+
+- `close_2x`: the low-precision rule of DESIGN.md: a kernel's error against the fp32
+  reference may be at most 2x plain torch's error in the same dtype, plus a floor.
+- `nvcc_compile`: compile one plain-CUDA source with `-Xptxas -v` and read back
+  registers, stack and spill bytes per kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+FLOORS = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def max_err(a: Tensor, b: Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def close_2x(out: Tensor, ref32: Tensor, plain: Tensor, *, floor: float | None = None, what: str = "") -> None:
+    """Assert out's error vs ref32 <= 2 x plain's error vs ref32 + floor (floor by dtype)."""
+    assert out.shape == ref32.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref32.shape)}"
+    assert torch.isfinite(out).all(), f"{what}: output has Inf/NaN"
+    floor = FLOORS[out.dtype] if floor is None else floor
+    err, base = max_err(out, ref32), max_err(plain, ref32)
+    assert err <= 2 * base + floor, f"{what}: error {err:.3g} > 2 x torch's {base:.3g} + {floor:.3g}"
+
+
+def poison_(t: Tensor) -> Tensor:
+    """Fill a buffer with NaN (or a huge int) so an output a kernel forgot to write shows."""
+    return t.fill_(float("nan") if t.dtype.is_floating_point else torch.iinfo(t.dtype).max)
+
+
+def find_nvcc() -> str | None:
+    for cand in (os.environ.get("NVCC"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+@dataclass
+class KernelReport:
+    name: str
+    registers: int
+    stack: int
+    spill_stores: int
+    spill_loads: int
+
+
+def nvcc_compile(src: str, arch: str, include_dirs: tuple[str, ...] = ()) -> list[KernelReport]:
+    """nvcc -c src for `arch` (e.g. "sm_90") with -Xptxas -v; returns one report per kernel.
+    Raises RuntimeError with nvcc's output when the compile fails."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise FileNotFoundError("nvcc not found (set NVCC or put it on PATH)")
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [nvcc, "-c", src, "-o", os.path.join(tmp, "k.o"), f"-arch={arch}", "-std=c++17", "-O3",
+               "-Xptxas", "-v", *[f"-I{d}" for d in include_dirs]]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+    log = res.stdout + res.stderr
+    if res.returncode != 0:
+        raise RuntimeError(f"nvcc failed on {src} ({arch}):\n{log}")
+    reports, name = [], None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)'", line)
+        if m:
+            name = m.group(1)
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and name:
+            stack, st, ld = map(int, m.groups())
+            reports.append(KernelReport(name, -1, stack, st, ld))
+        m = re.search(r"Used (\d+) registers", line)
+        if m and reports and reports[-1].registers == -1:
+            reports[-1].registers = int(m.group(1))
+    return reports

@@ -1,0 +1,41 @@
+"""Test setup. On a machine without CUDA, Triton kernels run under the interpreter:
+TRITON_INTERPRET must be set before triton (and so fastlm.kernels) is imported."""
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.pop("FASTLM_BACKEND", None)  # tests pick backends explicitly
+
+import pytest  # noqa: E402
+
+import fastlm  # noqa: E402,F401
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture
+def device() -> str:
+    """Where kernels run: the GPU if there is one, else the CPU through the Triton interpreter."""
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def randomize_(model: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:
+    """Every parameter drawn afresh (transformers' init leaves biases 0 and LayerNorm at identity,
+    which would hide a dropped bias or LayerNorm weight)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or name.split(".")[-2].startswith("ln"):
+                p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("weight") else 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, std)
+    return model
