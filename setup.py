@@ -44,7 +44,9 @@ def ext_modules():
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    cxx = ["-O3", "-std=c++17"]
+    # -fno-trapping-math changes no result; it lets gcc if-convert the clamps in the CPU
+    # GELU loops and vectorise them (about 5x on the CPU twins).
+    cxx = ["-O3", "-std=c++17", "-fno-trapping-math"]
     if platform.system() == "Linux":
         cxx.append("-fopenmp")  # at::parallel_for is inline OpenMP in our translation units
     skip_cuda = os.environ.get("FASTLM_SKIP_CUDA_BUILD", "0") == "1"

@@ -49,7 +49,7 @@ def attention(
     chk.bool_mask(op, "key_padding_mask", key_padding_mask, (q.shape[0], k.shape[2]), q.device)
     chk.scale(op, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    impl = backend.pick(op, q.device, triton=_has_triton("attention"))
+    impl = _pick(op, q.device)
     if impl == "triton":
         return torch.ops.fastlm.attention(q, k, v, bool(causal), key_padding_mask, scale)
     return reference.attention(q, k, v, bool(causal), key_padding_mask, scale)
@@ -83,7 +83,7 @@ def attention_varlen(
     _check_cu_seqlens(op, cu_seqlens, max_seqlen, q)
     chk.scale(op, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    impl = backend.pick(op, q.device, triton=_has_triton("attention_varlen"))
+    impl = _pick(op, q.device)
     if impl == "triton":
         return torch.ops.fastlm.attention_varlen(q, k, v, cu_seqlens, int(max_seqlen), bool(causal), scale)
     return reference.attention_varlen(q, k, v, cu_seqlens, int(max_seqlen), bool(causal), scale)
@@ -115,7 +115,7 @@ def softmax(x: Tensor, *, dim: int = -1, scale: float = 1.0, mask: Optional[Tens
                 f"softmax: mask of shape {tuple(mask.shape)} does not broadcast to x of shape {tuple(x.shape)}"
             )
     dim = dim % x.dim()
-    impl = backend.pick(op, x.device, triton=_has_triton("softmax"))
+    impl = _pick(op, x.device)
     if impl == "triton":
         return torch.ops.fastlm.softmax(x, dim, float(scale), mask)
     return reference.softmax(x, dim, float(scale), mask)
@@ -138,7 +138,7 @@ def decode_attention(
     chk.shape(op, "cache_seqlens", cache_seqlens, (q.shape[0],), "one length per sequence")
     chk.scale(op, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    impl = backend.pick(op, q.device, triton=_has_triton("decode_attention"))
+    impl = _pick(op, q.device)
     if impl == "triton":
         return torch.ops.fastlm.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)
     return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)
@@ -156,7 +156,7 @@ def bias_gelu(x: Tensor, bias: Tensor, *, approximate: str = "none") -> Tensor:
         raise ValueError("bias_gelu: x must have at least 1 dim, got a scalar")
     chk.nonempty(op, "x", x)
     chk.shape(op, "bias", bias, (x.shape[-1],), "the last dim of x")
-    impl = backend.pick(op, x.device, cuda=True)
+    impl = _pick(op, x.device)
     if impl == "cuda":
         return torch.ops.fastlm.bias_gelu(x, bias, approximate)
     return reference.bias_gelu(x, bias, approximate)
@@ -238,8 +238,19 @@ def _check_cu_seqlens(op: str, cu: Tensor, max_seqlen: int, q: Tensor) -> None:
         raise ValueError(f"{op}: max_seqlen must be an int >= the longest sequence ({max(lengths)}), got {max_seqlen!r}")
 
 
-_TRITON_OPS: set[str] = set()  # filled by fastlm.kernels registration as kernels land
+# The kernels each op has besides the reference: "triton" (fastlm.kernels) and/or
+# "cuda" (fastlm._C). backend.pick chooses among them per call.
+KERNELS: dict[str, frozenset[str]] = {
+    "attention": frozenset(),
+    "attention_varlen": frozenset(),
+    "softmax": frozenset(),
+    "decode_attention": frozenset(),
+    "bias_gelu": frozenset({"cuda"}),
+    "ffn": frozenset(),
+    "layer_norm": frozenset(),
+}
 
 
-def _has_triton(op: str) -> bool:
-    return op in _TRITON_OPS
+def _pick(op: str, device: torch.device) -> str:
+    k = KERNELS[op]
+    return backend.pick(op, device, triton="triton" in k, cuda="cuda" in k)

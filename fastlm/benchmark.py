@@ -1,0 +1,443 @@
+"""The benchmark suite behind `fastlm bench` and bench/ (pytest-benchmark).
+
+A case is one op or model at one shape; its providers (fastlm and the baselines)
+are factories that set up and return a zero-argument callable, so every provider
+is timed the same way in the same run. A factory raises `Skip(reason)` when its
+baseline cannot run here (no CUDA, torch.compile failing, ...): that becomes a
+skipped row, not a crash. No correctness checks here: they live in tests/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import fastlm
+from fastlm import ops
+
+SUITES = ("ops", "models", "all")
+
+
+class Skip(Exception):
+    """A provider that cannot run here; the message says why."""
+
+
+@dataclass
+class Case:
+    name: str  # e.g. "attention"
+    suite: str  # "ops" or "models"
+    label: str  # shape, e.g. "B4 H16 S1024 D64 causal"
+    x: Optional[float]  # the value plotted on the x axis (sequence length, rows, ...)
+    providers: dict[str, Callable[[], Callable[[], Any]]]
+    flops: float = 0.0  # per call, for TFLOP/s
+    bytes: float = 0.0  # per call, for GB/s
+    unit: str = "ms"  # headline metric: "TFLOP/s", "GB/s", "tok/s" or "ms"
+    tokens: int = 0  # per call, for tok/s
+
+
+@dataclass
+class Row:
+    case: str
+    label: str
+    provider: str
+    x: Optional[float] = None
+    ms: Optional[float] = None
+    value: Optional[float] = None
+    unit: str = "ms"
+    pct_of_ceiling: Optional[float] = None
+    status: str = "ok"
+
+
+@dataclass
+class Ceilings:
+    copy_gbs: float
+    matmul_tflops: float
+    matmul_dtype: str
+
+
+@dataclass
+class Result:
+    env: dict
+    device: str
+    dtype: str
+    suite: str
+    ceilings: Ceilings
+    rows: list[Row] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"env": self.env, "device": self.device, "dtype": self.dtype, "suite": self.suite,
+                "ceilings": asdict(self.ceilings), "rows": [asdict(r) for r in self.rows]}
+
+
+# -- timing -------------------------------------------------------------------------------
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], Any], device: str, budget_s: float = 0.5) -> float:
+    """Median milliseconds per call. GPU: triton's do_bench (L2 flushed between calls);
+    CPU: wall clock after a warm-up call, repeated until the budget is spent (>= 3 calls)."""
+    if device == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=max(50, int(budget_s * 1000)), return_mode="median"))
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < budget_s and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def measure_ceilings(device: str) -> Ceilings:
+    """The machine's own copy bandwidth and dense matmul rate, measured now."""
+    if device == "cuda":
+        n = 1 << 28  # 1 GiB of fp32 per side
+        a, b = torch.empty(n, device=device), torch.empty(n, device=device)
+        ms = time_ms(lambda: b.copy_(a), device)
+        copy = 2 * a.numel() * 4 / ms / 1e6
+        del a, b
+        dt, m = torch.bfloat16, 8192
+    else:
+        n = 1 << 25  # 128 MiB per side
+        a, b = torch.randn(n), torch.empty(n)
+        ms = time_ms(lambda: b.copy_(a), device, budget_s=0.3)
+        copy = 2 * n * 4 / ms / 1e6
+        dt, m = torch.float32, 1024
+    x, y = torch.randn(m, m, device=device, dtype=dt), torch.randn(m, m, device=device, dtype=dt)
+    ms = time_ms(lambda: x @ y, device, budget_s=0.3)
+    return Ceilings(copy_gbs=copy, matmul_tflops=2 * m**3 / ms / 1e9, matmul_dtype=str(dt).replace("torch.", ""))
+
+
+# -- cases --------------------------------------------------------------------------------
+
+def _compile_or_skip(fn, device):
+    if device != "cuda":
+        raise Skip("torch.compile baseline runs on GPU only (compiling on this CPU takes minutes)")
+    try:
+        return torch.compile(fn)
+    except Exception as e:  # pragma: no cover - depends on the machine
+        raise Skip(f"torch.compile failed: {type(e).__name__}: {e}")
+
+
+def attention_cases(device: str, dtype: torch.dtype) -> list[Case]:
+    if device == "cuda":
+        shapes = [(16384 // s, 16 if d == 64 else 8, s, d, c) for d in (64, 128) for c in (False, True)
+                  for s in (128, 512, 1024, 2048, 4096, 8192, 16384)]
+    else:
+        shapes = [(2, 4, s, 64, c) for c in (False, True) for s in (64, 256)]
+    cases = []
+    for B, H, S, D, causal in shapes:
+        def mk(B=B, H=H, S=S, D=D, causal=causal):
+            q, k, v = (torch.randn(B, H, S, D, device=device, dtype=dtype) for _ in range(3))
+            return q, k, v, causal
+
+        def fastlm_p(mk=mk):
+            q, k, v, c = mk()
+            return lambda: ops.attention(q, k, v, causal=c)
+
+        def sdpa(backend_name, mk=mk):
+            def setup():
+                q, k, v, c = mk()
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                be = getattr(SDPBackend, backend_name)
+                def run():
+                    with sdpa_kernel(be):
+                        return F.scaled_dot_product_attention(q, k, v, is_causal=c)
+                try:
+                    run()
+                except RuntimeError as e:
+                    raise Skip(f"SDPA {backend_name} unavailable here: {str(e).splitlines()[0][:120]}")
+                return run
+            return setup
+
+        def eager(mk=mk):
+            q, k, v, c = mk()
+            S = q.shape[2]
+            if q.numel() // q.shape[-1] * S * 4 > 8 * 2**30:
+                raise Skip("eager attention would need > 8 GiB for the score matrix")
+            mask = torch.ones(S, S, dtype=torch.bool, device=q.device).tril() if c else None
+            def run():
+                s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+                if mask is not None:
+                    s = s.masked_fill(~mask, float("-inf"))
+                return torch.softmax(s, -1) @ v
+            return run
+
+        providers = {"fastlm": fastlm_p, "sdpa_flash": sdpa("FLASH_ATTENTION"),
+                     "sdpa_efficient": sdpa("EFFICIENT_ATTENTION"), "sdpa_math": sdpa("MATH"), "eager": eager}
+        if device != "cuda":
+            providers = {"fastlm": fastlm_p, "sdpa_math": sdpa("MATH"), "eager": eager}
+        flops = 4 * B * H * S * S * D * (0.5 if causal else 1.0)
+        cases.append(Case("attention", "ops", f"B{B} H{H} S{S} D{D}{' causal' if causal else ''}", S, providers,
+                          flops=flops, unit="TFLOP/s"))
+    return cases
+
+
+def bias_gelu_cases(device: str, dtype: torch.dtype) -> list[Case]:
+    shapes = [(512, 3072), (4096, 3072), (16384, 4096)] if device == "cuda" else [(256, 3072)]
+    cases = []
+    for M, N in shapes:
+        def mk(M=M, N=N):
+            return torch.randn(M, N, device=device, dtype=dtype), torch.randn(N, device=device, dtype=dtype)
+
+        def fastlm_p(mk=mk):
+            x, b = mk()
+            with fastlm.use_backend("cuda"):
+                if ops._pick("bias_gelu", x.device) != "cuda":
+                    raise Skip("fastlm._C bias_gelu is not built here")
+            def run():
+                with fastlm.use_backend("cuda"):
+                    return ops.bias_gelu(x, b)
+            return run
+
+        def torch_p(mk=mk):
+            x, b = mk()
+            return lambda: F.gelu(x + b)
+
+        cases.append(Case("bias_gelu", "ops", f"M{M} N{N}", M, {"fastlm": fastlm_p, "torch": torch_p},
+                          bytes=(2 * M * N + N) * torch.finfo(dtype).bits // 8, unit="GB/s"))
+    return cases
+
+
+def _hf_models(kind: str, device: str, dtype: torch.dtype, small: bool):
+    import transformers as tf
+
+    if kind == "bert":
+        cfg = tf.BertConfig()  # BERT-base
+        cls = tf.BertModel
+    else:
+        cfg = tf.GPT2Config()  # GPT-2 small
+        cls = tf.GPT2LMHeadModel
+    models = {}
+    for impl in ("eager", "sdpa"):
+        cfg._attn_implementation = impl
+        torch.manual_seed(0)
+        models[impl] = cls(cfg).to(device=device, dtype=dtype).eval()
+    return models
+
+
+def model_cases(device: str, dtype: torch.dtype) -> list[Case]:
+    gpu = device == "cuda"
+    cases = []
+    for kind, B, S in (("bert", 32 if gpu else 2, 128), ("gpt2", 8 if gpu else 1, 1024 if gpu else 128)):
+        cache: dict[str, Any] = {}
+
+        def models(kind=kind):
+            if "hf" not in cache:
+                cache["hf"] = _hf_models(kind, device, dtype, small=not gpu)
+                cache["fastlm"] = fastlm.from_pretrained(cache["hf"]["sdpa"], dtype=dtype, device=device)
+            return cache
+
+        def inputs(B=B, S=S):
+            g = torch.Generator().manual_seed(0)
+            return torch.randint(0, 30000, (B, S), generator=g).to(device)
+
+        def fastlm_p(models=models, inputs=inputs):
+            m, ids = models()["fastlm"], inputs()
+            return lambda: m(ids)
+
+        def hf(impl, models=models, inputs=inputs):
+            def setup():
+                m, ids = models()["hf"][impl], inputs()
+                def run():
+                    with torch.inference_mode():
+                        return m(input_ids=ids)
+                return run
+            return setup
+
+        def compiled(models=models, inputs=inputs):
+            m, ids = models()["hf"]["sdpa"], inputs()
+            cm = _compile_or_skip(m, device)
+            def run():
+                with torch.inference_mode():
+                    return cm(input_ids=ids)
+            return run
+
+        name = "bert_fwd" if kind == "bert" else "gpt2_prefill"
+        cases.append(Case(name, "models", f"{'BERT-base' if kind == 'bert' else 'GPT-2 small'} B{B} S{S}", S,
+                          {"fastlm": fastlm_p, "hf_eager": hf("eager"), "hf_sdpa": hf("sdpa"), "torch_compile": compiled},
+                          tokens=B * S, unit="tok/s"))
+    return cases
+
+
+CASES = {"attention": attention_cases, "bias_gelu": bias_gelu_cases, "models": model_cases}
+OPS = ("attention", "bias_gelu")
+
+
+def build_cases(device: str, dtype: torch.dtype, suite: str, only: Optional[str]) -> list[Case]:
+    if suite not in SUITES:
+        raise ValueError(f"--suite must be one of {', '.join(SUITES)}, got {suite!r}")
+    cases: list[Case] = []
+    if suite in ("ops", "all"):
+        for op in OPS:
+            cases += CASES[op](device, dtype)
+    if suite in ("models", "all"):
+        cases += model_cases(device, dtype)
+    names = sorted({c.name for c in cases} | set(OPS) | {"bert_fwd", "gpt2_prefill"})
+    if only is not None:
+        if only not in names:
+            raise ValueError(f"--only must be one of {', '.join(names)}, got {only!r}")
+        cases = [c for c in cases if c.name == only]
+    return cases
+
+
+def run_case(case: Case, device: str, ceilings: Ceilings, budget_s: float) -> list[Row]:
+    rows = []
+    for pname, factory in case.providers.items():
+        row = Row(case.name, case.label, pname, x=case.x, unit=case.unit)
+        try:
+            fn = factory()
+            row.ms = time_ms(fn, device, budget_s)
+        except Skip as e:
+            row.status = f"skipped: {e}"
+        except torch.cuda.OutOfMemoryError:
+            row.status = "skipped: out of GPU memory"
+        except Exception as e:  # a baseline that breaks is a row, not a crash
+            row.status = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        if row.ms:
+            s = row.ms / 1e3
+            if case.unit == "TFLOP/s":
+                row.value = case.flops / s / 1e12
+                row.pct_of_ceiling = 100 * row.value / ceilings.matmul_tflops
+            elif case.unit == "GB/s":
+                row.value = case.bytes / s / 1e9
+                row.pct_of_ceiling = 100 * row.value / ceilings.copy_gbs
+            elif case.unit == "tok/s":
+                row.value = case.tokens / s
+            else:
+                row.value = row.ms
+        rows.append(row)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def run(device: str, dtype: torch.dtype, suite: str = "all", only: Optional[str] = None, budget_s: float = 0.5,
+        progress: Optional[Callable[[str], None]] = None) -> Result:
+    from fastlm.info import environment
+
+    cases = build_cases(device, dtype, suite, only)
+    ceilings = measure_ceilings(device)
+    res = Result(env=environment(), device=device, dtype=str(dtype).replace("torch.", ""), suite=suite, ceilings=ceilings)
+    for case in cases:
+        if progress:
+            progress(f"{case.name} {case.label}")
+        res.rows += run_case(case, device, ceilings, budget_s)
+    return res
+
+
+def speedups(res: Result) -> dict[tuple[str, str], dict[str, float]]:
+    """fastlm's time over each baseline's, per (case, label): > 1 means fastlm is faster."""
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    by_key: dict[tuple[str, str], dict[str, Row]] = {}
+    for r in res.rows:
+        by_key.setdefault((r.case, r.label), {})[r.provider] = r
+    for key, provs in by_key.items():
+        f = provs.get("fastlm")
+        if f is None or f.ms is None:
+            continue
+        out[key] = {p: r.ms / f.ms for p, r in provs.items() if p != "fastlm" and r.ms}
+    return out
+
+
+def save_json(res: Result, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(res.to_json(), f, indent=1)
+
+
+def load_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--compare: {path} not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--compare: {path} is not a fastlm bench JSON: {e}") from None
+
+
+def compare(old: dict, new: dict, threshold: float = 0.05) -> list[dict]:
+    """Rows present in both runs with their time ratio new/old; regressions have ratio > 1 + threshold."""
+    idx = {(r["case"], r["label"], r["provider"]): r for r in old["rows"] if r.get("ms")}
+    out = []
+    for r in new["rows"]:
+        o = idx.get((r["case"], r["label"], r["provider"]))
+        if o is None or not r.get("ms"):
+            continue
+        ratio = r["ms"] / o["ms"]
+        out.append({"case": r["case"], "label": r["label"], "provider": r["provider"], "old_ms": o["ms"],
+                    "new_ms": r["ms"], "ratio": ratio, "regression": ratio > 1 + threshold})
+    return out
+
+
+def plot(res: Result, out_dir: str) -> list[str]:
+    """One PNG per case name with more than one x value: metric vs x per provider, ceiling drawn."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    by_case: dict[str, list[Row]] = {}
+    for r in res.rows:
+        by_case.setdefault(r.case, []).append(r)
+    for case, rows in by_case.items():
+        variants = sorted({r.label.split(" S")[0] + (" causal" if "causal" in r.label else "") for r in rows})
+        fig, ax = plt.subplots(figsize=(8, 5))
+        unit = rows[0].unit
+        for provider in dict.fromkeys(r.provider for r in rows):
+            for var in variants if case == "attention" else [None]:
+                pts = sorted((r.x, r.value) for r in rows if r.provider == provider and r.value is not None
+                             and (var is None or (r.label.split(" S")[0] + (" causal" if "causal" in r.label else "")) == var))
+                if not pts:
+                    continue
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o", label=provider if var is None else f"{provider} [{var}]")
+        if unit == "TFLOP/s":
+            ax.axhline(res.ceilings.matmul_tflops, color="k", ls="--",
+                       label=f"measured {res.ceilings.matmul_dtype} matmul {res.ceilings.matmul_tflops:.0f} TFLOP/s")
+        elif unit == "GB/s":
+            ax.axhline(res.ceilings.copy_gbs, color="k", ls="--", label=f"measured copy {res.ceilings.copy_gbs:.0f} GB/s")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length" if case in ("attention", "bert_fwd", "gpt2_prefill") else "rows")
+        ax.set_ylabel(unit)
+        where = res.env.get("gpu") or f"CPU ({res.env.get('cpu_threads')} threads)"
+        ax.set_title(f"fastlm {case}, {res.dtype}, {where}")
+        ax.legend(fontsize=7)
+        ax.grid(True, alpha=0.3)
+        path = os.path.join(out_dir, f"{case}_{res.device}.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def markdown(res: Result) -> str:
+    env = res.env
+    lines = [f"# fastlm bench: {env.get('gpu') or 'CPU'} ({res.dtype})", "",
+             f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
+             f"CUDA {env.get('cuda')}, driver {env.get('driver', '-')}, fastlm {env['fastlm']} ({env['git_sha']})", "",
+             f"Measured ceilings: copy {res.ceilings.copy_gbs:.0f} GB/s, {res.ceilings.matmul_dtype} matmul "
+             f"{res.ceilings.matmul_tflops:.1f} TFLOP/s", "",
+             "| case | shape | provider | ms | value | % ceiling | status |", "|---|---|---|---|---|---|---|"]
+    for r in res.rows:
+        val = f"{r.value:.1f} {r.unit}" if r.value is not None else "-"
+        pct = f"{r.pct_of_ceiling:.0f}%" if r.pct_of_ceiling is not None else "-"
+        ms = f"{r.ms:.3f}" if r.ms is not None else "-"
+        lines.append(f"| {r.case} | {r.label} | {r.provider} | {ms} | {val} | {pct} | {r.status} |")
+    return "\n".join(lines) + "\n"

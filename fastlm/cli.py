@@ -1,0 +1,154 @@
+"""fastlm's command line: `fastlm info`, `fastlm bench` (also `python -m fastlm`)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _console():
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=170)
+
+
+def cmd_info(args) -> int:
+    from rich.table import Table
+
+    from fastlm.info import report
+
+    rep = report()
+    if args.json:
+        print(json.dumps(rep, indent=1))
+        return 0
+    con = _console()
+    t = Table(title="fastlm", show_header=False)
+    for k, v in rep.items():
+        if k != "ops":
+            t.add_row(k, str(v))
+    con.print(t)
+    ops = Table(title="ops: implementation per device (backend " + rep["backend"] + ")")
+    for col in rep["ops"][0]:
+        ops.add_column(col)
+    for row in rep["ops"]:
+        ops.add_row(*(str(v) for v in row.values()))
+    con.print(ops)
+    if rep["fastlm._C"] != "loaded":
+        con.print("[yellow]fastlm._C is not loaded: ops run their reference (pure torch) path.[/yellow]")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import torch
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from fastlm import benchmark as bm
+
+    if args.compare:
+        return _compare(*args.compare)
+    if args.device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        print("fastlm bench: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    dtype_name = args.dtype or ("fp16" if device == "cuda" else "fp32")
+    dtype = getattr(torch, DTYPES[dtype_name])
+    try:
+        cases = bm.build_cases(device, dtype, args.suite, args.only)
+    except ValueError as e:
+        print(f"fastlm bench: {e}", file=sys.stderr)
+        return 2
+    con = _console()
+    label = "GPU" if device == "cuda" else "CPU figures (small shapes; not GPU performance)"
+    con.print(f"[bold]fastlm bench[/bold] on {label}: {len(cases)} cases, suite {args.suite}, {dtype_name}")
+    with Progress(transient=True, console=con) as prog:
+        task = prog.add_task("ceilings", total=len(cases) + 1)
+
+        def step(msg):
+            prog.update(task, advance=1, description=msg)
+
+        res = bm.run(device, dtype, args.suite, args.only, budget_s=args.budget, progress=step)
+    table = Table(title=f"fastlm bench: {res.env.get('gpu') or 'CPU (' + str(res.env['cpu_threads']) + ' threads)'}, "
+                        f"{dtype_name} | copy {res.ceilings.copy_gbs:.0f} GB/s, {res.ceilings.matmul_dtype} matmul "
+                        f"{res.ceilings.matmul_tflops:.1f} TFLOP/s")
+    for col in ("case", "shape", "provider", "ms", "value", "% ceiling", "vs fastlm"):
+        table.add_column(col, justify="right" if col in ("ms", "value", "% ceiling", "vs fastlm") else "left")
+    sp = bm.speedups(res)
+    for r in res.rows:
+        if r.status != "ok":
+            table.add_row(r.case, r.label, r.provider, "-", "-", "-", f"[dim]{r.status}[/dim]")
+            continue
+        rel = sp.get((r.case, r.label), {}).get(r.provider)
+        table.add_row(r.case, r.label, r.provider, f"{r.ms:.3f}", f"{r.value:,.1f} {r.unit}",
+                      f"{r.pct_of_ceiling:.0f}%" if r.pct_of_ceiling is not None else "-",
+                      f"fastlm {rel:.2f}x" if rel else "")
+    con.print(table)
+    out_dir = args.out
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    jpath = os.path.join(out_dir, f"bench-{device}-{stamp}.json")
+    bm.save_json(res, jpath)
+    with open(os.path.join(out_dir, f"bench-{device}.md"), "w") as f:
+        f.write(bm.markdown(res))
+    pngs = [] if args.no_plots else bm.plot(res, out_dir)
+    con.print(f"wrote {jpath}" + (f" and {len(pngs)} plot(s) in {out_dir}" if pngs else ""))
+    return 0
+
+
+def _compare(old_path: str, new_path: str) -> int:
+    from rich.table import Table
+
+    from fastlm import benchmark as bm
+
+    try:
+        rows = bm.compare(bm.load_json(old_path), bm.load_json(new_path))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"fastlm bench: {e}", file=sys.stderr)
+        return 2
+    t = Table(title=f"{old_path} -> {new_path}")
+    for col in ("case", "shape", "provider", "old ms", "new ms", "new/old"):
+        t.add_column(col)
+    for r in rows:
+        style = "red" if r["regression"] else ""
+        t.add_row(r["case"], r["label"], r["provider"], f"{r['old_ms']:.3f}", f"{r['new_ms']:.3f}",
+                  f"[{style}]{r['ratio']:.2f}[/{style}]" if style else f"{r['ratio']:.2f}")
+    _console().print(t)
+    n = sum(r["regression"] for r in rows)
+    _console().print(f"{n} regression(s) over 5%" if n else "no regressions over 5%")
+    return 1 if n else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastlm", description="Fast BERT and GPT-2 inference")
+    sub = p.add_subparsers(dest="command", required=True)
+    i = sub.add_parser("info", help="versions, GPU, fastlm._C, and which implementation each op runs")
+    i.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    i.set_defaults(func=cmd_info)
+    b = sub.add_parser("bench", help="time fastlm against its baselines on this machine")
+    b.add_argument("--suite", default="all", help="ops, models or all (default all)")
+    b.add_argument("--only", default=None, help="one case by name (e.g. attention, bert_fwd)")
+    b.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default fp16 on GPU, fp32 on CPU")
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    b.add_argument("--budget", type=float, default=0.5, help="seconds of timing per provider (default 0.5)")
+    b.add_argument("--out", default="bench-results", help="folder for the JSON, markdown and PNGs")
+    b.add_argument("--no-plots", action="store_true")
+    b.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="compare two JSON results; exit 1 on regressions")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
