@@ -240,10 +240,11 @@ def _check_cu_seqlens(op: str, cu: Tensor, max_seqlen: int, q: Tensor) -> None:
 
 # The kernels each op has besides the reference: "triton" (fastlm.kernels) and/or
 # "cuda" (fastlm._C). backend.pick chooses among them per call.
+_TRITON = frozenset({"triton"}) if backend.triton_available() else frozenset()
 KERNELS: dict[str, frozenset[str]] = {
-    "attention": frozenset(),
-    "attention_varlen": frozenset(),
-    "softmax": frozenset(),
+    "attention": _TRITON,
+    "attention_varlen": _TRITON,
+    "softmax": _TRITON,
     "decode_attention": frozenset(),
     "bias_gelu": frozenset({"cuda"}),
     "ffn": frozenset(),
@@ -254,3 +255,51 @@ KERNELS: dict[str, frozenset[str]] = {
 def _pick(op: str, device: torch.device) -> str:
     k = KERNELS[op]
     return backend.pick(op, device, triton="triton" in k, cuda="cuda" in k)
+
+
+# -- kernels as torch.library custom ops (single opaque nodes for torch.compile / CUDA graphs)
+# The launchers are imported on first call, so TRITON_INTERPRET is read when it is needed.
+
+def _attn_out(q: Tensor, v: Tensor) -> Tensor:
+    B, H, S, _ = q.shape  # (B, H, S, D_v) view of (B, S, H, D_v) memory, as the kernel writes
+    return q.new_empty(B, S, H, v.shape[-1]).transpose(1, 2)
+
+
+@torch.library.custom_op("fastlm::attention", mutates_args=())
+def _attention_op(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, key_padding_mask: Optional[Tensor], scale: float
+) -> Tensor:
+    from fastlm.kernels import attention as kernel
+
+    return kernel.attention(q, k, v, causal, key_padding_mask, scale)
+
+
+@_attention_op.register_fake
+def _(q, k, v, causal, key_padding_mask, scale):
+    return _attn_out(q, v)
+
+
+@torch.library.custom_op("fastlm::attention_varlen", mutates_args=())
+def _attention_varlen_op(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool, scale: float
+) -> Tensor:
+    from fastlm.kernels import attention as kernel
+
+    return kernel.attention_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+
+
+@_attention_varlen_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, causal, scale):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+
+
+@torch.library.custom_op("fastlm::softmax", mutates_args=())
+def _softmax_op(x: Tensor, dim: int, scale: float, mask: Optional[Tensor]) -> Tensor:
+    from fastlm.kernels import softmax as kernel
+
+    return kernel.softmax(x, dim, scale, mask)
+
+
+@_softmax_op.register_fake
+def _(x, dim, scale, mask):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)

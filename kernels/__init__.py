@@ -1,0 +1,11 @@
+"""fastlm's Triton kernels, one op per file (installed as fastlm.kernels)."""
+
+KERNEL_MODULES = ("attention", "softmax")
+
+
+def load_all() -> None:
+    """Import every kernel module (each registers its AOT configurations)."""
+    import importlib
+
+    for name in KERNEL_MODULES:
+        importlib.import_module(f"fastlm.kernels.{name}")
