@@ -83,10 +83,17 @@ def attention_varlen(
     _check_cu_seqlens(op, cu_seqlens, max_seqlen, q)
     chk.scale(op, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    impl = _pick(op, q.device)
-    if impl == "triton":
-        return torch.ops.fastlm.attention_varlen(q, k, v, cu_seqlens, int(max_seqlen), bool(causal), scale)
-    return reference.attention_varlen(q, k, v, cu_seqlens, int(max_seqlen), bool(causal), scale)
+    return attention_varlen_checked(q, k, v, cu_seqlens, int(max_seqlen), bool(causal), scale)
+
+
+def attention_varlen_checked(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool, scale: float
+) -> Tensor:
+    """attention_varlen after validation: the models check cu_seqlens once per forward (reading it
+    is a host sync) and call this in every layer."""
+    if _pick("attention_varlen", q.device) == "triton":
+        return torch.ops.fastlm.attention_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+    return reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale)
 
 
 def softmax(x: Tensor, *, dim: int = -1, scale: float = 1.0, mask: Optional[Tensor] = None) -> Tensor:

@@ -206,3 +206,43 @@ def test_forward_input_errors():
     bert = fastlm.from_pretrained(tf.BertConfig(**BERT_CONFIGS["h3_d32_v101"]))
     with pytest.raises(ValueError, match="token_type_ids must lie in"):
         bert(torch.zeros(1, 3, dtype=torch.long), token_type_ids=torch.full((1, 3), 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_models_on_the_triton_kernels_match_transformers(device, dtype):
+    """The same parity with attention on the Triton kernels (interpreter on CPU): GPT-2 with a
+    padded batch (key padding mask), BERT with padding (unpadded varlen path) and without."""
+    hf = hf_gpt2("h2_d80_v257")
+    ids, mask = right_padded(2, 19, 257, [19, 7])
+    with torch.no_grad():
+        ref32 = hf(input_ids=ids, attention_mask=mask).logits
+    model = fastlm.from_pretrained(hf, dtype=dtype, device=device)
+    with fastlm.use_backend("triton"):
+        got = model(ids.to(device), mask.to(device)).logits.cpu()
+    tol = ATOL32 if dtype == torch.float32 else 5e-3 * ref32.abs().max().item()
+    assert max_err(valid(got, mask), valid(ref32, mask)) <= tol
+
+    hb = hf_bert("h3_d32_v101")
+    ids, mask = right_padded(3, 21, 101, [21, 5, 13])
+    with torch.no_grad():
+        ref32 = hb(input_ids=ids, attention_mask=mask)
+    model = fastlm.from_pretrained(hb, dtype=dtype, device=device)
+    with fastlm.use_backend("triton"):
+        got = model(ids.to(device), mask.to(device))
+        full = model(ids.to(device)).last_hidden_state.cpu()
+    tol = ATOL32 if dtype == torch.float32 else 5e-3 * ref32.last_hidden_state.abs().max().item()
+    assert max_err(valid(got.last_hidden_state.cpu(), mask), valid(ref32.last_hidden_state, mask)) <= tol
+    assert got.last_hidden_state[~mask.bool().to(device)].abs().max() == 0  # padding comes back as 0
+    with torch.no_grad():
+        assert max_err(full, hb(input_ids=ids).last_hidden_state) <= tol
+
+
+def test_bert_unpadded_equals_padded_reference():
+    hb = hf_bert("h4_d32_tt3")
+    model = fastlm.from_pretrained(hb)
+    ids, mask = right_padded(4, 16, 333, [16, 3, 9, 1])
+    mask[1] = torch.tensor([0, 1] * 8)  # holes, not just a right pad
+    with torch.no_grad():
+        expect = hb(input_ids=ids, attention_mask=mask).last_hidden_state
+    got = model(ids, mask).last_hidden_state
+    assert max_err(valid(got, mask), valid(expect, mask)) <= ATOL32

@@ -51,12 +51,21 @@ class BertAttention(nn.Module):
         self.qkv = nn.Linear(C, 3 * C)  # fused from self.query, self.key, self.value
         self.output = BertAttentionOutput(config)
 
-    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
-        B, S, C = x.shape
-        qkv = self.qkv(x).view(B, S, 3, self.n_head, self.head_dim)  # (B, S, 3, H, D)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x (B, H, S, D), strided views
-        y = ops.attention(q, k, v, key_padding_mask=key_padding_mask)  # (B, H, S, D)
-        y = y.transpose(1, 2).reshape(B, S, C)  # (B, S, C)
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor], varlen: Optional[tuple] = None) -> Tensor:
+        """x (B, S, C) with an optional key_padding_mask, or packed tokens (T, C) with
+        varlen = (cu_seqlens, max_seqlen)."""
+        if varlen is None:
+            B, S, C = x.shape
+            qkv = self.qkv(x).view(B, S, 3, self.n_head, self.head_dim)  # (B, S, 3, H, D)
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x (B, H, S, D), strided views
+            y = ops.attention(q, k, v, key_padding_mask=key_padding_mask)  # (B, H, S, D)
+            y = y.transpose(1, 2).reshape(B, S, C)  # (B, S, C)
+        else:
+            T, C = x.shape
+            qkv = self.qkv(x).view(T, 3, self.n_head, self.head_dim)  # (T, 3, H, D)
+            q, k, v = qkv.unbind(1)  # 3 x (T, H, D), strided views
+            y = ops.attention_varlen_checked(q, k, v, varlen[0], varlen[1], False, self.head_dim**-0.5)
+            y = y.reshape(T, C)  # (T, C)
         return _ln(self.output.LayerNorm, self.output.dense(y), residual=x)  # LN(x + dense(y))
 
 
@@ -78,8 +87,8 @@ class BertLayer(nn.Module):
         self.output = BertLinear(config.intermediate_size, config.hidden_size, eps=config.layer_norm_eps)
         self.activation = activation_name("BERT", config.hidden_act)
 
-    def forward(self, h: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
-        a = self.attention(h, key_padding_mask)  # (B, S, C)
+    def forward(self, h: Tensor, key_padding_mask: Optional[Tensor], varlen: Optional[tuple] = None) -> Tensor:
+        a = self.attention(h, key_padding_mask, varlen)  # (B, S, C) or packed (T, C)
         f = ops.ffn(
             a, self.intermediate.dense.weight, self.intermediate.dense.bias,
             self.output.dense.weight, self.output.dense.bias, activation=self.activation,
@@ -146,12 +155,28 @@ class BertModel(nn.Module):
         self.check_inputs(input_ids, attention_mask, token_type_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        kpm = None if attention_mask is None else attention_mask.to(device=self.device, dtype=torch.bool)
         h = self.embeddings(input_ids, token_type_ids)  # (B, S, C)
-        for layer in self.encoder.layer:
-            h = layer(h, kpm)
+        keep = None if attention_mask is None else attention_mask.to(device=self.device, dtype=torch.bool)
+        if keep is not None and not bool(keep.all()) and bool(keep.any()):
+            h = self._encode_unpadded(h, keep)
+        else:
+            for layer in self.encoder.layer:
+                h = layer(h, keep)
         pooled = self.pooler(h) if self.pooler is not None else None
         return BaseModelOutput(last_hidden_state=h, pooler_output=pooled)
+
+    def _encode_unpadded(self, h: Tensor, keep: Tensor) -> Tensor:
+        """Remove padding once, run every layer on packed tokens (varlen attention), pad once
+        at the end: no layer spends work on padding. Padded positions come back as 0."""
+        B, S, C = h.shape
+        lens = keep.sum(1, dtype=torch.int32)  # (B,)
+        idx = keep.flatten().nonzero().squeeze(1)  # (T,) token positions in (B*S)
+        cu = torch.nn.functional.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))  # (B+1,)
+        varlen = (cu, int(lens.max()))
+        x = h.reshape(B * S, C).index_select(0, idx)  # (T, C)
+        for layer in self.encoder.layer:
+            x = layer(x, None, varlen)
+        return x.new_zeros(B * S, C).index_copy_(0, idx, x).view(B, S, C)  # (B, S, C)
 
     # -- weights -------------------------------------------------------------------------
     @staticmethod
