@@ -212,6 +212,38 @@ def bias_gelu_cases(device: str, dtype: torch.dtype) -> list[Case]:
     return cases
 
 
+def softmax_cases(device: str, dtype: torch.dtype) -> list[Case]:
+    if device == "cuda":
+        shapes = [(1 << 26) // n for n in (1024, 2048, 4096, 8192, 16384, 32768)]
+        shapes = [(r, (1 << 26) // r) for r in shapes]
+    else:
+        shapes = [(256, 1024), (64, 4096)]
+    cases = []
+    for R, N in shapes:
+        def mk(R=R, N=N):
+            return torch.randn(R, N, device=device, dtype=dtype)
+
+        def fastlm_p(mk=mk):
+            x = mk()
+            if ops._pick("softmax", x.device) == "torch" and device == "cuda":
+                raise Skip("Triton is not available")
+            return lambda: ops.softmax(x, scale=0.125)
+
+        def torch_p(mk=mk):
+            x = mk()
+            return lambda: torch.softmax(x * 0.125, -1)
+
+        def compiled(mk=mk):
+            x = mk()
+            fn = _compile_or_skip(lambda t: torch.softmax(t * 0.125, -1), device)
+            return lambda: fn(x)
+
+        cases.append(Case("softmax", "ops", f"R{R} N{N}", N, {"fastlm": fastlm_p, "torch": torch_p,
+                                                             "torch_compile": compiled},
+                          bytes=2 * R * N * torch.finfo(dtype).bits // 8, unit="GB/s"))
+    return cases
+
+
 def _hf_models(kind: str, device: str, dtype: torch.dtype, small: bool):
     import transformers as tf
 
@@ -270,11 +302,39 @@ def model_cases(device: str, dtype: torch.dtype) -> list[Case]:
         cases.append(Case(name, "models", f"{'BERT-base' if kind == 'bert' else 'GPT-2 small'} B{B} S{S}", S,
                           {"fastlm": fastlm_p, "hf_eager": hf("eager"), "hf_sdpa": hf("sdpa"), "torch_compile": compiled},
                           tokens=B * S, unit="tok/s"))
+        if kind == "bert":
+            cases.append(_bert_padded_case(models, B, S, device))
     return cases
 
 
-CASES = {"attention": attention_cases, "bias_gelu": bias_gelu_cases, "models": model_cases}
-OPS = ("attention", "bias_gelu")
+def _bert_padded_case(models, B: int, S: int, device: str) -> Case:
+    """BERT-base with half the tokens padding (lengths uniform in [1, S]): fastlm unpads once."""
+    g = torch.Generator().manual_seed(1)
+    lens = torch.randint(1, S + 1, (B,), generator=g)
+    mask = (torch.arange(S)[None] < lens[:, None]).long().to(device)
+    ids = torch.randint(0, 30000, (B, S), generator=g).to(device)
+
+    def fastlm_p():
+        m = models()["fastlm"]
+        return lambda: m(ids, mask)
+
+    def hf(impl):
+        def setup():
+            m = models()["hf"][impl]
+            def run():
+                with torch.inference_mode():
+                    return m(input_ids=ids, attention_mask=mask)
+            return run
+        return setup
+
+    real = int(mask.sum())
+    return Case("bert_padded", "models", f"BERT-base B{B} S{S} {100 * (1 - real / (B * S)):.0f}% padding", S,
+                {"fastlm": fastlm_p, "hf_eager": hf("eager"), "hf_sdpa": hf("sdpa")}, tokens=real, unit="tok/s")
+
+
+CASES = {"attention": attention_cases, "softmax": softmax_cases, "bias_gelu": bias_gelu_cases}
+OPS = tuple(CASES)
+MODEL_CASES = ("bert_fwd", "bert_padded", "gpt2_prefill")
 
 
 def build_cases(device: str, dtype: torch.dtype, suite: str, only: Optional[str]) -> list[Case]:
@@ -286,7 +346,7 @@ def build_cases(device: str, dtype: torch.dtype, suite: str, only: Optional[str]
             cases += CASES[op](device, dtype)
     if suite in ("models", "all"):
         cases += model_cases(device, dtype)
-    names = sorted({c.name for c in cases} | set(OPS) | {"bert_fwd", "gpt2_prefill"})
+    names = sorted(set(OPS) | set(MODEL_CASES))
     if only is not None:
         if only not in names:
             raise ValueError(f"--only must be one of {', '.join(names)}, got {only!r}")

@@ -55,9 +55,11 @@ def attention(
     if key_padding_mask is not None:
         kpm = key_padding_mask[:, None, None, :]  # (B, 1, 1, S_k)
         keep = kpm if keep is None else keep & kpm
-    if keep is not None:
-        s = s.masked_fill(~keep, float("-inf"))
-    p = safe_softmax(s, dim=-1)
+    if keep is None:
+        p = torch.softmax(s, dim=-1)
+    else:
+        p = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)
+        p = p.masked_fill(~keep.any(-1, keepdim=True), 0.0)  # no visible key: 0, not NaN
     return torch.matmul(p, up(v)).to(q.dtype)  # (B, H, S_q, D_v)
 
 
@@ -119,7 +121,8 @@ def ffn(
     residual: Optional[Tensor] = None,
 ) -> Tensor:
     """linear(gelu(linear(x, w1) + b1), w2) + b2 (+ residual); weights in nn.Linear layout."""
-    h = bias_gelu(F.linear(x, w1), b1, "tanh" if activation == "gelu_tanh" else "none")
+    approximate = "tanh" if activation == "gelu_tanh" else "none"
+    h = F.gelu(up(F.linear(x, w1, b1)), approximate=approximate).to(x.dtype)
     y = F.linear(h, w2, b2)
     return y if residual is None else y + residual
 

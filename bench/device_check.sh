@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (H200, no network), under 8 minutes:
+#   1. build fastlm._C for sm_90 with the image's own torch/triton (no downloads),
+#   2. run the GPU tests (the CPU-only checks, AOT and nvcc, ran on CPU already),
+#   3. run the full benchmark suite,
+#   4. leave JSON, PNGs, markdown and logs under $OUT (else bench/results/local) and print a summary last.
+# Each stage has its own time limit; a failing stage is reported and the next one still runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/local}
+mkdir -p "$OUT"
+t0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
+status=()
+
+stamp "environment"
+python3 - <<'PY' | tee "$OUT/env.txt"
+import torch, triton, transformers, platform, subprocess
+print("python", platform.python_version(), "torch", torch.__version__, "triton", triton.__version__,
+      "transformers", transformers.__version__, "cuda", torch.version.cuda)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", p.name, f"sm_{p.major}{p.minor}", round(p.total_memory / 2**30), "GiB")
+print(subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm", "--format=csv"],
+                     capture_output=True, text=True).stdout)
+PY
+
+stamp "build fastlm._C for sm_90"
+export FASTLM_CUDA_ARCHS=${FASTLM_CUDA_ARCHS:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+if timeout 240 python3 -m pip install --no-deps --no-build-isolation --no-index -e . > "$OUT/build.log" 2>&1; then
+  status+=("build: ok")
+else
+  status+=("build: FAILED (see build.log)"); tail -40 "$OUT/build.log"
+fi
+python3 -m fastlm info | tee "$OUT/info.txt"
+
+stamp "GPU tests"
+timeout 180 python3 -m pytest -q -x -p no:cacheprovider tests --deselect tests/test_aot.py \
+  --deselect tests/test_compile_cuda.py > "$OUT/tests.log" 2>&1
+rc=$?; status+=("tests: rc=$rc ($(tail -1 "$OUT/tests.log"))"); tail -15 "$OUT/tests.log"
+
+stamp "benchmark"
+timeout 300 python3 -m fastlm bench --out "$OUT" --budget 0.25 > "$OUT/bench.txt" 2>&1
+rc=$?; status+=("bench: rc=$rc")
+tail -80 "$OUT/bench.txt"
+
+stamp "done"
+printf '%s\n' "${status[@]}" | tee "$OUT/summary.txt"
+python3 - "$OUT" <<'PY'
+import glob, json, sys
+files = sorted(glob.glob(f"{sys.argv[1]}/bench-cuda-*.json"))
+if files:
+    res = json.load(open(files[-1]))
+    rows = {}
+    for r in res["rows"]:
+        rows.setdefault((r["case"], r["label"]), {})[r["provider"]] = r
+    print(f"{'case':<14}{'shape':<34}{'fastlm':>12}  best baseline")
+    for (case, label), provs in rows.items():
+        f = provs.get("fastlm", {})
+        base = [(p, r) for p, r in provs.items() if p != "fastlm" and r.get("ms")]
+        best = min(base, key=lambda pr: pr[1]["ms"]) if base else None
+        fv = f"{f['value']:.1f} {f['unit']}" if f.get("value") else f.get("status", "-")
+        bv = f"{best[0]} {best[1]['ms']:.3f} ms (fastlm {best[1]['ms'] / f['ms']:.2f}x)" if best and f.get("ms") else "-"
+        print(f"{case:<14}{label:<34}{fv:>12}  {bv}")
+PY
