@@ -252,7 +252,7 @@ KERNELS: dict[str, frozenset[str]] = {
     "attention": _TRITON,
     "attention_varlen": _TRITON,
     "softmax": _TRITON,
-    "decode_attention": frozenset(),
+    "decode_attention": _TRITON,
     "bias_gelu": frozenset({"cuda"}),
     "ffn": frozenset(),
     "layer_norm": frozenset(),
@@ -310,3 +310,15 @@ def _softmax_op(x: Tensor, dim: int, scale: float, mask: Optional[Tensor]) -> Te
 @_softmax_op.register_fake
 def _(x, dim, scale, mask):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("fastlm::decode_attention", mutates_args=())
+def _decode_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float) -> Tensor:
+    from fastlm.kernels import decode_attention as kernel
+
+    return kernel.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)
+
+
+@_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, scale):
+    return torch.empty_like(q)

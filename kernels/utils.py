@@ -80,6 +80,22 @@ def attention_launch_space() -> list[tuple[int, int, bool, torch.dtype, int]]:
     return out
 
 
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # plan CPU (interpreter) runs like an H100/H200
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_launch() -> Launch:
+    """Flash-decoding split pass: 64 cache rows per step, 4 warps."""
+    return Launch({"BLOCK_N": 64}, 4, 2)
+
+
+def decode_launch_space() -> list[int]:
+    """SPLITS_P2 values the combine pass can get (num_splits <= 64)."""
+    return [2, 4, 8, 16, 32, 64]
+
+
 def softmax_launch(n_cols: int, elem_bytes: int) -> tuple[str, Launch]:
     """One pass with the row in registers up to 16k elements (fp16) / 8k (fp32); longer rows
     use the online two-pass kernel in 4k chunks."""
