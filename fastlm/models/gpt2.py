@@ -4,14 +4,27 @@ are stored transposed, in nn.Linear layout, which is what the kernels read."""
 
 from __future__ import annotations
 
-import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
 from fastlm import ops
+from fastlm.cache import StaticKVCache
 from fastlm.models.common import CausalLMOutput, W, activation_name, check_ids, init_weights
+
+
+@dataclass
+class KVStep:
+    """What one layer needs to use the static cache: prefill when `pos` is None, else decode one
+    token per sequence at row pos[b] and attend to the first lens[b] = pos[b] + 1 rows."""
+
+    cache: StaticKVCache
+    layer: int
+    pos: Optional[Tensor] = None
+    lens: Optional[Tensor] = None
+    kv_len: Optional[int] = None  # host-known bound on lens, for the eager path
 
 
 class GPT2Attention(nn.Module):
@@ -28,11 +41,20 @@ class GPT2Attention(nn.Module):
             scale /= float(layer_idx + 1)
         self.scale = scale
 
-    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor], kv: Optional["KVStep"] = None) -> Tensor:
         B, S, C = x.shape
         qkv = self.c_attn(x).view(B, S, 3, self.n_head, self.head_dim)  # (B, S, 3, H, D)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x (B, H, S, D), strided views
-        y = ops.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, scale=self.scale)
+        if kv is not None and kv.pos is not None:  # decode: one token per sequence
+            kv.cache.append(kv.layer, k, v, kv.pos)
+            kc, vc = kv.cache.k[kv.layer], kv.cache.v[kv.layer]  # (B, H, capacity, D)
+            if kv.kv_len is not None:  # eager path: read only the rows in use
+                kc, vc = kc[:, :, : kv.kv_len], vc[:, :, : kv.kv_len]
+            y = ops.decode_attention(q, kc, vc, kv.lens, scale=self.scale)  # (B, H, 1, D)
+        else:
+            if kv is not None:  # prefill: the prompt's keys and values go into rows [0, S)
+                kv.cache.prefill(kv.layer, k, v)
+            y = ops.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, scale=self.scale)
         y = y.transpose(1, 2).reshape(B, S, C)  # (B, S, H*D)
         return self.c_proj(y)
 
@@ -60,8 +82,8 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = GPT2MLP(config)
 
-    def forward(self, h: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
-        a = self.attn(ops.layer_norm(h, self.ln_1.weight, self.ln_1.bias, self.ln_1.eps), key_padding_mask)
+    def forward(self, h: Tensor, key_padding_mask: Optional[Tensor], kv: Optional["KVStep"] = None) -> Tensor:
+        a = self.attn(ops.layer_norm(h, self.ln_1.weight, self.ln_1.bias, self.ln_1.eps), key_padding_mask, kv)
         x, h = ops.layer_norm(a, self.ln_2.weight, self.ln_2.bias, self.ln_2.eps, residual=h)  # ln_2(h + a), h + a
         return self.mlp(x, residual=h)
 
@@ -120,6 +142,40 @@ class GPT2LMHeadModel(nn.Module):
             h = block(h, kpm)
         h = ops.layer_norm(h, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
         return CausalLMOutput(logits=self.lm_head(h))  # (B, S, vocab)
+
+    # -- cached inference (fastlm.generation drives these) ---------------------------------
+    def prefill(self, input_ids: Tensor, key_padding_mask: Optional[Tensor], cache: StaticKVCache) -> Tensor:
+        """Left-aligned prompts (B, T) (padding only at the end) -> logits (B, T, vocab); their
+        keys and values fill cache rows [0, T)."""
+        T = input_ids.shape[1]
+        pos = torch.arange(T, device=input_ids.device)[None]  # (1, T)
+        h = self.wte(input_ids) + self.wpe(pos)  # (B, T, C)
+        for i, block in enumerate(self.h):
+            h = block(h, key_padding_mask, KVStep(cache, i))
+        h = ops.layer_norm(h, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
+        return self.lm_head(h)
+
+    def decode_step(self, tokens: Tensor, pos: Tensor, cache: StaticKVCache, kv_len: Optional[int] = None) -> Tensor:
+        """One token per sequence, tokens (B,) at positions pos (B,) int32 -> logits (B, vocab).
+        Static shapes and no host sync: this is what the CUDA graph captures."""
+        lens = pos + 1  # (B,) int32: rows each sequence attends to, the new one included
+        h = self.wte(tokens)[:, None] + self.wpe(pos)[:, None]  # (B, 1, C)
+        for i, block in enumerate(self.h):
+            h = block(h, None, KVStep(cache, i, pos, lens, kv_len))
+        h = ops.layer_norm(h, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
+        return self.lm_head(h[:, 0])  # (B, vocab)
+
+    def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> Tensor:
+        """Greedy or sampled generation; see fastlm.generation.generate. Returns (B, S + new)."""
+        from fastlm.generation import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+    def stream(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> Iterator[Tensor]:
+        """Yields each step's new tokens (B,) as they come; see fastlm.generation.stream."""
+        from fastlm.generation import stream
+
+        return stream(self, input_ids, attention_mask, **kwargs)
 
     # -- weights -------------------------------------------------------------------------
     @staticmethod
