@@ -332,9 +332,88 @@ def _bert_padded_case(models, B: int, S: int, device: str) -> Case:
                 {"fastlm": fastlm_p, "hf_eager": hf("eager"), "hf_sdpa": hf("sdpa")}, tokens=real, unit="tok/s")
 
 
-CASES = {"attention": attention_cases, "softmax": softmax_cases, "bias_gelu": bias_gelu_cases}
+def decode_attention_cases(device: str, dtype: torch.dtype) -> list[Case]:
+    """One query per sequence against a KV cache; GB/s counted on the K and V bytes read."""
+    shapes = [(8, 12, c, 64) for c in (1024, 4096, 8192, 16384, 32768)] if device == "cuda" else [(1, 12, 1024, 64)]
+    cases = []
+    for B, H, C, D in shapes:
+        def mk(B=B, H=H, C=C, D=D):
+            q = torch.randn(B, H, 1, D, device=device, dtype=dtype)
+            kc, vc = (torch.randn(B, H, C, D, device=device, dtype=dtype) for _ in range(2))
+            return q, kc, vc, torch.full((B,), C, dtype=torch.int32, device=device)
+
+        def fastlm_p(mk=mk):
+            q, kc, vc, lens = mk()
+            return lambda: ops.decode_attention(q, kc, vc, lens)
+
+        def sdpa(mk=mk):
+            q, kc, vc, _ = mk()
+            return lambda: F.scaled_dot_product_attention(q, kc, vc)
+
+        cases.append(Case("decode_attention", "ops", f"B{B} H{H} ctx{C} D{D}", C, {"fastlm": fastlm_p, "sdpa": sdpa},
+                          bytes=2 * B * H * C * D * torch.finfo(dtype).bits // 8, unit="GB/s"))
+    return cases
+
+
+def generate_cases(device: str, dtype: torch.dtype) -> list[Case]:
+    """GPT-2 small greedy decoding: fastlm (static cache, CUDA graph) against transformers'
+    generate (sdpa, DynamicCache) and transformers' static cache + torch.compile."""
+    import transformers as tf
+
+    gpu = device == "cuda"
+    shapes = [(1, 1024, 64), (8, 1024, 64), (32, 512, 64)] if gpu else [(1, 16, 32)]
+    cache: dict[str, Any] = {}
+
+    def models():
+        if "hf" not in cache:
+            torch.manual_seed(0)
+            cfg = tf.GPT2Config()
+            cfg._attn_implementation = "sdpa"
+            cache["hf"] = tf.GPT2LMHeadModel(cfg).to(device=device, dtype=dtype).eval()
+            cache["fastlm"] = fastlm.from_pretrained(cache["hf"], dtype=dtype, device=device)
+        return cache
+
+    cases = []
+    for B, P, N in shapes:
+        ids = torch.randint(0, 50000, (B, P), generator=torch.Generator().manual_seed(2)).to(device)
+
+        def fastlm_p(ids=ids, N=N):
+            m = models()["fastlm"]
+            m.generate(ids, max_new_tokens=N)  # warm: cache, Triton JIT, graph capture
+            return lambda: m.generate(ids, max_new_tokens=N)
+
+        def hf_p(ids=ids, N=N):
+            m = models()["hf"]
+            def run():
+                with torch.inference_mode():
+                    return m.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=0)
+            return run
+
+        def hf_static(ids=ids, N=N):
+            if not gpu:
+                raise Skip("HF static cache + torch.compile runs on GPU only (compiling on this CPU takes minutes)")
+            m = models()["hf"]
+            m.forward = torch.compile(m.forward, mode="reduce-overhead", fullgraph=True)
+            def run():
+                with torch.inference_mode():
+                    return m.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=0,
+                                      cache_implementation="static")
+            try:
+                run()
+            except Exception as e:
+                raise Skip(f"HF static cache + compile failed: {type(e).__name__}: {str(e)[:100]}")
+            return run
+
+        cases.append(Case("gpt2_generate", "models", f"GPT-2 small B{B} prompt{P} new{N}", P,
+                          {"fastlm": fastlm_p, "hf_generate": hf_p, "hf_static_compile": hf_static},
+                          tokens=B * N, unit="tok/s"))
+    return cases
+
+
+CASES = {"attention": attention_cases, "softmax": softmax_cases, "decode_attention": decode_attention_cases,
+         "bias_gelu": bias_gelu_cases}
 OPS = tuple(CASES)
-MODEL_CASES = ("bert_fwd", "bert_padded", "gpt2_prefill")
+MODEL_CASES = ("bert_fwd", "bert_padded", "gpt2_prefill", "gpt2_generate")
 
 
 def build_cases(device: str, dtype: torch.dtype, suite: str, only: Optional[str]) -> list[Case]:
@@ -345,7 +424,7 @@ def build_cases(device: str, dtype: torch.dtype, suite: str, only: Optional[str]
         for op in OPS:
             cases += CASES[op](device, dtype)
     if suite in ("models", "all"):
-        cases += model_cases(device, dtype)
+        cases += model_cases(device, dtype) + generate_cases(device, dtype)
     names = sorted(set(OPS) | set(MODEL_CASES))
     if only is not None:
         if only not in names:

@@ -126,6 +126,78 @@ def _compare(old_path: str, new_path: str) -> int:
     return 1 if n else 0
 
 
+GPT2_SIZES = {
+    "gpt2": dict(n_embd=768, n_layer=12, n_head=12),
+    "gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16),
+    "gpt2-tiny": dict(n_embd=128, n_layer=2, n_head=2),
+}
+
+
+def cmd_generate(args) -> int:
+    import time
+
+    import torch
+
+    import fastlm
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if device == "cuda" else "fp32")])
+    tok = None
+    try:
+        if args.model:
+            model = fastlm.from_pretrained(args.model, dtype=dtype, device=device)
+            try:
+                from transformers import AutoTokenizer
+
+                tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+            except Exception as e:  # no tokenizer files: token ids only
+                if args.prompt is not None:
+                    print(f"fastlm generate: no tokenizer in {args.model} ({type(e).__name__}); use --prompt-ids",
+                          file=sys.stderr)
+                    return 2
+        else:
+            from transformers import GPT2Config
+
+            if args.config not in GPT2_SIZES:
+                print(f"fastlm generate: --config must be one of {', '.join(GPT2_SIZES)}", file=sys.stderr)
+                return 2
+            model = fastlm.from_pretrained(GPT2Config(**GPT2_SIZES[args.config]), dtype=dtype, device=device)
+        if not isinstance(model, fastlm.GPT2LMHeadModel):
+            print("fastlm generate: the model is not a GPT-2 language model", file=sys.stderr)
+            return 2
+        if args.prompt is not None:
+            ids = tok(args.prompt, return_tensors="pt").input_ids
+        elif args.prompt_ids:
+            ids = torch.tensor([[int(t) for t in args.prompt_ids.split(",")]])
+        else:
+            ids = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+        ids = ids.expand(args.batch, -1).to(device)
+        kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                  top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                  eos_token_id=tok.eos_token_id if tok is not None else None)
+        list(model.stream(ids, **{**kw, "max_new_tokens": 2}))  # warm-up: JIT, cache, CUDA graph
+        t0 = time.perf_counter()
+        times, steps = [], []
+        for new in model.stream(ids, **kw):
+            times.append(time.perf_counter())
+            steps.append(new)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"fastlm generate: {e}", file=sys.stderr)
+        return 2
+    out = torch.stack(steps, 1)
+    con = _console()
+    for b in range(min(args.batch, 4)):
+        text = tok.decode(out[b]) if tok is not None else " ".join(map(str, out[b].tolist()))
+        con.print(f"[bold]{b}[/bold] {text}")
+    ttft = (times[0] - t0) * 1e3
+    per_tok = (times[-1] - times[0]) / max(1, len(times) - 1) * 1e3
+    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    con.print(f"{where}, {str(dtype)[6:]}, batch {args.batch}, prompt {ids.shape[1]}, {len(times)} new tokens: "
+              f"time to first token {ttft:.1f} ms, {per_tok:.2f} ms/token, "
+              f"{args.batch * (len(times) - 1) / max(times[-1] - times[0], 1e-9):.1f} tok/s (decode)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastlm", description="Fast BERT and GPT-2 inference")
     sub = p.add_subparsers(dest="command", required=True)
@@ -142,6 +214,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-plots", action="store_true")
     b.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="compare two JSON results; exit 1 on regressions")
     b.set_defaults(func=cmd_bench)
+    g = sub.add_parser("generate", help="generate with GPT-2 and print the text and the latency figures")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="local checkpoint directory (with tokenizer files for --prompt)")
+    src.add_argument("--config", help=f"random weights of a GPT-2 size: {', '.join(GPT2_SIZES)}")
+    pr = g.add_mutually_exclusive_group()
+    pr.add_argument("--prompt", help="text (needs the checkpoint's tokenizer)")
+    pr.add_argument("--prompt-ids", help="comma-separated token ids")
+    g.add_argument("--prompt-len", type=int, default=16, help="random prompt length when no prompt is given")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--batch", type=int, default=1)
+    g.add_argument("--dtype", default=None, choices=sorted(DTYPES))
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--do-sample", action="store_true")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.set_defaults(func=cmd_generate)
     return p
 
 

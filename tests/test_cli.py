@@ -1,0 +1,51 @@
+"""The fastlm command line: info, bench (with bad names), generate, --compare."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fastlm.cli import main
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "fastlm", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_info_reports_extension_and_ops(capsys):
+    assert main(["info", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["fastlm._C"] == "loaded"
+    assert {r["op"] for r in rep["ops"]} >= {"attention", "softmax", "decode_attention", "bias_gelu", "ffn"}
+
+
+def test_bench_writes_json_table_and_plots(tmp_path):
+    res = run("bench", "--only", "attention", "--budget", "0.05", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert "CPU figures" in res.stdout and "fastlm" in res.stdout
+    data = json.loads(next(tmp_path.glob("bench-cpu-*.json")).read_text())
+    assert data["ceilings"]["copy_gbs"] > 0 and data["env"]["torch"]
+    assert any(r["provider"] == "fastlm" and r["ms"] for r in data["rows"])
+    assert (tmp_path / "attention_cpu.png").stat().st_size > 10_000
+    assert (tmp_path / "bench-cpu.md").read_text().startswith("# fastlm bench")
+    # comparing a run with itself finds no regression
+    f = str(next(tmp_path.glob("bench-cpu-*.json")))
+    assert main(["bench", "--compare", f, f]) == 0
+
+
+def test_bench_bad_names_list_the_valid_ones(capsys):
+    assert main(["bench", "--suite", "everything"]) == 2
+    assert "ops, models, all" in capsys.readouterr().err
+    assert main(["bench", "--only", "nope"]) == 2
+    assert "attention" in capsys.readouterr().err
+    assert main(["bench", "--compare", "/nonexistent/a.json", "/nonexistent/b.json"]) == 2
+
+
+def test_generate_random_config(capsys):
+    assert main(["generate", "--config", "gpt2-tiny", "--prompt-ids", "1,2,3", "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "time to first token" in out and "ms/token" in out
+    assert main(["generate", "--config", "gpt2-tiny", "--prompt-len", "2000", "--max-new-tokens", "5"]) == 2
+    assert "1024 positions" in capsys.readouterr().err
+    assert main(["generate", "--config", "gpt5"]) == 2
