@@ -204,6 +204,11 @@ def ffn(
     for name, w in (("w1", w1), ("w2", w2)):
         if not w.is_contiguous():
             raise ValueError(f"ffn: {name} must be contiguous (call .contiguous() once at load time)")
+    impl = _pick(op, x.device)
+    if impl == "triton" and x.dtype == torch.float32 and backend.current() == "auto":
+        impl = "torch"  # fp32 on GPU: cuBLAS's exact SGEMM beats an exact (non-TF32) Triton GEMM
+    if impl == "triton":
+        return torch.ops.fastlm.ffn(x, w1, b1, w2, b2, activation, residual)
     return reference.ffn(x, w1, b1, w2, b2, activation, residual)
 
 
@@ -224,6 +229,10 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, *, residual:
         chk.shape(op, "residual", residual, tuple(x.shape), "the shape of x")
     if not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"layer_norm: eps must be a positive float, got {eps!r}")
+    if _pick(op, x.device) == "triton":
+        if residual is None:
+            return torch.ops.fastlm.layer_norm(x, weight, bias, float(eps))
+        return torch.ops.fastlm.add_layer_norm(x, residual, weight, bias, float(eps))
     return reference.layer_norm(x, weight, bias, float(eps), residual)
 
 
@@ -254,8 +263,8 @@ KERNELS: dict[str, frozenset[str]] = {
     "softmax": _TRITON,
     "decode_attention": _TRITON,
     "bias_gelu": frozenset({"cuda"}),
-    "ffn": frozenset(),
-    "layer_norm": frozenset(),
+    "ffn": _TRITON,
+    "layer_norm": _TRITON,
 }
 
 
@@ -322,3 +331,40 @@ def _decode_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seql
 @_decode_attention_op.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, scale):
     return torch.empty_like(q)
+
+
+@torch.library.custom_op("fastlm::ffn", mutates_args=())
+def _ffn_op(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, activation: str,
+            residual: Optional[Tensor]) -> Tensor:
+    from fastlm.kernels import ffn as kernel
+
+    return kernel.ffn(x, w1, b1, w2, b2, activation, residual)
+
+
+@_ffn_op.register_fake
+def _(x, w1, b1, w2, b2, activation, residual):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("fastlm::layer_norm", mutates_args=())
+def _layer_norm_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    from fastlm.kernels import layer_norm as kernel
+
+    return kernel.layer_norm(x, weight, bias, eps)
+
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, eps):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("fastlm::add_layer_norm", mutates_args=())
+def _add_layer_norm_op(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    from fastlm.kernels import layer_norm as kernel
+
+    return kernel.layer_norm(x, weight, bias, eps, residual)
+
+
+@_add_layer_norm_op.register_fake
+def _(x, residual, weight, bias, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape)

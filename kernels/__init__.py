@@ -1,6 +1,6 @@
 """fastlm's Triton kernels, one op per file (installed as fastlm.kernels)."""
 
-KERNEL_MODULES = ("attention", "softmax", "decode_attention")
+KERNEL_MODULES = ("attention", "softmax", "decode_attention", "ffn", "layer_norm")
 
 
 def load_all() -> None:

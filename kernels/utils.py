@@ -96,6 +96,26 @@ def decode_launch_space() -> list[int]:
     return [2, 4, 8, 16, 32, 64]
 
 
+def linear_launch(M: int, N: int, dtype: torch.dtype, cap: int) -> Launch:
+    """GEMM + epilogue tiles (fp16/bf16 on tensor cores; fp32 runs exact FMA dots)."""
+    if dtype == torch.float32:
+        return Launch({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, 4, 2)
+    if M <= 64:
+        return Launch({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, 4, 3 if cap >= 90 else 2)
+    if cap >= 90:
+        return Launch({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, 8, 3)
+    return Launch({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, 8, 3)
+
+
+def linear_launch_space() -> list[tuple[int, torch.dtype, int]]:
+    return [(m, dt, cap) for cap in (80, 90) for dt in (torch.float16, torch.bfloat16, torch.float32) for m in (32, 4096)]
+
+
+def layer_norm_launch(n: int) -> Launch:
+    block = max(16, next_pow2(n))
+    return Launch({"BLOCK": block}, 4 if block <= 1024 else 8 if block <= 4096 else 16, 1)
+
+
 def softmax_launch(n_cols: int, elem_bytes: int) -> tuple[str, Launch]:
     """One pass with the row in registers up to 16k elements (fp16) / 8k (fp32); longer rows
     use the online two-pass kernel in 4k chunks."""

@@ -24,7 +24,7 @@ def aot_records():
 
 def test_all_kernels_registered(aot_records):
     ops = {r["op"] for r in aot_records}
-    assert {"attention", "softmax", "decode_attention"} <= ops
+    assert {"attention", "softmax", "decode_attention", "ffn", "layer_norm"} <= ops
     assert {r["cap"] for r in aot_records} == {80, 90}
 
 
