@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -149,6 +151,180 @@ at::Tensor bias_gelu_cpu(const at::Tensor& x_in, const at::Tensor& bias_in, c10:
   return y;
 }
 
+// ---- FFN -----------------------------------------------------------------------------------
+
+int parse_activation(c10::string_view activation) {
+  TORCH_CHECK_VALUE(activation == "gelu" || activation == "gelu_tanh",
+                    "ffn: activation must be \"gelu\" or \"gelu_tanh\", got \"", activation, "\"");
+  return activation == "gelu" ? 1 : 2;
+}
+
+void check_ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+               const at::Tensor& b2, const c10::optional<at::Tensor>& residual) {
+  check_float_dtype(x, "ffn", "x");
+  const std::pair<const char*, const at::Tensor*> others[] = {{"w1", &w1}, {"b1", &b1}, {"w2", &w2}, {"b2", &b2}};
+  for (const auto& [name, t] : others) {
+    TORCH_CHECK_VALUE(t->defined(), "ffn: ", name, " is undefined");
+    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), "ffn: ", name, " has dtype ", t->scalar_type(),
+                     " but x has ", x.scalar_type());
+    TORCH_CHECK_VALUE(t->device() == x.device(), "ffn: ", name, " is on ", t->device(), " but x is on ", x.device());
+  }
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.numel() > 0, "ffn: x is empty (shape ", x.sizes(), ")");
+  const int64_t d_model = x.size(-1);
+  TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(1) == d_model, "ffn: w1 must have shape (d_ff, ", d_model,
+                    ") with d_model = x.shape[-1], got ", w1.sizes());
+  const int64_t d_ff = w1.size(0);
+  TORCH_CHECK_VALUE(b1.dim() == 1 && b1.size(0) == d_ff, "ffn: b1 must have shape (", d_ff, ",), got ", b1.sizes());
+  TORCH_CHECK_VALUE(w2.dim() == 2 && w2.size(0) == d_model && w2.size(1) == d_ff, "ffn: w2 must have shape (",
+                    d_model, ", ", d_ff, "), got ", w2.sizes());
+  TORCH_CHECK_VALUE(b2.dim() == 1 && b2.size(0) == d_model, "ffn: b2 must have shape (", d_model, ",), got ",
+                    b2.sizes());
+  TORCH_CHECK_VALUE(w1.is_contiguous(), "ffn: w1 must be contiguous");
+  TORCH_CHECK_VALUE(w2.is_contiguous(), "ffn: w2 must be contiguous");
+  if (residual.has_value()) {
+    const at::Tensor& r = *residual;
+    TORCH_CHECK_TYPE(r.scalar_type() == x.scalar_type(), "ffn: residual has dtype ", r.scalar_type(),
+                     " but x has ", x.scalar_type());
+    TORCH_CHECK_VALUE(r.device() == x.device(), "ffn: residual is on ", r.device(), " but x is on ", x.device());
+    TORCH_CHECK_VALUE(r.sizes() == x.sizes(), "ffn: residual must have the shape of x ", x.sizes(), ", got ",
+                      r.sizes());
+  }
+}
+
+at::Tensor ffn_cpu(const at::Tensor& x_in, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                   const at::Tensor& b2, c10::string_view activation, const c10::optional<at::Tensor>& residual) {
+  const int act = parse_activation(activation);
+  check_ffn(x_in, w1, b1, w2, b2, residual);
+  TORCH_CHECK_VALUE(x_in.device().is_cpu(), "ffn (CPU): x must be a CPU tensor, got ", x_in.device());
+  const int64_t d_model = x_in.size(-1), d_ff = w1.size(0);
+  const at::Tensor x = x_in.reshape({-1, d_model});
+  at::Tensor h = at::mm(x, w1.t());  // (M, d_ff); bias + GELU in one vectorised pass below
+  const at::Tensor b1c = b1.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "ffn_cpu", [&] {
+    bias_gelu_cpu_impl<scalar_t>(h.const_data_ptr<scalar_t>(), b1c.const_data_ptr<scalar_t>(),
+                                 h.mutable_data_ptr<scalar_t>(), h.size(0), d_ff, act == 2);
+  });
+  at::Tensor y = residual.has_value() ? at::addmm(residual->reshape({-1, d_model}), h, w2.t()).add_(b2)
+                                      : at::addmm(b2, h, w2.t());
+  return y.view(x_in.sizes());
+}
+
+// ---- LayerNorm (optionally after a residual add) -----------------------------------------
+
+void check_layer_norm(const char* op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, double eps,
+                      const at::Tensor* r) {
+  check_float_dtype(x, op, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.numel() > 0, op, ": x is empty (shape ", x.sizes(), ")");
+  const int64_t n = x.size(-1);
+  TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == n, op, ": weight must have shape (", n, ",), got ", w.sizes());
+  TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == n, op, ": bias must have shape (", n, ",), got ", b.sizes());
+  TORCH_CHECK_VALUE(eps > 0, op, ": eps must be positive, got ", eps);
+  const std::pair<const char*, const at::Tensor*> others[] = {{"weight", &w}, {"bias", &b}, {"residual", r}};
+  for (const auto& [name, t] : others) {
+    if (t == nullptr) continue;
+    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t->scalar_type(),
+                     " but x has ", x.scalar_type());
+    TORCH_CHECK_VALUE(t->device() == x.device(), op, ": ", name, " is on ", t->device(), " but x is on ", x.device());
+  }
+  if (r != nullptr)
+    TORCH_CHECK_VALUE(r->sizes() == x.sizes(), op, ": residual must have the shape of x ", x.sizes(), ", got ", r->sizes());
+  TORCH_CHECK_VALUE(x.device().is_cpu(), op, " (CPU): x must be a CPU tensor, got ", x.device());
+}
+
+// Reductions with 16 independent lanes: gcc vectorises them without reassociating a single
+// accumulator (no -ffast-math), and the result does not depend on the vector width.
+FASTLM_CPU_CLONES float lane_sum(const float* v, int64_t n) {
+  float acc[16] = {0.f};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    for (int l = 0; l < 16; ++l) acc[l] += v[j + l];
+  float total = 0.f;
+  for (int l = 0; l < 16; ++l) total += acc[l];
+  for (; j < n; ++j) total += v[j];
+  return total;
+}
+
+FASTLM_CPU_CLONES float lane_sq_dev(const float* v, int64_t n, float mean) {
+  float acc[16] = {0.f};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    for (int l = 0; l < 16; ++l) acc[l] += (v[j + l] - mean) * (v[j + l] - mean);
+  float total = 0.f;
+  for (int l = 0; l < 16; ++l) total += acc[l];
+  for (; j < n; ++j) total += (v[j] - mean) * (v[j] - mean);
+  return total;
+}
+
+FASTLM_CPU_CLONES void normalize_row(const float* v, const float* w, const float* b, float* out, int64_t n, float mean,
+                                     float rstd) {
+  for (int64_t j = 0; j < n; ++j) out[j] = (v[j] - mean) * rstd * w[j] + b[j];
+}
+
+template <typename T>
+void layer_norm_cpu_impl(const T* x, const T* r, const T* w, const T* b, T* y, T* s, int64_t rows, int64_t n,
+                         float eps) {
+  std::vector<float> wf(n), bf(n);
+  for (int64_t j = 0; j < n; ++j) {
+    wf[j] = static_cast<float>(w[j]);
+    bf[j] = static_cast<float>(b[j]);
+  }
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / n), [&](int64_t r0, int64_t r1) {
+    std::vector<float> buf(2 * n);
+    float* v = buf.data();
+    float* o = buf.data() + n;
+    for (int64_t i = r0; i < r1; ++i) {
+      const T* xi = x + i * n;
+      for (int64_t j = 0; j < n; ++j) v[j] = static_cast<float>(xi[j]);
+      if (r != nullptr) {  // x + residual, in fp32, also written out (the next residual stream)
+        const T* ri = r + i * n;
+        T* si = s + i * n;
+        for (int64_t j = 0; j < n; ++j) v[j] += static_cast<float>(ri[j]);
+        for (int64_t j = 0; j < n; ++j) si[j] = static_cast<T>(v[j]);
+      }
+      const float mean = lane_sum(v, n) / static_cast<float>(n);
+      const float var = lane_sq_dev(v, n, mean);
+      const float rstd = 1.0f / std::sqrt(var / static_cast<float>(n) + eps);
+      if constexpr (std::is_same_v<T, float>) {
+        normalize_row(v, wf.data(), bf.data(), y + i * n, n, mean, rstd);
+      } else {
+        normalize_row(v, wf.data(), bf.data(), o, n, mean, rstd);
+        T* yi = y + i * n;
+        for (int64_t j = 0; j < n; ++j) yi[j] = static_cast<T>(o[j]);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> layer_norm_cpu_common(const at::Tensor& x_in, const at::Tensor* r_in,
+                                                         const at::Tensor& w, const at::Tensor& b, double eps) {
+  const int64_t n = x_in.size(-1);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor r = r_in != nullptr ? r_in->contiguous() : at::Tensor();
+  const at::Tensor wc = w.contiguous(), bc = b.contiguous();
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor s = r_in != nullptr ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_cpu", [&] {
+    layer_norm_cpu_impl<scalar_t>(x.const_data_ptr<scalar_t>(),
+                                  r_in != nullptr ? r.const_data_ptr<scalar_t>() : nullptr,
+                                  wc.const_data_ptr<scalar_t>(), bc.const_data_ptr<scalar_t>(),
+                                  y.mutable_data_ptr<scalar_t>(),
+                                  r_in != nullptr ? s.mutable_data_ptr<scalar_t>() : nullptr, x.numel() / n, n,
+                                  static_cast<float>(eps));
+  });
+  return {y, s};
+}
+
+at::Tensor layer_norm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, double eps) {
+  check_layer_norm("layer_norm", x, w, b, eps, nullptr);
+  return std::get<0>(layer_norm_cpu_common(x, nullptr, w, b, eps));
+}
+
+std::tuple<at::Tensor, at::Tensor> add_layer_norm_cpu(const at::Tensor& x, const at::Tensor& residual,
+                                                      const at::Tensor& w, const at::Tensor& b, double eps) {
+  check_layer_norm("add_layer_norm", x, w, b, eps, &residual);
+  return layer_norm_cpu_common(x, &residual, w, b, eps);
+}
+
 #ifdef FASTLM_WITH_CUDA
 cuda::DType to_cuda_dtype(at::ScalarType dt) {
   switch (dt) {
@@ -174,9 +350,52 @@ at::Tensor bias_gelu_cuda(const at::Tensor& x_in, const at::Tensor& bias_in, c10
   TORCH_CHECK(err == cudaSuccess, "bias_gelu: CUDA launch failed: ", cudaGetErrorString(err));
   return y;
 }
+
+// Decode rows (M <= 16): two GEMV launches, bias+GELU fused into the first, bias+residual into
+// the second; weights streamed once. More rows: cuBLAS GEMMs via ATen + our bias_gelu epilogue
+// (fastlm.ops sends prefill to the Triton GEMM with fused epilogues instead).
+at::Tensor ffn_cuda(const at::Tensor& x_in, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                    const at::Tensor& b2, c10::string_view activation, const c10::optional<at::Tensor>& residual) {
+  const int act = parse_activation(activation);
+  check_ffn(x_in, w1, b1, w2, b2, residual);
+  TORCH_CHECK_VALUE(x_in.is_cuda(), "ffn (CUDA): x must be a CUDA tensor, got ", x_in.device());
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t d_model = x_in.size(-1), d_ff = w1.size(0);
+  const at::Tensor x = x_in.reshape({-1, d_model}).contiguous();
+  const int64_t M = x.size(0);
+  if (M > cuda::kGemvMaxRows) {
+    at::Tensor h = at::mm(x, w1.t());
+    h = bias_gelu_cuda(h, b1, act == 2 ? "tanh" : "none");
+    at::Tensor y = residual.has_value() ? at::addmm(residual->reshape({-1, d_model}), h, w2.t()).add_(b2)
+                                        : at::addmm(b2, h, w2.t());
+    return y.view(x_in.sizes());
+  }
+  const at::Tensor b1c = b1.contiguous(), b2c = b2.contiguous();
+  const at::Tensor r = residual.has_value() ? residual->reshape({-1, d_model}).contiguous() : at::Tensor();
+  at::Tensor h = at::empty({M, d_ff}, x.options());
+  at::Tensor y = at::empty({M, d_model}, x.options());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+  const cuda::DType dt = to_cuda_dtype(x.scalar_type());
+  cudaError_t err = cuda::gemv(x.const_data_ptr(), w1.const_data_ptr(), b1c.const_data_ptr(), nullptr,
+                               h.mutable_data_ptr(), M, d_ff, d_model, act, dt, stream);
+  TORCH_CHECK(err == cudaSuccess, "ffn: GEMV 1 launch failed: ", cudaGetErrorString(err));
+  err = cuda::gemv(h.const_data_ptr(), w2.const_data_ptr(), b2c.const_data_ptr(),
+                   residual.has_value() ? r.const_data_ptr() : nullptr, y.mutable_data_ptr(), M, d_model, d_ff, 0,
+                   dt, stream);
+  TORCH_CHECK(err == cudaSuccess, "ffn: GEMV 2 launch failed: ", cudaGetErrorString(err));
+  return y.view(x_in.sizes());
+}
 #endif
 
 }  // namespace
+
+at::Tensor ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+               const at::Tensor& b2, c10::string_view activation, const c10::optional<at::Tensor>& residual) {
+#ifdef FASTLM_WITH_CUDA
+  if (x.is_cuda()) return ffn_cuda(x, w1, b1, w2, b2, activation, residual);
+#endif
+  return ffn_cpu(x, w1, b1, w2, b2, activation, residual);
+}
 
 at::Tensor bias_gelu(const at::Tensor& x, const at::Tensor& bias, c10::string_view approximate) {
 #ifdef FASTLM_WITH_CUDA
@@ -193,10 +412,18 @@ bool cuda_enabled() {
 #endif
 }
 
-TORCH_LIBRARY_IMPL(fastlm, CPU, m) { m.impl("bias_gelu", &bias_gelu_cpu); }
+TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
+  m.impl("bias_gelu", &bias_gelu_cpu);
+  m.impl("ffn_ext", &ffn_cpu);
+  m.impl("layer_norm_ext", &layer_norm_cpu);
+  m.impl("add_layer_norm_ext", &add_layer_norm_cpu);
+}
 
 #ifdef FASTLM_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastlm, CUDA, m) { m.impl("bias_gelu", &bias_gelu_cuda); }
+TORCH_LIBRARY_IMPL(fastlm, CUDA, m) {
+  m.impl("bias_gelu", &bias_gelu_cuda);
+  m.impl("ffn_ext", &ffn_cuda);
+}
 #endif
 
 }  // namespace fastlm

@@ -27,6 +27,30 @@ if _C is not None:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+if _C is not None:
+
+    @torch.library.register_fake("fastlm::ffn_ext")
+    def _ffn_fake(x, w1, b1, w2, b2, activation, residual):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("fastlm::layer_norm_ext")
+    def _ln_fake(x, weight, bias, eps):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("fastlm::add_layer_norm_ext")
+    def _add_ln_fake(x, residual, weight, bias, eps):
+        return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+# fastlm._C ops that have a CUDA kernel (the rest are CPU twins only; on GPU tensors they
+# run Triton or the reference instead).
+CUDA_OPS = frozenset({"bias_gelu", "ffn"})
+
+
+def has_device_op(op: str, device: torch.device) -> bool:
+    return device.type != "cuda" or op in CUDA_OPS
+
+
 def available() -> bool:
     return _C is not None
 

@@ -84,7 +84,7 @@ def pick(op: str, device: torch.device, *, triton: bool = False, cuda: bool = Fa
             f"{op}: FASTLM_BACKEND=triton on {device.type} tensors needs the Triton interpreter "
             "(TRITON_INTERPRET=1 set before fastlm is imported)"
         )
-    has_c = cuda and _ext.available() and (not on_gpu or _ext.cuda_enabled())
+    has_c = cuda and _ext.available() and (not on_gpu or _ext.cuda_enabled()) and _ext.has_device_op(op, device)
     if want == "cuda" and has_c:
         return "cuda"
     # auto (or a forced backend this op does not have)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from fastlm import _checks as chk
-from fastlm import backend, reference
+from fastlm import _ext, backend, reference
 
 __all__ = [
     "attention",
@@ -205,10 +205,15 @@ def ffn(
         if not w.is_contiguous():
             raise ValueError(f"ffn: {name} must be contiguous (call .contiguous() once at load time)")
     impl = _pick(op, x.device)
-    if impl == "triton" and x.dtype == torch.float32 and backend.current() == "auto":
-        impl = "torch"  # fp32 on GPU: cuBLAS's exact SGEMM beats an exact (non-TF32) Triton GEMM
+    if backend.current() == "auto" and x.device.type == "cuda":
+        if x.numel() // d_model <= 16 and "cuda" in KERNELS[op] and _ext.cuda_enabled():
+            impl = "cuda"  # decode rows: the GEMV kernels stream each weight once
+        elif x.dtype == torch.float32:
+            impl = "torch"  # cuBLAS's exact SGEMM beats an exact (non-TF32) Triton GEMM
     if impl == "triton":
         return torch.ops.fastlm.ffn(x, w1, b1, w2, b2, activation, residual)
+    if impl == "cuda":
+        return torch.ops.fastlm.ffn_ext(x, w1, b1, w2, b2, activation, residual)
     return reference.ffn(x, w1, b1, w2, b2, activation, residual)
 
 
@@ -229,10 +234,15 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, *, residual:
         chk.shape(op, "residual", residual, tuple(x.shape), "the shape of x")
     if not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"layer_norm: eps must be a positive float, got {eps!r}")
-    if _pick(op, x.device) == "triton":
+    impl = _pick(op, x.device)
+    if impl == "triton":
         if residual is None:
             return torch.ops.fastlm.layer_norm(x, weight, bias, float(eps))
         return torch.ops.fastlm.add_layer_norm(x, residual, weight, bias, float(eps))
+    if impl == "cuda":  # fastlm._C's CPU twin (the GPU runs the Triton kernel)
+        if residual is None:
+            return torch.ops.fastlm.layer_norm_ext(x, weight, bias, float(eps))
+        return torch.ops.fastlm.add_layer_norm_ext(x, residual, weight, bias, float(eps))
     return reference.layer_norm(x, weight, bias, float(eps), residual)
 
 
@@ -263,8 +273,8 @@ KERNELS: dict[str, frozenset[str]] = {
     "softmax": _TRITON,
     "decode_attention": _TRITON,
     "bias_gelu": frozenset({"cuda"}),
-    "ffn": _TRITON,
-    "layer_norm": _TRITON,
+    "ffn": _TRITON | {"cuda"},
+    "layer_norm": _TRITON | {"cuda"},
 }
 
 

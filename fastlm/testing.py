@@ -46,6 +46,18 @@ def find_nvcc() -> str | None:
     return None
 
 
+def find_cuda_include() -> str | None:
+    """The CUDA toolkit's include directory (the one with cuda_runtime.h)."""
+    nvcc = find_nvcc()
+    cands = [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]
+    if nvcc:
+        cands.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for c in cands:
+        if c and os.path.isfile(os.path.join(c, "include", "cuda_runtime.h")):
+            return os.path.join(c, "include")
+    return None
+
+
 @dataclass
 class KernelReport:
     name: str
