@@ -255,9 +255,19 @@ FASTLM_CPU_CLONES float lane_sq_dev(const float* v, int64_t n, float mean) {
   return total;
 }
 
-FASTLM_CPU_CLONES void normalize_row(const float* v, const float* w, const float* b, float* out, int64_t n, float mean,
-                                     float rstd) {
-  for (int64_t j = 0; j < n; ++j) out[j] = (v[j] - mean) * rstd * w[j] + b[j];
+// One row: v = x (+ r) in fp32 (s = v written out), then (v - mean) * rstd * w + b. Cloned per
+// ISA like the GELU loops; `v` is a per-thread scratch row.
+template <typename T>
+FASTLM_CPU_CLONES void layer_norm_row(const T* x, const T* r, const float* w, const float* b, T* y, T* s, float* v,
+                                      int64_t n, float eps) {
+  for (int64_t j = 0; j < n; ++j) v[j] = static_cast<float>(x[j]);
+  if (r != nullptr) {  // x + residual, in fp32, also written out (the next residual stream)
+    for (int64_t j = 0; j < n; ++j) v[j] += static_cast<float>(r[j]);
+    for (int64_t j = 0; j < n; ++j) s[j] = static_cast<T>(v[j]);
+  }
+  const float mean = lane_sum(v, n) / static_cast<float>(n);
+  const float rstd = 1.0f / std::sqrt(lane_sq_dev(v, n, mean) / static_cast<float>(n) + eps);
+  for (int64_t j = 0; j < n; ++j) y[j] = static_cast<T>((v[j] - mean) * rstd * w[j] + b[j]);
 }
 
 template <typename T>
@@ -269,28 +279,10 @@ void layer_norm_cpu_impl(const T* x, const T* r, const T* w, const T* b, T* y, T
     bf[j] = static_cast<float>(b[j]);
   }
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / n), [&](int64_t r0, int64_t r1) {
-    std::vector<float> buf(2 * n);
-    float* v = buf.data();
-    float* o = buf.data() + n;
+    std::vector<float> v(n);
     for (int64_t i = r0; i < r1; ++i) {
-      const T* xi = x + i * n;
-      for (int64_t j = 0; j < n; ++j) v[j] = static_cast<float>(xi[j]);
-      if (r != nullptr) {  // x + residual, in fp32, also written out (the next residual stream)
-        const T* ri = r + i * n;
-        T* si = s + i * n;
-        for (int64_t j = 0; j < n; ++j) v[j] += static_cast<float>(ri[j]);
-        for (int64_t j = 0; j < n; ++j) si[j] = static_cast<T>(v[j]);
-      }
-      const float mean = lane_sum(v, n) / static_cast<float>(n);
-      const float var = lane_sq_dev(v, n, mean);
-      const float rstd = 1.0f / std::sqrt(var / static_cast<float>(n) + eps);
-      if constexpr (std::is_same_v<T, float>) {
-        normalize_row(v, wf.data(), bf.data(), y + i * n, n, mean, rstd);
-      } else {
-        normalize_row(v, wf.data(), bf.data(), o, n, mean, rstd);
-        T* yi = y + i * n;
-        for (int64_t j = 0; j < n; ++j) yi[j] = static_cast<T>(o[j]);
-      }
+      layer_norm_row<T>(x + i * n, r != nullptr ? r + i * n : nullptr, wf.data(), bf.data(), y + i * n,
+                        s != nullptr ? s + i * n : nullptr, v.data(), n, eps);
     }
   });
 }

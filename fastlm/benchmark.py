@@ -244,6 +244,74 @@ def softmax_cases(device: str, dtype: torch.dtype) -> list[Case]:
     return cases
 
 
+def ffn_cases(device: str, dtype: torch.dtype) -> list[Case]:
+    """FFN d_model 768 / d_ff 3072 (GPT-2 small, BERT-base). Prefill (many rows) in TFLOP/s against
+    torch (linear + gelu + linear + add) and the two GEMMs alone; decode (<= 16 rows) in GB/s of
+    weight bytes."""
+    d, d_ff = (768, 3072)
+    rows = [1, 4, 16, 512, 2048, 8192, 16384] if device == "cuda" else [1, 16, 256]
+    eb = torch.finfo(dtype).bits // 8
+    cases = []
+    for M in rows:
+        def mk(M=M):
+            x = torch.randn(M, d, device=device, dtype=dtype)
+            w1 = torch.randn(d_ff, d, device=device, dtype=dtype) * d**-0.5
+            w2 = torch.randn(d, d_ff, device=device, dtype=dtype) * d_ff**-0.5
+            return x, w1, torch.randn(d_ff, device=device, dtype=dtype), w2, torch.randn(d, device=device, dtype=dtype)
+
+        def fastlm_p(mk=mk):
+            x, w1, b1, w2, b2 = mk()
+            return lambda: ops.ffn(x, w1, b1, w2, b2, activation="gelu_tanh", residual=x)
+
+        def torch_p(mk=mk):
+            x, w1, b1, w2, b2 = mk()
+            return lambda: F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2) + x
+
+        def gemms(mk=mk):
+            x, w1, b1, w2, b2 = mk()
+            h = torch.empty(x.shape[0], d_ff, device=device, dtype=dtype)
+            return lambda: (torch.mm(x, w1.t(), out=h), torch.mm(h, w2.t()))
+
+        decode = M <= 16
+        wbytes = 2 * d * d_ff * eb
+        cases.append(Case("ffn_decode" if decode else "ffn_prefill", "ops", f"M{M} d{d} d_ff{d_ff}", M,
+                          {"fastlm": fastlm_p, "torch": torch_p, "gemms_only": gemms},
+                          flops=0.0 if decode else 4.0 * M * d * d_ff, bytes=wbytes if decode else 0.0,
+                          unit="GB/s" if decode else "TFLOP/s"))
+    return cases
+
+
+def layer_norm_cases(device: str, dtype: torch.dtype) -> list[Case]:
+    shapes = [(16384, 768), (16384, 1024), (8192, 1600), (4096, 4096)] if device == "cuda" else [(512, 768)]
+    eb = torch.finfo(dtype).bits // 8
+    cases = []
+    for R, N in shapes:
+        def mk(R=R, N=N):
+            return (torch.randn(R, N, device=device, dtype=dtype), torch.randn(R, N, device=device, dtype=dtype),
+                    torch.randn(N, device=device, dtype=dtype), torch.randn(N, device=device, dtype=dtype))
+
+        def fastlm_p(mk=mk):
+            x, r, w, b = mk()
+            return lambda: ops.layer_norm(x, w, b, 1e-5, residual=r)
+
+        def torch_p(mk=mk):
+            x, r, w, b = mk()
+            def run():
+                s = x + r
+                return F.layer_norm(s, (s.shape[-1],), w, b, 1e-5), s
+            return run
+
+        def compiled(mk=mk):
+            x, r, w, b = mk()
+            fn = _compile_or_skip(lambda x, r: (F.layer_norm(x + r, (x.shape[-1],), w, b, 1e-5), x + r), device)
+            return lambda: fn(x, r)
+
+        cases.append(Case("layer_norm", "ops", f"R{R} N{N} +residual", N,
+                          {"fastlm": fastlm_p, "torch": torch_p, "torch_compile": compiled},
+                          bytes=4 * R * N * eb, unit="GB/s"))
+    return cases
+
+
 def _hf_models(kind: str, device: str, dtype: torch.dtype, small: bool):
     import transformers as tf
 
@@ -411,8 +479,8 @@ def generate_cases(device: str, dtype: torch.dtype) -> list[Case]:
 
 
 CASES = {"attention": attention_cases, "softmax": softmax_cases, "decode_attention": decode_attention_cases,
-         "bias_gelu": bias_gelu_cases}
-OPS = tuple(CASES)
+         "bias_gelu": bias_gelu_cases, "ffn": ffn_cases, "layer_norm": layer_norm_cases}
+OPS = ("attention", "softmax", "decode_attention", "bias_gelu", "ffn_prefill", "ffn_decode", "layer_norm")
 MODEL_CASES = ("bert_fwd", "bert_padded", "gpt2_prefill", "gpt2_generate")
 
 
@@ -421,8 +489,8 @@ def build_cases(device: str, dtype: torch.dtype, suite: str, only: Optional[str]
         raise ValueError(f"--suite must be one of {', '.join(SUITES)}, got {suite!r}")
     cases: list[Case] = []
     if suite in ("ops", "all"):
-        for op in OPS:
-            cases += CASES[op](device, dtype)
+        for make in CASES.values():
+            cases += make(device, dtype)
     if suite in ("models", "all"):
         cases += model_cases(device, dtype) + generate_cases(device, dtype)
     names = sorted(set(OPS) | set(MODEL_CASES))
