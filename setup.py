@@ -76,7 +76,7 @@ def ext_modules():
 exts, cmdclass = ext_modules()
 
 setup(
-    packages=["fastlm", "fastlm.models", "fastlm.kernels"],
+    packages=["fastlm", "fastlm.models", "fastlm.integrations", "fastlm.kernels"],
     package_dir={"fastlm": "fastlm", "fastlm.kernels": "kernels"},
     ext_modules=exts,
     cmdclass=cmdclass,

@@ -196,14 +196,12 @@ at::Tensor ffn_cpu(const at::Tensor& x_in, const at::Tensor& w1, const at::Tenso
   const int act = parse_activation(activation);
   check_ffn(x_in, w1, b1, w2, b2, residual);
   TORCH_CHECK_VALUE(x_in.device().is_cpu(), "ffn (CPU): x must be a CPU tensor, got ", x_in.device());
-  const int64_t d_model = x_in.size(-1), d_ff = w1.size(0);
+  const int64_t d_model = x_in.size(-1);
   const at::Tensor x = x_in.reshape({-1, d_model});
-  at::Tensor h = at::mm(x, w1.t());  // (M, d_ff); bias + GELU in one vectorised pass below
-  const at::Tensor b1c = b1.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "ffn_cpu", [&] {
-    bias_gelu_cpu_impl<scalar_t>(h.const_data_ptr<scalar_t>(), b1c.const_data_ptr<scalar_t>(),
-                                 h.mutable_data_ptr<scalar_t>(), h.size(0), d_ff, act == 2);
-  });
+  // GEMM with the bias in its beta term, then ATen's vectorised in-place GELU: one pass over the
+  // d_ff activation, and erf/tanh as exact as torch's (the model parity tests need 1e-4 in fp32).
+  at::Tensor h = at::addmm(b1, x, w1.t());  // (M, d_ff)
+  at::gelu_(h, act == 2 ? "tanh" : "none");
   at::Tensor y = residual.has_value() ? at::addmm(residual->reshape({-1, d_model}), h, w2.t()).add_(b2)
                                       : at::addmm(b2, h, w2.t());
   return y.view(x_in.sizes());

@@ -4,8 +4,9 @@ CUDA-graph decoding. See DESIGN.md for the contract."""
 import logging
 
 from fastlm import _ext  # first: loads fastlm._C, which defines the torch.ops.fastlm namespace
-from fastlm import ops, reference
+from fastlm import nn, ops, reference
 from fastlm.backend import use_backend
+from fastlm.integrations import optimize, restore
 from fastlm.models import (
     BertForMaskedLM,
     BertForSequenceClassification,
@@ -19,9 +20,12 @@ __version__ = "0.1.0"
 logging.getLogger("fastlm").addHandler(logging.NullHandler())
 
 __all__ = [
+    "nn",
     "ops",
     "reference",
     "use_backend",
+    "optimize",
+    "restore",
     "from_pretrained",
     "BertModel",
     "BertForSequenceClassification",

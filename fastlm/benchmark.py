@@ -9,8 +9,8 @@ skipped row, not a crash. No correctness checks here: they live in tests/.
 
 from __future__ import annotations
 
+import copy
 import json
-import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -326,6 +326,7 @@ def _hf_models(kind: str, device: str, dtype: torch.dtype, small: bool):
         cfg._attn_implementation = impl
         torch.manual_seed(0)
         models[impl] = cls(cfg).to(device=device, dtype=dtype).eval()
+    models["optimized"] = fastlm.optimize(copy.deepcopy(models["sdpa"]))  # transformers + fastlm.optimize
     return models
 
 
@@ -368,7 +369,8 @@ def model_cases(device: str, dtype: torch.dtype) -> list[Case]:
 
         name = "bert_fwd" if kind == "bert" else "gpt2_prefill"
         cases.append(Case(name, "models", f"{'BERT-base' if kind == 'bert' else 'GPT-2 small'} B{B} S{S}", S,
-                          {"fastlm": fastlm_p, "hf_eager": hf("eager"), "hf_sdpa": hf("sdpa"), "torch_compile": compiled},
+                          {"fastlm": fastlm_p, "hf_optimized": hf("optimized"), "hf_eager": hf("eager"),
+                           "hf_sdpa": hf("sdpa"), "torch_compile": compiled},
                           tokens=B * S, unit="tok/s"))
         if kind == "bert":
             cases.append(_bert_padded_case(models, B, S, device))
@@ -439,6 +441,7 @@ def generate_cases(device: str, dtype: torch.dtype) -> list[Case]:
             cfg._attn_implementation = "sdpa"
             cache["hf"] = tf.GPT2LMHeadModel(cfg).to(device=device, dtype=dtype).eval()
             cache["fastlm"] = fastlm.from_pretrained(cache["hf"], dtype=dtype, device=device)
+            cache["optimized"] = fastlm.optimize(copy.deepcopy(cache["hf"]))
         return cache
 
     cases = []
@@ -450,8 +453,8 @@ def generate_cases(device: str, dtype: torch.dtype) -> list[Case]:
             m.generate(ids, max_new_tokens=N)  # warm: cache, Triton JIT, graph capture
             return lambda: m.generate(ids, max_new_tokens=N)
 
-        def hf_p(ids=ids, N=N):
-            m = models()["hf"]
+        def hf_p(ids=ids, N=N, which="hf"):
+            m = models()[which]
             def run():
                 with torch.inference_mode():
                     return m.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=0)
@@ -473,7 +476,9 @@ def generate_cases(device: str, dtype: torch.dtype) -> list[Case]:
             return run
 
         cases.append(Case("gpt2_generate", "models", f"GPT-2 small B{B} prompt{P} new{N}", P,
-                          {"fastlm": fastlm_p, "hf_generate": hf_p, "hf_static_compile": hf_static},
+                          {"fastlm": fastlm_p, "hf_generate": hf_p,
+                           "hf_generate_optimized": lambda ids=ids, N=N: hf_p(ids, N, "optimized"),
+                           "hf_static_compile": hf_static},
                           tokens=B * N, unit="tok/s"))
     return cases
 

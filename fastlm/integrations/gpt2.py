@@ -1,0 +1,49 @@
+"""fastlm.optimize for transformers GPT-2: attention (AttentionInterface), MLP and LayerNorms.
+Only this model instance changes: per-instance forwards and non-persistent buffers."""
+
+from __future__ import annotations
+
+import types
+
+from torch import nn
+
+from fastlm import ops
+from fastlm.integrations.common import patch_layer_norm, set_forward
+from fastlm.models.common import activation_name
+
+
+def _mlp_forward(self, hidden_states):
+    if self.training:  # dropout: transformers' own code
+        return type(self).forward(self, hidden_states)
+    return ops.ffn(hidden_states, self._fastlm_w1, self.c_fc.bias, self._fastlm_w2, self.c_proj.bias,
+                   activation=self._fastlm_act)
+
+
+def patch(model, warn) -> None:
+    base = model.transformer if hasattr(model, "transformer") else model
+    cfg = model.config
+    try:
+        act = activation_name("GPT2", cfg.activation_function)
+    except ValueError as e:
+        act = None
+        warn(f"GPT-2 MLP keeps transformers' code: {e}")
+    for block in base.h:
+        mlp = block.mlp
+        if act is not None:
+            # Conv1D keeps [in, out]; the kernels read nn.Linear's [out, in]: one transposed copy each,
+            # non-persistent, so state_dict and save_pretrained are unchanged.
+            mlp.register_buffer("_fastlm_w1", mlp.c_fc.weight.detach().t().contiguous(), persistent=False)
+            mlp.register_buffer("_fastlm_w2", mlp.c_proj.weight.detach().t().contiguous(), persistent=False)
+            mlp._fastlm_act = act
+            set_forward(mlp, types.MethodType(_mlp_forward, mlp))
+        for ln in (block.ln_1, block.ln_2):
+            patch_layer_norm(ln)
+    patch_layer_norm(base.ln_f)
+
+
+def unpatch(model) -> None:
+    base = model.transformer if hasattr(model, "transformer") else model
+    for block in base.h:
+        for name in ("_fastlm_w1", "_fastlm_w2"):
+            block.mlp._buffers.pop(name, None)
+        block.mlp.__dict__.pop("_fastlm_act", None)

@@ -1,0 +1,188 @@
+"""fastlm.optimize on transformers models: outputs, generate, save_pretrained, restore, fallbacks."""
+
+import warnings
+
+import pytest
+import torch
+import transformers as tf
+
+import fastlm
+from conftest import randomize_
+from fastlm.integrations import attention as fl_attention
+from fastlm.testing import max_err
+
+BERT = dict(num_hidden_layers=2, num_attention_heads=3, hidden_size=96, intermediate_size=200, vocab_size=101)
+GPT2 = dict(n_layer=2, n_head=3, n_embd=96, vocab_size=101, n_positions=64, bos_token_id=0, eos_token_id=0)
+BERT_CLASSES = [tf.BertModel, tf.BertForSequenceClassification, tf.BertForMaskedLM, tf.BertForTokenClassification,
+                tf.BertForQuestionAnswering]
+ATOL = 1e-4
+
+
+def inputs(B=3, S=14, V=101, left=False):
+    ids = torch.randint(1, V, (B, S))
+    mask = torch.ones(B, S, dtype=torch.long)
+    if left:
+        mask[1, :5] = 0
+        mask[2, :9] = 0
+    else:
+        mask[1, 9:] = 0
+        mask[2, 4:] = 0
+    return ids, mask
+
+
+def outputs(model, ids, mask):
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+    return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+
+def compare(a, b, mask):
+    assert a.keys() == b.keys()
+    for k in a:
+        x, y = a[k], b[k]
+        if x.dim() >= 2 and x.shape[:2] == mask.shape:  # per-token outputs: valid positions only
+            x, y = x[mask.bool()], y[mask.bool()]
+        assert max_err(x, y) <= ATOL, k
+
+
+@pytest.mark.parametrize("cls", BERT_CLASSES, ids=lambda c: c.__name__)
+def test_bert_classes(cls):
+    model = randomize_(cls(tf.BertConfig(**BERT)).eval())
+    ids, mask = inputs()
+    before = outputs(model, ids, mask)
+    assert fastlm.optimize(model) is model
+    compare(outputs(model, ids, mask), before, mask)
+
+
+@pytest.mark.parametrize("cls", [tf.GPT2Model, tf.GPT2LMHeadModel], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("left", [False, True], ids=["right-pad", "left-pad"])
+def test_gpt2_classes(cls, left):
+    model = randomize_(cls(tf.GPT2Config(**GPT2)).eval())
+    ids, mask = inputs(left=left)
+    before = outputs(model, ids, mask)
+    fastlm.optimize(model)
+    compare(outputs(model, ids, mask), before, mask)
+
+
+def test_optimized_gpt2_generate_is_unchanged():
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(**GPT2, initializer_range=0.4)).eval()
+    ids, mask = inputs(left=True)
+    kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        expect = model.generate(ids, attention_mask=mask, **kw)
+    assert len(set(expect[:, 14:].flatten().tolist())) >= 8
+    fastlm.optimize(model)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, attention_mask=mask, **kw), expect)
+
+
+def test_save_pretrained_after_optimize_loads_in_plain_transformers(tmp_path):
+    model = randomize_(tf.GPT2LMHeadModel(tf.GPT2Config(**GPT2)).eval())
+    ids, mask = inputs()
+    expect = outputs(model, ids, mask)
+    fastlm.optimize(model)
+    model.save_pretrained(tmp_path)
+    plain = tf.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert plain.config._attn_implementation != "fastlm"
+    assert not any("_fastlm" in k for k in plain.state_dict())
+    got = outputs(plain, ids, mask)
+    for k in expect:
+        assert torch.equal(got[k], expect[k]), k
+
+
+def test_idempotent_and_restore():
+    model = randomize_(tf.BertForSequenceClassification(tf.BertConfig(**BERT)).eval())
+    ids, mask = inputs()
+    before = outputs(model, ids, mask)
+    keys = list(model.state_dict())
+    fastlm.optimize(model)
+    fastlm.optimize(model)  # twice is safe
+    assert list(model.state_dict()) == keys
+    assert model.config._attn_implementation == "fastlm"
+    fastlm.restore(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert not any("forward" in m.__dict__ or "feed_forward_chunk" in m.__dict__ for m in model.modules())
+    after = outputs(model, ids, mask)
+    for k in before:
+        assert torch.equal(after[k], before[k])
+    fastlm.restore(model)  # restoring twice is a no-op
+
+
+def test_other_instances_are_untouched():
+    a = tf.BertModel(tf.BertConfig(**BERT)).eval()
+    b = tf.BertModel(tf.BertConfig(**BERT)).eval()
+    fastlm.optimize(a)
+    assert b.config._attn_implementation != "fastlm"
+    assert "feed_forward_chunk" not in b.encoder.layer[0].__dict__
+
+
+def test_fallbacks_warn_once_and_stay_correct():
+    model = randomize_(tf.BertModel(tf.BertConfig(**BERT)).eval())
+    ids, mask = inputs()
+    model.set_attn_implementation("eager")  # transformers returns attention weights with eager only
+    with torch.no_grad():
+        expect = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    fastlm.optimize(model)
+    fl_attention._warned.clear()
+    with pytest.warns(UserWarning, match="attention weights were requested"):
+        with torch.no_grad():
+            got = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert got.attentions is not None and len(got.attentions) == 2
+    assert max_err(got.attentions[0], expect.attentions[0]) < 1e-5
+    assert max_err(got.last_hidden_state[mask.bool()], expect.last_hidden_state[mask.bool()]) <= ATOL
+    # train mode: dropout runs transformers' code (a warning), eval is fast again
+    model.train()
+    with pytest.warns(UserWarning, match="dropout"):
+        model(input_ids=ids, attention_mask=mask)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+
+
+def test_unsupported_models_and_placements():
+    with pytest.raises(TypeError, match="supported: BertModel"):
+        fastlm.optimize(tf.RobertaModel(tf.RobertaConfig(**BERT)))
+    with pytest.raises(TypeError, match="not supported"):
+        fastlm.optimize(torch.nn.Linear(2, 2))
+    with torch.device("meta"):
+        meta = tf.BertModel(tf.BertConfig(**BERT))
+    with pytest.raises(ValueError, match="meta device"):
+        fastlm.optimize(meta)
+
+
+def test_compile_fullgraph_of_an_optimized_model():
+    model = randomize_(tf.BertModel(tf.BertConfig(**BERT)).eval())
+    ids, mask = inputs()
+    expect = outputs(model, ids, mask)["last_hidden_state"]
+    fastlm.optimize(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        got = compiled(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert max_err(got[mask.bool()], expect[mask.bool()]) <= ATOL
+
+
+def test_nn_drop_ins_from_hf():
+    from fastlm.nn import FusedAttention, FusedFFN, FusedLayerNorm
+
+    gpt = randomize_(tf.GPT2Model(tf.GPT2Config(**GPT2)).eval())
+    bert = randomize_(tf.BertModel(tf.BertConfig(**BERT)).eval())
+    x = torch.randn(2, 11, 96)
+    blk = gpt.h[0]
+    with torch.no_grad():
+        assert max_err(FusedFFN.from_hf(blk.mlp)(x), blk.mlp(x)) <= ATOL
+        assert max_err(FusedLayerNorm.from_hf(blk.ln_1)(x), blk.ln_1(x)) <= 1e-5
+        assert max_err(FusedAttention.from_hf(blk.attn)(x), blk.attn(x)[0]) <= ATOL
+        layer = bert.encoder.layer[0]
+        ffn = FusedFFN.from_hf(layer)
+        assert max_err(ffn(x), layer.output.dense(layer.intermediate(x))) <= ATOL
+        att = FusedAttention.from_hf(layer.attention)
+        ref = layer.attention.self(x)[0]
+        assert max_err(att(x), layer.attention.output.dense(ref)) <= ATOL
+        y, s = FusedLayerNorm.from_hf(layer.output.LayerNorm)(x, residual=x)
+        assert max_err(s, 2 * x) == 0
+    assert "activation=gelu_tanh" in repr(FusedFFN.from_hf(blk.mlp))
+    assert "causal=True" in repr(FusedAttention.from_hf(blk.attn))
+    with pytest.raises(TypeError, match="needs a GPT2MLP or a BertLayer"):
+        FusedFFN.from_hf(torch.nn.Linear(2, 2))
