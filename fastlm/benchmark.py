@@ -538,7 +538,9 @@ def run_case(case: Case, device: str, ceilings: Ceilings, budget_s: float) -> li
 
 
 def run(device: str, dtype: torch.dtype, suite: str = "all", only: Optional[str] = None, budget_s: float = 0.5,
-        progress: Optional[Callable[[str], None]] = None) -> Result:
+        progress: Optional[Callable[[str], None]] = None, partial_json: Optional[str] = None) -> Result:
+    """Every case of the suite, one after the other. With `partial_json`, the results so far are
+    rewritten there after each case, so a run cut short by a time limit still leaves its rows."""
     from fastlm.info import environment
 
     cases = build_cases(device, dtype, suite, only)
@@ -548,6 +550,8 @@ def run(device: str, dtype: torch.dtype, suite: str = "all", only: Optional[str]
         if progress:
             progress(f"{case.name} {case.label}")
         res.rows += run_case(case, device, ceilings, budget_s)
+        if partial_json:
+            save_json(res, partial_json)
     return res
 
 

@@ -75,7 +75,9 @@ def cmd_bench(args) -> int:
         def step(msg):
             prog.update(task, advance=1, description=msg)
 
-        res = bm.run(device, dtype, args.suite, args.only, budget_s=args.budget, progress=step)
+        os.makedirs(args.out, exist_ok=True)
+        res = bm.run(device, dtype, args.suite, args.only, budget_s=args.budget, progress=step,
+                     partial_json=os.path.join(args.out, f"bench-{device}-partial.json"))
     table = Table(title=f"fastlm bench: {res.env.get('gpu') or 'CPU (' + str(res.env['cpu_threads']) + ' threads)'}, "
                         f"{dtype_name} | copy {res.ceilings.copy_gbs:.0f} GB/s, {res.ceilings.matmul_dtype} matmul "
                         f"{res.ceilings.matmul_tflops:.1f} TFLOP/s")
@@ -96,6 +98,7 @@ def cmd_bench(args) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     jpath = os.path.join(out_dir, f"bench-{device}-{stamp}.json")
     bm.save_json(res, jpath)
+    os.remove(os.path.join(out_dir, f"bench-{device}-partial.json"))
     with open(os.path.join(out_dir, f"bench-{device}.md"), "w") as f:
         f.write(bm.markdown(res))
     pngs = [] if args.no_plots else bm.plot(res, out_dir)

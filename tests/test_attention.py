@@ -58,6 +58,7 @@ SWEEP = [
 ]
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("S,D,causal,dtype", SWEEP, ids=[f"S{s}-D{d}-{'c' if c else 'f'}-{str(t)[6:]}" for s, d, c, t in SWEEP])
 def test_attention_sweep(device, S, D, causal, dtype):
     i = SWEEP.index((S, D, causal, dtype))

@@ -22,6 +22,7 @@ CASES = [(s_max, splits, dtype) for s_max in (1, 17, 300, 1025) for splits in (N
          for dtype in (torch.float32, torch.float16, torch.bfloat16)]
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("s_max,splits,dtype", CASES, ids=[f"S{s}-sp{p}-{str(t)[6:]}" for s, p, t in CASES])
 def test_decode_attention(device, s_max, splits, dtype):
     B, H, D = 3, 2, 64 if s_max % 2 else 80

@@ -21,6 +21,7 @@ def weights(d, d_ff, dtype, device):
     return [t.to(dtype) for t in (w1, torch.randn(d_ff, device=device), w2, torch.randn(d, device=device))]
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("M", [1, 17, 97, 129])
 @pytest.mark.parametrize("d", [64, 80, 200])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -50,6 +51,7 @@ def test_ffn_op_three_dim_input_and_compile(device):
     assert max_err(y, ref.ffn(x, w1, b1, w2, b2, "gelu_tanh", x)) < 1e-4
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("n", [1, 17, 768, 1025, 1600])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_residual", [False, True])

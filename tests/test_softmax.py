@@ -32,6 +32,7 @@ def check(x, dim, scale, mask, what=""):
     close_2x(out, expect, plain, what=what)
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("n", [1, 17, 97, 129, 1025, 8192, 20000])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
