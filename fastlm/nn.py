@@ -20,6 +20,12 @@ HF_ACTIVATIONS = {"GELUActivation": "gelu", "NewGELUActivation": "gelu_tanh", "G
                   "PytorchGELUTanh": "gelu_tanh"}
 
 
+@torch.no_grad()
+def _load(linear: nn.Linear, weight: Tensor, bias: Tensor) -> None:
+    linear.weight.copy_(weight)
+    linear.bias.copy_(bias)
+
+
 def _hf_activation(fn) -> str:
     name = type(fn).__name__
     if name not in HF_ACTIVATIONS:
@@ -81,11 +87,8 @@ class FusedFFN(nn.Module):
         else:
             raise TypeError(f"FusedFFN.from_hf: needs a GPT2MLP or a BertLayer, got {name}")
         m = cls(w1.shape[1], w1.shape[0], act, device=w1.device, dtype=w1.dtype)
-        with torch.no_grad():
-            m.fc1.weight.copy_(w1)
-            m.fc1.bias.copy_(b1)
-            m.fc2.weight.copy_(w2)
-            m.fc2.bias.copy_(b2)
+        _load(m.fc1, w1, b1)
+        _load(m.fc2, w2, b2)
         return m
 
 
@@ -133,9 +136,6 @@ class FusedAttention(nn.Module):
         else:
             raise TypeError(f"FusedAttention.from_hf: needs a GPT2Attention or a BertAttention, got {name}")
         m = cls(wq.shape[1], n_head, causal, scale, device=wq.device, dtype=wq.dtype)
-        with torch.no_grad():
-            m.qkv.weight.copy_(wq)
-            m.qkv.bias.copy_(bq)
-            m.out.weight.copy_(wo)
-            m.out.bias.copy_(bo)
+        _load(m.qkv, wq, bq)
+        _load(m.out, wo, bo)
         return m
