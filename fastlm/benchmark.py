@@ -598,8 +598,14 @@ def compare(old: dict, new: dict, threshold: float = 0.05) -> list[dict]:
     return out
 
 
+def _variant(r: Row) -> str:
+    """The part of a label that is not the x value: "B2 H4 S256 D64 causal" -> "B2 H4 D64 causal"."""
+    return " ".join(w for w in r.label.split() if not (w.startswith(("S", "ctx", "M", "R", "N")) and w[-1].isdigit()))
+
+
 def plot(res: Result, out_dir: str) -> list[str]:
-    """One PNG per case name with more than one x value: metric vs x per provider, ceiling drawn."""
+    """One PNG per case: metric against x, one colour per provider, one line style per variant
+    (shape family), and the measured ceiling drawn as a dashed line where one applies."""
     import os
 
     import matplotlib
@@ -611,28 +617,35 @@ def plot(res: Result, out_dir: str) -> list[str]:
     by_case: dict[str, list[Row]] = {}
     for r in res.rows:
         by_case.setdefault(r.case, []).append(r)
+    styles = ["-", "--", ":", "-."]
     for case, rows in by_case.items():
-        variants = sorted({r.label.split(" S")[0] + (" causal" if "causal" in r.label else "") for r in rows})
+        providers = list(dict.fromkeys(r.provider for r in rows))
+        variants = list(dict.fromkeys(_variant(r) for r in rows))
+        colors = {p: f"C{i}" for i, p in enumerate(providers)}
         fig, ax = plt.subplots(figsize=(8, 5))
         unit = rows[0].unit
-        for provider in dict.fromkeys(r.provider for r in rows):
-            for var in variants if case == "attention" else [None]:
-                pts = sorted((r.x, r.value) for r in rows if r.provider == provider and r.value is not None
-                             and (var is None or (r.label.split(" S")[0] + (" causal" if "causal" in r.label else "")) == var))
+        for p in providers:
+            for vi, var in enumerate(variants):
+                pts = sorted((r.x, r.value) for r in rows if r.provider == p and _variant(r) == var and r.value)
                 if not pts:
                     continue
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker="o", label=provider if var is None else f"{provider} [{var}]")
+                label = p if len(variants) == 1 else f"{p} [{var}]"
+                ax.plot(xs, ys, marker="o", color=colors[p], ls=styles[vi % len(styles)], label=label)
+        c = res.ceilings
         if unit == "TFLOP/s":
-            ax.axhline(res.ceilings.matmul_tflops, color="k", ls="--",
-                       label=f"measured {res.ceilings.matmul_dtype} matmul {res.ceilings.matmul_tflops:.0f} TFLOP/s")
+            ax.axhline(c.matmul_tflops, color="k", ls="--", lw=1,
+                       label=f"measured {c.matmul_dtype} matmul: {c.matmul_tflops:.3g} TFLOP/s")
         elif unit == "GB/s":
-            ax.axhline(res.ceilings.copy_gbs, color="k", ls="--", label=f"measured copy {res.ceilings.copy_gbs:.0f} GB/s")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("sequence length" if case in ("attention", "bert_fwd", "gpt2_prefill") else "rows")
-        ax.set_ylabel(unit)
-        where = res.env.get("gpu") or f"CPU ({res.env.get('cpu_threads')} threads)"
-        ax.set_title(f"fastlm {case}, {res.dtype}, {where}")
+            ax.axhline(c.copy_gbs, color="k", ls="--", lw=1, label=f"measured copy: {c.copy_gbs:.3g} GB/s")
+        if len({r.x for r in rows}) > 1:
+            ax.set_xscale("log", base=2)
+        xlabel = {"ffn_prefill": "rows (M)", "ffn_decode": "rows (M)", "bias_gelu": "rows (M)",
+                  "softmax": "row length", "layer_norm": "row length", "decode_attention": "context length"}
+        ax.set_xlabel(xlabel.get(case, "sequence length"))
+        ax.set_ylabel(unit + (" (higher is better)" if unit != "ms" else ""))
+        where = res.env.get("gpu") or f"CPU ({res.env.get('cpu_threads')} threads; small shapes)"
+        ax.set_title(f"fastlm bench: {case}, {res.dtype}, {where}")
         ax.legend(fontsize=7)
         ax.grid(True, alpha=0.3)
         path = os.path.join(out_dir, f"{case}_{res.device}.png")
