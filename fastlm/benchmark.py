@@ -463,8 +463,10 @@ def generate_cases(device: str, dtype: torch.dtype) -> list[Case]:
         def hf_static(ids=ids, N=N):
             if not gpu:
                 raise Skip("HF static cache + torch.compile runs on GPU only (compiling on this CPU takes minutes)")
-            m = models()["hf"]
-            m.forward = torch.compile(m.forward, mode="reduce-overhead", fullgraph=True)
+            if "static" not in cache:  # its own copy: the compiled forward must not leak into hf_generate
+                cache["static"] = copy.deepcopy(models()["hf"])
+                cache["static"].forward = torch.compile(cache["static"].forward, mode="reduce-overhead", fullgraph=True)
+            m = cache["static"]
             def run():
                 with torch.inference_mode():
                     return m.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=0,
