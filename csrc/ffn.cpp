@@ -179,8 +179,11 @@ void check_ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, 
                     d_model, ", ", d_ff, "), got ", w2.sizes());
   TORCH_CHECK_VALUE(b2.dim() == 1 && b2.size(0) == d_model, "ffn: b2 must have shape (", d_model, ",), got ",
                     b2.sizes());
-  TORCH_CHECK_VALUE(w1.is_contiguous(), "ffn: w1 must be contiguous");
-  TORCH_CHECK_VALUE(w2.is_contiguous(), "ffn: w2 must be contiguous");
+  // row-major as nn.Linear stores it, or its transpose (the CPU layout, see fastlm.models.common)
+  TORCH_CHECK_VALUE(w1.is_contiguous() || w1.t().is_contiguous(), "ffn: w1 must be contiguous (or its transpose), got strides ",
+                    w1.strides());
+  TORCH_CHECK_VALUE(w2.is_contiguous() || w2.t().is_contiguous(), "ffn: w2 must be contiguous (or its transpose), got strides ",
+                    w2.strides());
   if (residual.has_value()) {
     const at::Tensor& r = *residual;
     TORCH_CHECK_TYPE(r.scalar_type() == x.scalar_type(), "ffn: residual has dtype ", r.scalar_type(),
@@ -353,7 +356,7 @@ at::Tensor ffn_cuda(const at::Tensor& x_in, const at::Tensor& w1, const at::Tens
   const int64_t d_model = x_in.size(-1), d_ff = w1.size(0);
   const at::Tensor x = x_in.reshape({-1, d_model}).contiguous();
   const int64_t M = x.size(0);
-  if (M > cuda::kGemvMaxRows) {
+  if (M > cuda::kGemvMaxRows || !w1.is_contiguous() || !w2.is_contiguous()) {  // GEMMs (any layout)
     at::Tensor h = at::mm(x, w1.t());
     h = bias_gelu_cuda(h, b1, act == 2 ? "tanh" : "none");
     at::Tensor y = residual.has_value() ? at::addmm(residual->reshape({-1, d_model}), h, w2.t()).add_(b2)

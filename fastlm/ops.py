@@ -202,11 +202,13 @@ def ffn(
     if residual is not None:
         chk.shape(op, "residual", residual, tuple(x.shape), "the shape of x")
     for name, w in (("w1", w1), ("w2", w2)):
-        if not w.is_contiguous():
-            raise ValueError(f"ffn: {name} must be contiguous (call .contiguous() once at load time)")
+        if not (w.is_contiguous() or w.t().is_contiguous()):
+            raise ValueError(f"ffn: {name} must be contiguous, as nn.Linear stores it or its transpose "
+                             f"(got strides {w.stride()}); call .contiguous() once at load time")
     impl = _pick(op, x.device)
     if backend.current() == "auto" and x.device.type == "cuda":
-        if x.numel() // d_model <= 16 and "cuda" in KERNELS[op] and _ext.cuda_enabled():
+        rows_major = w1.is_contiguous() and w2.is_contiguous()  # what the GEMV kernels stream
+        if x.numel() // d_model <= 16 and rows_major and "cuda" in KERNELS[op] and _ext.cuda_enabled():
             impl = "cuda"  # decode rows: the GEMV kernels stream each weight once
         elif x.dtype == torch.float32:
             impl = "torch"  # cuBLAS's exact SGEMM beats an exact (non-TF32) Triton GEMM

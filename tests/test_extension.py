@@ -120,7 +120,10 @@ def test_cpp_ffn_and_layer_norm_checks():
     with pytest.raises(ValueError, match="activation must be"):
         f(x, w1, b1, w2, b2, "relu", None)
     with pytest.raises(ValueError, match="w1 must be contiguous"):
-        f(x, w1.T.contiguous().T, b1, w2, b2, "gelu", None)
+        f(x, torch.randn(32, 16)[:, ::2], b1, w2, b2, "gelu", None)
+    # the transpose of a contiguous weight is the CPU layout: accepted, same result
+    wt1, wt2 = w1.t().contiguous().t(), w2.t().contiguous().t()
+    assert torch.allclose(f(x, wt1, b1, wt2, b2, "gelu", None), f(x, w1, b1, w2, b2, "gelu", None), atol=1e-6)
     with pytest.raises(ValueError, match="x is empty"):
         fastlm._C.ffn(x[:0], w1, b1, w2, b2)
     with pytest.raises(ValueError, match="residual must have the shape of x"):

@@ -178,6 +178,10 @@ class GPT2LMHeadModel(nn.Module):
         return stream(self, input_ids, attention_mask, **kwargs)
 
     # -- weights -------------------------------------------------------------------------
+    def decode_linears(self) -> list[nn.Linear]:
+        """The projections every decode step reads (CPU keeps them in its GEMV layout)."""
+        return [lin for b in self.h for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+
     @staticmethod
     def hf_prefixes() -> tuple[str, ...]:
         return ("transformer.",)

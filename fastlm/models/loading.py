@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from fastlm.models.bert import BertForMaskedLM, BertForSequenceClassification, BertModel
+from fastlm.models.common import cpu_decode_layout_
 from fastlm.models.gpt2 import GPT2LMHeadModel
 
 log = logging.getLogger("fastlm")
@@ -147,6 +148,13 @@ def convert_state_dict(model: nn.Module, hf: Mapping[str, Tensor], source: str) 
 
 
 def _build(cls, config, state: Optional[Mapping[str, Tensor]], source: str, dtype, device):
+    model = _build_weights(cls, config, state, source, dtype, device)
+    if hasattr(model, "decode_linears") and model.device.type == "cpu":
+        cpu_decode_layout_(model.decode_linears())
+    return model
+
+
+def _build_weights(cls, config, state: Optional[Mapping[str, Tensor]], source: str, dtype, device):
     """Model of `cls` from config; weights from `state` (HF names) or random init."""
     if state is None:
         model = cls(config).to(device=device or "cpu")
