@@ -66,13 +66,16 @@ def report() -> dict:
     env["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "0")
     from fastlm import ops
 
+    # backend names -> what runs ("cuda" is the fastlm._C backend: CUDA kernels, or C++ twins on CPU)
+    what = {"triton": "Triton", "cuda": "fastlm._C", "torch": "reference (torch)"}
     rows = []
     for op, kernels in ops.KERNELS.items():
         try:
-            cpu = ops._pick(op, torch.device("cpu"))
+            cpu = what[ops._pick(op, torch.device("cpu"))]
         except RuntimeError:
             cpu = "n/a (TRITON_INTERPRET=1 needed)"
-        gpu = ops._pick(op, torch.device("cuda")) if torch.cuda.is_available() else "-"
-        rows.append({"op": op, "kernels": ", ".join(sorted(kernels)) or "-", "runs on CPU": cpu, "runs on CUDA": gpu})
+        gpu = what[ops._pick(op, torch.device("cuda"))] if torch.cuda.is_available() else "-"
+        rows.append({"op": op, "kernels": ", ".join(what[k] for k in sorted(kernels)) or "-",
+                     "runs on CPU": cpu, "runs on CUDA": gpu})
     env["ops"] = rows
     return env
