@@ -27,10 +27,11 @@ class StaticKVCache:
         return self.k.shape[3]
 
     def prefill(self, layer: int, k: Tensor, v: Tensor) -> None:
-        """Write a prompt block k, v (B, H, T, D) into rows [0, T)."""
-        T = k.shape[2]
-        self.k[layer, :, :, :T].copy_(k)
-        self.v[layer, :, :, :T].copy_(v)
+        """Write a prompt block k, v (B, H, T, D) into rows [0, T) of the first B sequences
+        (a cache sized for a batch bucket may hold more)."""
+        B, T = k.shape[0], k.shape[2]
+        self.k[layer, :B, :, :T].copy_(k)
+        self.v[layer, :B, :, :T].copy_(v)
 
     def append(self, layer: int, k: Tensor, v: Tensor, pos: Tensor) -> None:
         """Write one token per sequence, k, v (B, H, 1, D), at row pos[b] (int (B,), on device)."""

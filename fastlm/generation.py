@@ -26,6 +26,16 @@ CAPACITY_BUCKET = 256  # cache rows are rounded up to this, so nearby lengths sh
 KEEP_DECODERS = 2  # decoders (cache + graph) kept per model
 
 
+def batch_bucket(model, batch: int) -> int:
+    """Rows of the static decode buffers: with CUDA graphs (or FASTLM_BATCH_BUCKETS=1) the next
+    power of two, so batch sizes 5..8 share one captured graph; eager CPU decoding uses the batch
+    itself (padding rows would be real work there)."""
+    graphs = model.device.type == "cuda" and os.environ.get("FASTLM_CUDA_GRAPHS", "1") != "0"
+    if graphs or os.environ.get("FASTLM_BATCH_BUCKETS", "0") == "1":
+        return 1 << (batch - 1).bit_length()
+    return batch
+
+
 def check_args(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p,
                eos_token_id) -> None:
     """Every bad argument raises ValueError / TypeError naming it, before any work."""
@@ -137,7 +147,7 @@ def _run(model, input_ids, attention_mask, max_new_tokens, do_sample, temperatur
     order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :T]
     ids_l, kpm = ids.gather(1, order), mask.gather(1, order)  # (B, T)
     capacity = min(-(-(T + max_new_tokens) // CAPACITY_BUCKET) * CAPACITY_BUCKET, n_pos)
-    dec = _decoder(model, B, capacity)
+    dec = _decoder(model, batch_bucket(model, B), capacity)  # rows past B are idle padding
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(seed))
@@ -145,7 +155,9 @@ def _run(model, input_ids, attention_mask, max_new_tokens, do_sample, temperatur
 
     logits = model.prefill(ids_l, kpm if not bool(kpm.all()) else None, dec.cache)  # (B, T, V)
     logits = logits[torch.arange(B, device=device), lens - 1]  # (B, V): each prompt's last token
-    dec.pos.copy_(lens.to(torch.int32))
+    dec.pos.zero_()  # idle bucket rows decode token 0 from position 0 onwards; nobody reads them
+    dec.tokens.zero_()
+    dec.pos[:B].copy_(lens.to(torch.int32))
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         nxt = sample(logits, do_sample, temperature, top_k, top_p, generator)
@@ -157,8 +169,8 @@ def _run(model, input_ids, attention_mask, max_new_tokens, do_sample, temperatur
             break
         if eos_token_id is not None and step % check_every == check_every - 1 and bool(finished.all()):
             break
-        dec.tokens.copy_(nxt)
-        logits = dec.step(kv_len=T + step + 1)
+        dec.tokens[:B].copy_(nxt)
+        logits = dec.step(kv_len=T + step + 1)[:B]
         dec.pos.add_(1)
 
 

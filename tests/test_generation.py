@@ -174,3 +174,17 @@ def test_memory_stays_flat_over_200_calls():
     gc.collect()
     assert rss() <= before * 1.05
     assert len(model._fastlm_decoders) == 1  # one cache reused
+
+
+def test_batch_buckets_share_one_decoder(monkeypatch):
+    """With buckets (as under CUDA graphs) batches 3 and 4 share one decoder; the idle row of the
+    bucket changes nothing."""
+    monkeypatch.setenv("FASTLM_BATCH_BUCKETS", "1")
+    hf, model = pair("h3_d32")
+    ids = torch.randint(1, 101, (3, 8))
+    mask = torch.ones_like(ids)
+    mask[2, :3] = 0
+    got = model.generate(ids, mask, max_new_tokens=12)
+    assert torch.equal(got, hf_generate(hf, ids, mask, n=12))
+    model.generate(torch.randint(1, 101, (4, 8)), max_new_tokens=12)
+    assert [k[0] for k in model._fastlm_decoders] == [4]
