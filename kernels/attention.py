@@ -29,7 +29,6 @@ from fastlm.kernels.utils import (
 )
 
 LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 128
 
 
 @triton.jit
