@@ -30,10 +30,13 @@ def patch(model, warn) -> None:
     for block in base.h:
         mlp = block.mlp
         if act is not None:
-            # Conv1D keeps [in, out]; the kernels read nn.Linear's [out, in]: one transposed copy each,
-            # non-persistent, so state_dict and save_pretrained are unchanged.
-            mlp.register_buffer("_fastlm_w1", mlp.c_fc.weight.detach().t().contiguous(), persistent=False)
-            mlp.register_buffer("_fastlm_w2", mlp.c_proj.weight.detach().t().contiguous(), persistent=False)
+            # Conv1D keeps [in, out]. On CPU its transpose view is already the layout the CPU
+            # GEMMs want (no copy); the GPU's GEMV kernels stream [out, in] rows, so there each
+            # weight gets one transposed copy. Non-persistent: state_dict and save_pretrained
+            # are unchanged.
+            for name, conv in (("_fastlm_w1", mlp.c_fc), ("_fastlm_w2", mlp.c_proj)):
+                w = conv.weight.detach().t()
+                mlp.register_buffer(name, w.contiguous() if w.is_cuda else w, persistent=False)
             mlp._fastlm_act = act
             set_forward(mlp, types.MethodType(_mlp_forward, mlp))
         for ln in (block.ln_1, block.ln_2):
