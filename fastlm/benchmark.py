@@ -431,13 +431,17 @@ def generate_cases(device: str, dtype: torch.dtype) -> list[Case]:
     import transformers as tf
 
     gpu = device == "cuda"
-    shapes = [(1, 1024, 64), (8, 1024, 64), (32, 512, 64)] if gpu else [(1, 16, 32)]
-    cache: dict[str, Any] = {}
+    # (size, batch, prompt, new tokens); context = prompt + new. GPT-2 has 1024 positions.
+    shapes = ([("small", 1, 64, 64), ("small", 1, 960, 64), ("small", 8, 960, 64), ("small", 32, 448, 64),
+               ("medium", 1, 960, 64)] if gpu else [("small", 1, 16, 32)])
+    sizes = {"small": {}, "medium": dict(n_embd=1024, n_layer=24, n_head=16)}
+    caches: dict[str, dict[str, Any]] = {}
 
-    def models():
+    def models(size):
+        cache = caches.setdefault(size, {})
         if "hf" not in cache:
             torch.manual_seed(0)
-            cfg = tf.GPT2Config()
+            cfg = tf.GPT2Config(**sizes[size])
             cfg._attn_implementation = "sdpa"
             cache["hf"] = tf.GPT2LMHeadModel(cfg).to(device=device, dtype=dtype).eval()
             cache["fastlm"] = fastlm.from_pretrained(cache["hf"], dtype=dtype, device=device)
@@ -445,26 +449,27 @@ def generate_cases(device: str, dtype: torch.dtype) -> list[Case]:
         return cache
 
     cases = []
-    for B, P, N in shapes:
+    for size, B, P, N in shapes:
         ids = torch.randint(0, 50000, (B, P), generator=torch.Generator().manual_seed(2)).to(device)
 
-        def fastlm_p(ids=ids, N=N):
-            m = models()["fastlm"]
+        def fastlm_p(ids=ids, N=N, size=size):
+            m = models(size)["fastlm"]
             m.generate(ids, max_new_tokens=N)  # warm: cache, Triton JIT, graph capture
             return lambda: m.generate(ids, max_new_tokens=N)
 
-        def hf_p(ids=ids, N=N, which="hf"):
-            m = models()[which]
+        def hf_p(ids=ids, N=N, which="hf", size=size):
+            m = models(size)[which]
             def run():
                 with torch.inference_mode():
                     return m.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=0)
             return run
 
-        def hf_static(ids=ids, N=N):
+        def hf_static(ids=ids, N=N, size=size):
             if not gpu:
                 raise Skip("HF static cache + torch.compile runs on GPU only (compiling on this CPU takes minutes)")
+            cache = models(size)
             if "static" not in cache:  # its own copy: the compiled forward must not leak into hf_generate
-                cache["static"] = copy.deepcopy(models()["hf"])
+                cache["static"] = copy.deepcopy(cache["hf"])
                 cache["static"].forward = torch.compile(cache["static"].forward, mode="reduce-overhead", fullgraph=True)
             m = cache["static"]
             def run():
@@ -477,9 +482,9 @@ def generate_cases(device: str, dtype: torch.dtype) -> list[Case]:
                 raise Skip(f"HF static cache + compile failed: {type(e).__name__}: {str(e)[:100]}")
             return run
 
-        cases.append(Case("gpt2_generate", "models", f"GPT-2 small B{B} prompt{P} new{N}", P,
+        cases.append(Case("gpt2_generate", "models", f"GPT-2 {size} B{B} prompt{P} new{N}", P,
                           {"fastlm": fastlm_p, "hf_generate": hf_p,
-                           "hf_generate_optimized": lambda ids=ids, N=N: hf_p(ids, N, "optimized"),
+                           "hf_generate_optimized": lambda ids=ids, N=N, size=size: hf_p(ids, N, "optimized", size),
                            "hf_static_compile": hf_static},
                           tokens=B * N, unit="tok/s"))
     return cases
@@ -495,11 +500,11 @@ def build_cases(device: str, dtype: torch.dtype, suite: str, only: Optional[str]
     if suite not in SUITES:
         raise ValueError(f"--suite must be one of {', '.join(SUITES)}, got {suite!r}")
     cases: list[Case] = []
+    if suite in ("models", "all"):  # first: if a time limit cuts the run, the headline rows are in
+        cases += model_cases(device, dtype) + generate_cases(device, dtype)
     if suite in ("ops", "all"):
         for make in CASES.values():
             cases += make(device, dtype)
-    if suite in ("models", "all"):
-        cases += model_cases(device, dtype) + generate_cases(device, dtype)
     names = sorted(set(OPS) | set(MODEL_CASES))
     if only is not None:
         if only not in names:

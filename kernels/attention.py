@@ -88,6 +88,8 @@ def _attn_fwd(Q, K, V, Out, KPM, CU_SEQLENS, qk_scale,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
               UPCAST: tl.constexpr, IEEE: tl.constexpr):
     start_m = tl.program_id(0)
+    if CAUSAL:  # heaviest query blocks (most keys) first, so the tail of the grid is short work
+        start_m = tl.num_programs(0) - 1 - start_m
     off_hb = tl.program_id(1)
     off_b = off_hb // H
     off_h = off_hb % H
