@@ -49,3 +49,23 @@ def test_generate_random_config(capsys):
     assert main(["generate", "--config", "gpt2-tiny", "--prompt-len", "2000", "--max-new-tokens", "5"]) == 2
     assert "1024 positions" in capsys.readouterr().err
     assert main(["generate", "--config", "gpt5"]) == 2
+
+
+def test_fastlm_works_without_the_extension():
+    """fastlm._C missing (not built, or built for another torch): import works, ops run the
+    reference path, and `fastlm info` says so."""
+    code = (
+        "import sys; sys.modules['fastlm._C'] = None\n"
+        "import torch, fastlm\n"
+        "from fastlm import ops, _ext\n"
+        "assert not _ext.available() and 'fastlm._C' in _ext.LOAD_ERROR\n"
+        "x, b = torch.randn(3, 8), torch.randn(8)\n"
+        "with fastlm.use_backend('cuda'):\n"
+        "    y = ops.bias_gelu(x, b)\n"
+        "assert torch.allclose(y, torch.nn.functional.gelu(x + b), atol=1e-6)\n"
+        "from fastlm.cli import main\n"
+        "main(['info'])\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "missing" in res.stdout and "reference" in res.stdout
