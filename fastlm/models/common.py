@@ -39,12 +39,17 @@ class W:
     how: str = "copy"
 
 
+class InputDTypeError(TypeError, ValueError):
+    """A wrong dtype for a model input: a TypeError by Python's convention, and a ValueError as
+    fastlm's bad-input contract promises for model arguments."""
+
+
 def check_ids(model: str, input_ids, vocab_size: int, max_positions: int, attention_mask=None, **more):
     """Checks the token inputs of a model forward; each error names the argument."""
     if not isinstance(input_ids, Tensor):
         raise TypeError(f"{model}: input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-        raise TypeError(f"{model}: input_ids must be an integer tensor (token ids), got {input_ids.dtype}")
+        raise InputDTypeError(f"{model}: input_ids must be an integer tensor (token ids), got {input_ids.dtype}")
     if input_ids.dim() != 2:
         raise ValueError(f"{model}: input_ids must be 2-D (batch, seq), got shape {tuple(input_ids.shape)}")
     B, S = input_ids.shape
