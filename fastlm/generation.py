@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections import OrderedDict
 from typing import Iterator, Optional
 
@@ -81,7 +82,7 @@ class Decoder:
 
     def __init__(self, model, batch: int, capacity: int):
         cfg = model.config
-        self.model = model
+        self._model = weakref.ref(model)  # the model owns its decoders; no cycle keeps either alive
         self.cache = StaticKVCache(cfg.n_layer, batch, cfg.n_head, cfg.n_embd // cfg.n_head, capacity,
                                    model.dtype, model.device)
         self.tokens = torch.zeros(batch, dtype=torch.long, device=model.device)
@@ -89,6 +90,10 @@ class Decoder:
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.logits: Optional[Tensor] = None
         self.use_graph = model.device.type == "cuda" and os.environ.get("FASTLM_CUDA_GRAPHS", "1") != "0"
+
+    @property
+    def model(self):
+        return self._model()
 
     def step(self, kv_len: int) -> Tensor:
         """Logits (B, V) for self.tokens at self.pos; the token's K/V is written into the cache."""

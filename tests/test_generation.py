@@ -188,3 +188,13 @@ def test_batch_buckets_share_one_decoder(monkeypatch):
     assert torch.equal(got, hf_generate(hf, ids, mask, n=12))
     model.generate(torch.randint(1, 101, (4, 8)), max_new_tokens=12)
     assert [k[0] for k in model._fastlm_decoders] == [4]
+
+
+def test_cache_is_freed_with_the_model():
+    import weakref
+
+    _, model = pair("h3_d32")
+    model.generate(torch.randint(1, 101, (1, 5)), max_new_tokens=3)
+    cache_k = weakref.ref(next(iter(model._fastlm_decoders.values())).cache.k)
+    del model
+    assert cache_k() is None  # freed at once, no garbage collection needed
