@@ -44,17 +44,23 @@ python3 -m fastlm info | tee "$OUT/info.txt"
 
 stamp "GPU tests (every kernel, models, generation, optimize)"
 tests=(-p no:cacheprovider -q -rs tests --deselect tests/test_aot.py --deselect tests/test_compile_cuda.py)
-timeout 150 python3 -m pytest "${tests[@]}" -m "not sweep" > "$OUT/tests.log" 2>&1
+timeout 130 python3 -m pytest "${tests[@]}" -m "not sweep" > "$OUT/tests.log" 2>&1
 rc=$?; status+=("tests: rc=$rc ($(tail -1 "$OUT/tests.log"))"); tail -15 "$OUT/tests.log"
 
-stamp "GPU sweeps (cut at 60 s; Triton JIT compiles dominate)"
-timeout 60 python3 -m pytest "${tests[@]}" -m sweep -x > "$OUT/sweeps.log" 2>&1
+stamp "GPU sweeps (cut at 45 s; Triton JIT compiles dominate)"
+timeout 45 python3 -m pytest "${tests[@]}" -m sweep -x > "$OUT/sweeps.log" 2>&1
 rc=$?; status+=("sweeps: rc=$rc ($(tail -1 "$OUT/sweeps.log"))")
 
 stamp "benchmark"
-timeout 170 python3 -m fastlm bench --out "$OUT" --budget 0.15 > "$OUT/bench.txt" 2>&1
+timeout 160 python3 -m fastlm bench --out "$OUT" --budget 0.15 > "$OUT/bench.txt" 2>&1
 rc=$?; status+=("bench: rc=$rc")
 tail -80 "$OUT/bench.txt"
+
+stamp "attention in bf16"
+mkdir -p "$OUT/bf16"
+timeout 35 python3 -m fastlm bench --only attention --dtype bf16 --no-plots --budget 0.1 --out "$OUT/bf16" \
+  > "$OUT/bench-bf16.txt" 2>&1
+rc=$?; status+=("bench bf16 attention: rc=$rc")
 
 stamp "done"
 printf '%s\n' "${status[@]}" | tee "$OUT/summary.txt"
