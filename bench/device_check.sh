@@ -81,3 +81,12 @@ if files:
         bv = f"{best[0]} {best[1]['ms']:.3f} ms (fastlm {best[1]['ms'] / f['ms']:.2f}x)" if best and f.get("ms") else "-"
         print(f"{case:<14}{label:<34}{fv:>12}  {bv}")
 PY
+
+# The device tool returns at most 8 files from $OUT: keep the headline files loose and pack the
+# rest (PNGs, logs, the bf16 pass) into one archive.
+if [ -n "${OUT_PACK:-1}" ]; then
+  (cd "$OUT" && keep='^(summary\.txt|bench-cuda\.md|bench-cuda-[0-9a-z-]+\.json|tests\.log|env\.txt|all\.tar\.gz)$'
+   rest=$(ls -A | grep -Ev "$keep")
+   if [ -n "$rest" ]; then tar czf all.tar.gz $rest && rm -rf $rest; fi
+   ls -la)
+fi
