@@ -84,7 +84,7 @@ PY
 
 # The device tool returns at most 8 files from $OUT: keep the headline files loose and pack the
 # rest (PNGs, logs, the bf16 pass) into one archive.
-if [ -n "${OUT_PACK:-1}" ]; then
+if [ -n "${OUT_PACK-1}" ]; then  # OUT_PACK= (empty) keeps every file loose
   (cd "$OUT" && keep='^(summary\.txt|bench-cuda\.md|bench-cuda-[0-9a-z-]+\.json|tests\.log|env\.txt|all\.tar\.gz)$'
    rest=$(ls -A | grep -Ev "$keep")
    if [ -n "$rest" ]; then tar czf all.tar.gz $rest && rm -rf $rest; fi
