@@ -69,3 +69,14 @@ def test_fastlm_works_without_the_extension():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "missing" in res.stdout and "reference" in res.stdout
+
+
+def test_pytest_benchmark_suite_runs_on_cpu():
+    """`pytest bench/` (pytest-benchmark over the same case factories) runs every CPU case once."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+                          os.path.join(root, "bench")], capture_output=True, text=True, timeout=600, cwd=root)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout and "failed" not in res.stdout
