@@ -15,10 +15,11 @@ import re
 
 from setuptools import setup
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
 def _cuda_gencode(archs: str) -> tuple[list[str], str]:
+    """nvcc -gencode flags for "8.0;9.0" (PTX added for the newest), and a tag naming them that
+    is a plain identifier ("sm80_sm90_ptx90"): it travels as -DFASTLM_CUDA_ARCHS=tag through gcc,
+    nvcc and the ninja shell alike (no quotes, no commas: nvcc splits -D values on commas) and
+    bindings.cpp turns it into a string."""
     caps = [c for c in re.split(r"[;, ]+", archs.strip()) if c]
     if not caps:
         raise ValueError(f"FASTLM_CUDA_ARCHS is empty or unparsable: {archs!r}")
@@ -28,10 +29,10 @@ def _cuda_gencode(archs: str) -> tuple[list[str], str]:
         if not num.isdigit():
             raise ValueError(f"FASTLM_CUDA_ARCHS: bad compute capability {cap!r} (expected e.g. 8.0;9.0)")
         flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
-        names.append(f"sm_{num}")
-    newest = max(c.replace(".", "").replace("+PTX", "") for c in caps)
+        names.append(f"sm{num}")
+    newest = max((c.replace(".", "").replace("+PTX", "") for c in caps), key=int)
     flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
-    return flags, ",".join(names) + f",compute_{newest}"
+    return flags, "_".join(names) + f"_ptx{newest}"
 
 
 def ext_modules():
@@ -53,7 +54,7 @@ def ext_modules():
     with_cuda = not skip_cuda and torch.version.cuda is not None and CUDA_HOME is not None
     if with_cuda:
         gencode, arch_names = _cuda_gencode(os.environ.get("FASTLM_CUDA_ARCHS", "8.0;9.0"))
-        macros = [("FASTLM_WITH_CUDA", None), ("FASTLM_CUDA_ARCHS", f'"{arch_names}"')]
+        macros = [("FASTLM_WITH_CUDA", None), ("FASTLM_CUDA_ARCHS", arch_names)]
         # No --use_fast_math: erf/tanh must stay as exact as torch's.
         nvcc = ["-O3", "-std=c++17", "-lineinfo", "-Xptxas=-v", *gencode]
         ext = CUDAExtension(

@@ -4,8 +4,13 @@
 
 #include "ffn.h"
 
-#ifndef FASTLM_CUDA_ARCHS
-#define FASTLM_CUDA_ARCHS ""
+// setup.py passes the CUDA archs as an identifier (sm80_sm90_ptx90); CPU builds have none.
+#define FASTLM_STR_(x) #x
+#define FASTLM_STR(x) FASTLM_STR_(x)
+#ifdef FASTLM_CUDA_ARCHS
+#define FASTLM_CUDA_ARCHS_STR FASTLM_STR(FASTLM_CUDA_ARCHS)
+#else
+#define FASTLM_CUDA_ARCHS_STR ""
 #endif
 
 TORCH_LIBRARY(fastlm, m) {
@@ -32,5 +37,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "linear(gelu(linear(x, w1) + b1), w2) + b2 (+ residual)", py::arg("x"), py::arg("w1"), py::arg("b1"),
       py::arg("w2"), py::arg("b2"), py::arg("activation") = "gelu", py::arg("residual") = py::none());
   m.def("cuda_enabled", &fastlm::cuda_enabled, "whether this build holds the CUDA kernels");
-  m.attr("cuda_archs") = FASTLM_CUDA_ARCHS;
+  m.attr("cuda_archs") = FASTLM_CUDA_ARCHS_STR;
 }

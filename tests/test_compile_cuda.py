@@ -47,6 +47,32 @@ def test_torch_side_cuda_branch_compiles(tmp_path):
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
     incs = [str(tmp_path), *ce.include_paths(), cuda_inc, sysconfig.get_paths()["include"], os.path.join(ROOT, "csrc")]
     for src in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))):
-        res = subprocess.run([cxx, "-fsyntax-only", "-std=c++17", "-DFASTLM_WITH_CUDA", *[f"-I{i}" for i in incs], src],
+        flags = ["-DFASTLM_WITH_CUDA", f"-DFASTLM_CUDA_ARCHS={arch_tag('8.0;9.0')}"]  # as setup.py passes them
+        res = subprocess.run([cxx, "-fsyntax-only", "-std=c++17", *flags, *[f"-I{i}" for i in incs], src],
                              capture_output=True, text=True)
         assert res.returncode == 0, f"{src} (FASTLM_WITH_CUDA):\n{res.stderr[-3000:]}"
+
+
+def setup_gencode():
+    """setup.py's gencode helper, read from setup.py itself (importing setup.py would build)."""
+    import re
+
+    src = open(os.path.join(ROOT, "setup.py")).read()
+    ns = {"re": re}
+    exec(src[src.index("def _cuda_gencode"):src.index("def ext_modules")], ns)
+    return ns["_cuda_gencode"]
+
+
+def arch_tag(archs: str) -> str:
+    return setup_gencode()(archs)[1]
+
+
+def test_setup_arch_flags():
+    gencode = setup_gencode()
+    flags, tag = gencode("8.0;9.0")
+    assert flags == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                     "-gencode=arch=compute_90,code=compute_90"]
+    assert tag == "sm80_sm90_ptx90" and tag.isidentifier()  # safe through gcc, nvcc -D and the ninja shell
+    assert gencode("9.0 10.0")[1] == "sm90_sm100_ptx100"  # the newest by number, not by text
+    with pytest.raises(ValueError, match="bad compute capability"):
+        gencode("sm90")
