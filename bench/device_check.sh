@@ -44,6 +44,8 @@ python3 -m fastlm info | tee "$OUT/info.txt"
 
 stamp "GPU tests (every kernel, models, generation, optimize)"
 tests=(-p no:cacheprovider -q -rs tests --deselect tests/test_aot.py --deselect tests/test_compile_cuda.py)
+# pytest-xdist (in the image) spreads the Triton JIT compiles over the CPU cores
+if python3 -c "import xdist" 2>/dev/null; then tests+=(-n 8); fi
 timeout 130 python3 -m pytest "${tests[@]}" -m "not sweep" > "$OUT/tests.log" 2>&1
 rc=$?; status+=("tests: rc=$rc ($(tail -1 "$OUT/tests.log"))"); tail -15 "$OUT/tests.log"
 
