@@ -246,3 +246,15 @@ def test_bert_unpadded_equals_padded_reference():
         expect = hb(input_ids=ids, attention_mask=mask).last_hidden_state
     got = model(ids, mask).last_hidden_state
     assert max_err(valid(got, mask), valid(expect, mask)) <= ATOL32
+
+
+def test_decode_projections_keep_the_cpu_layout_through_to():
+    model = fastlm.from_pretrained(tf.GPT2Config(**GPT2_CONFIGS["h3_d32_v101"]))
+    w = model.h[0].mlp.c_fc.weight
+    assert not w.is_contiguous() and w.t().is_contiguous()  # (in, out) memory on CPU
+    ids = torch.randint(0, 101, (1, 7))
+    before = model(ids).logits
+    model.to(torch.float64).to(torch.float32)  # _apply keeps the layout and the values
+    w = model.h[0].mlp.c_fc.weight
+    assert w.t().is_contiguous() and w.dtype == torch.float32
+    assert torch.equal(model(ids).logits, before)

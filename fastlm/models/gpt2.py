@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from fastlm import ops
 from fastlm.cache import StaticKVCache
-from fastlm.models.common import CausalLMOutput, W, activation_name, check_ids, init_weights
+from fastlm.models.common import CausalLMOutput, W, activation_name, check_ids, decode_layout_, init_weights
 
 
 @dataclass
@@ -178,6 +178,12 @@ class GPT2LMHeadModel(nn.Module):
         return stream(self, input_ids, attention_mask, **kwargs)
 
     # -- weights -------------------------------------------------------------------------
+    def _apply(self, fn, *args, **kwargs):
+        """After .to() / .cuda() / .half(): the decode projections take their device's layout."""
+        out = super()._apply(fn, *args, **kwargs)
+        decode_layout_(self.decode_linears())
+        return out
+
     def decode_linears(self) -> list[nn.Linear]:
         """The projections every decode step reads (CPU keeps them in its GEMV layout)."""
         return [lin for b in self.h for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from fastlm.models.bert import BertForMaskedLM, BertForSequenceClassification, BertModel
-from fastlm.models.common import cpu_decode_layout_
+from fastlm.models.common import decode_layout_
 from fastlm.models.gpt2 import GPT2LMHeadModel
 
 log = logging.getLogger("fastlm")
@@ -149,8 +149,8 @@ def convert_state_dict(model: nn.Module, hf: Mapping[str, Tensor], source: str) 
 
 def _build(cls, config, state: Optional[Mapping[str, Tensor]], source: str, dtype, device):
     model = _build_weights(cls, config, state, source, dtype, device)
-    if hasattr(model, "decode_linears") and model.device.type == "cpu":
-        cpu_decode_layout_(model.decode_linears())
+    if hasattr(model, "decode_linears"):
+        decode_layout_(model.decode_linears())  # later .to(device) calls redo it (GPT2LMHeadModel._apply)
     return model
 
 
