@@ -3,7 +3,7 @@ CUDA-graph decoding. See DESIGN.md for the contract."""
 
 import logging
 
-from fastlm import _ext  # first: loads fastlm._C, which defines the torch.ops.fastlm namespace
+from fastlm import _ext  # noqa: F401  (first: loads fastlm._C, which defines torch.ops.fastlm)
 from fastlm import nn, ops, reference
 from fastlm.backend import use_backend
 from fastlm.integrations import optimize, restore

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import warnings
 
-import torch
 from torch import nn
 
 from fastlm.integrations import attention, bert, gpt2
