@@ -313,7 +313,7 @@ def layer_norm_cases(device: str, dtype: torch.dtype) -> list[Case]:
     return cases
 
 
-def _hf_models(kind: str, device: str, dtype: torch.dtype, small: bool):
+def _hf_models(kind: str, device: str, dtype: torch.dtype):
     import transformers as tf
 
     if kind == "bert":
@@ -339,7 +339,7 @@ def model_cases(device: str, dtype: torch.dtype) -> list[Case]:
 
         def models(kind=kind):
             if "hf" not in cache:
-                cache["hf"] = _hf_models(kind, device, dtype, small=not gpu)
+                cache["hf"] = _hf_models(kind, device, dtype)
                 cache["fastlm"] = fastlm.from_pretrained(cache["hf"]["sdpa"], dtype=dtype, device=device)
             return cache
 

@@ -34,6 +34,27 @@ def close_2x(out: Tensor, ref32: Tensor, plain: Tensor, *, floor: float | None =
     assert err <= 2 * base + floor, f"{what}: error {err:.3g} > 2 x torch's {base:.3g} + {floor:.3g}"
 
 
+def ffn_weights(d: int, d_ff: int, dtype: torch.dtype, device="cpu") -> list[Tensor]:
+    """Random (w1, b1, w2, b2) in nn.Linear layout, scaled so activations stay O(1)."""
+    w1 = torch.randn(d_ff, d, device=device) * d**-0.5
+    w2 = torch.randn(d, d_ff, device=device) * d_ff**-0.5
+    return [t.to(dtype) for t in (w1, torch.randn(d_ff, device=device), w2, torch.randn(d, device=device))]
+
+
+def check_ffn(out: Tensor, x, w1, b1, w2, b2, act: str, residual, *, fp32_floor: float, what: str = "ffn") -> None:
+    """The 2x rule for an FFN output: reference in fp64 (fp32 inputs) or fp32, against plain
+    torch (linear, gelu, linear, add) in the input dtype."""
+    import torch.nn.functional as F
+
+    from fastlm import reference
+
+    up = torch.float64 if x.dtype == torch.float32 else torch.float32
+    expect = reference.ffn(*[t.to(up) for t in (x, w1, b1, w2, b2)], act, None if residual is None else residual.to(up))
+    plain = F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh" if act == "gelu_tanh" else "none"), w2, b2)
+    plain = plain if residual is None else plain + residual
+    close_2x(out, expect, plain, floor=fp32_floor if x.dtype == torch.float32 else None, what=what)
+
+
 def poison_(t: Tensor) -> Tensor:
     """Fill a buffer with NaN (or a huge int) so an output a kernel forgot to write shows."""
     return t.fill_(float("nan") if t.dtype.is_floating_point else torch.iinfo(t.dtype).max)

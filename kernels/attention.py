@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from fastlm.kernels.utils import (
+    LOG2E,
     AOTConfig,
     Launch,
     attention_launch,
@@ -28,7 +29,6 @@ from fastlm.kernels.utils import (
     triton_dtype,
 )
 
-LOG2E = 1.4426950408889634
 
 
 @triton.jit

@@ -17,9 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.kernels.utils import AOTConfig, Launch, decode_launch, decode_launch_space, next_pow2, num_sms, register_aot, triton_dtype
+from fastlm.kernels.utils import LOG2E, AOTConfig, Launch, decode_launch, decode_launch_space, next_pow2, num_sms, register_aot, triton_dtype
 
-LOG2E = 1.4426950408889634
 COMBINE = Launch({}, 4, 1)
 
 

@@ -15,9 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.kernels.utils import AOTConfig, register_aot, softmax_launch, softmax_launch_space, triton_dtype
+from fastlm.kernels.utils import LOG2E, AOTConfig, register_aot, softmax_launch, softmax_launch_space, triton_dtype
 
-LOG2E = 1.4426950408889634
 
 
 @triton.jit

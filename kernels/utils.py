@@ -15,6 +15,8 @@ from typing import Any, Callable
 import torch
 import triton
 
+LOG2E = 1.4426950408889634  # kernels take scales in log2 units and use exp2
+
 # Shared memory per block (opt-in maximum): A100 164 KiB - 1 KiB reserved; H100/H200 228 KiB - 1 KiB.
 SMEM_LIMIT = {80: 166912, 90: 232448}
 

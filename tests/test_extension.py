@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 import fastlm
 from fastlm import _ext, ops
-from fastlm.testing import close_2x
+from fastlm import testing
+from fastlm.testing import close_2x, ffn_weights
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"fastlm._C not built: {_ext.LOAD_ERROR}")
 
@@ -56,21 +57,8 @@ def test_opcheck_and_compile():
 
 # -- FFN and LayerNorm: the C++ CPU twins, and the CUDA kernels where a GPU exists -----------
 
-def ffn_weights(d, d_ff, dtype, device="cpu"):
-    w1 = torch.randn(d_ff, d, device=device) * d**-0.5
-    w2 = torch.randn(d, d_ff, device=device) * d_ff**-0.5
-    return [t.to(dtype) for t in (w1, torch.randn(d_ff, device=device), w2, torch.randn(d, device=device))]
-
-
 def check_ffn(out, x, w1, b1, w2, b2, act, r):
-    from fastlm import reference as ref
-
-    dtype = x.dtype
-    up = torch.float64 if dtype == torch.float32 else torch.float32
-    expect = ref.ffn(*[t.to(up) for t in (x, w1, b1, w2, b2)], act, None if r is None else r.to(up))
-    plain = F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh" if act == "gelu_tanh" else "none"), w2, b2)
-    plain = plain if r is None else plain + r
-    close_2x(out, expect, plain, floor=2e-5 if dtype == torch.float32 else None, what=f"ffn {tuple(x.shape)} {dtype}")
+    testing.check_ffn(out, x, w1, b1, w2, b2, act, r, fp32_floor=2e-5, what=f"ffn {tuple(x.shape)} {x.dtype}")
 
 
 @pytest.mark.parametrize("M", [1, 3, 17, 128])

@@ -10,15 +10,9 @@ from fastlm import ops
 from fastlm import reference as ref
 from fastlm.kernels import ffn as ffn_kernel
 from fastlm.kernels import layer_norm as ln_kernel
-from fastlm.testing import close_2x, max_err, poison_
+from fastlm.testing import check_ffn, close_2x, ffn_weights, max_err, poison_
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def weights(d, d_ff, dtype, device):
-    w1 = torch.randn(d_ff, d, device=device) * d**-0.5
-    w2 = torch.randn(d, d_ff, device=device) * d_ff**-0.5
-    return [t.to(dtype) for t in (w1, torch.randn(d_ff, device=device), w2, torch.randn(d, device=device))]
 
 
 @pytest.mark.sweep
@@ -29,22 +23,17 @@ def test_ffn_fused_epilogues(device, M, d, dtype):
     act = "gelu" if (M + d) % 2 else "gelu_tanh"
     x = torch.randn(M, d, device=device).to(dtype)
     r = torch.randn(M, d, device=device).to(dtype) if M % 2 else None
-    w1, b1, w2, b2 = weights(d, 4 * d, dtype, device)
+    w1, b1, w2, b2 = ffn_weights(d, 4 * d, dtype, device)
     h = poison_(torch.empty(M, 4 * d, device=device, dtype=dtype))
     ffn_kernel.linear(x, w1, b1, act, out=h)
     y = poison_(torch.empty(M, d, device=device, dtype=dtype))
     ffn_kernel.linear(h, w2, b2, "none", r, out=y)
-    up = torch.float64 if dtype == torch.float32 else torch.float32
-    args = [t.to(up) for t in (x, w1, b1, w2, b2)]
-    expect = ref.ffn(*args, act, None if r is None else r.to(up))
-    plain = F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh" if act == "gelu_tanh" else "none"), w2, b2)
-    plain = plain if r is None else plain + r
-    close_2x(y, expect, plain, floor=1e-5 if dtype == torch.float32 else None, what=f"ffn M{M} d{d} {dtype} {act}")
+    check_ffn(y, x, w1, b1, w2, b2, act, r, fp32_floor=1e-5, what=f"ffn M{M} d{d} {dtype} {act}")
 
 
 def test_ffn_op_three_dim_input_and_compile(device):
     x = torch.randn(2, 9, 48, device=device)
-    w1, b1, w2, b2 = weights(48, 96, torch.float32, device)
+    w1, b1, w2, b2 = ffn_weights(48, 96, torch.float32, device)
     with fastlm.use_backend("triton"):
         y = ops.ffn(x, w1, b1, w2, b2, activation="gelu_tanh", residual=x)
         torch.library.opcheck(torch.ops.fastlm.ffn, (x, w1, b1, w2, b2, "gelu", None))
