@@ -10,7 +10,16 @@ import torch
 from torch import Tensor, nn
 
 from fastlm import ops
-from fastlm.models.common import BaseModelOutput, LogitsOutput, W, activation_name, check_ids, init_weights
+from fastlm.models.common import (
+    BaseModelOutput,
+    LogitsOutput,
+    W,
+    activation_name,
+    check_ids,
+    ffn,
+    init_weights,
+    linear,
+)
 
 
 def _ln(module: nn.LayerNorm, x: Tensor, residual: Optional[Tensor] = None):
@@ -56,17 +65,17 @@ class BertAttention(nn.Module):
         varlen = (cu_seqlens, max_seqlen)."""
         if varlen is None:
             B, S, C = x.shape
-            qkv = self.qkv(x).view(B, S, 3, self.n_head, self.head_dim)  # (B, S, 3, H, D)
+            qkv = linear(self.qkv, x).view(B, S, 3, self.n_head, self.head_dim)  # (B, S, 3, H, D)
             q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x (B, H, S, D), strided views
             y = ops.attention(q, k, v, key_padding_mask=key_padding_mask)  # (B, H, S, D)
             y = y.transpose(1, 2).reshape(B, S, C)  # (B, S, C)
         else:
             T, C = x.shape
-            qkv = self.qkv(x).view(T, 3, self.n_head, self.head_dim)  # (T, 3, H, D)
+            qkv = linear(self.qkv, x).view(T, 3, self.n_head, self.head_dim)  # (T, 3, H, D)
             q, k, v = qkv.unbind(1)  # 3 x (T, H, D), strided views
             y = ops.attention_varlen_checked(q, k, v, varlen[0], varlen[1], False, self.head_dim**-0.5)
             y = y.reshape(T, C)  # (T, C)
-        return _ln(self.output.LayerNorm, self.output.dense(y), residual=x)  # LN(x + dense(y))
+        return _ln(self.output.LayerNorm, linear(self.output.dense, y), residual=x)  # LN(x + dense(y))
 
 
 class BertLinear(nn.Module):
@@ -89,10 +98,7 @@ class BertLayer(nn.Module):
 
     def forward(self, h: Tensor, key_padding_mask: Optional[Tensor], varlen: Optional[tuple] = None) -> Tensor:
         a = self.attention(h, key_padding_mask, varlen)  # (B, S, C) or packed (T, C)
-        f = ops.ffn(
-            a, self.intermediate.dense.weight, self.intermediate.dense.bias,
-            self.output.dense.weight, self.output.dense.bias, activation=self.activation,
-        )  # (B, S, C)
+        f = ffn(self.intermediate.dense, self.output.dense, a, self.activation)  # (B, S, C)
         return _ln(self.output.LayerNorm, f, residual=a)  # LN(a + ffn(a))
 
 

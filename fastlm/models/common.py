@@ -8,6 +8,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from fastlm import ops
+
 
 @dataclass
 class BaseModelOutput:
@@ -108,3 +110,19 @@ def decode_layout_(linears) -> None:
                 lin.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=False)
             elif w.device.type == "cuda" and not w.is_contiguous():
                 lin.weight = nn.Parameter(w.detach().contiguous(), requires_grad=False)
+
+
+# -- the projection seam ---------------------------------------------------------------------
+# Every model projection goes through these two helpers, so a packed or quantized linear
+# (fastlm.quantize) plugs in here once instead of at every call site.
+
+def linear(lin: nn.Module, x: Tensor) -> Tensor:
+    """x @ W^T + b through `lin` (an nn.Linear, or a packed / quantized fastlm linear).
+    x (..., in) -> (..., out)."""
+    return lin(x)
+
+
+def ffn(fc: nn.Module, proj: nn.Module, x: Tensor, activation: str, residual: Optional[Tensor] = None) -> Tensor:
+    """proj(act(fc(x))) (+ residual), fused by fastlm.ops.ffn. x (..., d_model) -> (..., d_model);
+    fc: d_model -> d_ff, proj: d_ff -> d_model; activation "gelu" (erf) or "gelu_tanh"."""
+    return ops.ffn(x, fc.weight, fc.bias, proj.weight, proj.bias, activation=activation, residual=residual)

@@ -12,7 +12,16 @@ from torch import Tensor, nn
 
 from fastlm import ops
 from fastlm.cache import StaticKVCache
-from fastlm.models.common import CausalLMOutput, W, activation_name, check_ids, decode_layout_, init_weights
+from fastlm.models.common import (
+    CausalLMOutput,
+    W,
+    activation_name,
+    check_ids,
+    decode_layout_,
+    ffn,
+    init_weights,
+    linear,
+)
 
 
 @dataclass
@@ -43,7 +52,7 @@ class GPT2Attention(nn.Module):
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor], kv: Optional["KVStep"] = None) -> Tensor:
         B, S, C = x.shape
-        qkv = self.c_attn(x).view(B, S, 3, self.n_head, self.head_dim)  # (B, S, 3, H, D)
+        qkv = linear(self.c_attn, x).view(B, S, 3, self.n_head, self.head_dim)  # (B, S, 3, H, D)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x (B, H, S, D), strided views
         if kv is not None and kv.pos is not None:  # decode: one token per sequence
             kv.cache.append(kv.layer, k, v, kv.pos)
@@ -56,7 +65,7 @@ class GPT2Attention(nn.Module):
                 kv.cache.prefill(kv.layer, k, v)
             y = ops.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, scale=self.scale)
         y = y.transpose(1, 2).reshape(B, S, C)  # (B, S, H*D)
-        return self.c_proj(y)
+        return linear(self.c_proj, y)
 
 
 class GPT2MLP(nn.Module):
@@ -68,10 +77,7 @@ class GPT2MLP(nn.Module):
         self.activation = activation_name("GPT2", config.activation_function)
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
-        return ops.ffn(
-            x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias,
-            activation=self.activation, residual=residual,
-        )  # residual + mlp(x)
+        return ffn(self.c_fc, self.c_proj, x, self.activation, residual)  # residual + mlp(x)
 
 
 class GPT2Block(nn.Module):
