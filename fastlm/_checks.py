@@ -26,6 +26,32 @@ def float_tensor(op: str, name: str, t, ndim: Optional[int] = None) -> Tensor:
     return t
 
 
+def int_tensor(op: str, name: str, t, expected_shape: Sequence[int] | None, device,
+               dtype: torch.dtype | None = None, what: str = "") -> Tensor:
+    """An integer argument (lengths, offsets, ids): a tensor of `dtype` (any integer dtype when
+    None), of `expected_shape` (any when None), on `device`. The error names the argument."""
+    tensor(op, name, t)
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{op}: {name} must be {str(dtype)[6:]}, got {t.dtype}")
+    if dtype is None and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
+        raise TypeError(f"{op}: {name} must be an integer tensor, got {t.dtype}")
+    if t.device != torch.device(device):
+        raise ValueError(f"{op}: {name} is on {t.device} but q is on {device}")
+    if expected_shape is not None:
+        shape(op, name, t, expected_shape, what)
+    return t
+
+
+def int_range(op: str, name: str, t: Tensor, lo: int, hi: int, what: str = "") -> None:
+    """Every value of t lies in [lo, hi] (inclusive). Reads t's min and max on the host once."""
+    if t.numel() == 0:
+        return
+    mn, mx = torch.stack([t.min(), t.max()]).tolist()  # one host copy
+    if mn < lo or mx > hi:
+        extra = f" ({what})" if what else ""
+        raise ValueError(f"{op}: {name} must lie in [{lo}, {hi}]{extra}, got values in [{mn}, {mx}]")
+
+
 def same(op: str, ref_name: str, ref: Tensor, **others: Optional[Tensor]) -> None:
     """Every tensor in `others` has the dtype and device of `ref`."""
     for name, t in others.items():

@@ -132,21 +132,26 @@ def decode_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *, scale: Optional[float] = None
 ) -> Tensor:
     """One new query per sequence: q (B, H, 1, D) against k_cache, v_cache (B, H, S_max, D),
-    of which the first cache_seqlens[b] rows (int32 (B,)) are valid. Returns (B, H, 1, D)."""
+    of which the first cache_seqlens[b] rows (int32 (B,), each in [0, S_max]) are valid.
+    Returns (B, H, 1, D). Rows past a length never touch the output, whatever they hold (an
+    unfilled cache may hold NaN); a length of 0 gives 0. Raises ValueError for a length outside
+    [0, S_max] (read once on the host; the models call decode_attention_checked, which does not)."""
     op = "decode_attention"
     chk.attention_qkv(op, q, k_cache, v_cache)
     if q.shape[2] != 1:
         raise ValueError(f"decode_attention: q must have one query per sequence (B, H, 1, D), got {tuple(q.shape)}")
-    chk.tensor(op, "cache_seqlens", cache_seqlens, 1)
-    if cache_seqlens.dtype != torch.int32:
-        raise TypeError(f"decode_attention: cache_seqlens must be int32, got {cache_seqlens.dtype}")
-    if cache_seqlens.device != q.device:
-        raise ValueError(f"decode_attention: cache_seqlens is on {cache_seqlens.device} but q is on {q.device}")
-    chk.shape(op, "cache_seqlens", cache_seqlens, (q.shape[0],), "one length per sequence")
+    chk.int_tensor(op, "cache_seqlens", cache_seqlens, (q.shape[0],), q.device, torch.int32,
+                   "one length per sequence")
+    chk.int_range(op, "cache_seqlens", cache_seqlens, 0, k_cache.shape[2], "the cache capacity k_cache.shape[2]")
     chk.scale(op, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    impl = _pick(op, q.device)
-    if impl == "triton":
+    return decode_attention_checked(q, k_cache, v_cache, cache_seqlens, scale)
+
+
+def decode_attention_checked(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float) -> Tensor:
+    """decode_attention after validation: the models know their lengths lie in [0, S_max] and
+    call this every decode step (checking the lengths would be a host sync per token)."""
+    if _pick("decode_attention", q.device) == "triton":
         return torch.ops.fastlm.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)
     return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)
 
@@ -249,13 +254,9 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, *, residual:
 
 
 def _check_cu_seqlens(op: str, cu: Tensor, max_seqlen: int, q: Tensor) -> None:
-    chk.tensor(op, "cu_seqlens", cu, 1)
-    if cu.dtype != torch.int32:
-        raise TypeError(f"{op}: cu_seqlens must be int32, got {cu.dtype}")
-    if cu.device != q.device:
-        raise ValueError(f"{op}: cu_seqlens is on {cu.device} but q is on {q.device}")
-    if cu.numel() < 2:
-        raise ValueError(f"{op}: cu_seqlens must have B+1 >= 2 entries, got {cu.numel()}")
+    chk.int_tensor(op, "cu_seqlens", cu, None, q.device, torch.int32)
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{op}: cu_seqlens must be 1-D with B+1 >= 2 entries, got shape {tuple(cu.shape)}")
     vals = cu.tolist()  # one small host copy: bad offsets must never reach a kernel
     if vals[0] != 0 or vals[-1] != q.shape[0]:
         raise ValueError(f"{op}: cu_seqlens must start at 0 and end at the token count {q.shape[0]}, got {vals}")

@@ -101,10 +101,15 @@ def softmax(x: Tensor, dim: int = -1, scale: float = 1.0, mask: Optional[Tensor]
 def decode_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: Optional[float] = None
 ) -> Tensor:
-    """One query token per sequence against the first cache_seqlens[b] cache rows."""
+    """One query token per sequence against the first cache_seqlens[b] cache rows. Rows past a
+    sequence's length are zeroed before any product, so whatever an unfilled cache holds there
+    (NaN, Inf) never reaches the output; a length of 0 gives 0."""
     pos = torch.arange(k_cache.shape[2], device=k_cache.device)
     keep = pos[None, :] < cache_seqlens.to(torch.long)[:, None]  # (B, S_max)
-    return attention(q, k_cache, v_cache, key_padding_mask=keep, scale=scale)
+    rows = keep[:, None, :, None]  # (B, 1, S_max, 1)
+    k = torch.where(rows, k_cache, 0)  # 0 * NaN would still be NaN after the softmax
+    v = torch.where(rows, v_cache, 0)
+    return attention(q, k, v, key_padding_mask=keep, scale=scale)
 
 
 def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:

@@ -59,7 +59,7 @@ class GPT2Attention(nn.Module):
             kc, vc = kv.cache.k[kv.layer], kv.cache.v[kv.layer]  # (B, H, capacity, D)
             if kv.kv_len is not None:  # eager path: read only the rows in use
                 kc, vc = kc[:, :, : kv.kv_len], vc[:, :, : kv.kv_len]
-            y = ops.decode_attention(q, kc, vc, kv.lens, scale=self.scale)  # (B, H, 1, D)
+            y = ops.decode_attention_checked(q, kc, vc, kv.lens, self.scale)  # (B, H, 1, D); lens in range
         else:
             if kv is not None:  # prefill: the prompt's keys and values go into rows [0, S)
                 kv.cache.prefill(kv.layer, k, v)
