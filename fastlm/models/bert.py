@@ -150,9 +150,7 @@ class BertModel(nn.Module):
     def check_inputs(self, input_ids, attention_mask, token_type_ids) -> None:
         cfg = self.config
         check_ids(type(self).__name__, input_ids, cfg.vocab_size, cfg.max_position_embeddings, attention_mask,
-                  token_type_ids=token_type_ids)
-        if token_type_ids is not None and (int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= cfg.type_vocab_size):
-            raise ValueError(f"{type(self).__name__}: token_type_ids must lie in [0, {cfg.type_vocab_size})")
+                  token_type_ids=token_type_ids, type_vocab_size=cfg.type_vocab_size)
 
     @torch.inference_mode()
     def forward(

@@ -46,12 +46,18 @@ class InputDTypeError(TypeError, ValueError):
     fastlm's bad-input contract promises for model arguments."""
 
 
-def check_ids(model: str, input_ids, vocab_size: int, max_positions: int, attention_mask=None, **more):
-    """Checks the token inputs of a model forward; each error names the argument."""
+def check_ids(model: str, input_ids, vocab_size: int, max_positions: int, attention_mask=None, *,
+              token_type_ids=None, type_vocab_size: int | None = None, position_ids=None) -> None:
+    """Checks the integer inputs of a model forward / generate; each error names the argument.
+
+    input_ids (B, S) integer in [0, vocab_size), S <= max_positions; attention_mask (B, S) integer
+    or bool with values 0/1; token_type_ids (B, S) integer in [0, type_vocab_size); position_ids
+    (B, S) or (1, S) integer in [0, max_positions). A float where an integer belongs raises
+    InputDTypeError (a TypeError and a ValueError); a bad shape, device or value ValueError.
+    The value ranges are read on the host in one copy."""
     if not isinstance(input_ids, Tensor):
         raise TypeError(f"{model}: input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
-    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-        raise InputDTypeError(f"{model}: input_ids must be an integer tensor (token ids), got {input_ids.dtype}")
+    _integer(model, "input_ids", input_ids, "token ids")
     if input_ids.dim() != 2:
         raise ValueError(f"{model}: input_ids must be 2-D (batch, seq), got shape {tuple(input_ids.shape)}")
     B, S = input_ids.shape
@@ -61,18 +67,37 @@ def check_ids(model: str, input_ids, vocab_size: int, max_positions: int, attent
         raise ValueError(
             f"{model}: input_ids has {S} tokens per sequence, more than the model's {max_positions} positions"
         )
-    lo, hi = int(input_ids.min()), int(input_ids.max())
-    if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"{model}: input_ids must lie in [0, {vocab_size}), got values in [{lo}, {hi}]")
-    for name, t in {"attention_mask": attention_mask, **more}.items():
-        if t is None:
-            continue
+    # name -> (tensor, allowed first dims, [lo, hi), what the values are)
+    args = {"input_ids": (input_ids, (B,), (0, vocab_size), "token ids")}
+    if attention_mask is not None:
+        args["attention_mask"] = (attention_mask, (B,), (0, 2), "1 = token, 0 = padding")
+    if token_type_ids is not None:
+        n_types = type_vocab_size if type_vocab_size is not None else 2**63 - 1
+        args["token_type_ids"] = (token_type_ids, (B,), (0, n_types), "segment ids")
+    if position_ids is not None:
+        args["position_ids"] = (position_ids, (B, 1), (0, max_positions), "positions")
+    for name, (t, firsts, _, what) in list(args.items())[1:]:
         if not isinstance(t, Tensor):
             raise TypeError(f"{model}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if tuple(t.shape) != (B, S):
-            raise ValueError(f"{model}: {name} must have the shape of input_ids {(B, S)}, got {tuple(t.shape)}")
+        if t.dim() != 2 or t.shape[0] not in firsts or t.shape[1] != S:
+            want = " or ".join(str((b, S)) for b in firsts)
+            raise ValueError(f"{model}: {name} must have the shape of input_ids {want}, got {tuple(t.shape)}")
         if t.device != input_ids.device:
             raise ValueError(f"{model}: {name} is on {t.device} but input_ids is on {input_ids.device}")
+        _integer(model, name, t, what, bool_ok=name == "attention_mask")
+    stats = torch.stack([f(t).to(torch.long) for t, *_ in args.values() for f in (torch.amin, torch.amax)])
+    values = stats.tolist()  # one host copy for every range
+    for i, (name, (_, _, (lo, hi), _)) in enumerate(args.items()):
+        mn, mx = values[2 * i], values[2 * i + 1]
+        if mn < lo or mx >= hi:
+            allowed = "be 0 or 1" if name == "attention_mask" else f"lie in [{lo}, {hi})"
+            raise ValueError(f"{model}: {name} must {allowed}, got values in [{mn}, {mx}]")
+
+
+def _integer(model: str, name: str, t: Tensor, what: str, bool_ok: bool = False) -> None:
+    if t.dtype.is_floating_point or t.dtype.is_complex or (t.dtype == torch.bool and not bool_ok):
+        kind = "an integer or bool" if bool_ok else "an integer"
+        raise InputDTypeError(f"{model}: {name} must be {kind} tensor ({what}), got {t.dtype}")
 
 
 def init_weights(module: nn.Module, std: float) -> None:
