@@ -109,12 +109,16 @@ class GPT2LMHeadModel(nn.Module):
         self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.tied = bool(getattr(config, "tie_word_embeddings", True))  # lm_head shares wte's weight
         if self.tied:
             self.lm_head.weight = self.wte.weight
 
-    @property
-    def tied(self) -> bool:
-        return bool(getattr(self.config, "tie_word_embeddings", True))
+    def untie_(self) -> None:
+        """Give lm_head its own weight (uninitialised, same shape): for a tied config whose
+        checkpoint stores a different lm_head.weight, which transformers then uses."""
+        self.tied = False
+        w = self.wte.weight
+        self.lm_head.weight = nn.Parameter(torch.empty_like(w, device=w.device), requires_grad=w.requires_grad)
 
     def init_random(self) -> "GPT2LMHeadModel":
         init_weights(self, self.config.initializer_range)

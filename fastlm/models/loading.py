@@ -169,6 +169,7 @@ def _build_weights(cls, config, state: Optional[Mapping[str, Tensor]], source: s
     else:
         with torch.device("meta"):
             model = cls(config)
+    _tie_by_checkpoint(model, state, source)
     sd = convert_state_dict(model, state, source)
     if dtype is None:
         dtype = next(iter(sd.values())).dtype if sd else torch.float32
@@ -181,6 +182,24 @@ def _build_weights(cls, config, state: Optional[Mapping[str, Tensor]], source: s
     if leftover:  # a weight-map bug: every parameter must come from the map
         raise WeightError(f"weights from {source}: no value for {', '.join(leftover)}")
     return model.eval()
+
+
+def _tie_by_checkpoint(model: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
+    """Tie as transformers does: by what the checkpoint holds. A tied GPT-2 config whose checkpoint
+    also stores an lm_head.weight different from wte.weight uses the stored head (untied), with one
+    warning; an equal or absent lm_head.weight stays tied. (An untied config without lm_head.weight
+    is a missing weight: convert_state_dict raises WeightError, where transformers would
+    initialise the head at random.)"""
+    if not (isinstance(model, GPT2LMHeadModel) and model.tied):
+        return
+    head = state.get("lm_head.weight")
+    wte = next((state[k] for k in ("transformer.wte.weight", "wte.weight") if k in state), None)
+    if head is None or wte is None or (head.shape == wte.shape and torch.equal(head, wte)):
+        return
+    log.warning("%s: the config ties lm_head to wte (tie_word_embeddings=True), but the checkpoint stores an "
+                "lm_head.weight that differs from wte.weight: using the stored lm_head (untied), as transformers "
+                "does. Set tie_word_embeddings=False in the config to silence this.", source)
+    model.untie_()
 
 
 def _retie(model: nn.Module) -> None:
