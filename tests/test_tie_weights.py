@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import fastlm
 from fastlm.testing import max_err
 
-CFG = dict(n_layer=2, n_head=2, n_embd=64, vocab_size=211, n_positions=32, initializer_range=0.4)
+CFG = {"n_layer": 2, "n_head": 2, "n_embd": 64, "vocab_size": 211, "n_positions": 32, "initializer_range": 0.4}
 
 
 def checkpoint(path, tie=True, head="differs"):
