@@ -175,9 +175,10 @@ def cmd_generate(args) -> int:
         else:
             ids = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
         ids = ids.expand(args.batch, -1).to(device)
-        kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-                  top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                  eos_token_id=tok.eos_token_id if tok is not None else None)
+        # options left unset (None) take the checkpoint's generation defaults (eos, pad, sampling, ...)
+        kw = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample, "temperature": args.temperature,
+              "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed, "min_new_tokens": args.min_new_tokens,
+              "repetition_penalty": args.repetition_penalty}
         list(model.stream(ids, **{**kw, "max_new_tokens": 2}))  # warm-up: JIT, cache, CUDA graph
         t0 = time.perf_counter()
         times, steps = [], []
@@ -229,10 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, default=1)
     g.add_argument("--dtype", default=None, choices=sorted(DTYPES))
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--do-sample", action="store_true")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--do-sample", action="store_true", default=None, help="sample (default: the checkpoint's "
+                   "generation config, else greedy)")
+    g.add_argument("--temperature", type=float, default=None, help="default: the checkpoint's, else 1.0")
+    g.add_argument("--top-k", type=int, default=None, help="default: the checkpoint's, else 0 (off)")
+    g.add_argument("--top-p", type=float, default=None, help="default: the checkpoint's, else 1.0 (off)")
+    g.add_argument("--min-new-tokens", type=int, default=None, help="no end-of-sequence before this many tokens")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="transformers' repetition penalty "
+                   "(default: the checkpoint's, else 1.0 = off)")
     g.add_argument("--seed", type=int, default=None)
     g.set_defaults(func=cmd_generate)
     return p

@@ -257,4 +257,24 @@ def from_pretrained(
         cls = HEADS[head]
         if config.model_type != cls.model_type:
             raise ValueError(f"from_pretrained: head {head} needs a {cls.model_type} model, got {config.model_type}")
-    return _build(cls, config, state, source, dtype, device)
+    model = _build(cls, config, state, source, dtype, device)
+    if isinstance(model, GPT2LMHeadModel):
+        model.generation_config = _generation_config(src, config)
+    return model
+
+
+def _generation_config(src, config):
+    """The generation defaults transformers would use for `src`: a directory's
+    generation_config.json, a model object's generation_config, else those the config implies."""
+    import copy
+
+    from transformers import GenerationConfig
+
+    if isinstance(src, (str, os.PathLike)) and os.path.isfile(os.path.join(src, "generation_config.json")):
+        try:
+            return GenerationConfig.from_pretrained(os.fspath(src), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"from_pretrained: could not read {os.path.join(src, 'generation_config.json')}: {e}") from e
+    if isinstance(src, nn.Module) and getattr(src, "generation_config", None) is not None:
+        return copy.deepcopy(src.generation_config)
+    return GenerationConfig.from_model_config(config)
