@@ -7,7 +7,8 @@ Chosen by the FASTLM_BACKEND environment variable, or for a block of code by
 - triton: the op's Triton kernel; on CPU tensors this needs TRITON_INTERPRET=1 (tests).
 - cuda:   the op's kernel in fastlm._C (its CUDA kernel, or its C++ CPU twin on CPU).
 - auto:   CUDA tensors run Triton, else fastlm._C, else the reference; CPU tensors
-          run fastlm._C's CPU twin where one exists, else the reference.
+          run what CPU_FASTEST says was measured fastest for the op: fastlm._C's C++ twin
+          ("cuda") or torch's own fused ops ("fused", fastlm.fused), never the reference.
 
 A forced backend that an op does not have (say `triton` for bias_gelu) leaves that
 op on its `auto` choice; `fastlm info` lists what each op has.
@@ -69,7 +70,8 @@ def triton_available() -> bool:
 
 
 def pick(op: str, device: torch.device, *, triton: bool = False, cuda: bool = False) -> str:
-    """Implementation for `op` on `device`: "triton", "cuda" or "torch".
+    """Implementation for `op` on `device`: "triton", "cuda", "fused" (torch's fused ops, CPU)
+    or "torch" (the reference).
 
     `triton` / `cuda` say whether the op has a Triton kernel / a fastlm._C kernel at all.
     """
@@ -90,6 +92,30 @@ def pick(op: str, device: torch.device, *, triton: bool = False, cuda: bool = Fa
     # auto (or a forced backend this op does not have)
     if on_gpu and triton and triton_available():
         return "triton"
+    if not on_gpu:
+        return cpu_choice(op, has_c)
     if has_c:
         return "cuda"
     return "torch"
+
+
+# -- the CPU choice under auto --------------------------------------------------------------
+# Per op, the faster of fastlm._C's C++ twin ("cuda") and torch's fused ops ("fused",
+# fastlm.fused), timed side by side on this 2-core AVX2 machine at BERT-base B8 S128 and GPT-2
+# decode B1 shapes (2026-11-29, fp32): the C++ twins win add+LayerNorm (~5x) and bias+GELU
+# (~9x) and tie F.layer_norm and the FFN; torch's SDPA / softmax beat the step-by-step reference
+# 3-14x. Ops without a C++ twin (or without fastlm._C) run torch's fused ops.
+CPU_FASTEST = {
+    "attention": "fused",
+    "attention_varlen": "fused",
+    "softmax": "fused",
+    "decode_attention": "fused",
+    "bias_gelu": "cuda",
+    "ffn": "cuda",
+    "layer_norm": "cuda",
+}
+
+
+def cpu_choice(op: str, has_c: bool) -> str:
+    """What auto runs for `op` on CPU tensors: "cuda" (fastlm._C's C++ twin) or "fused"."""
+    return "cuda" if CPU_FASTEST.get(op) == "cuda" and has_c else "fused"

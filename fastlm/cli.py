@@ -39,7 +39,8 @@ def cmd_info(args) -> int:
         ops.add_row(*(str(v) for v in row.values()))
     con.print(ops)
     if rep["fastlm._C"] != "loaded":
-        con.print("[yellow]fastlm._C is not loaded: ops run their reference (pure torch) path.[/yellow]")
+        con.print("[yellow]fastlm._C is not loaded: its ops run on torch instead (fused ops on CPU, else the "
+                  "reference).[/yellow]")
     return 0
 
 

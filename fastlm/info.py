@@ -64,14 +64,17 @@ def report() -> dict:
     )
     env["backend"] = backend.current()
     env["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "0")
-    from fastlm import ops
+    from fastlm import fused, ops
 
     # backend names -> what runs ("cuda" is the fastlm._C backend: CUDA kernels, or C++ twins on CPU)
     what = {"triton": "Triton", "cuda": "fastlm._C", "torch": "reference (torch)"}
     rows = []
     for op, kernels in ops.KERNELS.items():
         try:
-            cpu = what[ops._pick(op, torch.device("cpu"))]
+            impl = ops._pick(op, torch.device("cpu"))
+            cpu = f"torch fused ({fused.TORCH_OPS[op]})" if impl == "fused" else what[impl]
+            if impl == "cuda":
+                cpu = "fastlm._C (C++)"
         except RuntimeError:
             cpu = "n/a (TRITON_INTERPRET=1 needed)"
         gpu = what[ops._pick(op, torch.device("cuda"))] if torch.cuda.is_available() else "-"

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from fastlm import _checks as chk
-from fastlm import _ext, backend, reference
+from fastlm import _ext, backend, fused, reference
 
 __all__ = [
     "attention",
@@ -52,6 +52,8 @@ def attention(
     impl = _pick(op, q.device)
     if impl == "triton":
         return torch.ops.fastlm.attention(q, k, v, bool(causal), key_padding_mask, scale)
+    if impl == "fused":
+        return fused.attention(q, k, v, bool(causal), key_padding_mask, scale)
     return reference.attention(q, k, v, bool(causal), key_padding_mask, scale)
 
 
@@ -91,8 +93,11 @@ def attention_varlen_checked(
 ) -> Tensor:
     """attention_varlen after validation: the models check cu_seqlens once per forward (reading it
     is a host sync) and call this in every layer."""
-    if _pick("attention_varlen", q.device) == "triton":
+    impl = _pick("attention_varlen", q.device)
+    if impl == "triton":
         return torch.ops.fastlm.attention_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+    if impl == "fused":
+        return fused.attention_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale)
     return reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale)
 
 
@@ -125,6 +130,8 @@ def softmax(x: Tensor, *, dim: int = -1, scale: float = 1.0, mask: Optional[Tens
     impl = _pick(op, x.device)
     if impl == "triton":
         return torch.ops.fastlm.softmax(x, dim, float(scale), mask)
+    if impl == "fused":
+        return fused.softmax(x, dim, float(scale), mask)
     return reference.softmax(x, dim, float(scale), mask)
 
 
@@ -151,8 +158,11 @@ def decode_attention(
 def decode_attention_checked(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float) -> Tensor:
     """decode_attention after validation: the models know their lengths lie in [0, S_max] and
     call this every decode step (checking the lengths would be a host sync per token)."""
-    if _pick("decode_attention", q.device) == "triton":
+    impl = _pick("decode_attention", q.device)
+    if impl == "triton":
         return torch.ops.fastlm.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)
+    if impl == "fused":
+        return fused.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)
     return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)
 
 
@@ -171,6 +181,8 @@ def bias_gelu(x: Tensor, bias: Tensor, *, approximate: str = "none") -> Tensor:
     impl = _pick(op, x.device)
     if impl == "cuda":
         return torch.ops.fastlm.bias_gelu(x, bias, approximate)
+    if impl == "fused":
+        return fused.bias_gelu(x, bias, approximate)
     return reference.bias_gelu(x, bias, approximate)
 
 
@@ -221,6 +233,8 @@ def ffn(
         return torch.ops.fastlm.ffn(x, w1, b1, w2, b2, activation, residual)
     if impl == "cuda":
         return torch.ops.fastlm.ffn_ext(x, w1, b1, w2, b2, activation, residual)
+    if impl == "fused":
+        return fused.ffn(x, w1, b1, w2, b2, activation, residual)
     return reference.ffn(x, w1, b1, w2, b2, activation, residual)
 
 
@@ -250,6 +264,8 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, *, residual:
         if residual is None:
             return torch.ops.fastlm.layer_norm_ext(x, weight, bias, float(eps))
         return torch.ops.fastlm.add_layer_norm_ext(x, residual, weight, bias, float(eps))
+    if impl == "fused":
+        return fused.layer_norm(x, weight, bias, float(eps), residual)
     return reference.layer_norm(x, weight, bias, float(eps), residual)
 
 
