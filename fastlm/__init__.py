@@ -7,14 +7,8 @@ from fastlm import _ext  # noqa: F401  (first: loads fastlm._C, which defines to
 from fastlm import nn, ops, reference
 from fastlm.backend import use_backend
 from fastlm.integrations import optimize, restore
-from fastlm.models import (
-    BertForMaskedLM,
-    BertForSequenceClassification,
-    BertModel,
-    GPT2LMHeadModel,
-    WeightError,
-    from_pretrained,
-)
+from fastlm.models import *  # noqa: F401,F403  (every supported architecture, from_pretrained, WeightError)
+from fastlm.models import ARCHITECTURES, WeightError, from_pretrained  # noqa: F401
 
 __version__ = "0.1.0"
 logging.getLogger("fastlm").addHandler(logging.NullHandler())
@@ -27,10 +21,7 @@ __all__ = [
     "optimize",
     "restore",
     "from_pretrained",
-    "BertModel",
-    "BertForSequenceClassification",
-    "BertForMaskedLM",
-    "GPT2LMHeadModel",
+    *ARCHITECTURES,
     "WeightError",
     "__version__",
 ]
