@@ -1,4 +1,4 @@
-"""fastlm.optimize for transformers BERT: attention (AttentionInterface), the FFN with its
+"""fastlm.optimize for transformers BERT, RoBERTa, XLM-RoBERTa and CamemBERT (the same layer code): attention (AttentionInterface), the FFN with its
 residual LayerNorm, the attention-output LayerNorm and the embedding LayerNorm."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _self_output_forward(self, hidden_states, input_tensor):
 
 
 def patch(model, warn) -> None:
-    base = model.bert if hasattr(model, "bert") else model
+    base = model.base_model  # model.bert / model.roberta, or the model itself
     try:
         act = activation_name("BERT", model.config.hidden_act)
     except ValueError as e:
@@ -43,7 +43,7 @@ def patch(model, warn) -> None:
 
 
 def unpatch(model) -> None:
-    base = model.bert if hasattr(model, "bert") else model
+    base = model.base_model  # model.bert / model.roberta, or the model itself
     for layer in base.encoder.layer:
         layer.__dict__.pop("feed_forward_chunk", None)
         layer.__dict__.pop("_fastlm_act", None)
