@@ -7,9 +7,9 @@ import logging
 import pytest
 import torch
 import transformers as tf
+from conftest import randomize_
 
 import fastlm
-from conftest import randomize_
 from fastlm.testing import max_err
 
 ATOL = 1e-4

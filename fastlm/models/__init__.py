@@ -30,4 +30,36 @@ from fastlm.models.families import (
 from fastlm.models.gpt2 import GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model
 from fastlm.models.loading import ARCHITECTURES, WeightError, from_pretrained
 
-__all__ = [*ARCHITECTURES, "ARCHITECTURES", "WeightError", "from_pretrained"]
+__all__ = [
+    "BertModel",
+    "BertForSequenceClassification",
+    "BertForTokenClassification",
+    "BertForQuestionAnswering",
+    "BertForMaskedLM",
+    "RobertaModel",
+    "RobertaForSequenceClassification",
+    "RobertaForTokenClassification",
+    "RobertaForQuestionAnswering",
+    "RobertaForMaskedLM",
+    "XLMRobertaModel",
+    "XLMRobertaForSequenceClassification",
+    "XLMRobertaForTokenClassification",
+    "XLMRobertaForQuestionAnswering",
+    "XLMRobertaForMaskedLM",
+    "CamembertModel",
+    "CamembertForSequenceClassification",
+    "CamembertForTokenClassification",
+    "CamembertForQuestionAnswering",
+    "CamembertForMaskedLM",
+    "DistilBertModel",
+    "DistilBertForSequenceClassification",
+    "DistilBertForTokenClassification",
+    "DistilBertForQuestionAnswering",
+    "DistilBertForMaskedLM",
+    "GPT2LMHeadModel",
+    "GPT2Model",
+    "GPT2ForSequenceClassification",
+    "ARCHITECTURES",
+    "WeightError",
+    "from_pretrained",
+]

@@ -18,7 +18,8 @@ and the heads. Other padded positions of `last_hidden_state` are 0 (documented, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch import Tensor, nn

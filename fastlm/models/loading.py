@@ -130,7 +130,8 @@ def _choose_class(config, head: Optional[str], obj_name: Optional[str]):
     config.architectures[0], else the model_type's base class."""
     model_type = getattr(config, "model_type", None)
     if model_type not in MODEL_TYPES:
-        raise ValueError(f"from_pretrained: model_type {model_type!r} is not supported; fastlm supports {', '.join(MODEL_TYPES)}")
+        raise ValueError(f"from_pretrained: model_type {model_type!r} is not supported; "
+                         f"fastlm supports {', '.join(MODEL_TYPES)}")
     supported = ", ".join(ARCHITECTURES)
     if head is not None:
         if head not in ARCHITECTURES:

@@ -6,7 +6,8 @@ model), as in transformers."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 from torch import Tensor
 
