@@ -17,8 +17,8 @@ and the heads. Other padded positions of `last_hidden_state` are 0 (documented, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Optional
 
 import torch

@@ -5,8 +5,8 @@ model), as in transformers."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from collections.abc import Iterator
+from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 from torch import Tensor
