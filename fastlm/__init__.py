@@ -10,6 +10,7 @@ from fastlm import (
     reference,
 )
 from fastlm.backend import use_backend
+from fastlm.embed import Embedder
 from fastlm.integrations import optimize, restore
 from fastlm.models import (
     ARCHITECTURES,
@@ -54,6 +55,7 @@ __all__ = [
     "reference",
     "use_backend",
     "optimize",
+    "Embedder",
     "restore",
     "from_pretrained",
     "BertModel",
