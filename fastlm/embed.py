@@ -36,6 +36,10 @@ _LEGACY_POOLING = {  # sentence-transformers' pooling_mode_* keys, in its concat
 }
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model",
+                   "tokenizer.model")
+
+
 @dataclass
 class Pipeline:
     """What a checkpoint directory asks for."""
@@ -194,6 +198,10 @@ class Embedder:
     def _tokenizer(model_dir: str):
         from transformers import AutoTokenizer
 
+        # transformers 5 builds an empty tokenizer (special tokens only) from a directory without
+        # vocabulary files: every text would become [UNK]s. Ask for the files first.
+        if not any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
+            raise ValueError(f"Embedder: no tokenizer in {model_dir} (looked for {', '.join(TOKENIZER_FILES)})")
         try:
             return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         except Exception as e:  # transformers raises OSError / ValueError / others for a missing tokenizer
