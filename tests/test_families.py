@@ -261,3 +261,17 @@ def test_legacy_names_and_sharded_checkpoints(tmp_path):
     vis = gmask.bool()
     ref = call(g, gids, gmask, None).logits
     assert max_err(fastlm.from_pretrained(tmp_path / "g")(gids, gmask).logits[vis], ref[vis]) <= ATOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_left_padded_encoder_on_the_triton_kernels(device, dtype):
+    """Position 0 of left-padded rows (a one-query attention over the row's real keys, strided
+    views of the fused QKV) on the Triton kernels (interpreter on CPU)."""
+    hf = hf_model("RobertaForSequenceClassification")
+    ids, mask, _ = padded_batch(1, True)
+    expect = call(hf, ids, mask, None).logits
+    model = fastlm.from_pretrained(hf, dtype=dtype, device=device)
+    with fastlm.use_backend("triton"):
+        got = model(ids.to(device), mask.to(device)).logits.float().cpu()
+    tol = ATOL if dtype == torch.float32 else 5e-3 * expect.abs().max().item()
+    assert max_err(got, expect) <= tol
