@@ -193,3 +193,27 @@ def test_cli_embed_failures_write_nothing(tmp_path, capsys):
     assert cli.main(["embed", "--model", str(tmp_path), str(long), "--out", str(tmp_path / "x.npy")]) == 2
     assert not (tmp_path / "x.npy").exists()
     assert cli.main(["embed", "--model", MODEL, str(long)]) == 2  # npy needs --out
+
+
+def test_readme_classifier_example(tmp_path):
+    """The README's first example: a classifier checkpoint (real MiniLM body, a classifier head
+    saved with it) and its tokenizer in, `model(**inputs)[0]` out, equal to transformers' logits
+    on right- and left-padded batches."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    hf = BertForSequenceClassification.from_pretrained(MODEL, num_labels=3, local_files_only=True).eval()
+    with torch.no_grad():
+        hf.classifier.weight.normal_(0, 0.5)
+        hf.classifier.bias.normal_(0, 0.5)
+    hf.save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(MODEL, local_files_only=True)
+    tok.save_pretrained(tmp_path)
+    model = fastlm.from_pretrained(tmp_path)
+    assert type(model).__name__ == "BertForSequenceClassification"
+    for side in ("right", "left"):
+        tok.padding_side = side
+        inputs = tok(TEXTS, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            expect = hf(**inputs).logits
+        logits = model(**inputs)[0]
+        assert logits.shape == (len(TEXTS), 3) and max_err(logits, expect) <= 1e-5, side

@@ -337,7 +337,9 @@ def from_pretrained(
         state, source = read_checkpoint(path), path
     elif isinstance(src, nn.Module) and hasattr(src, "config"):
         config, source = src.config, type(src).__name__
-        obj_name = source
+        # the transformers class it is (a user's subclass of BertModel is a BertModel)
+        obj_name = next((c.__name__ for c in type(src).__mro__
+                         if c.__name__ in ARCHITECTURES and c.__module__.startswith("transformers.")), source)
         if any(p.is_meta for p in src.parameters()):
             raise ValueError(f"from_pretrained: the {source} has weights on the meta device; load it with real weights")
         state = src.state_dict()
