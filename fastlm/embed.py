@@ -188,7 +188,8 @@ class Embedder:
         limit = self.model.embeddings.max_tokens if hasattr(self.model, "embeddings") else self.model.config.n_positions
         if max_length is not None:
             if max_length < 1 or max_length > limit:
-                raise ValueError(f"Embedder: max_length must lie in [1, {limit}] (the model's positions), got {max_length}")
+                raise ValueError(f"Embedder: max_length must lie in [1, {limit}] (the model's positions), "
+                                 f"got {max_length}")
             limit = max_length
         elif self.pipeline.max_seq_length:
             limit = min(limit, int(self.pipeline.max_seq_length))

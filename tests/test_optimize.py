@@ -5,9 +5,9 @@ import warnings
 import pytest
 import torch
 import transformers as tf
+from conftest import randomize_
 
 import fastlm
-from conftest import randomize_
 from fastlm.integrations import attention as fl_attention
 from fastlm.testing import max_err
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import types
 
-
 from fastlm import ops
 from fastlm.integrations.common import patch_layer_norm, set_forward
 from fastlm.models.common import activation_name
