@@ -1,5 +1,6 @@
 """fastlm.optimize for transformers BERT, RoBERTa, XLM-RoBERTa and CamemBERT (the same layer
-code): attention (AttentionInterface), the FFN with its residual LayerNorm, the attention-output LayerNorm and the embedding LayerNorm."""
+code): attention (AttentionInterface), the FFN with its residual LayerNorm, the attention-output
+LayerNorm and the embedding LayerNorm."""
 
 from __future__ import annotations
 
