@@ -12,7 +12,9 @@ Padding: a padded batch is unpadded once (varlen attention over the real tokens 
 also computes the padded positions, as queries attending to the real keys; fastlm computes only
 position 0 among them (the pooler and the classification heads read it; under left padding it is
 padding), so every output a user can read equals transformers': real tokens, position 0, the pooler
-and the heads. Other padded positions of `last_hidden_state` are 0 (documented, tested).
+and the heads. Other padded positions of `last_hidden_state` are 0 (documented, tested), so
+per-token heads (token classification, QA, MLM) give their value on a zero state there.
+Left padding costs a little extra (one query per such row and layer); right padding none.
 """
 
 from __future__ import annotations
@@ -237,8 +239,8 @@ class BertPooler(nn.Module):
 
 
 def _unpad(keep: Tensor):
-    """keep (B, S) bool -> (idx (T,) token rows of (B*S), cu_seqlens (B+1,) int32, max_seqlen,
-    Ghosts for the rows whose position 0 is padding, or None)."""
+    """keep (B, S) bool -> (idx (T,) token rows of (B*S), rows (G,) whose position 0 is padding,
+    cu_seqlens (B+1,) int32, max_seqlen, Ghosts for those rows or None when G = 0)."""
     B, S = keep.shape
     lens = keep.sum(1, dtype=torch.int32)  # (B,)
     idx = keep.flatten().nonzero().squeeze(1)  # (T,)
