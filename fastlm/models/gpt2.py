@@ -203,11 +203,11 @@ class GPT2ForSequenceClassification(GPT2Model):
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 position_ids: Optional[Tensor] = None) -> LogitsOutput:
+        h = self.hidden_states(input_ids, attention_mask, position_ids)  # (B, S, C); checks the inputs
         B, pad = input_ids.shape[0], self.config.pad_token_id
         if pad is None and B != 1:
             raise ValueError("GPT2ForSequenceClassification: batch sizes > 1 need config.pad_token_id "
                              "(the last non-padding token is found by it), as in transformers")
-        h = self.hidden_states(input_ids, attention_mask, position_ids)  # (B, S, C)
         if pad is None:
             last = torch.full((B,), input_ids.shape[1] - 1, device=h.device)
         else:
