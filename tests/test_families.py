@@ -275,3 +275,17 @@ def test_left_padded_encoder_on_the_triton_kernels(device, dtype):
         got = model(ids.to(device), mask.to(device)).logits.float().cpu()
     tol = ATOL if dtype == torch.float32 else 5e-3 * expect.abs().max().item()
     assert max_err(got, expect) <= tol
+
+
+def test_right_padding_adds_no_work():
+    """The exact position-0 fix costs nothing in the common right-padded case: no extra queries;
+    under left padding exactly the rows whose position 0 is padding get one."""
+    from fastlm.models.bert import _unpad
+
+    _, right, _ = padded_batch(0, False)
+    idx, rows, cu, max_len, ghosts = _unpad(right.bool())
+    assert ghosts is None and rows.numel() == 0 and idx.numel() == int(right.sum()) and max_len == S
+    _, left, _ = padded_batch(0, True)
+    idx, rows, cu, max_len, ghosts = _unpad(left.bool())
+    assert rows.tolist() == [1, 2] and ghosts.keep.sum(1).tolist() == [S - 7, S - 13]
+    assert cu.tolist() == [0, S, 2 * S - 7, 3 * S - 20]
