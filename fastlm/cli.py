@@ -1,4 +1,5 @@
-"""fastlm's command line: `fastlm info`, `fastlm bench` (also `python -m fastlm`)."""
+"""fastlm's command line: `fastlm info`, `fastlm bench`, `fastlm generate`, `fastlm embed` (also
+`python -m fastlm`)."""
 
 from __future__ import annotations
 
@@ -203,6 +204,70 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _read_texts(src: str) -> list[str]:
+    """One text per line (the line break removed; blank lines are texts too)."""
+    if src == "-":
+        data = sys.stdin.read()
+    else:
+        with open(src, encoding="utf-8") as f:
+            data = f.read()
+    texts = data.splitlines()
+    if not texts:
+        raise ValueError(f"{'standard input' if src == '-' else src} is empty: nothing to embed (one text per line)")
+    return texts
+
+
+def _write_atomic(path: str, write) -> None:
+    """write(file) into a temporary file next to `path`, renamed onto it only when complete."""
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fastlm-embed-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result gets the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def cmd_embed(args) -> int:
+    import numpy as np
+    import torch
+
+    import fastlm
+
+    if args.format == "npy" and not args.out:
+        print("fastlm embed: --format npy needs --out FILE.npy (or use --format jsonl for standard output)",
+              file=sys.stderr)
+        return 2
+    try:
+        texts = _read_texts(args.input)
+        dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+        device = None if args.device == "auto" else args.device
+        emb = fastlm.Embedder(args.model, device=device, dtype=dtype, quantize=args.quantize, truncate=args.truncate)
+        vecs = emb.encode(texts, batch_size=args.batch_size, progress=not args.no_progress).numpy()  # (N, d) float32
+    except (ValueError, TypeError, OSError) as e:
+        print(f"fastlm embed: {e}", file=sys.stderr)
+        return 2
+    assert vecs.dtype == np.float32
+    if args.format == "npy":
+        _write_atomic(args.out, lambda f: np.save(f, vecs))
+    else:
+        lines = "".join(json.dumps(v.tolist()) + "\n" for v in vecs)
+        if args.out:
+            _write_atomic(args.out, lambda f: f.write(lines.encode()))
+        else:
+            sys.stdout.write(lines)
+    print(f"fastlm embed: {len(texts)} texts -> {vecs.shape[1]}-d float32 vectors"
+          + (f" in {args.out}" if args.out else ""), file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastlm", description="Fast BERT and GPT-2 inference")
     sub = p.add_subparsers(dest="command", required=True)
@@ -241,6 +306,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the checkpoint's, else 1.0 = off)")
     g.add_argument("--seed", type=int, default=None)
     g.set_defaults(func=cmd_generate)
+    e = sub.add_parser("embed", help="sentence embeddings of one text per line (the checkpoint's pooling)")
+    e.add_argument("input", nargs="?", default="-", help="text file, one text per line (default -: standard input)")
+    e.add_argument("--model", required=True, help="checkpoint directory (sentence-transformers or transformers)")
+    e.add_argument("--out", help="output file (.npy, or JSON lines with --format jsonl; default standard output)")
+    e.add_argument("--format", default="npy", choices=["npy", "jsonl"], help="npy (default) or jsonl: one "
+                   "JSON array per line, in input order")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default fp16 on GPU, fp32 on CPU")
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--quantize", default=None, help="passed to fastlm.from_pretrained")
+    e.add_argument("--truncate", action="store_true", help="cut texts longer than the model's max length "
+                   "(default: such a text is an error)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
+    e.set_defaults(func=cmd_embed)
     return p
 
 

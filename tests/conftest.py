@@ -31,10 +31,12 @@ def _seed():
 
 def randomize_(model: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:
     """Every parameter drawn afresh (transformers' init leaves biases 0 and LayerNorm at identity,
-    which would hide a dropped bias or LayerNorm weight)."""
+    which would hide a dropped bias or LayerNorm weight). LayerNorms (found by type, whatever their
+    name: LayerNorm, ln_1, sa_layer_norm, ...) stay near identity so activations keep their scale."""
     with torch.no_grad():
+        norms = {id(p) for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
         for name, p in model.named_parameters():
-            if "LayerNorm" in name or name.split(".")[-2].startswith("ln"):
+            if id(p) in norms:
                 p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("weight") else 0.1 * torch.randn_like(p))
             else:
                 p.normal_(0, std)

@@ -137,7 +137,8 @@ def test_checkpoint_directories(tmp_path):
 def test_bert_checkpoint_without_pooler(tmp_path):
     hf = hf_bert("h3_d32_v101", tf.BertForMaskedLM)
     hf.save_pretrained(tmp_path)
-    model = fastlm.from_pretrained(tmp_path)  # BertModel from an MLM checkpoint: no pooler there
+    assert isinstance(fastlm.from_pretrained(tmp_path), fastlm.BertForMaskedLM)  # config.architectures
+    model = fastlm.from_pretrained(tmp_path, head="BertModel")  # an MLM checkpoint has no pooler
     assert model.pooler is None
     ids = torch.randint(0, 101, (1, 9))
     with torch.no_grad():

@@ -5,9 +5,9 @@ import warnings
 import pytest
 import torch
 import transformers as tf
+from conftest import randomize_
 
 import fastlm
-from conftest import randomize_
 from fastlm.integrations import attention as fl_attention
 from fastlm.testing import max_err
 
@@ -143,9 +143,11 @@ def test_fallbacks_warn_once_and_stay_correct():
 
 def test_unsupported_models_and_placements():
     with pytest.raises(TypeError, match="supported: BertModel"):
-        fastlm.optimize(tf.RobertaModel(tf.RobertaConfig(**BERT)))
-    with pytest.raises(TypeError, match="not supported"):
-        fastlm.optimize(torch.nn.Linear(2, 2))
+        fastlm.optimize(tf.AlbertModel(tf.AlbertConfig(**BERT)))
+    with pytest.raises(TypeError, match="not supported and holds no supported transformers model"):
+        fastlm.optimize(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.raises(TypeError, match="expected an nn.Module"):
+        fastlm.optimize(object())
     with torch.device("meta"):
         meta = tf.BertModel(tf.BertConfig(**BERT))
     with pytest.raises(ValueError, match="meta device"):
@@ -186,3 +188,62 @@ def test_nn_drop_ins_from_hf():
     assert "causal=True" in repr(FusedAttention.from_hf(blk.attn))
     with pytest.raises(TypeError, match="needs a GPT2MLP or a BertLayer"):
         FusedFFN.from_hf(torch.nn.Linear(2, 2))
+
+
+class Wrapper(torch.nn.Module):
+    """A user's module holding two transformers models and a layer of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = randomize_(tf.BertForSequenceClassification(tf.BertConfig(**BERT)).eval())
+        self.lm = randomize_(tf.GPT2LMHeadModel(tf.GPT2Config(**GPT2)).eval())
+        self.proj = torch.nn.Linear(5, 3)
+
+    def forward(self, ids, mask):
+        return self.proj(torch.cat([self.enc(input_ids=ids, attention_mask=mask).logits,
+                                    self.lm(input_ids=ids, attention_mask=mask).logits[:, 0, :3]], -1))
+
+
+def test_optimize_walks_a_wrapper_and_restore_undoes_it():
+    w = Wrapper().eval()
+    ids, mask = inputs(left=True)
+    with torch.no_grad():
+        before = w(ids, mask)
+    assert fastlm.optimize(w) is w
+    assert w.enc.config._attn_implementation == "fastlm" and w.lm.config._attn_implementation == "fastlm"
+    assert "feed_forward_chunk" in w.enc.bert.encoder.layer[0].__dict__
+    from fastlm.integrations import is_optimized
+
+    assert is_optimized(w) and is_optimized(w.enc)
+    with torch.no_grad():
+        assert max_err(w(ids, mask), before) <= ATOL
+    fastlm.restore(w)
+    assert not is_optimized(w) and w.enc.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        assert torch.equal(w(ids, mask), before)
+
+
+def test_optimize_a_pipeline():
+    model = randomize_(tf.BertForSequenceClassification(tf.BertConfig(**BERT, num_labels=3)).eval())
+    ids, mask = inputs()
+    before = outputs(model, ids, mask)
+
+    class Pipe:  # what optimize reads of a transformers pipeline: its .model
+        def __init__(self, model):
+            self.model = model
+
+    pipe = Pipe(model)
+    assert fastlm.optimize(pipe) is pipe and model.config._attn_implementation == "fastlm"
+    compare(outputs(model, ids, mask), before, mask)
+    fastlm.restore(pipe)
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right-pad", "left-pad"])
+def test_left_padded_classifier_through_optimize(left):
+    """issue 12.6 through optimize: the pooler reads position 0, padding under left padding."""
+    model = randomize_(tf.BertForSequenceClassification(tf.BertConfig(**BERT, num_labels=4)).eval())
+    ids, mask = inputs(left=left)
+    before = outputs(model, ids, mask)
+    fastlm.optimize(model)
+    assert max_err(outputs(model, ids, mask)["logits"], before["logits"]) <= ATOL

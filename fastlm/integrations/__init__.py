@@ -1,9 +1,12 @@
-"""fastlm.optimize / fastlm.restore: fastlm's kernels inside a transformers BERT or GPT-2 model.
+"""fastlm.optimize / fastlm.restore: fastlm's kernels inside transformers models, wherever they sit.
 
-One small patcher per architecture (bert.py, gpt2.py) in a table by model_type. Only the given
-instance changes: attention switches to the "fastlm" implementation (its config), and a few
+`optimize(module)` walks any nn.Module (a transformers model, a sentence-transformers
+SentenceTransformer, a user's wrapper; a pipeline's `.model`) and patches every supported
+transformers model it finds, in place. One small patcher per architecture kind (bert.py for the
+BERT / RoBERTa / XLM-R / CamemBERT layers, distilbert.py, gpt2.py) in a table. Only the given
+instances change: attention switches to the "fastlm" implementation (their config), and a few
 modules get instance-level forwards; classes, parameters and state_dict stay as they were, so
-`model(**inputs)`, `generate()` and `save_pretrained()` keep working.
+`model(**inputs)`, `generate()`, `encode()` and `save_pretrained()` keep working.
 """
 
 from __future__ import annotations
@@ -12,26 +15,42 @@ import warnings
 
 from torch import nn
 
-from fastlm.integrations import attention, bert, gpt2
+from fastlm.integrations import attention, bert, distilbert, gpt2
 from fastlm.integrations.common import clear_forwards
 
+_TASKS = ("Model", "ForSequenceClassification", "ForMaskedLM", "ForTokenClassification", "ForQuestionAnswering")
 SUPPORTED = {
-    "BertModel": "bert",
-    "BertForSequenceClassification": "bert",
-    "BertForMaskedLM": "bert",
-    "BertForTokenClassification": "bert",
-    "BertForQuestionAnswering": "bert",
+    **{f"{fam}{task}": "bert" for fam in ("Bert", "Roberta", "XLMRoberta", "Camembert") for task in _TASKS},
+    **{f"DistilBert{task}": "distilbert" for task in _TASKS},
     "GPT2Model": "gpt2",
     "GPT2LMHeadModel": "gpt2",
+    "GPT2ForSequenceClassification": "gpt2",
 }
-PATCHERS = {"bert": bert, "gpt2": gpt2}
+PATCHERS = {"bert": bert, "distilbert": distilbert, "gpt2": gpt2}
 STATE = "_fastlm_optimized"
 
 
-def _check(model) -> str:
-    name = type(model).__name__
-    if not isinstance(model, nn.Module) or name not in SUPPORTED:
-        raise TypeError(f"fastlm.optimize: {name} is not supported; supported: {', '.join(SUPPORTED)}")
+def _kind(module) -> str | None:
+    """The patcher kind of a transformers model class (or a subclass of one), else None."""
+    for c in type(module).__mro__:
+        if c.__name__ in SUPPORTED and c.__module__.startswith("transformers."):
+            return SUPPORTED[c.__name__]
+    return None
+
+
+def _targets(module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Supported transformers models inside `module` (itself included), outermost first; the
+    inside of a found model is not searched again (its BertModel belongs to it)."""
+    kind = _kind(module)
+    if kind is not None:
+        return [(module, kind)]
+    found = []
+    for child in module.children():
+        found += _targets(child)
+    return found
+
+
+def _check(model) -> None:
     params = list(model.parameters())
     if any(p.is_meta for p in params):
         raise ValueError("fastlm.optimize: the model has weights on the meta device; load real weights first")
@@ -39,20 +58,46 @@ def _check(model) -> str:
     if len(devices) > 1:
         raise ValueError(f"fastlm.optimize: the model is spread over {sorted(map(str, devices))}; "
                          "move it to one device first")
-    return SUPPORTED[name]
 
 
-def optimize(model):
-    """Swap the hot path of a transformers BERT or GPT-2 model in place (attention, FFN,
-    LayerNorm) and return it. Idempotent; `fastlm.restore(model)` undoes it."""
-    kind = _check(model)
+def _unwrap(module, fn: str) -> nn.Module:
+    if isinstance(module, nn.Module):
+        return module
+    inner = getattr(module, "model", None)  # a transformers pipeline
+    if isinstance(inner, nn.Module):
+        return inner
+    raise TypeError(f"fastlm.{fn}: expected an nn.Module (or a pipeline holding one), got {type(module).__name__}")
+
+
+def optimize(module):
+    """Swap the hot path (attention, FFN, LayerNorm) of every supported transformers model inside
+    `module` in place and return `module`: a transformers model, a SentenceTransformer, a user's
+    nn.Module wrapper, or a pipeline (its `.model`). Idempotent; `fastlm.restore(module)` undoes it.
+
+    Supported (fastlm.integrations.SUPPORTED): BERT, RoBERTa, XLM-RoBERTa, CamemBERT and DistilBERT
+    (Model and the SequenceClassification / TokenClassification / QuestionAnswering / MaskedLM
+    heads), GPT2Model, GPT2LMHeadModel, GPT2ForSequenceClassification. Raises TypeError when
+    `module` holds none of them, ValueError for weights on the meta device or spread over devices."""
+    root = _unwrap(module, "optimize")
+    targets = _targets(root)
+    if not targets:
+        raise TypeError(f"fastlm.optimize: {type(root).__name__} is not supported and holds no supported "
+                        f"transformers model; supported: {', '.join(SUPPORTED)}")
+    for model, _ in targets:
+        _check(model)
+    for model, kind in targets:
+        _optimize_one(model, kind)
+    return module
+
+
+def _optimize_one(model, kind: str) -> None:
     if getattr(model, STATE, None) is not None:
-        return model
+        return
     model_warnings: list[str] = []
 
     def warn(msg: str) -> None:
         model_warnings.append(msg)
-        warnings.warn(f"fastlm.optimize: {msg}", stacklevel=3)
+        warnings.warn(f"fastlm.optimize: {msg}", stacklevel=4)
 
     previous = model.config._attn_implementation
     pet = getattr(model.config, "position_embedding_type", "absolute")
@@ -63,19 +108,21 @@ def optimize(model):
         model.set_attn_implementation(attention.NAME)
     PATCHERS[kind].patch(model, warn)
     model.__dict__[STATE] = {"attn_implementation": previous, "kind": kind, "warnings": model_warnings}
-    return model
 
 
-def restore(model):
-    """Undo fastlm.optimize on this instance (a no-op on a model it never touched)."""
-    state = model.__dict__.pop(STATE, None)
-    if state is None:
-        return model
-    clear_forwards(model)
-    PATCHERS[state["kind"]].unpatch(model)
-    model.set_attn_implementation(state["attn_implementation"])
-    return model
+def restore(module):
+    """Undo fastlm.optimize on every model inside `module` (a no-op where it never ran)."""
+    root = _unwrap(module, "restore")
+    for model in list(root.modules()):
+        state = model.__dict__.pop(STATE, None)
+        if state is None:
+            continue
+        clear_forwards(model)
+        PATCHERS[state["kind"]].unpatch(model)
+        model.set_attn_implementation(state["attn_implementation"])
+    return module
 
 
-def is_optimized(model) -> bool:
-    return getattr(model, STATE, None) is not None
+def is_optimized(module) -> bool:
+    """Whether fastlm.optimize has patched `module` or a model inside it."""
+    return any(getattr(m, STATE, None) is not None for m in _unwrap(module, "is_optimized").modules())

@@ -1,5 +1,6 @@
-"""fastlm.optimize for transformers BERT: attention (AttentionInterface), the FFN with its
-residual LayerNorm, the attention-output LayerNorm and the embedding LayerNorm."""
+"""fastlm.optimize for transformers BERT, RoBERTa, XLM-RoBERTa and CamemBERT (the same layer
+code): attention (AttentionInterface), the FFN with its residual LayerNorm, the attention-output
+LayerNorm and the embedding LayerNorm."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def _self_output_forward(self, hidden_states, input_tensor):
 
 
 def patch(model, warn) -> None:
-    base = model.bert if hasattr(model, "bert") else model
+    base = model.base_model  # model.bert / model.roberta, or the model itself
     try:
         act = activation_name("BERT", model.config.hidden_act)
     except ValueError as e:
@@ -43,7 +44,7 @@ def patch(model, warn) -> None:
 
 
 def unpatch(model) -> None:
-    base = model.bert if hasattr(model, "bert") else model
+    base = model.base_model  # model.bert / model.roberta, or the model itself
     for layer in base.encoder.layer:
         layer.__dict__.pop("feed_forward_chunk", None)
         layer.__dict__.pop("_fastlm_act", None)

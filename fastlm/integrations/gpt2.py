@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import types
 
-
 from fastlm import ops
 from fastlm.integrations.common import patch_layer_norm, set_forward
 from fastlm.models.common import activation_name
@@ -19,7 +18,7 @@ def _mlp_forward(self, hidden_states):
 
 
 def patch(model, warn) -> None:
-    base = model.transformer if hasattr(model, "transformer") else model
+    base = model.base_model  # model.transformer, or the model itself
     cfg = model.config
     try:
         act = activation_name("GPT2", cfg.activation_function)
@@ -44,7 +43,7 @@ def patch(model, warn) -> None:
 
 
 def unpatch(model) -> None:
-    base = model.transformer if hasattr(model, "transformer") else model
+    base = model.base_model  # model.transformer, or the model itself
     for block in base.h:
         for name in ("_fastlm_w1", "_fastlm_w2"):
             block.mlp._buffers.pop(name, None)

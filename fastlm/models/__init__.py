@@ -1,12 +1,65 @@
-from fastlm.models.bert import BertForMaskedLM, BertForSequenceClassification, BertModel
-from fastlm.models.gpt2 import GPT2LMHeadModel
-from fastlm.models.loading import WeightError, from_pretrained
+from fastlm.models.bert import (
+    BertForMaskedLM,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
+)
+from fastlm.models.families import (
+    CamembertForMaskedLM,
+    CamembertForQuestionAnswering,
+    CamembertForSequenceClassification,
+    CamembertForTokenClassification,
+    CamembertModel,
+    DistilBertForMaskedLM,
+    DistilBertForQuestionAnswering,
+    DistilBertForSequenceClassification,
+    DistilBertForTokenClassification,
+    DistilBertModel,
+    RobertaForMaskedLM,
+    RobertaForQuestionAnswering,
+    RobertaForSequenceClassification,
+    RobertaForTokenClassification,
+    RobertaModel,
+    XLMRobertaForMaskedLM,
+    XLMRobertaForQuestionAnswering,
+    XLMRobertaForSequenceClassification,
+    XLMRobertaForTokenClassification,
+    XLMRobertaModel,
+)
+from fastlm.models.gpt2 import GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model
+from fastlm.models.loading import ARCHITECTURES, WeightError, from_pretrained
 
 __all__ = [
     "BertModel",
     "BertForSequenceClassification",
+    "BertForTokenClassification",
+    "BertForQuestionAnswering",
     "BertForMaskedLM",
+    "RobertaModel",
+    "RobertaForSequenceClassification",
+    "RobertaForTokenClassification",
+    "RobertaForQuestionAnswering",
+    "RobertaForMaskedLM",
+    "XLMRobertaModel",
+    "XLMRobertaForSequenceClassification",
+    "XLMRobertaForTokenClassification",
+    "XLMRobertaForQuestionAnswering",
+    "XLMRobertaForMaskedLM",
+    "CamembertModel",
+    "CamembertForSequenceClassification",
+    "CamembertForTokenClassification",
+    "CamembertForQuestionAnswering",
+    "CamembertForMaskedLM",
+    "DistilBertModel",
+    "DistilBertForSequenceClassification",
+    "DistilBertForTokenClassification",
+    "DistilBertForQuestionAnswering",
+    "DistilBertForMaskedLM",
     "GPT2LMHeadModel",
+    "GPT2Model",
+    "GPT2ForSequenceClassification",
+    "ARCHITECTURES",
     "WeightError",
     "from_pretrained",
 ]

@@ -1,9 +1,26 @@
-"""BERT on fastlm.ops: BertModel and the SequenceClassification / MaskedLM heads.
-Names follow transformers' BERT; the one structural change is the fused QKV
-projection `attention.qkv` (rows [query; key; value])."""
+"""The BERT-family encoder on fastlm.ops, and its task heads.
+
+One encoder implementation serves BERT, RoBERTa, XLM-RoBERTa, CamemBERT and DistilBERT. A family
+(`Family`: BERT's is here, the others in fastlm/models/families.py) supplies what differs: how its
+config names the sizes, its embeddings (RoBERTa's position ids, DistilBERT's missing token types)
+and a declarative map from its checkpoint names to the module names used here. Those module names
+are transformers' BERT names for every family; the one structural change is the fused QKV
+projection `attention.qkv` (rows [query; key; value]). Heads keep their family's transformers
+names (BERT `cls.predictions.*`, RoBERTa `lm_head.*`, DistilBERT `vocab_projector`, ...).
+
+Padding: a padded batch is unpadded once (varlen attention over the real tokens only). transformers
+also computes the padded positions, as queries attending to the real keys; fastlm computes only
+position 0 among them (the pooler and the classification heads read it; under left padding it is
+padding), so every output a user can read equals transformers': real tokens, position 0, the pooler
+and the heads. Other padded positions of `last_hidden_state` are 0 (documented, tested), so
+per-token heads (token classification, QA, MLM) give their value on a zero state there.
+Left padding costs a little extra (one query per such row and layer); right padding none.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -13,6 +30,7 @@ from fastlm import ops
 from fastlm.models.common import (
     BaseModelOutput,
     LogitsOutput,
+    QuestionAnsweringModelOutput,
     W,
     activation_name,
     check_ids,
@@ -28,41 +46,134 @@ def _ln(module: nn.LayerNorm, x: Tensor, residual: Optional[Tensor] = None):
     return ops.layer_norm(x, module.weight, module.bias, module.eps, residual=residual)[0]
 
 
-class BertEmbeddings(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+def _act(name: str, x: Tensor) -> Tensor:
+    """A head's activation by fastlm's name ("gelu" exact erf, "gelu_tanh")."""
+    return nn.functional.gelu(x, approximate="tanh" if name == "gelu_tanh" else "none")
 
-    def forward(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
+
+# -- families --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EncoderDims:
+    """The sizes an encoder needs, read from any family's config."""
+
+    hidden: int
+    heads: int
+    layers: int
+    ffn: int
+    act: str  # fastlm.ops.ffn's name: "gelu" (erf) or "gelu_tanh"
+    eps: float
+    vocab: int
+    max_positions: int  # rows of position_embeddings
+    type_vocab: int  # 0: no token types (DistilBERT)
+    pad_token_id: Optional[int]
+
+
+def bert_dims(config) -> EncoderDims:
+    return EncoderDims(
+        hidden=config.hidden_size, heads=config.num_attention_heads, layers=config.num_hidden_layers,
+        ffn=config.intermediate_size, act=activation_name(type(config).__name__, config.hidden_act),
+        eps=config.layer_norm_eps, vocab=config.vocab_size, max_positions=config.max_position_embeddings,
+        type_vocab=config.type_vocab_size, pad_token_id=getattr(config, "pad_token_id", None),
+    )
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one family of BERT-like checkpoints changes (see the module docstring).
+
+    prefix      the base model's attribute in transformers' head models and its checkpoint prefix
+    layers      checkpoint path of the layer list ("encoder.layer"; DistilBERT "transformer.layer")
+    layer_map   ours (under encoder.layer.N.) -> checkpoint names (under `layers`.N.), each one a
+                Linear or LayerNorm (.weight and .bias); several names are concatenated (fused QKV)
+    embeddings  the embeddings module class; embeddings_map: ours -> checkpoint (under embeddings.)
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    prefix: str
+    layers: str
+    layer_map: dict
+    embeddings_map: dict
+    dims: Callable[..., EncoderDims]
+    embeddings: Callable[..., nn.Module]
+
+
+class BertEmbeddings(nn.Module):
+    """word + position (0..S-1) + token type, then LayerNorm."""
+
+    def __init__(self, dims: EncoderDims):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(dims.vocab, dims.hidden)
+        self.position_embeddings = nn.Embedding(dims.max_positions, dims.hidden)
+        if dims.type_vocab:
+            self.token_type_embeddings = nn.Embedding(dims.type_vocab, dims.hidden)
+        self.LayerNorm = nn.LayerNorm(dims.hidden, eps=dims.eps)
+        self.max_tokens = dims.max_positions  # longest sequence the position table covers
+
+    def position_ids(self, input_ids: Tensor) -> Tensor:
         S = input_ids.shape[1]
-        pos = torch.arange(S, device=input_ids.device)[None]  # (1, S)
-        e = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids) + self.position_embeddings(pos)
+        return torch.arange(S, device=input_ids.device)[None]  # (1, S)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Optional[Tensor]) -> Tensor:
+        e = self.word_embeddings(input_ids) + self.position_embeddings(self.position_ids(input_ids))  # (B, S, C)
+        if hasattr(self, "token_type_embeddings"):
+            if token_type_ids is None:
+                e = e + self.token_type_embeddings.weight[0]  # type 0 everywhere
+            else:
+                e = e + self.token_type_embeddings(token_type_ids)
         return _ln(self.LayerNorm, e)  # (B, S, C)
 
 
+def _pairs(names) -> tuple[str, ...]:
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+BERT_LAYER = {
+    "attention.qkv": ("attention.self.query", "attention.self.key", "attention.self.value"),
+    "attention.output.dense": "attention.output.dense",
+    "attention.output.LayerNorm": "attention.output.LayerNorm",
+    "intermediate.dense": "intermediate.dense",
+    "output.dense": "output.dense",
+    "output.LayerNorm": "output.LayerNorm",
+}
+BERT_EMBEDDINGS = {n: n for n in ("word_embeddings", "position_embeddings", "token_type_embeddings", "LayerNorm")}
+BERT = Family("BERT", ("bert",), "bert", "encoder.layer", BERT_LAYER, BERT_EMBEDDINGS, bert_dims, BertEmbeddings)
+
+
+# -- the encoder -----------------------------------------------------------------------------
+
 class BertAttentionOutput(nn.Module):
-    def __init__(self, config):
+    def __init__(self, dims: EncoderDims):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dense = nn.Linear(dims.hidden, dims.hidden)
+        self.LayerNorm = nn.LayerNorm(dims.hidden, eps=dims.eps)
+
+
+@dataclass
+class Ghosts:
+    """Padded positions computed as transformers does (queries attending to their row's real
+    keys), carried after the T packed tokens: G of them, each reading keys `src` (G, L) of the
+    packed stream where `keep` (G, L) is True."""
+
+    src: Tensor  # (G, L) int64 rows of the packed stream
+    keep: Tensor  # (G, L) bool
 
 
 class BertAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, dims: EncoderDims):
         super().__init__()
-        C, H = config.hidden_size, config.num_attention_heads
+        C, H = dims.hidden, dims.heads
         if C % H:
             raise ValueError(f"BERT: hidden_size {C} is not divisible by num_attention_heads {H}")
         self.n_head, self.head_dim = H, C // H
         self.qkv = nn.Linear(C, 3 * C)  # fused from self.query, self.key, self.value
-        self.output = BertAttentionOutput(config)
+        self.output = BertAttentionOutput(dims)
 
-    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor], varlen: Optional[tuple] = None) -> Tensor:
-        """x (B, S, C) with an optional key_padding_mask, or packed tokens (T, C) with
-        varlen = (cu_seqlens, max_seqlen)."""
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor], varlen: Optional[tuple] = None,
+                ghosts: Optional[Ghosts] = None) -> Tensor:
+        """x (B, S, C) with an optional key_padding_mask, or packed tokens (T + G, C) with
+        varlen = (cu_seqlens, max_seqlen) over the first T and `ghosts` for the last G."""
         if varlen is None:
             B, S, C = x.shape
             qkv = linear(self.qkv, x).view(B, S, 3, self.n_head, self.head_dim)  # (B, S, 3, H, D)
@@ -70,11 +181,20 @@ class BertAttention(nn.Module):
             y = ops.attention(q, k, v, key_padding_mask=key_padding_mask)  # (B, H, S, D)
             y = y.transpose(1, 2).reshape(B, S, C)  # (B, S, C)
         else:
-            T, C = x.shape
-            qkv = linear(self.qkv, x).view(T, 3, self.n_head, self.head_dim)  # (T, 3, H, D)
-            q, k, v = qkv.unbind(1)  # 3 x (T, H, D), strided views
-            y = ops.attention_varlen_checked(q, k, v, varlen[0], varlen[1], False, self.head_dim**-0.5)
+            N, C = x.shape
+            cu, max_len = varlen
+            T = N if ghosts is None else N - ghosts.src.shape[0]
+            qkv = linear(self.qkv, x).view(N, 3, self.n_head, self.head_dim)  # (T + G, 3, H, D)
+            q, k, v = qkv[:T].unbind(1)  # 3 x (T, H, D), strided views
+            y = ops.attention_varlen_checked(q, k, v, cu, max_len, False, self.head_dim**-0.5)
             y = y.reshape(T, C)  # (T, C)
+            if ghosts is not None:
+                G, L = ghosts.src.shape
+                qg = qkv[T:, 0].unsqueeze(2)  # (G, H, 1, D)
+                kv = qkv[:T, 1:].index_select(0, ghosts.src.flatten()).view(G, L, 2, self.n_head, self.head_dim)
+                kg, vg = (t.transpose(1, 2) for t in kv.unbind(2))  # 2 x (G, H, L, D)
+                yg = ops.attention(qg, kg, vg, key_padding_mask=ghosts.keep)  # (G, H, 1, D)
+                y = torch.cat([y, yg.reshape(G, C)])  # (T + G, C)
         return _ln(self.output.LayerNorm, linear(self.output.dense, y), residual=x)  # LN(x + dense(y))
 
 
@@ -89,51 +209,77 @@ class BertLinear(nn.Module):
 
 
 class BertLayer(nn.Module):
-    def __init__(self, config):
+    def __init__(self, dims: EncoderDims):
         super().__init__()
-        self.attention = BertAttention(config)
-        self.intermediate = BertLinear(config.hidden_size, config.intermediate_size)
-        self.output = BertLinear(config.intermediate_size, config.hidden_size, eps=config.layer_norm_eps)
-        self.activation = activation_name("BERT", config.hidden_act)
+        self.attention = BertAttention(dims)
+        self.intermediate = BertLinear(dims.hidden, dims.ffn)
+        self.output = BertLinear(dims.ffn, dims.hidden, eps=dims.eps)
+        self.activation = dims.act
 
-    def forward(self, h: Tensor, key_padding_mask: Optional[Tensor], varlen: Optional[tuple] = None) -> Tensor:
-        a = self.attention(h, key_padding_mask, varlen)  # (B, S, C) or packed (T, C)
-        f = ffn(self.intermediate.dense, self.output.dense, a, self.activation)  # (B, S, C)
+    def forward(self, h: Tensor, key_padding_mask: Optional[Tensor], varlen: Optional[tuple] = None,
+                ghosts: Optional[Ghosts] = None) -> Tensor:
+        a = self.attention(h, key_padding_mask, varlen, ghosts)  # (B, S, C) or packed (T + G, C)
+        f = ffn(self.intermediate.dense, self.output.dense, a, self.activation)  # same shape
         return _ln(self.output.LayerNorm, f, residual=a)  # LN(a + ffn(a))
 
 
 class BertEncoder(nn.Module):
-    def __init__(self, config):
+    def __init__(self, dims: EncoderDims):
         super().__init__()
-        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        self.layer = nn.ModuleList(BertLayer(dims) for _ in range(dims.layers))
 
 
 class BertPooler(nn.Module):
-    def __init__(self, config):
+    def __init__(self, dims: EncoderDims):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(dims.hidden, dims.hidden)
 
     def forward(self, h: Tensor) -> Tensor:
-        return torch.tanh(self.dense(h[:, 0]))  # (B, C) from the [CLS] token
+        return torch.tanh(linear(self.dense, h[:, 0]))  # (B, C) from the first ([CLS]) token
+
+
+def _unpad(keep: Tensor):
+    """keep (B, S) bool -> (idx (T,) token rows of (B*S), rows (G,) whose position 0 is padding,
+    cu_seqlens (B+1,) int32, max_seqlen, Ghosts for those rows or None when G = 0)."""
+    B, S = keep.shape
+    lens = keep.sum(1, dtype=torch.int32)  # (B,)
+    idx = keep.flatten().nonzero().squeeze(1)  # (T,)
+    cu = nn.functional.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))  # (B+1,)
+    ghosts = None
+    rows = (~keep[:, 0]).nonzero().squeeze(1)  # (G,) rows whose position 0 is padding
+    if rows.numel():
+        g_lens = lens[rows].long()  # (G,)
+        L = max(int(g_lens.max()), 1)
+        ar = torch.arange(L, device=keep.device)  # (L,)
+        g_keep = ar[None] < g_lens[:, None]  # (G, L)
+        src = (cu[rows].long()[:, None] + ar[None]).clamp_max(max(idx.numel() - 1, 0))  # (G, L)
+        ghosts = Ghosts(src=src, keep=g_keep)
+    return idx, rows, cu, int(lens.max()), ghosts
 
 
 class BertModel(nn.Module):
     """transformers' BertModel for inference: forward(input_ids, attention_mask, token_type_ids)
-    -> .last_hidden_state (B, S, C), .pooler_output (B, C) (None without a pooler)."""
+    -> .last_hidden_state (B, S, C), .pooler_output (B, C) (None without a pooler).
 
-    model_type = "bert"
+    On a padded batch, last_hidden_state equals transformers' at real tokens and at position 0
+    (computed as transformers does even where it is padding, e.g. under left padding); other padded
+    positions are 0."""
+
+    family = BERT
 
     def __init__(self, config, add_pooling_layer: bool = True):
         super().__init__()
         pet = getattr(config, "position_embedding_type", "absolute")
+        name = type(self).__name__
         if pet not in (None, "absolute"):
-            raise ValueError(f"BertModel: position_embedding_type {pet!r} is not supported (only 'absolute')")
+            raise ValueError(f"{name}: position_embedding_type {pet!r} is not supported (only 'absolute')")
         if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
-            raise ValueError("BertModel: decoder / cross-attention configurations are not supported")
+            raise ValueError(f"{name}: decoder / cross-attention configurations are not supported")
         self.config = config
-        self.embeddings = BertEmbeddings(config)
-        self.encoder = BertEncoder(config)
-        self.pooler = BertPooler(config) if add_pooling_layer else None
+        dims = self.family.dims(config)
+        self.embeddings = self.family.embeddings(dims)
+        self.encoder = BertEncoder(dims)
+        self.pooler = BertPooler(dims) if add_pooling_layer else None
 
     @property
     def device(self) -> torch.device:
@@ -148,17 +294,18 @@ class BertModel(nn.Module):
         return self
 
     def check_inputs(self, input_ids, attention_mask, token_type_ids) -> None:
-        cfg = self.config
-        check_ids(type(self).__name__, input_ids, cfg.vocab_size, cfg.max_position_embeddings, attention_mask,
-                  token_type_ids=token_type_ids, type_vocab_size=cfg.type_vocab_size)
+        name, emb = type(self).__name__, self.embeddings
+        n_types = emb.token_type_embeddings.num_embeddings if hasattr(emb, "token_type_embeddings") else None
+        if token_type_ids is not None and n_types is None:
+            raise ValueError(f"{name}: this model has no token types; token_type_ids must be None")
+        check_ids(name, input_ids, emb.word_embeddings.num_embeddings, emb.max_tokens, attention_mask,
+                  token_type_ids=token_type_ids, type_vocab_size=n_types)
 
     @torch.inference_mode()
     def forward(
         self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, token_type_ids: Optional[Tensor] = None
     ) -> BaseModelOutput:
         self.check_inputs(input_ids, attention_mask, token_type_ids)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
         h = self.embeddings(input_ids, token_type_ids)  # (B, S, C)
         keep = None if attention_mask is None else attention_mask.to(device=self.device, dtype=torch.bool)
         if keep is not None and not bool(keep.all()) and bool(keep.any()):
@@ -170,103 +317,174 @@ class BertModel(nn.Module):
         return BaseModelOutput(last_hidden_state=h, pooler_output=pooled)
 
     def _encode_unpadded(self, h: Tensor, keep: Tensor) -> Tensor:
-        """Remove padding once, run every layer on packed tokens (varlen attention), pad once
-        at the end: no layer spends work on padding. Padded positions come back as 0."""
+        """Remove padding once, run every layer on packed tokens (varlen attention), pad once at
+        the end: no layer spends work on padding. Rows whose position 0 is padding (left padding)
+        carry that position along as a query over their real keys, as transformers computes it.
+        Other padded positions come back as 0."""
         B, S, C = h.shape
-        lens = keep.sum(1, dtype=torch.int32)  # (B,)
-        idx = keep.flatten().nonzero().squeeze(1)  # (T,) token positions in (B*S)
-        cu = torch.nn.functional.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))  # (B+1,)
-        varlen = (cu, int(lens.max()))
+        idx, rows, cu, max_len, ghosts = _unpad(keep)
+        T = idx.numel()
         x = h.reshape(B * S, C).index_select(0, idx)  # (T, C)
+        if ghosts is not None:
+            x = torch.cat([x, h[rows, 0]])  # (T + G, C): position 0 of the left-padded rows last
         for layer in self.encoder.layer:
-            x = layer(x, None, varlen)
-        return x.new_zeros(B * S, C).index_copy_(0, idx, x).view(B, S, C)  # (B, S, C)
+            x = layer(x, None, (cu, max_len), ghosts)
+        out = x.new_zeros(B * S, C).index_copy_(0, idx, x[:T]).view(B, S, C)  # (B, S, C)
+        if ghosts is not None:
+            out[rows, 0] = x[T:]
+        return out
 
     # -- weights -------------------------------------------------------------------------
-    @staticmethod
-    def hf_prefixes() -> tuple[str, ...]:
-        return ("bert.",)
+    @classmethod
+    def hf_prefixes(cls) -> tuple[str, ...]:
+        return (cls.family.prefix + ".",)
 
     @staticmethod
     def hf_ignored(key: str) -> bool:
-        """Buffers and the heads of other BERT tasks, which a BertModel does not use."""
-        return key.endswith(("position_ids", "embeddings.token_type_ids")) or key.startswith(
-            ("cls.", "classifier.", "qa_outputs.")
-        )
+        """Buffers, not weights."""
+        return key.endswith(("embeddings.position_ids", "embeddings.token_type_ids"))
 
-    def weight_map(self) -> list[W]:
-        m = [
-            W(f"embeddings.{n}.weight", (f"embeddings.{n}.weight",))
-            for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")
-        ]
-        m += [W(f"embeddings.LayerNorm.{t}", (f"embeddings.LayerNorm.{t}",)) for t in ("weight", "bias")]
-        for i in range(self.config.num_hidden_layers):
-            p = f"encoder.layer.{i}."
+    def weight_map(self, ours_prefix: str = "", with_pooler: bool = True) -> list[W]:
+        """This encoder's parameters (names prefixed by ours_prefix) <- checkpoint names with the
+        family's base prefix removed (the loader strips it)."""
+        fam = self.family
+        names = {n for n, _ in self.named_parameters()}
+        m = []
+        for ours, hf in fam.embeddings_map.items():
             for t in ("weight", "bias"):
-                m += [
-                    W(p + f"attention.qkv.{t}", tuple(p + f"attention.self.{n}.{t}" for n in ("query", "key", "value")), "cat"),
-                    W(p + f"attention.output.dense.{t}", (p + f"attention.output.dense.{t}",)),
-                    W(p + f"attention.output.LayerNorm.{t}", (p + f"attention.output.LayerNorm.{t}",)),
-                    W(p + f"intermediate.dense.{t}", (p + f"intermediate.dense.{t}",)),
-                    W(p + f"output.dense.{t}", (p + f"output.dense.{t}",)),
-                    W(p + f"output.LayerNorm.{t}", (p + f"output.LayerNorm.{t}",)),
-                ]
-        if self.pooler is not None:
-            m += [W(f"pooler.dense.{t}", (f"pooler.dense.{t}",)) for t in ("weight", "bias")]
+                if f"embeddings.{ours}.{t}" in names:
+                    m.append(W(f"{ours_prefix}embeddings.{ours}.{t}", (f"embeddings.{hf}.{t}",)))
+        for i in range(len(self.encoder.layer)):
+            p, q = f"encoder.layer.{i}.", f"{fam.layers}.{i}."
+            for ours, hf in fam.layer_map.items():
+                hfs = _pairs(hf)
+                for t in ("weight", "bias"):
+                    m.append(W(f"{ours_prefix}{p}{ours}.{t}", tuple(f"{q}{n}.{t}" for n in hfs),
+                               "cat" if len(hfs) > 1 else "copy"))
+        if with_pooler and self.pooler is not None:
+            m += [W(f"{ours_prefix}pooler.dense.{t}", (f"pooler.dense.{t}",)) for t in ("weight", "bias")]
         return m
+
+    def head_map(self) -> list[W]:
+        return []
 
     def optional_hf(self) -> tuple[str, ...]:
         return ()
 
 
-class _BertWithHead(nn.Module):
-    """A BertModel under `bert.` plus a task head; weights keep transformers' names."""
+# -- heads -----------------------------------------------------------------------------------
 
-    model_type = "bert"
-    add_pooling_layer = True
+def _same(*names: str) -> list[W]:
+    """Head weights that keep their checkpoint names."""
+    return [W(n, (n,)) for n in names]
+
+
+def _lin(name: str) -> tuple[str, str]:
+    return (f"{name}.weight", f"{name}.bias")
+
+
+class BertPreTrainedHead(nn.Module):
+    """A family's base model under its transformers attribute (`bert`, `roberta`, `distilbert`)
+    plus a task head. Subclasses set `base` (the base model class) and build the head."""
+
+    base = BertModel
+    add_pooling_layer = False
 
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.bert = BertModel(config, add_pooling_layer=self.add_pooling_layer)
+        self.add_module(self.base.family.prefix, self.base(config, add_pooling_layer=self.add_pooling_layer))
 
-    device = property(lambda self: self.bert.device)
-    dtype = property(lambda self: self.bert.dtype)
+    @property
+    def encoder_model(self) -> BertModel:
+        return getattr(self, self.base.family.prefix)
+
+    device = property(lambda self: self.encoder_model.device)
+    dtype = property(lambda self: self.encoder_model.dtype)
 
     def init_random(self):
         init_weights(self, self.config.initializer_range)
         return self
 
-    @staticmethod
-    def hf_prefixes() -> tuple[str, ...]:
-        return ()
+    @classmethod
+    def hf_prefixes(cls) -> tuple[str, ...]:
+        return cls.base.hf_prefixes()
 
-    @staticmethod
-    def hf_ignored(key: str) -> bool:
-        return key.endswith(("position_ids", "embeddings.token_type_ids"))
+    hf_ignored = staticmethod(BertModel.hf_ignored)
 
     def weight_map(self) -> list[W]:
-        base = [W("bert." + w.ours, tuple("bert." + s for s in w.hf), w.how) for w in self.bert.weight_map()]
+        base = self.encoder_model.weight_map(self.base.family.prefix + ".", with_pooler=False)
         return base + self.head_map()
+
+    def head_map(self) -> list[W]:
+        """Head weights: loaded when the checkpoint has them, else newly initialised (as
+        transformers does, with a warning naming them)."""
+        raise NotImplementedError
 
     def optional_hf(self) -> tuple[str, ...]:
         return ()
 
+    def hidden(self, input_ids, attention_mask, token_type_ids) -> BaseModelOutput:
+        return self.encoder_model(input_ids, attention_mask, token_type_ids)
 
-class BertForSequenceClassification(_BertWithHead):
-    """forward(...) -> .logits (B, num_labels), from the pooled [CLS] state."""
+
+class BertForSequenceClassification(BertPreTrainedHead):
+    """forward(...) -> .logits (B, num_labels), from the pooled first token. num_labels (and
+    id2label, problem_type) come from the config as in transformers; problem_type only changes
+    transformers' loss, so logits are the same for regression / single- / multi-label."""
+
+    add_pooling_layer = True
 
     def __init__(self, config):
         super().__init__(config)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
 
     def head_map(self) -> list[W]:
-        return [W(f"classifier.{t}", (f"classifier.{t}",)) for t in ("weight", "bias")]
+        pooler = [W(f"bert.pooler.dense.{t}", (f"pooler.dense.{t}",)) for t in ("weight", "bias")]
+        return pooler + _same(*_lin("classifier"))
 
     @torch.inference_mode()
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> LogitsOutput:
-        pooled = self.bert(input_ids, attention_mask, token_type_ids).pooler_output  # (B, C)
-        return LogitsOutput(logits=self.classifier(pooled))  # (B, num_labels)
+        pooled = self.hidden(input_ids, attention_mask, token_type_ids).pooler_output  # (B, C)
+        return LogitsOutput(logits=linear(self.classifier, pooled))  # (B, num_labels)
+
+
+class BertForTokenClassification(BertPreTrainedHead):
+    """forward(...) -> .logits (B, S, num_labels)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+
+    def head_map(self) -> list[W]:
+        return _same(*_lin("classifier"))
+
+    @torch.inference_mode()
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> LogitsOutput:
+        h = self.hidden(input_ids, attention_mask, token_type_ids).last_hidden_state  # (B, S, C)
+        return LogitsOutput(logits=linear(self.classifier, h))  # (B, S, num_labels)
+
+
+class BertForQuestionAnswering(BertPreTrainedHead):
+    """forward(...) -> .start_logits, .end_logits, each (B, S)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+
+    def head_map(self) -> list[W]:
+        return _same(*_lin("qa_outputs"))
+
+    @torch.inference_mode()
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> QuestionAnsweringModelOutput:
+        h = self.hidden(input_ids, attention_mask, token_type_ids).last_hidden_state  # (B, S, C)
+        start, end = linear(self.qa_outputs, h).split(1, dim=-1)  # 2 x (B, S, 1)
+        return QuestionAnsweringModelOutput(start_logits=start.squeeze(-1).contiguous(),
+                                            end_logits=end.squeeze(-1).contiguous())
+
+
+def _tied(config) -> bool:
+    return bool(getattr(config, "tie_word_embeddings", True))
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -274,11 +492,10 @@ class BertPredictionHeadTransform(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.approximate = {"gelu": "none", "gelu_tanh": "tanh"}[activation_name("BERT", config.hidden_act)]
+        self.activation = activation_name("BERT", config.hidden_act)
 
     def forward(self, h: Tensor) -> Tensor:
-        x = ops.bias_gelu(nn.functional.linear(h, self.dense.weight), self.dense.bias, approximate=self.approximate)
-        return _ln(self.LayerNorm, x)
+        return _ln(self.LayerNorm, _act(self.activation, linear(self.dense, h)))
 
 
 class BertLMPredictionHead(nn.Module):
@@ -289,7 +506,7 @@ class BertLMPredictionHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, h: Tensor) -> Tensor:
-        return nn.functional.linear(self.transform(h), self.decoder.weight, self.bias)  # (B, S, vocab)
+        return linear(self.decoder, self.transform(h)) + self.bias  # (B, S, vocab)
 
 
 class BertOnlyMLMHead(nn.Module):
@@ -298,21 +515,23 @@ class BertOnlyMLMHead(nn.Module):
         self.predictions = BertLMPredictionHead(config)
 
 
-class BertForMaskedLM(_BertWithHead):
-    """forward(...) -> .logits (B, S, vocab)."""
-
-    add_pooling_layer = False
+class BertForMaskedLM(BertPreTrainedHead):
+    """forward(...) -> .logits (B, S, vocab). The decoder is tied to the word embeddings unless
+    the config says tie_word_embeddings=False."""
 
     def __init__(self, config):
         super().__init__(config)
         self.cls = BertOnlyMLMHead(config)
-        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        self.retie()
+
+    def retie(self) -> None:
+        if _tied(self.config):
+            self.cls.predictions.decoder.weight = self.encoder_model.embeddings.word_embeddings.weight
 
     def head_map(self) -> list[W]:
         p = "cls.predictions."
-        m = [W(p + f"transform.dense.{t}", (p + f"transform.dense.{t}",)) for t in ("weight", "bias")]
-        m += [W(p + f"transform.LayerNorm.{t}", (p + f"transform.LayerNorm.{t}",)) for t in ("weight", "bias")]
-        return m + [W(p + "bias", (p + "bias",))]
+        m = _same(*_lin(p + "transform.dense"), *_lin(p + "transform.LayerNorm"), p + "bias")
+        return m if _tied(self.config) else m + _same(p + "decoder.weight")
 
     def optional_hf(self) -> tuple[str, ...]:
         # tied to the word embeddings; decoder.bias is the same tensor as predictions.bias
@@ -320,5 +539,5 @@ class BertForMaskedLM(_BertWithHead):
 
     @torch.inference_mode()
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> LogitsOutput:
-        h = self.bert(input_ids, attention_mask, token_type_ids).last_hidden_state  # (B, S, C)
+        h = self.hidden(input_ids, attention_mask, token_type_ids).last_hidden_state  # (B, S, C)
         return LogitsOutput(logits=self.cls.predictions(h))

@@ -9,22 +9,13 @@ import torch
 from torch import Tensor, nn
 
 from fastlm import ops
-
-
-@dataclass
-class BaseModelOutput:
-    last_hidden_state: Tensor
-    pooler_output: Optional[Tensor] = None
-
-
-@dataclass
-class CausalLMOutput:
-    logits: Tensor
-
-
-@dataclass
-class LogitsOutput:
-    logits: Tensor
+from fastlm.models.outputs import (  # noqa: F401  (re-exported: the models import them from here)
+    BaseModelOutput,
+    CausalLMOutput,
+    LogitsOutput,
+    ModelOutput,
+    QuestionAnsweringModelOutput,
+)
 
 
 @dataclass(frozen=True)

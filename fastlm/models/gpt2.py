@@ -13,7 +13,9 @@ from torch import Tensor, nn
 from fastlm import ops
 from fastlm.cache import StaticKVCache
 from fastlm.models.common import (
+    BaseModelOutput,
     CausalLMOutput,
+    LogitsOutput,
     W,
     activation_name,
     check_ids,
@@ -94,20 +96,130 @@ class GPT2Block(nn.Module):
         return self.mlp(x, residual=h)
 
 
-class GPT2LMHeadModel(nn.Module):
-    """transformers' GPT2LMHeadModel for inference: forward(input_ids, attention_mask) -> .logits."""
+class GPT2Model(nn.Module):
+    """transformers' GPT2Model for inference: forward(input_ids, attention_mask, position_ids)
+    -> .last_hidden_state (B, S, C) (after ln_f). Padded positions hold whatever their query
+    computes over the real keys it may see (0 where it sees none); transformers' values there
+    are not defined by the model either."""
 
     model_type = "gpt2"
 
     def __init__(self, config):
         super().__init__()
         if getattr(config, "add_cross_attention", False):
-            raise ValueError("GPT2LMHeadModel: add_cross_attention=True is not supported")
+            raise ValueError(f"{type(self).__name__}: add_cross_attention=True is not supported")
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+
+    def init_random(self):
+        init_weights(self, self.config.initializer_range)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wte.weight.dtype
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                      position_ids: Optional[Tensor] = None) -> Tensor:
+        """input_ids (B, S); attention_mask (B, S) with 1 = token, 0 = padding; position_ids
+        (B, S) default 0..S-1 as in transformers' forward. Returns ln_f(h) (B, S, C)."""
+        cfg, name = self.config, type(self).__name__
+        check_ids(name, input_ids, cfg.vocab_size, cfg.n_positions, attention_mask, position_ids=position_ids)
+        B, S = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(S, device=input_ids.device)[None]  # (1, S)
+        kpm = None if attention_mask is None else attention_mask.to(device=self.device, dtype=torch.bool)
+        h = self.wte(input_ids) + self.wpe(position_ids)  # (B, S, C)
+        for block in self.h:
+            h = block(h, kpm)
+        return ops.layer_norm(h, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None) -> BaseModelOutput:
+        return BaseModelOutput(last_hidden_state=self.hidden_states(input_ids, attention_mask, position_ids))
+
+    @staticmethod
+    def hf_prefixes() -> tuple[str, ...]:
+        return ("transformer.",)
+
+    @staticmethod
+    def hf_ignored(key: str) -> bool:
+        """Checkpoint entries that are not weights (old causal-mask buffers)."""
+        return key.endswith((".attn.bias", ".attn.masked_bias"))
+
+    def weight_map(self) -> list[W]:
+        T = "transpose"  # transformers' Conv1D keeps [in, out]; we keep nn.Linear's [out, in]
+        m = [W("wte.weight", ("wte.weight",)), W("wpe.weight", ("wpe.weight",))]
+        for i in range(self.config.n_layer):
+            p = f"h.{i}."
+            m += [
+                W(p + "ln_1.weight", (p + "ln_1.weight",)),
+                W(p + "ln_1.bias", (p + "ln_1.bias",)),
+                W(p + "attn.c_attn.weight", (p + "attn.c_attn.weight",), T),
+                W(p + "attn.c_attn.bias", (p + "attn.c_attn.bias",)),
+                W(p + "attn.c_proj.weight", (p + "attn.c_proj.weight",), T),
+                W(p + "attn.c_proj.bias", (p + "attn.c_proj.bias",)),
+                W(p + "ln_2.weight", (p + "ln_2.weight",)),
+                W(p + "ln_2.bias", (p + "ln_2.bias",)),
+                W(p + "mlp.c_fc.weight", (p + "mlp.c_fc.weight",), T),
+                W(p + "mlp.c_fc.bias", (p + "mlp.c_fc.bias",)),
+                W(p + "mlp.c_proj.weight", (p + "mlp.c_proj.weight",), T),
+                W(p + "mlp.c_proj.bias", (p + "mlp.c_proj.bias",)),
+            ]
+        m += [W("ln_f.weight", ("ln_f.weight",)), W("ln_f.bias", ("ln_f.bias",))]
+        return m + self.head_map()
+
+    def head_map(self) -> list[W]:
+        """Head weights: newly initialised when the checkpoint lacks them (as transformers)."""
+        return []
+
+    def optional_hf(self) -> tuple[str, ...]:
+        return ()
+
+
+class GPT2ForSequenceClassification(GPT2Model):
+    """transformers' GPT2ForSequenceClassification: forward(...) -> .logits (B, num_labels), the
+    score of the last token whose id is not config.pad_token_id (transformers' rule: the rightmost
+    such token, so left and right padding both work; -1 when pad_token_id is None, which transformers
+    allows for batch size 1 only)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+
+    def head_map(self) -> list[W]:
+        return [W("score.weight", ("score.weight",))]
+
+    @torch.inference_mode()
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None) -> LogitsOutput:
+        h = self.hidden_states(input_ids, attention_mask, position_ids)  # (B, S, C); checks the inputs
+        B, pad = input_ids.shape[0], self.config.pad_token_id
+        if pad is None and B != 1:
+            raise ValueError("GPT2ForSequenceClassification: batch sizes > 1 need config.pad_token_id "
+                             "(the last non-padding token is found by it), as in transformers")
+        if pad is None:
+            last = torch.full((B,), input_ids.shape[1] - 1, device=h.device)
+        else:
+            non_pad = (input_ids != pad).to(h.device, torch.int32)  # (B, S)
+            last = (torch.arange(input_ids.shape[1], device=h.device, dtype=torch.int32) * non_pad).argmax(-1)
+        pooled = h[torch.arange(B, device=h.device), last]  # (B, C)
+        return LogitsOutput(logits=linear(self.score, pooled))  # (B, num_labels)
+
+
+class GPT2LMHeadModel(GPT2Model):
+    """transformers' GPT2LMHeadModel for inference: forward(input_ids, attention_mask) -> .logits."""
+
+    def __init__(self, config):
+        super().__init__(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.tied = bool(getattr(config, "tie_word_embeddings", True))  # lm_head shares wte's weight
         if self.tied:
@@ -120,35 +232,13 @@ class GPT2LMHeadModel(nn.Module):
         w = self.wte.weight
         self.lm_head.weight = nn.Parameter(torch.empty_like(w, device=w.device), requires_grad=w.requires_grad)
 
-    def init_random(self) -> "GPT2LMHeadModel":
-        init_weights(self, self.config.initializer_range)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return self.wte.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.wte.weight.dtype
-
     @torch.inference_mode()
     def forward(
         self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None
     ) -> CausalLMOutput:
         """input_ids (B, S); attention_mask (B, S) with 1 = token, 0 = padding; position_ids
         (B, S) default 0..S-1 as in transformers' forward. Returns .logits (B, S, vocab)."""
-        cfg = self.config
-        check_ids("GPT2LMHeadModel", input_ids, cfg.vocab_size, cfg.n_positions, attention_mask,
-                  position_ids=position_ids)
-        B, S = input_ids.shape
-        if position_ids is None:
-            position_ids = torch.arange(S, device=input_ids.device)[None]  # (1, S)
-        kpm = None if attention_mask is None else attention_mask.to(device=self.device, dtype=torch.bool)
-        h = self.wte(input_ids) + self.wpe(position_ids)  # (B, S, C)
-        for block in self.h:
-            h = block(h, kpm)
-        h = ops.layer_norm(h, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
+        h = self.hidden_states(input_ids, attention_mask, position_ids)  # (B, S, C)
         return CausalLMOutput(logits=self.lm_head(h))  # (B, S, vocab)
 
     # -- cached inference (fastlm.generation drives these) ---------------------------------
@@ -196,35 +286,8 @@ class GPT2LMHeadModel(nn.Module):
         """The projections every decode step reads (CPU keeps them in its GEMV layout)."""
         return [lin for b in self.h for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
 
-    @staticmethod
-    def hf_prefixes() -> tuple[str, ...]:
-        return ("transformer.",)
-
-    @staticmethod
-    def hf_ignored(key: str) -> bool:
-        """Checkpoint entries that are not weights (old causal-mask buffers)."""
-        return key.endswith((".attn.bias", ".attn.masked_bias"))
-
     def weight_map(self) -> list[W]:
-        T = "transpose"  # transformers' Conv1D keeps [in, out]; we keep nn.Linear's [out, in]
-        m = [W("wte.weight", ("wte.weight",)), W("wpe.weight", ("wpe.weight",))]
-        for i in range(self.config.n_layer):
-            p = f"h.{i}."
-            m += [
-                W(p + "ln_1.weight", (p + "ln_1.weight",)),
-                W(p + "ln_1.bias", (p + "ln_1.bias",)),
-                W(p + "attn.c_attn.weight", (p + "attn.c_attn.weight",), T),
-                W(p + "attn.c_attn.bias", (p + "attn.c_attn.bias",)),
-                W(p + "attn.c_proj.weight", (p + "attn.c_proj.weight",), T),
-                W(p + "attn.c_proj.bias", (p + "attn.c_proj.bias",)),
-                W(p + "ln_2.weight", (p + "ln_2.weight",)),
-                W(p + "ln_2.bias", (p + "ln_2.bias",)),
-                W(p + "mlp.c_fc.weight", (p + "mlp.c_fc.weight",), T),
-                W(p + "mlp.c_fc.bias", (p + "mlp.c_fc.bias",)),
-                W(p + "mlp.c_proj.weight", (p + "mlp.c_proj.weight",), T),
-                W(p + "mlp.c_proj.bias", (p + "mlp.c_proj.bias",)),
-            ]
-        m += [W("ln_f.weight", ("ln_f.weight",)), W("ln_f.bias", ("ln_f.bias",))]
+        m = super().weight_map()
         if not self.tied:
             m.append(W("lm_head.weight", ("lm_head.weight",)))
         return m

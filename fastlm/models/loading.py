@@ -15,17 +15,51 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from fastlm.models.bert import BertForMaskedLM, BertForSequenceClassification, BertModel
+from fastlm.models import families as fam
+from fastlm.models.bert import (
+    BertForMaskedLM,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
+)
 from fastlm.models.common import decode_layout_
-from fastlm.models.gpt2 import GPT2LMHeadModel
+from fastlm.models.gpt2 import GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model
 
 log = logging.getLogger("fastlm")
 
-MODEL_TYPES = {"gpt2": GPT2LMHeadModel, "bert": BertModel}
-HEADS = {
-    "BertForSequenceClassification": BertForSequenceClassification,
-    "BertForMaskedLM": BertForMaskedLM,
+# transformers architecture name -> fastlm class; config.architectures picks one, head= overrides
+ARCHITECTURES: dict[str, type] = {
+    c.__name__: c
+    for c in (
+        BertModel, BertForSequenceClassification, BertForTokenClassification, BertForQuestionAnswering,
+        BertForMaskedLM,
+        fam.RobertaModel, fam.RobertaForSequenceClassification, fam.RobertaForTokenClassification,
+        fam.RobertaForQuestionAnswering, fam.RobertaForMaskedLM,
+        fam.XLMRobertaModel, fam.XLMRobertaForSequenceClassification, fam.XLMRobertaForTokenClassification,
+        fam.XLMRobertaForQuestionAnswering, fam.XLMRobertaForMaskedLM,
+        fam.CamembertModel, fam.CamembertForSequenceClassification, fam.CamembertForTokenClassification,
+        fam.CamembertForQuestionAnswering, fam.CamembertForMaskedLM,
+        fam.DistilBertModel, fam.DistilBertForSequenceClassification, fam.DistilBertForTokenClassification,
+        fam.DistilBertForQuestionAnswering, fam.DistilBertForMaskedLM,
+        GPT2LMHeadModel, GPT2Model, GPT2ForSequenceClassification,
+    )
 }
+# model_type -> (its architecture names' family, the class built when config.architectures is unset)
+MODEL_TYPES: dict[str, type] = {
+    "gpt2": GPT2LMHeadModel, "bert": BertModel, "roberta": fam.RobertaModel, "xlm-roberta": fam.XLMRobertaModel,
+    "camembert": fam.CamembertModel, "distilbert": fam.DistilBertModel,
+}
+_FAMILY_OF_TYPE = {"gpt2": "gpt2", "bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta",
+                   "camembert": "roberta", "distilbert": "distilbert"}
+HEADS = ARCHITECTURES  # the names head= accepts (kept for callers of the old name)
+
+
+def _family_of_class(cls) -> str:
+    if issubclass(cls, (GPT2Model,)):
+        return "gpt2"
+    base = cls if issubclass(cls, BertModel) else cls.base
+    return {"BERT": "bert", "RoBERTa": "roberta", "DistilBERT": "distilbert"}[base.family.name]
 
 
 class WeightError(ValueError):
@@ -91,16 +125,37 @@ def read_checkpoint(path: str) -> dict[str, Tensor]:
     )
 
 
-def _model_class(config):
+def _choose_class(config, head: Optional[str], obj_name: Optional[str]):
+    """The fastlm class to build: `head` when given, else the model object's own class name, else
+    config.architectures[0], else the model_type's base class."""
     model_type = getattr(config, "model_type", None)
     if model_type not in MODEL_TYPES:
-        raise ValueError(f"from_pretrained: model_type {model_type!r} is not supported; fastlm supports {', '.join(MODEL_TYPES)}")
-    return MODEL_TYPES[model_type]
+        raise ValueError(f"from_pretrained: model_type {model_type!r} is not supported; "
+                         f"fastlm supports {', '.join(MODEL_TYPES)}")
+    supported = ", ".join(ARCHITECTURES)
+    if head is not None:
+        if head not in ARCHITECTURES:
+            raise ValueError(f"from_pretrained: head must be one of {supported}; got {head!r}")
+        name, why = head, f"head={head!r}"
+    elif obj_name is not None:
+        name, why = obj_name, f"the model object is a {obj_name}"
+    elif getattr(config, "architectures", None):
+        name, why = config.architectures[0], f"config.architectures is {config.architectures}"
+    else:
+        return MODEL_TYPES[model_type]
+    if name not in ARCHITECTURES:
+        raise ValueError(f"from_pretrained: {why}, which fastlm does not support; supported architectures: "
+                         f"{supported} (pass head= to load the checkpoint into one of them)")
+    cls = ARCHITECTURES[name]
+    if _family_of_class(cls) != _FAMILY_OF_TYPE[model_type]:
+        raise ValueError(f"from_pretrained: {name} cannot load a {model_type!r} checkpoint")
+    return cls
 
 
-def convert_state_dict(model: nn.Module, hf: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
-    """transformers tensors -> fastlm's state dict through model.weight_map(); raises one
-    WeightError listing every missing, unexpected or mis-shaped tensor."""
+def _normalise_keys(model: nn.Module, hf: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Checkpoint names -> the names weight maps use: legacy LayerNorm.gamma/beta renamed (as
+    transformers does) and the base model's prefix ("bert.", "transformer.", ...) removed, so a
+    checkpoint saved from any head class (or from the base class) meets the same names."""
     prefixes = model.hf_prefixes()
     norm: dict[str, Tensor] = {}
     for key, t in hf.items():
@@ -110,14 +165,33 @@ def convert_state_dict(model: nn.Module, hf: Mapping[str, Tensor], source: str) 
                 k = k[len(p):]
                 break
         norm[k] = t
+    return norm
+
+
+def _short(names, n: int = 20) -> str:
+    names = list(names)
+    return ", ".join(names[:n]) + (f" ... ({len(names) - n} more)" if len(names) > n else "")
+
+
+def convert_state_dict(model: nn.Module, hf: Mapping[str, Tensor], source: str) -> tuple[dict[str, Tensor], list[str]]:
+    """transformers tensors -> (fastlm's state dict, names of head weights the checkpoint lacks)
+    through model.weight_map().
+
+    - Tensors the model does not use (another head's, a pooler it has not) are skipped, with one
+      log line listing them.
+    - Head weights (model.head_map()) the checkpoint lacks are returned for random init, as
+      transformers does (the caller warns, naming them).
+    - A missing base weight or a mis-shaped tensor raises one WeightError listing every problem."""
+    norm = _normalise_keys(model, hf)
     expected = {k: v.shape for k, v in model.state_dict(keep_vars=True).items()}
+    head = {w.ours for w in model.head_map()}
     out: dict[str, Tensor] = {}
     used: set[str] = set(model.optional_hf())
-    missing, misshaped = [], []
+    missing, head_missing, misshaped = [], [], []
     for w in model.weight_map():
         absent = [s for s in w.hf if s not in norm]
         if absent:
-            missing += absent
+            (head_missing if w.ours in head else missing).extend(absent)
             continue
         used.update(w.hf)
         srcs = [norm[s] for s in w.hf]
@@ -134,17 +208,20 @@ def convert_state_dict(model: nn.Module, hf: Mapping[str, Tensor], source: str) 
             misshaped.append(f"{', '.join(w.hf)} {got} -> {w.ours} expects {tuple(expected[w.ours])}")
             continue
         out[w.ours] = t.contiguous()
-    unexpected = sorted(k for k in norm if k not in used and not model.hf_ignored(k))
-    if missing or unexpected or misshaped:
+    unused = sorted(k for k in norm if k not in used and not model.hf_ignored(k))
+    if missing or misshaped:
         lines = [f"weights from {source} do not fit {type(model).__name__}:"]
         if missing:
-            lines.append(f"  missing ({len(missing)}): " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
-        if unexpected:
-            lines.append(f"  unexpected ({len(unexpected)}): " + ", ".join(unexpected[:20]) + (" ..." if len(unexpected) > 20 else ""))
+            lines.append(f"  missing ({len(missing)}): " + _short(missing))
+        if unused:
+            lines.append(f"  unexpected ({len(unused)}): " + _short(unused))
         if misshaped:
             lines.append(f"  mis-shaped ({len(misshaped)}):\n    " + "\n    ".join(misshaped))
         raise WeightError("\n".join(lines))
-    return out
+    if unused:
+        log.info("from_pretrained: %s: skipped %d tensors %s does not use: %s", source, len(unused),
+                 type(model).__name__, _short(unused))
+    return out, head_missing
 
 
 def _build(cls, config, state: Optional[Mapping[str, Tensor]], source: str, dtype, device):
@@ -154,29 +231,55 @@ def _build(cls, config, state: Optional[Mapping[str, Tensor]], source: str, dtyp
     return model
 
 
+def _init_missing(model: nn.Module, names: set[str], std: float, device, dtype) -> None:
+    """transformers' init for head parameters the checkpoint lacks: Linear weights normal(0, std),
+    biases 0, LayerNorm at identity."""
+    for mod_name, mod in model.named_modules():
+        for p_name, p in list(mod.named_parameters(recurse=False)):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if full not in names or not p.is_meta:
+                continue
+            t = torch.empty(p.shape, device=device, dtype=dtype)
+            if isinstance(mod, nn.LayerNorm):
+                t.fill_(1.0 if p_name == "weight" else 0.0)
+            elif p_name == "weight":
+                t.normal_(0.0, std)
+            else:
+                t.zero_()
+            setattr(mod, p_name, nn.Parameter(t, requires_grad=False))
+
+
 def _build_weights(cls, config, state: Optional[Mapping[str, Tensor]], source: str, dtype, device):
     """Model of `cls` from config; weights from `state` (HF names) or random init."""
     if state is None:
         model = cls(config).to(device=device or "cpu")
         model.init_random()
         return model.to(dtype=dtype or torch.float32).eval()
-    if cls is BertModel:
+    if issubclass(cls, BertModel) and cls.family.name != "DistilBERT":
         has_pooler = any(k.endswith("pooler.dense.weight") for k in state)
         if not has_pooler:
-            log.warning("%s has no pooler weights: BertModel is built without a pooler (pooler_output=None)", source)
+            log.warning("%s has no pooler weights: %s is built without a pooler (pooler_output=None)", source,
+                        cls.__name__)
         with torch.device("meta"):
-            model = BertModel(config, add_pooling_layer=has_pooler)
+            model = cls(config, add_pooling_layer=has_pooler)
     else:
         with torch.device("meta"):
             model = cls(config)
     _tie_by_checkpoint(model, state, source)
-    sd = convert_state_dict(model, state, source)
+    sd, head_missing = convert_state_dict(model, state, source)
     if dtype is None:
         dtype = next(iter(sd.values())).dtype if sd else torch.float32
         if not dtype.is_floating_point:
             dtype = torch.float32
-    sd = {k: v.to(device=device or "cpu", dtype=dtype) for k, v in sd.items()}
+    device = device or torch.device("cpu")
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=False, assign=True)
+    if head_missing:
+        new = {w.ours for w in model.head_map() if w.ours not in sd}
+        _init_missing(model, new, getattr(config, "initializer_range", 0.02), device, dtype)
+        log.warning("from_pretrained: %s has no %s for %s: newly initialised (normal(0, initializer_range), "
+                    "as transformers does); train or load them before use", source, _short(head_missing),
+                    cls.__name__)
     _retie(model)
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:  # a weight-map bug: every parameter must come from the map
@@ -206,8 +309,8 @@ def _retie(model: nn.Module) -> None:
     """assign=True loading replaces parameters, so tied ones are tied again here."""
     if isinstance(model, GPT2LMHeadModel) and model.tied:
         model.lm_head.weight = model.wte.weight
-    if isinstance(model, BertForMaskedLM):
-        model.cls.predictions.decoder.weight = model.bert.embeddings.word_embeddings.weight
+    if hasattr(model, "retie"):
+        model.retie()
 
 
 def from_pretrained(
@@ -219,19 +322,32 @@ def from_pretrained(
 ):
     """Build a fastlm model from `src`:
 
-    - a local transformers checkpoint directory (config.json + safetensors or .bin),
+    - a local transformers checkpoint directory (config.json + model.safetensors or
+      pytorch_model.bin, or their sharded *.index.json),
     - a transformers model object (its weights are converted, not shared),
     - a transformers config (random weights, for benchmarks).
 
-    Returns fastlm.GPT2LMHeadModel or fastlm.BertModel by config.model_type; `head`
-    ("BertForSequenceClassification" or "BertForMaskedLM") asks for a BERT head model.
-    dtype defaults to that of the source weights (float32 for a config).
+    The class follows the checkpoint: `head` (a transformers architecture name, e.g.
+    "BertForSequenceClassification") if given, else the model object's class, else
+    config.architectures[0], else the base model of config.model_type (GPT-2: GPT2LMHeadModel).
+    Supported: BERT, RoBERTa, XLM-RoBERTa, CamemBERT and DistilBERT as Model / ForSequenceClassification
+    / ForTokenClassification / ForQuestionAnswering / ForMaskedLM, and GPT2LMHeadModel, GPT2Model,
+    GPT2ForSequenceClassification (fastlm.models.loading.ARCHITECTURES); anything else raises
+    ValueError naming them. A checkpoint saved from any head class loads into any of its family:
+    tensors the model does not use are skipped (one log line), head weights it lacks are newly
+    initialised as transformers does (one warning naming them). Outputs keep transformers' field
+    names and tuple order (`out[0]`, `.logits`, `.start_logits`, `.last_hidden_state`, ...).
+
+    dtype defaults to that of the source weights (float32 for a config). Raises FileNotFoundError
+    (no config.json / weights), ValueError (unsupported model, unreadable files), WeightError (the
+    weights do not fit), TypeError (bad src or dtype).
     """
     if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"from_pretrained: dtype must be torch.float32, float16 or bfloat16, got {dtype}")
     if device is not None:
         device = torch.device(device)
     state: Optional[Mapping[str, Tensor]] = None
+    obj_name = None
     if isinstance(src, (str, os.PathLike)):
         path = os.fspath(src)
         if not os.path.isdir(path):
@@ -240,6 +356,9 @@ def from_pretrained(
         state, source = read_checkpoint(path), path
     elif isinstance(src, nn.Module) and hasattr(src, "config"):
         config, source = src.config, type(src).__name__
+        # the transformers class it is (a user's subclass of BertModel is a BertModel)
+        obj_name = next((c.__name__ for c in type(src).__mro__
+                         if c.__name__ in ARCHITECTURES and c.__module__.startswith("transformers.")), source)
         if any(p.is_meta for p in src.parameters()):
             raise ValueError(f"from_pretrained: the {source} has weights on the meta device; load it with real weights")
         state = src.state_dict()
@@ -250,13 +369,7 @@ def from_pretrained(
             "from_pretrained: src must be a checkpoint directory, a transformers model or a transformers config, "
             f"got {type(src).__name__}"
         )
-    cls = _model_class(config)
-    if head is not None:
-        if head not in HEADS:
-            raise ValueError(f"from_pretrained: head must be one of {', '.join(HEADS)}, got {head!r}")
-        cls = HEADS[head]
-        if config.model_type != cls.model_type:
-            raise ValueError(f"from_pretrained: head {head} needs a {cls.model_type} model, got {config.model_type}")
+    cls = _choose_class(config, head, obj_name)
     model = _build(cls, config, state, source, dtype, device)
     if isinstance(model, GPT2LMHeadModel):
         model.generation_config = _generation_config(src, config)
