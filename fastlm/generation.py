@@ -117,8 +117,8 @@ def resolve(model, prompt_len: int, **explicit) -> Settings:
         raise ValueError(f"{name}: min_new_tokens must be an int >= 0, got {m!r}")
     if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0 < r < float("inf"):
         raise ValueError(f"{name}: repetition_penalty must be a finite float > 0 (1.0 = off), got {r!r}")
-    min_length = getattr(source, "min_length", None) if explicit.get("min_new_tokens") is None else None
-    if isinstance(min_length, int) and min_length > 0:
+    min_length = getattr(source, "min_length", None)  # transformers applies both
+    if isinstance(min_length, int) and not isinstance(min_length, bool) and min_length > 0:
         out["min_new_tokens"] = max(m, min_length - prompt_len)
     out["temperature"], out["top_p"], out["repetition_penalty"] = float(t), float(p), float(r)
     return Settings(**out)

@@ -154,7 +154,8 @@ def test_repetition_penalty_from_the_checkpoint_with_eos(tmp_path):
     save(tmp_path, gen={"pad_token_id": 0})
     ids, mask = left_padded()
     free = free_run(tmp_path, ids, mask)
-    gen = {"repetition_penalty": 1.3, "eos_token_id": [fresh(free, 2, 4)], "pad_token_id": 2, "min_new_tokens": 2}
+    gen = {"repetition_penalty": 1.3, "eos_token_id": [fresh(free, 2, 4)], "pad_token_id": 2, "min_new_tokens": 2,
+           "min_length": 9 + 5}  # min_length counts the (padded) prompt, as transformers does
     (tmp_path / "generation_config.json").write_text(json.dumps(gen))
     model = fastlm.from_pretrained(tmp_path)
     assert torch.equal(model.generate(ids, mask, max_new_tokens=16), hf_gen(tmp_path, ids, mask, max_new_tokens=16))
@@ -194,3 +195,17 @@ def test_cli_generate_stops_at_the_checkpoints_eos(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path), "--prompt-ids", prompt, "--max-new-tokens", "12"]) == 0
     out = capsys.readouterr().out
     assert f"{len(expect)} new tokens" in out, out  # stopped where transformers stops
+
+
+def test_checkpoint_min_length_counts_the_prompt_like_transformers(tmp_path):
+    save(tmp_path, gen={"pad_token_id": 0})
+    ids, mask = left_padded()
+    free = free_run(tmp_path, ids, mask)
+    eos = [fresh(free, 0, 1), fresh(free, 1, 1)]  # rows 0 and 1 would stop at their 2nd token
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "pad_token_id": 0,
+                                                                 "min_length": 9 + 4}))
+    model = fastlm.from_pretrained(tmp_path)
+    got = model.generate(ids, mask, max_new_tokens=12)
+    assert torch.equal(got, hf_gen(tmp_path, ids, mask, max_new_tokens=12))
+    assert not any(t in eos for t in got[:, 9:13].flatten().tolist())  # no eos in the first 4 new tokens
+    assert any(t in eos for t in got[:, 13:].flatten().tolist())  # and it does come after
