@@ -7,6 +7,7 @@ from fastlm import _ext  # noqa: F401  (first: loads fastlm._C, which defines to
 from fastlm import nn, ops, reference
 from fastlm.backend import use_backend
 from fastlm.integrations import optimize, restore
+from fastlm.quantize import quantize_
 from fastlm.models import (
     BertForMaskedLM,
     BertForSequenceClassification,
@@ -26,6 +27,7 @@ __all__ = [
     "use_backend",
     "optimize",
     "restore",
+    "quantize_",
     "from_pretrained",
     "BertModel",
     "BertForSequenceClassification",

@@ -126,3 +126,80 @@ def model_bytes(model: nn.Module) -> int:
             seen.add(key)
             total += t.untyped_storage().nbytes()
     return total
+
+
+# -- transformers models (fastlm.optimize(model, quantize=...)) -------------------------------
+_HF_PROJECTION = re.compile(
+    r"(^|\.)(h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)"
+    r"|layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense))$"
+    r"|^lm_head$"
+)
+
+
+class HFQuantized(nn.Module):
+    """Stands in for a transformers nn.Linear / Conv1D projection after fastlm.optimize(...,
+    quantize=...): forward(x) = x @ W^T + b on the int8 weights. `kind` remembers the original
+    ("linear" or "conv1d") for fastlm.restore, which puts back a module holding the dequantized
+    weights (the full-precision originals are not kept)."""
+
+    def __init__(self, inner: nn.Module, kind: str):
+        super().__init__()
+        self.inner, self.kind = inner, kind
+
+    def forward(self, x):
+        return self.inner(x)
+
+    def dequantized_module(self) -> nn.Module:
+        w = self.inner.dequantized()  # (out, in) float32
+        b = self.inner.bias
+        dtype = b.dtype if b is not None else torch.float32
+        if self.kind == "conv1d":
+            from transformers.pytorch_utils import Conv1D
+
+            m = Conv1D(w.shape[0], w.shape[1])
+            m.weight = nn.Parameter(w.t().contiguous().to(dtype), requires_grad=False)
+        else:
+            m = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+            m.weight = nn.Parameter(w.to(dtype), requires_grad=False)
+        if b is not None:
+            m.bias = nn.Parameter(b.clone(), requires_grad=False)
+        return m.to(w.device)
+
+
+def quantize_hf_(model: nn.Module, mode: str) -> int:
+    """Swap a transformers BERT / GPT-2 model's projections (QKV, attention out, FFN, LM head) for
+    int8 ones in place; returns how many. Checks the mode / device / dtype first (ValueError)."""
+    from transformers.pytorch_utils import Conv1D
+
+    device, dtype = _model_device_dtype(model)
+    check_mode(mode, device, dtype)
+    cls = _CLASSES[mode]
+    slots = []
+    for name, mod in model.named_modules():
+        if _HF_PROJECTION.search(name) and isinstance(mod, (nn.Linear, Conv1D)):
+            parent_name, _, attr = name.rpartition(".")
+            slots.append((model.get_submodule(parent_name) if parent_name else model, attr, mod))
+    if not slots:
+        raise ValueError(f"quantize: found no projection to quantize in {type(model).__name__}")
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    with torch.no_grad():
+        for parent, attr, mod in slots:
+            conv = isinstance(mod, Conv1D)
+            w = mod.weight.t() if conv else mod.weight  # (out, in)
+            inner = cls(w, mod.bias).to(device)
+            if emb is not None and mod.weight is emb.weight:  # a tied head: the embedding is its round trip,
+                emb.weight.copy_(inner.dequantized().to(emb.weight.dtype))  # as transformers on dequantized weights
+            setattr(parent, attr, HFQuantized(inner, "conv1d" if conv else "linear"))
+    return len(slots)
+
+
+def dequantize_hf_(model: nn.Module) -> None:
+    """Undo quantize_hf_: every HFQuantized goes back to an nn.Linear / Conv1D holding the
+    dequantized weights. A tied LM head is tied to the input embedding again."""
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, HFQuantized):
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, mod.dequantized_module())
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()

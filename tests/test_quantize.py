@@ -247,3 +247,62 @@ def test_cuda_int8_gemv(dtype, M, N, K):
     err = (got.float() - ref32).abs().max().item()
     perr = (plain.float() - ref32).abs().max().item()
     assert err <= 2 * perr + 1e-3 * ref32.abs().max().item(), (err, perr)
+
+
+def test_optimize_int8_gpt2_and_restore():
+    import copy
+
+    from transformers.pytorch_utils import Conv1D
+
+    from fastlm.quantize import HFQuantized
+
+    hf = gpt2()
+    ref = dequantize_hf_gpt2_(copy.deepcopy(hf))
+    ids = torch.randint(0, 300, (1, 7))
+    fastlm.optimize(hf, quantize="int8")
+    try:
+        assert isinstance(hf.transformer.h[0].mlp.c_fc, HFQuantized) and isinstance(hf.lm_head, HFQuantized)
+        with torch.no_grad():
+            got, expect = hf(ids).logits, ref(ids).logits
+        assert ((got - expect).abs().max() / expect.abs().max()).item() <= 1e-4
+        want = ref.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert want[0, 7:].unique().numel() >= 6
+        assert torch.equal(hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0), want)
+        with pytest.raises(ValueError, match="restore it first"):
+            fastlm.optimize(hf, quantize="int8_dynamic")
+    finally:
+        fastlm.restore(hf)
+    assert isinstance(hf.transformer.h[0].mlp.c_fc, Conv1D) and isinstance(hf.lm_head, torch.nn.Linear)
+    assert hf.lm_head.weight is hf.transformer.wte.weight
+    with torch.no_grad():  # restore keeps the dequantized weights (the originals were not kept)
+        torch.testing.assert_close(hf(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8_dynamic"])
+def test_optimize_bert_quantized(mode):
+    import copy
+
+    cfg = tf.BertConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=128, intermediate_size=300,
+                        vocab_size=211)
+    hf = randomize_(tf.BertModel(cfg).eval(), std=0.05)
+    ref = dequantize_hf_bert_(copy.deepcopy(hf))
+    ids = torch.randint(0, 211, (2, 15))
+    fastlm.optimize(hf, quantize=mode)
+    with torch.no_grad():
+        got, expect = hf(input_ids=ids).last_hidden_state, ref(input_ids=ids).last_hidden_state
+    if mode == "int8":
+        assert ((got - expect).abs().max() / expect.abs().max()).item() <= 1e-4
+    else:
+        assert torch.nn.functional.cosine_similarity(got, expect, dim=-1).min() > 0.99
+    fastlm.restore(hf)
+    assert isinstance(hf.encoder.layer[0].intermediate.dense, torch.nn.Linear)
+
+
+def test_optimize_bad_mode_changes_nothing():
+    hf = gpt2()
+    with pytest.raises(ValueError, match="'int8', 'int8_dynamic'"):
+        fastlm.optimize(hf, quantize="int4")
+    with pytest.raises(ValueError, match="float32"):
+        fastlm.optimize(hf.half(), quantize="int8")
+    assert not fastlm.integrations.is_optimized(hf)
+    assert type(hf.transformer.h[0].mlp.c_fc).__name__ == "Conv1D"

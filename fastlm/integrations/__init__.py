@@ -42,12 +42,22 @@ def _check(model) -> str:
     return SUPPORTED[name]
 
 
-def optimize(model):
+def optimize(model, quantize=None):
     """Swap the hot path of a transformers BERT or GPT-2 model in place (attention, FFN,
-    LayerNorm) and return it. Idempotent; `fastlm.restore(model)` undoes it."""
+    LayerNorm) and return it. Idempotent; `fastlm.restore(model)` undoes it.
+    quantize: None, "int8" or "int8_dynamic" (fastlm.quantize): the projections become int8
+    (checked before any change; restore puts back the dequantized weights)."""
+    from fastlm.quantize import check_mode_name, quantize_hf_
+
+    check_mode_name(quantize)
     kind = _check(model)
     if getattr(model, STATE, None) is not None:
+        if quantize != model.__dict__[STATE].get("quantize"):
+            raise ValueError(f"fastlm.optimize: the model is already optimized with quantize="
+                             f"{model.__dict__[STATE].get('quantize')!r}; fastlm.restore it first")
         return model
+    if quantize is not None:
+        quantize_hf_(model, quantize)
     model_warnings: list[str] = []
 
     def warn(msg: str) -> None:
@@ -62,7 +72,8 @@ def optimize(model):
         attention.register()
         model.set_attn_implementation(attention.NAME)
     PATCHERS[kind].patch(model, warn)
-    model.__dict__[STATE] = {"attn_implementation": previous, "kind": kind, "warnings": model_warnings}
+    model.__dict__[STATE] = {"attn_implementation": previous, "kind": kind, "warnings": model_warnings,
+                             "quantize": quantize}
     return model
 
 
@@ -73,6 +84,10 @@ def restore(model):
         return model
     clear_forwards(model)
     PATCHERS[state["kind"]].unpatch(model)
+    if state.get("quantize") is not None:
+        from fastlm.quantize import dequantize_hf_
+
+        dequantize_hf_(model)
     model.set_attn_implementation(state["attn_implementation"])
     return model
 
