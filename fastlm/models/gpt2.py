@@ -34,7 +34,7 @@ class KVStep:
     layer: int
     pos: Optional[Tensor] = None
     lens: Optional[Tensor] = None
-    kv_len: Optional[int] = None  # host-known bound on lens, for the eager path
+    kv_len: Optional[int] = None  # host-known bound on lens, for the eager path (exact for B == 1)
 
 
 class GPT2Attention(nn.Module):
@@ -55,7 +55,14 @@ class GPT2Attention(nn.Module):
         B, S, C = x.shape
         qkv = linear(self.c_attn, x).view(B, S, 3, self.n_head, self.head_dim)  # (B, S, 3, H, D)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x (B, H, S, D), strided views
-        if kv is not None and kv.pos is not None:  # decode: one token per sequence
+        if kv is not None and kv.pos is not None and kv.kv_len is not None and B == 1:
+            # eager decode of one sequence: its length is the host-known kv_len, so the new row is
+            # written in place and attention reads exactly the rows in use, with no mask to build
+            kc, vc = kv.cache.k[kv.layer, :1], kv.cache.v[kv.layer, :1]  # (1, H, capacity, D)
+            kc[:, :, kv.kv_len - 1].copy_(k[:, :, 0])
+            vc[:, :, kv.kv_len - 1].copy_(v[:, :, 0])
+            y = ops.attention(q, kc[:, :, : kv.kv_len], vc[:, :, : kv.kv_len], scale=self.scale)  # (1, H, 1, D)
+        elif kv is not None and kv.pos is not None:  # decode: one token per sequence
             kv.cache.append(kv.layer, k, v, kv.pos)
             kc, vc = kv.cache.k[kv.layer], kv.cache.v[kv.layer]  # (B, H, capacity, D)
             if kv.kv_len is not None:  # eager path: read only the rows in use
@@ -166,7 +173,9 @@ class GPT2LMHeadModel(nn.Module):
 
     def decode_step(self, tokens: Tensor, pos: Tensor, cache: StaticKVCache, kv_len: Optional[int] = None) -> Tensor:
         """One token per sequence, tokens (B,) at positions pos (B,) int32 -> logits (B, vocab).
-        Static shapes and no host sync: this is what the CUDA graph captures."""
+        Static shapes and no host sync: this is what the CUDA graph captures. kv_len (eager path):
+        a host-known bound on pos + 1; with one sequence (B == 1) it must equal pos + 1, as
+        fastlm.generation passes it."""
         lens = pos + 1  # (B,) int32: rows each sequence attends to, the new one included
         h = self.wte(tokens)[:, None] + self.wpe(pos)[:, None]  # (B, 1, C)
         for i, block in enumerate(self.h):
