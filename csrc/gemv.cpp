@@ -164,15 +164,30 @@ FASTLM_AVX2 inline void load_panel_row(const void* p, int64_t k, __m256& w0, __m
 
 // MR rows x 16 channels. Few rows leave the FMA latency exposed, so K is unrolled into U
 // independent accumulator sets (U * MR * 2 <= 12 vector registers).
+// Software prefetch distance in bytes of panel ahead of the loads (0: off), FASTLM_GEMV_PREFETCH.
+int64_t prefetch_bytes() {
+  static const int64_t v = [] {
+    const char* env = std::getenv("FASTLM_GEMV_PREFETCH");
+    return env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : int64_t{1024};
+  }();
+  return v;
+}
+
 template <bool kInt8, int MR>
 FASTLM_AVX2 void tile_avx2(const float* x, int64_t K, const void* p, const Epilogue& e, int64_t r0, int64_t n0,
                            int64_t nv) {
   constexpr int U = MR == 1 ? 4 : (MR == 2 ? 2 : 1);
+  constexpr int64_t kRowBytes = kNR * (kInt8 ? 1 : 4);  // panel bytes per k
+  const int64_t pf = prefetch_bytes();
+  const char* pbytes = static_cast<const char*>(p);
   __m256 a[U][MR][2];
   for (int u = 0; u < U; ++u)
     for (int r = 0; r < MR; ++r) a[u][r][0] = a[u][r][1] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + U <= K; k += U) {
+    // one prefetch per cache line of panel (prefetches never fault past the end)
+    if (pf > 0 && ((k * kRowBytes) & 63) < U * kRowBytes)
+      _mm_prefetch(pbytes + k * kRowBytes + pf, _MM_HINT_T0);
     for (int u = 0; u < U; ++u) {
       __m256 w0, w1;
       load_panel_row<kInt8>(p, k + u, w0, w1);
