@@ -12,6 +12,7 @@ from fastlm import (
 from fastlm.backend import use_backend
 from fastlm.embed import Embedder
 from fastlm.integrations import optimize, restore
+from fastlm.quantize import quantize_
 from fastlm.models import (
     ARCHITECTURES,
     BertForMaskedLM,
@@ -57,6 +58,7 @@ __all__ = [
     "optimize",
     "Embedder",
     "restore",
+    "quantize_",
     "from_pretrained",
     "BertModel",
     "BertForSequenceClassification",

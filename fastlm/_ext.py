@@ -42,6 +42,13 @@ if _C is not None:
         return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
+if _C is not None:
+
+    @torch.library.register_fake("fastlm::packed_linear")
+    def _packed_linear_fake(x, w, n, scale=None, bias=None, residual=None, activation="none"):
+        return x.new_empty((*x.shape[:-1], n))
+
+
 # fastlm._C ops that have a CUDA kernel (the rest are CPU twins only; on GPU tensors they
 # run Triton or the reference instead).
 CUDA_OPS = frozenset({"bias_gelu", "ffn"})

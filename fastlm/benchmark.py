@@ -282,6 +282,46 @@ def ffn_cases(device: str, dtype: torch.dtype) -> list[Case]:
     return cases
 
 
+def ffn_int8_cases(device: str, dtype: torch.dtype) -> list[Case]:
+    """Decode FFN (d 768 / d_ff 3072, GPT-2 small's MLP) with int8 weight-only linears
+    (fastlm.linear.Int8Linear: CPU AVX2 GEMV / CUDA int8 GEMV) against the same FFN on the model
+    dtype's GEMV (fastlm.ops.ffn; on CPU the packed fp32 linears) and torch. GB/s of the int8
+    weight bytes (the fp16/fp32 providers move 2-4x more bytes: compare their ms)."""
+    from fastlm.linear import Int8Linear, PackedLinear
+
+    d, d_ff = (768, 3072)
+    cases = []
+    for M in [1, 4, 16]:
+        def mk(M=M):
+            x = torch.randn(M, d, device=device, dtype=dtype)
+            w1 = torch.randn(d_ff, d, device=device, dtype=dtype) * d**-0.5
+            w2 = torch.randn(d, d_ff, device=device, dtype=dtype) * d_ff**-0.5
+            return x, w1, torch.randn(d_ff, device=device, dtype=dtype), w2, torch.randn(d, device=device, dtype=dtype)
+
+        def int8_p(mk=mk):
+            x, w1, b1, w2, b2 = mk()
+            if device == "cpu" and dtype != torch.float32:
+                raise Skip("the CPU int8 kernel takes float32 activations")
+            fc, proj = Int8Linear(w1, b1).to(device), Int8Linear(w2, b2).to(device)
+            return lambda: proj(fc(x, activation="gelu_tanh"), residual=x)
+
+        def dense_p(mk=mk):
+            x, w1, b1, w2, b2 = mk()
+            if device == "cpu" and dtype == torch.float32:
+                fc, proj = PackedLinear(w1, b1), PackedLinear(w2, b2)
+                return lambda: proj(fc(x, activation="gelu_tanh"), residual=x)
+            return lambda: ops.ffn(x, w1, b1, w2, b2, activation="gelu_tanh", residual=x)
+
+        def torch_p(mk=mk):
+            x, w1, b1, w2, b2 = mk()
+            return lambda: F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2) + x
+
+        cases.append(Case("ffn_decode_int8", "ops", f"M{M} d{d} d_ff{d_ff} int8", M,
+                          {"fastlm_int8": int8_p, "fastlm": dense_p, "torch": torch_p},
+                          bytes=2.0 * d * d_ff, unit="GB/s"))
+    return cases
+
+
 def layer_norm_cases(device: str, dtype: torch.dtype) -> list[Case]:
     shapes = [(16384, 768), (16384, 1024), (8192, 1600), (4096, 4096)] if device == "cuda" else [(512, 768)]
     eb = torch.finfo(dtype).bits // 8
@@ -492,8 +532,9 @@ def generate_cases(device: str, dtype: torch.dtype) -> list[Case]:
 
 
 CASES = {"attention": attention_cases, "softmax": softmax_cases, "decode_attention": decode_attention_cases,
-         "bias_gelu": bias_gelu_cases, "ffn": ffn_cases, "layer_norm": layer_norm_cases}
-OPS = ("attention", "softmax", "decode_attention", "bias_gelu", "ffn_prefill", "ffn_decode", "layer_norm")
+         "bias_gelu": bias_gelu_cases, "ffn": ffn_cases, "ffn_int8": ffn_int8_cases, "layer_norm": layer_norm_cases}
+OPS = ("attention", "softmax", "decode_attention", "bias_gelu", "ffn_prefill", "ffn_decode", "ffn_decode_int8",
+       "layer_norm")
 MODEL_CASES = ("bert_fwd", "bert_padded", "gpt2_prefill", "gpt2_generate")
 
 

@@ -17,7 +17,7 @@ def test_there_are_cuda_sources():
 
 
 @pytest.mark.skipif(find_nvcc() is None, reason="nvcc not found: CUDA sources cannot be compile-checked here")
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("arch", ["sm_80", "sm_86", "sm_89", "sm_90"])
 @pytest.mark.parametrize("src", SOURCES, ids=lambda p: os.path.basename(p))
 def test_cu_compiles_without_spills(src, arch):
     reports = nvcc_compile(src, arch, include_dirs=(os.path.join(ROOT, "csrc"),))

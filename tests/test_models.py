@@ -151,7 +151,7 @@ def test_random_init_from_config():
     cfg = tf.GPT2Config(**GPT2_CONFIGS["h3_d32_v101"])
     model = fastlm.from_pretrained(cfg)
     assert isinstance(model, fastlm.GPT2LMHeadModel)
-    assert model.h[0].attn.c_attn.weight.std() > 0.01
+    assert model.h[0].attn.c_attn.dense_weight().std() > 0.01  # packed for the CPU GEMV
     bert = fastlm.from_pretrained(tf.BertConfig(**BERT_CONFIGS["h3_d32_v101"]), dtype=torch.float16)
     assert isinstance(bert, fastlm.BertModel) and bert.dtype == torch.float16
 
@@ -250,12 +250,18 @@ def test_bert_unpadded_equals_padded_reference():
 
 
 def test_decode_projections_keep_the_cpu_layout_through_to():
+    from fastlm.linear import PackedLinear
+
     model = fastlm.from_pretrained(tf.GPT2Config(**GPT2_CONFIGS["h3_d32_v101"]))
-    w = model.h[0].mlp.c_fc.weight
-    assert not w.is_contiguous() and w.t().is_contiguous()  # (in, out) memory on CPU
+    assert all(isinstance(lin, PackedLinear) and lin.packed is not None for lin in model.decode_linears())
+    assert isinstance(model.wte, torch.nn.Embedding)  # the tied head has its own packed copy
     ids = torch.randint(0, 101, (1, 7))
     before = model(ids).logits
-    model.to(torch.float64).to(torch.float32)  # _apply keeps the layout and the values
+    model.to(torch.float64)  # no fp64 kernel: plain nn.Linear again, head tied to wte
+    assert all(type(lin) is torch.nn.Linear for lin in model.decode_linears())
+    assert model.lm_head.weight is model.wte.weight
     w = model.h[0].mlp.c_fc.weight
-    assert w.t().is_contiguous() and w.dtype == torch.float32
+    assert w.t().is_contiguous() and w.dtype == torch.float64  # (in, out) memory on CPU
+    model.to(torch.float32)  # _apply re-packs, values unchanged
+    assert all(isinstance(lin, PackedLinear) and lin.packed is not None for lin in model.decode_linears())
     assert torch.equal(model(ids).logits, before)

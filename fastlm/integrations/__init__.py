@@ -69,15 +69,21 @@ def _unwrap(module, fn: str) -> nn.Module:
     raise TypeError(f"fastlm.{fn}: expected an nn.Module (or a pipeline holding one), got {type(module).__name__}")
 
 
-def optimize(module):
+def optimize(module, *, quantize: str | None = None):
     """Swap the hot path (attention, FFN, LayerNorm) of every supported transformers model inside
     `module` in place and return `module`: a transformers model, a SentenceTransformer, a user's
     nn.Module wrapper, or a pipeline (its `.model`). Idempotent; `fastlm.restore(module)` undoes it.
 
     Supported (fastlm.integrations.SUPPORTED): BERT, RoBERTa, XLM-RoBERTa, CamemBERT and DistilBERT
     (Model and the SequenceClassification / TokenClassification / QuestionAnswering / MaskedLM
-    heads), GPT2Model, GPT2LMHeadModel, GPT2ForSequenceClassification. Raises TypeError when
-    `module` holds none of them, ValueError for weights on the meta device or spread over devices."""
+    heads), GPT2Model, GPT2LMHeadModel, GPT2ForSequenceClassification.
+    quantize: None, "int8" or "int8_dynamic" (fastlm.quantize): the projections become int8
+    (checked before any change; restore puts back the dequantized weights).
+    Raises TypeError when `module` holds none of them, ValueError for an unknown quantize mode,
+    weights on the meta device or spread over devices."""
+    from fastlm.quantize import check_mode_name
+
+    check_mode_name(quantize)
     root = _unwrap(module, "optimize")
     targets = _targets(root)
     if not targets:
@@ -85,14 +91,22 @@ def optimize(module):
                         f"transformers model; supported: {', '.join(SUPPORTED)}")
     for model, _ in targets:
         _check(model)
+        state = getattr(model, STATE, None)
+        if state is not None and quantize != state.get("quantize"):
+            raise ValueError(f"fastlm.optimize: the model is already optimized with quantize="
+                             f"{state.get('quantize')!r}; fastlm.restore it first")
     for model, kind in targets:
-        _optimize_one(model, kind)
+        _optimize_one(model, kind, quantize)
     return module
 
 
-def _optimize_one(model, kind: str) -> None:
+def _optimize_one(model, kind: str, quantize: str | None) -> None:
     if getattr(model, STATE, None) is not None:
         return
+    if quantize is not None:
+        from fastlm.quantize import quantize_hf_
+
+        quantize_hf_(model, quantize)
     model_warnings: list[str] = []
 
     def warn(msg: str) -> None:
@@ -107,11 +121,13 @@ def _optimize_one(model, kind: str) -> None:
         attention.register()
         model.set_attn_implementation(attention.NAME)
     PATCHERS[kind].patch(model, warn)
-    model.__dict__[STATE] = {"attn_implementation": previous, "kind": kind, "warnings": model_warnings}
+    model.__dict__[STATE] = {"attn_implementation": previous, "kind": kind, "warnings": model_warnings,
+                             "quantize": quantize}
 
 
 def restore(module):
-    """Undo fastlm.optimize on every model inside `module` (a no-op where it never ran)."""
+    """Undo fastlm.optimize on every model inside `module` (a no-op where it never ran); quantized
+    projections come back as float modules holding the dequantized weights."""
     root = _unwrap(module, "restore")
     for model in list(root.modules()):
         state = model.__dict__.pop(STATE, None)
@@ -119,6 +135,10 @@ def restore(module):
             continue
         clear_forwards(model)
         PATCHERS[state["kind"]].unpatch(model)
+        if state.get("quantize") is not None:
+            from fastlm.quantize import dequantize_hf_
+
+            dequantize_hf_(model)
         model.set_attn_implementation(state["attn_implementation"])
     return module
 

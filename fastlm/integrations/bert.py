@@ -36,7 +36,8 @@ def patch(model, warn) -> None:
         act = None
         warn(f"BERT FFN keeps transformers' code: {e}")
     for layer in base.encoder.layer:
-        if act is not None:
+        quantized = not hasattr(layer.intermediate.dense, "weight")  # int8 (fastlm.quantize)
+        if act is not None and not quantized:
             layer._fastlm_act = act
             layer.__dict__["feed_forward_chunk"] = types.MethodType(_ffn_chunk, layer)
         set_forward(layer.attention.output, types.MethodType(_self_output_forward, layer.attention.output))

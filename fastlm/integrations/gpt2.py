@@ -27,7 +27,8 @@ def patch(model, warn) -> None:
         warn(f"GPT-2 MLP keeps transformers' code: {e}")
     for block in base.h:
         mlp = block.mlp
-        if act is not None:
+        quantized = not hasattr(mlp.c_fc, "weight")  # int8 (fastlm.quantize): transformers' MLP calls it
+        if act is not None and not quantized:
             # Conv1D keeps [in, out]. On CPU its transpose view is already the layout the CPU
             # GEMMs want (no copy); the GPU's GEMV kernels stream [out, in] rows, so there each
             # weight gets one transposed copy. Non-persistent: state_dict and save_pretrained

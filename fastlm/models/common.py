@@ -16,6 +16,7 @@ from fastlm.models.outputs import (  # noqa: F401  (re-exported: the models impo
     ModelOutput,
     QuestionAnsweringModelOutput,
 )
+from fastlm.linear import FastLinear
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,8 @@ def decode_layout_(linears) -> None:
     Values and shapes never change; only strides do."""
     with torch.no_grad():
         for lin in linears:
+            if not isinstance(lin, nn.Linear):  # fastlm linears lay themselves out
+                continue
             w = lin.weight
             if w.device.type == "cpu" and w.is_contiguous() and w.dim() == 2:
                 lin.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=False)
@@ -132,13 +135,24 @@ def decode_layout_(linears) -> None:
 # Every model projection goes through these two helpers, so a packed or quantized linear
 # (fastlm.quantize) plugs in here once instead of at every call site.
 
-def linear(lin: nn.Module, x: Tensor) -> Tensor:
-    """x @ W^T + b through `lin` (an nn.Linear, or a packed / quantized fastlm linear).
-    x (..., in) -> (..., out)."""
-    return lin(x)
+def linear(lin: nn.Module, x: Tensor, *, activation: Optional[str] = None, residual: Optional[Tensor] = None) -> Tensor:
+    """act(x @ W^T + b) (+ residual) through `lin`: an nn.Linear, or a packed / quantized fastlm
+    linear (fastlm.linear), which fuses the activation ("gelu" | "gelu_tanh") and the residual
+    add into its kernel. x (..., in) -> (..., out)."""
+    if isinstance(lin, FastLinear):
+        return lin(x, activation=activation, residual=residual)
+    y = lin(x)
+    if activation is not None:
+        y = torch.nn.functional.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
+    return y if residual is None else y + residual
 
 
 def ffn(fc: nn.Module, proj: nn.Module, x: Tensor, activation: str, residual: Optional[Tensor] = None) -> Tensor:
-    """proj(act(fc(x))) (+ residual), fused by fastlm.ops.ffn. x (..., d_model) -> (..., d_model);
-    fc: d_model -> d_ff, proj: d_ff -> d_model; activation "gelu" (erf) or "gelu_tanh"."""
+    """proj(act(fc(x))) (+ residual). x (..., d_model) -> (..., d_model); fc: d_model -> d_ff,
+    proj: d_ff -> d_model; activation "gelu" (erf) or "gelu_tanh". Packed / quantized fastlm
+    linears run their kernels with the activation and residual fused into the epilogues; plain
+    weights go to fastlm.ops.ffn."""
+    if not all(isinstance(getattr(m, "weight", None), Tensor) for m in (fc, proj)):  # packed / int8
+        h = linear(fc, x, activation=activation)  # (..., d_ff)
+        return linear(proj, h, residual=residual)
     return ops.ffn(x, fc.weight, fc.bias, proj.weight, proj.bias, activation=activation, residual=residual)

@@ -10,8 +10,9 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from fastlm import ops
+from fastlm import _ext, ops
 from fastlm.cache import StaticKVCache
+from fastlm.linear import PackedLinear
 from fastlm.models.common import (
     BaseModelOutput,
     CausalLMOutput,
@@ -35,7 +36,7 @@ class KVStep:
     layer: int
     pos: Optional[Tensor] = None
     lens: Optional[Tensor] = None
-    kv_len: Optional[int] = None  # host-known bound on lens, for the eager path
+    kv_len: Optional[int] = None  # host-known bound on lens, for the eager path (exact for B == 1)
 
 
 class GPT2Attention(nn.Module):
@@ -56,7 +57,14 @@ class GPT2Attention(nn.Module):
         B, S, C = x.shape
         qkv = linear(self.c_attn, x).view(B, S, 3, self.n_head, self.head_dim)  # (B, S, 3, H, D)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x (B, H, S, D), strided views
-        if kv is not None and kv.pos is not None:  # decode: one token per sequence
+        if kv is not None and kv.pos is not None and kv.kv_len is not None and B == 1:
+            # eager decode of one sequence: its length is the host-known kv_len, so the new row is
+            # written in place and attention reads exactly the rows in use, with no mask to build
+            kc, vc = kv.cache.k[kv.layer, :1], kv.cache.v[kv.layer, :1]  # (1, H, capacity, D)
+            kc[:, :, kv.kv_len - 1].copy_(k[:, :, 0])
+            vc[:, :, kv.kv_len - 1].copy_(v[:, :, 0])
+            y = ops.attention(q, kc[:, :, : kv.kv_len], vc[:, :, : kv.kv_len], scale=self.scale)  # (1, H, 1, D)
+        elif kv is not None and kv.pos is not None:  # decode: one token per sequence
             kv.cache.append(kv.layer, k, v, kv.pos)
             kc, vc = kv.cache.k[kv.layer], kv.cache.v[kv.layer]  # (B, H, capacity, D)
             if kv.kv_len is not None:  # eager path: read only the rows in use
@@ -120,11 +128,11 @@ class GPT2Model(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.wte.weight.device
+        return self.wpe.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.wte.weight.dtype
+        return self.wpe.weight.dtype
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                       position_ids: Optional[Tensor] = None) -> Tensor:
@@ -225,6 +233,12 @@ class GPT2LMHeadModel(GPT2Model):
         if self.tied:
             self.lm_head.weight = self.wte.weight
 
+    def init_random(self) -> "GPT2LMHeadModel":
+        self.decode_layout_(pack=False)  # plain nn.Linear (head tied to wte) while initialising
+        init_weights(self, self.config.initializer_range)
+        self.decode_layout_()
+        return self
+
     def untie_(self) -> None:
         """Give lm_head its own weight (uninitialised, same shape): for a tied config whose
         checkpoint stores a different lm_head.weight, which transformers then uses."""
@@ -239,7 +253,7 @@ class GPT2LMHeadModel(GPT2Model):
         """input_ids (B, S); attention_mask (B, S) with 1 = token, 0 = padding; position_ids
         (B, S) default 0..S-1 as in transformers' forward. Returns .logits (B, S, vocab)."""
         h = self.hidden_states(input_ids, attention_mask, position_ids)  # (B, S, C)
-        return CausalLMOutput(logits=self.lm_head(h))  # (B, S, vocab)
+        return CausalLMOutput(logits=linear(self.lm_head, h))  # (B, S, vocab)
 
     # -- cached inference (fastlm.generation drives these) ---------------------------------
     def prefill(self, input_ids: Tensor, key_padding_mask: Optional[Tensor], cache: StaticKVCache) -> Tensor:
@@ -251,17 +265,19 @@ class GPT2LMHeadModel(GPT2Model):
         for i, block in enumerate(self.h):
             h = block(h, key_padding_mask, KVStep(cache, i))
         h = ops.layer_norm(h, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
-        return self.lm_head(h)
+        return linear(self.lm_head, h)
 
     def decode_step(self, tokens: Tensor, pos: Tensor, cache: StaticKVCache, kv_len: Optional[int] = None) -> Tensor:
         """One token per sequence, tokens (B,) at positions pos (B,) int32 -> logits (B, vocab).
-        Static shapes and no host sync: this is what the CUDA graph captures."""
+        Static shapes and no host sync: this is what the CUDA graph captures. kv_len (eager path):
+        a host-known bound on pos + 1; with one sequence (B == 1) it must equal pos + 1, as
+        fastlm.generation passes it."""
         lens = pos + 1  # (B,) int32: rows each sequence attends to, the new one included
         h = self.wte(tokens)[:, None] + self.wpe(pos)[:, None]  # (B, 1, C)
         for i, block in enumerate(self.h):
             h = block(h, None, KVStep(cache, i, pos, lens, kv_len))
         h = ops.layer_norm(h, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
-        return self.lm_head(h[:, 0])  # (B, vocab)
+        return linear(self.lm_head, h[:, 0])  # (B, vocab)
 
     def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> Tensor:
         """Greedy or sampled generation; see fastlm.generation.generate. Returns (B, S + new)."""
@@ -279,12 +295,46 @@ class GPT2LMHeadModel(GPT2Model):
     def _apply(self, fn, *args, **kwargs):
         """After .to() / .cuda() / .half(): the decode projections take their device's layout."""
         out = super()._apply(fn, *args, **kwargs)
-        decode_layout_(self.decode_linears())
+        self.decode_layout_()
         return out
 
-    def decode_linears(self) -> list[nn.Linear]:
-        """The projections every decode step reads (CPU keeps them in its GEMV layout)."""
-        return [lin for b in self.h for lin in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+    def projections(self) -> list[tuple[nn.Module, str]]:
+        """(parent, name) of every projection a decode step reads, the LM head last: what
+        fastlm.quantize_ swaps and decode_layout_ packs."""
+        slots = [(m, n) for b in self.h for m, n in ((b.attn, "c_attn"), (b.attn, "c_proj"), (b.mlp, "c_fc"),
+                                                     (b.mlp, "c_proj"))]
+        return slots + [(self, "lm_head")]
+
+    def decode_linears(self) -> list[nn.Module]:
+        """The projections every decode step reads, the LM head included."""
+        return [getattr(m, n) for m, n in self.projections()]
+
+    def tied_embedding_slot(self):
+        """(parent, name, head getter) of the embedding tied to the LM head, for fastlm.quantize_."""
+        return (self, "wte", lambda: self.lm_head) if self.tied else None
+
+    def decode_layout_(self, pack: Optional[bool] = None) -> None:
+        """Lay the decode projections out for this device: on CPU in float32 (with fastlm._C) each
+        becomes a PackedLinear, the panels the CPU GEMV streams (the tied head gets its own packed
+        copy; the embedding keeps wte). Elsewhere they are plain nn.Linear again (the tied head
+        shares wte) in the layout of common.decode_layout_. Quantized projections lay themselves out."""
+        if any(p.is_meta for p in self.wpe.parameters()):
+            return
+        packed = self.device.type == "cpu" and self.dtype == torch.float32 and _ext.available() and pack is not False
+        with torch.no_grad():
+            for parent, name in self.projections():
+                lin = getattr(parent, name)
+                if packed and type(lin) is nn.Linear:
+                    setattr(parent, name, PackedLinear.from_linear(lin))
+                elif not packed and isinstance(lin, PackedLinear):
+                    tied = parent is self and name == "lm_head" and self.tied and isinstance(self.wte, nn.Embedding)
+                    plain = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                      device=self.device, dtype=self.dtype)
+                    plain.weight = self.wte.weight if tied else nn.Parameter(lin.dense_weight(), requires_grad=False)
+                    if lin.bias is not None:
+                        plain.bias = nn.Parameter(lin.bias, requires_grad=False)
+                    setattr(parent, name, plain)
+        decode_layout_([lin for lin in self.decode_linears()[:-1] if type(lin) is nn.Linear])  # the head stays tied
 
     def weight_map(self) -> list[W]:
         m = super().weight_map()

@@ -226,8 +226,10 @@ def convert_state_dict(model: nn.Module, hf: Mapping[str, Tensor], source: str) 
 
 def _build(cls, config, state: Optional[Mapping[str, Tensor]], source: str, dtype, device):
     model = _build_weights(cls, config, state, source, dtype, device)
-    if hasattr(model, "decode_linears"):
-        decode_layout_(model.decode_linears())  # later .to(device) calls redo it (GPT2LMHeadModel._apply)
+    if hasattr(model, "decode_layout_"):  # packs GPT-2's projections on CPU (fastlm.linear.PackedLinear)
+        model.decode_layout_()  # later .to(device) calls redo it (GPT2LMHeadModel._apply)
+    elif hasattr(model, "decode_linears"):
+        decode_layout_(model.decode_linears())
     return model
 
 
@@ -319,6 +321,7 @@ def from_pretrained(
     dtype: Optional[torch.dtype] = None,
     device: Optional[Union[str, torch.device]] = None,
     head: Optional[str] = None,
+    quantize: Optional[str] = None,
 ):
     """Build a fastlm model from `src`:
 
@@ -341,7 +344,12 @@ def from_pretrained(
     dtype defaults to that of the source weights (float32 for a config). Raises FileNotFoundError
     (no config.json / weights), ValueError (unsupported model, unreadable files), WeightError (the
     weights do not fit), TypeError (bad src or dtype).
+    quantize: None, "int8" or "int8_dynamic" (see fastlm.quantize); an unknown mode or one without
+    a kernel for the device / dtype raises ValueError before the weights are converted.
     """
+    from fastlm.quantize import check_mode, check_mode_name, quantize_
+
+    check_mode_name(quantize)
     if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"from_pretrained: dtype must be torch.float32, float16 or bfloat16, got {dtype}")
     if device is not None:
@@ -370,7 +378,10 @@ def from_pretrained(
             f"got {type(src).__name__}"
         )
     cls = _choose_class(config, head, obj_name)
-    model = _build(cls, config, state, source, dtype, device)
+    if quantize is not None:
+        src_dtype = next((t.dtype for t in (state or {}).values() if t.is_floating_point()), torch.float32)
+        check_mode(quantize, device or torch.device("cpu"), dtype or src_dtype)
+    model = quantize_(_build(cls, config, state, source, dtype, device), quantize)
     if isinstance(model, GPT2LMHeadModel):
         model.generation_config = _generation_config(src, config)
     return model

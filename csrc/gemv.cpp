@@ -1,0 +1,406 @@
+// Packed linear layers for decode: y = act(x @ W^T * scale + bias) + residual.
+//
+// CPU: W is packed once at load (fastlm/linear.py) into panels of 16 output channels,
+// (ceil(N / 16), K, 16), fp32 or int8 (per-channel symmetric, `scale` (N,)). Each thread streams
+// a contiguous run of panels; a register tile of up to 6 rows x 16 channels broadcasts x[m, k] and
+// FMAs into two 8-float accumulators per row, so every weight byte is read once for all rows
+// (M <= 16 in one pass; larger M in blocks of 96 rows, int8 panels dequantised once per block).
+// int8 is dequantised in registers (cvtepi8 -> cvtepi32_ps) and the scale applied after the dot.
+// Runtime ISA dispatch: an AVX2+FMA path and a portable path (FASTLM_CPU_ISA=portable or
+// torch.ops.fastlm.cpu_isa("portable") forces it).
+//
+// CUDA (FASTLM_WITH_CUDA): int8 weight-only GEMV on row-major (N, K) int8 weights, see
+// cuda/gemv_int8.cu; fp16 / bf16 / fp32 activations.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTLM_X86 1
+#include <immintrin.h>
+#define FASTLM_AVX2 __attribute__((target("avx2,fma")))
+#endif
+
+#include "fast_math.h"
+
+#ifdef FASTLM_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/gemv_int8_cuda.h"
+#endif
+
+namespace fastlm {
+namespace {
+
+constexpr int64_t kNR = 16;  // output channels per panel
+constexpr int kMR = 6;       // rows per register tile: 12 accumulators + 2 weight vectors + 1 broadcast
+constexpr int64_t kMC = 96;  // rows per block of x (L2-sized); int8 panels are dequantised once per block
+constexpr int64_t kDequantRows = 16;  // blocks with more rows than this dequantise the panel to fp32 first
+
+enum Act : int { kNone = 0, kGeluErf = 1, kGeluTanh = 2 };
+enum Isa : int { kPortable = 0, kAvx2 = 1 };
+
+bool cpu_has_avx2() {
+#ifdef FASTLM_X86
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+std::atomic<int> g_isa{-1};
+
+int current_isa() {
+  int v = g_isa.load(std::memory_order_relaxed);
+  if (v < 0) {
+    const char* env = std::getenv("FASTLM_CPU_ISA");
+    const bool portable = env != nullptr && std::string(env) == "portable";
+    v = (!portable && cpu_has_avx2()) ? kAvx2 : kPortable;
+    g_isa.store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
+
+// Query ("") or set ("auto", "avx2", "portable") the ISA of the CPU packed-linear kernels.
+std::string cpu_isa(c10::string_view isa) {
+  if (isa == "auto") {
+    g_isa.store(-1);
+  } else if (isa == "portable") {
+    g_isa.store(kPortable);
+  } else if (isa == "avx2") {
+    TORCH_CHECK_VALUE(cpu_has_avx2(), "cpu_isa: this CPU has no AVX2+FMA");
+    g_isa.store(kAvx2);
+  } else {
+    TORCH_CHECK_VALUE(isa.empty(), "cpu_isa: isa must be \"\", \"auto\", \"avx2\" or \"portable\", got \"", isa, "\"");
+  }
+  return current_isa() == kAvx2 ? "avx2" : "portable";
+}
+
+int parse_act(c10::string_view a) {
+  TORCH_CHECK_VALUE(a == "none" || a == "gelu" || a == "gelu_tanh",
+                    "packed_linear: activation must be \"none\", \"gelu\" or \"gelu_tanh\", got \"", a, "\"");
+  return a == "none" ? kNone : (a == "gelu" ? kGeluErf : kGeluTanh);
+}
+
+struct Epilogue {
+  const float* scale;     // (N,) or null
+  const float* bias;      // (N,) or null
+  const float* residual;  // (M, N) or null
+  float* y;               // (M, N)
+  int64_t N;
+  int act;
+};
+
+// acc (mr, 16) -> y rows r0.., channels n0..n0+nv: * scale + bias, activation, + residual.
+// Fixed-width loops over the 16 lanes, so gcc vectorises them (with ymm inside the AVX2 path).
+inline void finish_tile(const float* acc, int mr, const Epilogue& e, int64_t r0, int64_t n0, int64_t nv) {
+  float sc[kNR], bi[kNR], v[kNR];
+  for (int64_t j = 0; j < kNR; ++j) {
+    sc[j] = 1.0f;
+    bi[j] = 0.0f;
+  }
+  if (e.scale != nullptr)
+    for (int64_t j = 0; j < nv; ++j) sc[j] = e.scale[n0 + j];
+  if (e.bias != nullptr)
+    for (int64_t j = 0; j < nv; ++j) bi[j] = e.bias[n0 + j];
+  for (int r = 0; r < mr; ++r) {
+    for (int64_t j = 0; j < kNR; ++j) v[j] = acc[r * kNR + j] * sc[j] + bi[j];
+    if (e.act == kGeluErf) {
+      for (int64_t j = 0; j < kNR; ++j) v[j] = fm::gelu_erf(v[j]);
+    } else if (e.act == kGeluTanh) {
+      for (int64_t j = 0; j < kNR; ++j) v[j] = fm::gelu_tanh(v[j]);
+    }
+    float* yr = e.y + (r0 + r) * e.N + n0;
+    const float* rr = e.residual != nullptr ? e.residual + (r0 + r) * e.N + n0 : nullptr;
+    if (nv == kNR) {
+      if (rr != nullptr)
+        for (int64_t j = 0; j < kNR; ++j) yr[j] = v[j] + rr[j];
+      else
+        for (int64_t j = 0; j < kNR; ++j) yr[j] = v[j];
+    } else {
+      for (int64_t j = 0; j < nv; ++j) yr[j] = rr != nullptr ? v[j] + rr[j] : v[j];
+    }
+  }
+}
+
+// ---- portable path ------------------------------------------------------------------------
+template <typename WT, int MR>
+void tile_portable(const float* x, int64_t K, const WT* p, const Epilogue& e, int64_t r0, int64_t n0, int64_t nv) {
+  float a[MR * kNR];
+  for (int i = 0; i < MR * kNR; ++i) a[i] = 0.0f;
+  for (int64_t k = 0; k < K; ++k) {
+    float w[kNR];
+    for (int64_t j = 0; j < kNR; ++j) w[j] = static_cast<float>(p[k * kNR + j]);
+    for (int r = 0; r < MR; ++r) {
+      const float xv = x[r * K + k];
+      for (int64_t j = 0; j < kNR; ++j) a[r * kNR + j] += xv * w[j];
+    }
+  }
+  finish_tile(a, MR, e, r0, n0, nv);
+}
+
+// ---- AVX2 + FMA path ----------------------------------------------------------------------
+#ifdef FASTLM_X86
+template <bool kInt8>
+FASTLM_AVX2 inline void load_panel_row(const void* p, int64_t k, __m256& w0, __m256& w1) {
+  if constexpr (kInt8) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(p) + k * kNR));
+    w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(b, b)));
+  } else {
+    const float* f = static_cast<const float*>(p) + k * kNR;
+    w0 = _mm256_loadu_ps(f);
+    w1 = _mm256_loadu_ps(f + 8);
+  }
+}
+
+// MR rows x 16 channels. Few rows leave the FMA latency exposed, so K is unrolled into U
+// independent accumulator sets (U * MR * 2 <= 12 vector registers).
+// Software prefetch distance in bytes of panel ahead of the loads (0: off), FASTLM_GEMV_PREFETCH.
+int64_t prefetch_bytes() {
+  static const int64_t v = [] {
+    const char* env = std::getenv("FASTLM_GEMV_PREFETCH");
+    return env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : int64_t{1024};
+  }();
+  return v;
+}
+
+template <bool kInt8, int MR>
+FASTLM_AVX2 void tile_avx2(const float* x, int64_t K, const void* p, const Epilogue& e, int64_t r0, int64_t n0,
+                           int64_t nv) {
+  constexpr int U = MR == 1 ? 4 : (MR == 2 ? 2 : 1);
+  constexpr int64_t kRowBytes = kNR * (kInt8 ? 1 : 4);  // panel bytes per k
+  const int64_t pf = prefetch_bytes();
+  const char* pbytes = static_cast<const char*>(p);
+  __m256 a[U][MR][2];
+  for (int u = 0; u < U; ++u)
+    for (int r = 0; r < MR; ++r) a[u][r][0] = a[u][r][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + U <= K; k += U) {
+    // one prefetch per cache line of panel (prefetches never fault past the end)
+    if (pf > 0 && ((k * kRowBytes) & 63) < U * kRowBytes)
+      _mm_prefetch(pbytes + k * kRowBytes + pf, _MM_HINT_T0);
+    for (int u = 0; u < U; ++u) {
+      __m256 w0, w1;
+      load_panel_row<kInt8>(p, k + u, w0, w1);
+      for (int r = 0; r < MR; ++r) {
+        const __m256 xb = _mm256_broadcast_ss(x + r * K + k + u);
+        a[u][r][0] = _mm256_fmadd_ps(xb, w0, a[u][r][0]);
+        a[u][r][1] = _mm256_fmadd_ps(xb, w1, a[u][r][1]);
+      }
+    }
+  }
+  for (; k < K; ++k) {
+    __m256 w0, w1;
+    load_panel_row<kInt8>(p, k, w0, w1);
+    for (int r = 0; r < MR; ++r) {
+      const __m256 xb = _mm256_broadcast_ss(x + r * K + k);
+      a[0][r][0] = _mm256_fmadd_ps(xb, w0, a[0][r][0]);
+      a[0][r][1] = _mm256_fmadd_ps(xb, w1, a[0][r][1]);
+    }
+  }
+  alignas(32) float acc[MR * kNR];
+  for (int r = 0; r < MR; ++r) {
+    __m256 s0 = a[0][r][0], s1 = a[0][r][1];
+    for (int u = 1; u < U; ++u) {
+      s0 = _mm256_add_ps(s0, a[u][r][0]);
+      s1 = _mm256_add_ps(s1, a[u][r][1]);
+    }
+    _mm256_store_ps(acc + r * kNR, s0);
+    _mm256_store_ps(acc + r * kNR + 8, s1);
+  }
+  finish_tile(acc, MR, e, r0, n0, nv);
+}
+#endif
+
+template <int MR>
+void run_tile(int isa, bool int8, const float* x, int64_t K, const void* p, const Epilogue& e, int64_t r0, int64_t n0,
+              int64_t nv) {
+#ifdef FASTLM_X86
+  if (isa == kAvx2) {
+    if (int8) tile_avx2<true, MR>(x, K, p, e, r0, n0, nv);
+    else tile_avx2<false, MR>(x, K, p, e, r0, n0, nv);
+    return;
+  }
+#endif
+  if (int8) tile_portable<int8_t, MR>(x, K, static_cast<const int8_t*>(p), e, r0, n0, nv);
+  else tile_portable<float, MR>(x, K, static_cast<const float*>(p), e, r0, n0, nv);
+}
+
+void tile(int mr, int isa, bool int8, const float* x, int64_t K, const void* p, const Epilogue& e, int64_t r0,
+          int64_t n0, int64_t nv) {
+  switch (mr) {
+    case 1: return run_tile<1>(isa, int8, x, K, p, e, r0, n0, nv);
+    case 2: return run_tile<2>(isa, int8, x, K, p, e, r0, n0, nv);
+    case 3: return run_tile<3>(isa, int8, x, K, p, e, r0, n0, nv);
+    case 4: return run_tile<4>(isa, int8, x, K, p, e, r0, n0, nv);
+    case 5: return run_tile<5>(isa, int8, x, K, p, e, r0, n0, nv);
+    default: return run_tile<6>(isa, int8, x, K, p, e, r0, n0, nv);
+  }
+}
+
+void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, bool int8, int64_t N, const Epilogue& e) {
+  const int isa = current_isa();
+  const int64_t NB = (N + kNR - 1) / kNR;
+  const int64_t panel_bytes = K * kNR * (int8 ? 1 : 4);
+  // at least ~64 KB of weights per task: small layers stay on one thread
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (panel_bytes * std::max<int64_t>(1, M / kMR)));
+  at::parallel_for(0, NB, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<float> deq;
+    for (int64_t m0 = 0; m0 < M; m0 += kMC) {
+      const int64_t mc = std::min(kMC, M - m0);
+      const bool dequant = int8 && mc > kDequantRows;
+      if (dequant && deq.empty()) deq.resize(K * kNR);
+      for (int64_t nb = b0; nb < b1; ++nb) {
+        const void* panel = static_cast<const char*>(w) + nb * panel_bytes;
+        bool panel_int8 = int8;
+        if (dequant) {
+          const int8_t* q = static_cast<const int8_t*>(panel);
+          for (int64_t i = 0; i < K * kNR; ++i) deq[i] = static_cast<float>(q[i]);
+          panel = deq.data();
+          panel_int8 = false;
+        }
+        const int64_t n0 = nb * kNR, nv = std::min(kNR, N - n0);
+        for (int64_t r0 = m0; r0 < m0 + mc; r0 += kMR) {
+          const int mr = static_cast<int>(std::min<int64_t>(kMR, m0 + mc - r0));
+          tile(mr, isa, panel_int8, x + r0 * K, K, panel, e, r0, n0, nv);
+        }
+      }
+    }
+  });
+}
+
+// ---- checks shared by the CPU and CUDA entry points ----------------------------------------
+void check_vec(const c10::optional<at::Tensor>& t, const char* name, int64_t n, at::ScalarType dt,
+               const at::Tensor& x) {
+  if (!t.has_value()) return;
+  TORCH_CHECK_TYPE(t->scalar_type() == dt, "packed_linear: ", name, " must be ", dt, ", got ", t->scalar_type());
+  TORCH_CHECK_VALUE(t->device() == x.device(), "packed_linear: ", name, " is on ", t->device(), " but x is on ",
+                    x.device());
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == n, "packed_linear: ", name, " must have shape (", n, ",), got ",
+                    t->sizes());
+}
+
+std::vector<int64_t> check_common(const at::Tensor& x, const at::Tensor& w, int64_t n,
+                                  const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bias,
+                                  const c10::optional<at::Tensor>& residual) {
+  TORCH_CHECK_VALUE(x.defined() && w.defined(), "packed_linear: x and w must be defined");
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.numel() > 0, "packed_linear: x is empty (shape ", x.sizes(), ")");
+  TORCH_CHECK_VALUE(n > 0, "packed_linear: n (output features) must be positive, got ", n);
+  TORCH_CHECK_VALUE(w.device() == x.device(), "packed_linear: w is on ", w.device(), " but x is on ", x.device());
+  TORCH_CHECK_VALUE(w.is_contiguous(), "packed_linear: w must be contiguous (packed once at load)");
+  check_vec(scale, "scale", n, at::kFloat, x);
+  check_vec(bias, "bias", n, x.scalar_type(), x);
+  std::vector<int64_t> out(x.sizes().begin(), x.sizes().end());
+  out.back() = n;
+  if (residual.has_value()) {
+    TORCH_CHECK_TYPE(residual->scalar_type() == x.scalar_type(), "packed_linear: residual has dtype ",
+                     residual->scalar_type(), " but x has ", x.scalar_type());
+    TORCH_CHECK_VALUE(residual->device() == x.device(), "packed_linear: residual is on ", residual->device(),
+                      " but x is on ", x.device());
+    TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef(out), "packed_linear: residual must have shape ",
+                      at::IntArrayRef(out), ", got ", residual->sizes());
+  }
+  return out;
+}
+
+at::Tensor packed_linear_cpu(const at::Tensor& x_in, const at::Tensor& w, int64_t n,
+                             const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bias,
+                             const c10::optional<at::Tensor>& residual, c10::string_view activation) {
+  const int act = parse_act(activation);
+  TORCH_CHECK_TYPE(x_in.defined() && x_in.scalar_type() == at::kFloat,
+                   "packed_linear (CPU): x must be float32 (the CPU kernels are fp32), got ",
+                   x_in.defined() ? c10::toString(x_in.scalar_type()) : "undefined");
+  TORCH_CHECK_VALUE(x_in.device().is_cpu(), "packed_linear (CPU): x must be a CPU tensor, got ", x_in.device());
+  const auto out = check_common(x_in, w, n, scale, bias, residual);
+  const int64_t K = x_in.size(-1);
+  TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat || w.scalar_type() == at::kChar,
+                   "packed_linear (CPU): w must be float32 or int8 panels, got ", w.scalar_type());
+  TORCH_CHECK_VALUE(w.dim() == 3 && w.size(0) == (n + kNR - 1) / kNR && w.size(1) == K && w.size(2) == kNR,
+                    "packed_linear (CPU): w must be packed panels of shape (ceil(n/16), K, 16) = (", (n + kNR - 1) / kNR,
+                    ", ", K, ", 16) for n = ", n, " and K = x.shape[-1], got ", w.sizes());
+  const bool int8 = w.scalar_type() == at::kChar;
+  TORCH_CHECK_VALUE(!int8 || scale.has_value(), "packed_linear: int8 w needs its per-channel scale");
+  const at::Tensor x = x_in.reshape({-1, K}).contiguous();
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty(out, x.options());
+  at::Tensor sc = scale.has_value() ? scale->contiguous() : at::Tensor();
+  at::Tensor bi = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor r = residual.has_value() ? residual->contiguous() : at::Tensor();
+  const Epilogue e{scale.has_value() ? sc.const_data_ptr<float>() : nullptr,
+                   bias.has_value() ? bi.const_data_ptr<float>() : nullptr,
+                   residual.has_value() ? r.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<float>(), n, act};
+  packed_gemm(x.const_data_ptr<float>(), M, K, w.const_data_ptr(), int8, n, e);
+  return y;
+}
+
+#ifdef FASTLM_WITH_CUDA
+cuda::DType cuda_dtype(at::ScalarType dt) {
+  switch (dt) {
+    case at::kFloat: return cuda::DType::F32;
+    case at::kHalf: return cuda::DType::F16;
+    case at::kBFloat16: return cuda::DType::BF16;
+    default: TORCH_CHECK_TYPE(false, "packed_linear (CUDA): x must be float32, float16 or bfloat16, got ", dt);
+  }
+}
+
+// CUDA: int8 (N, K) row-major weights. M <= 16 rows run the int8 GEMV; more rows (prefill)
+// dequantise into a temporary and run cuBLAS through ATen.
+at::Tensor packed_linear_cuda(const at::Tensor& x_in, const at::Tensor& w, int64_t n,
+                              const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bias,
+                              const c10::optional<at::Tensor>& residual, c10::string_view activation) {
+  const int act = parse_act(activation);
+  TORCH_CHECK_VALUE(x_in.defined() && x_in.is_cuda(), "packed_linear (CUDA): x must be a CUDA tensor");
+  const cuda::DType dt = cuda_dtype(x_in.scalar_type());
+  const auto out = check_common(x_in, w, n, scale, bias, residual);
+  const int64_t K = x_in.size(-1);
+  TORCH_CHECK_TYPE(w.scalar_type() == at::kChar, "packed_linear (CUDA): w must be int8, got ", w.scalar_type());
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == n && w.size(1) == K,
+                    "packed_linear (CUDA): w must be int8 of shape (n, K) = (", n, ", ", K, "), got ", w.sizes());
+  TORCH_CHECK_VALUE(scale.has_value(), "packed_linear: int8 w needs its per-channel scale");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.reshape({-1, K}).contiguous();
+  const int64_t M = x.size(0);
+  const at::Tensor sc = scale->contiguous();
+  if (M > cuda::kGemvInt8MaxRows) {
+    at::Tensor wd = (w.to(at::kFloat) * sc.unsqueeze(1)).to(x.scalar_type());  // (n, K)
+    at::Tensor y = bias.has_value() ? at::addmm(*bias, x, wd.t()) : at::mm(x, wd.t());
+    if (act != kNone) y = at::gelu(y, act == kGeluTanh ? "tanh" : "none");
+    if (residual.has_value()) y.add_(residual->reshape({-1, n}));
+    return y.view(out);
+  }
+  at::Tensor y = at::empty(out, x.options());
+  const at::Tensor bi = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor r = residual.has_value() ? residual->contiguous() : at::Tensor();
+  const cudaError_t err = cuda::gemv_int8(
+      x.const_data_ptr(), w.const_data_ptr<int8_t>(), sc.const_data_ptr<float>(),
+      bias.has_value() ? bi.const_data_ptr() : nullptr, residual.has_value() ? r.const_data_ptr() : nullptr,
+      y.mutable_data_ptr(), M, n, K, act, dt, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+  TORCH_CHECK(err == cudaSuccess, "packed_linear: int8 GEMV launch failed: ", cudaGetErrorString(err));
+  return y;
+}
+#endif
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastlm, m) {
+  m.def("packed_linear(Tensor x, Tensor w, int n, Tensor? scale=None, Tensor? bias=None, Tensor? residual=None, "
+        "str activation='none') -> Tensor");
+  m.def("cpu_isa(str isa='') -> str", &cpu_isa);
+}
+
+TORCH_LIBRARY_IMPL(fastlm, CPU, m) { m.impl("packed_linear", &packed_linear_cpu); }
+
+#ifdef FASTLM_WITH_CUDA
+TORCH_LIBRARY_IMPL(fastlm, CUDA, m) { m.impl("packed_linear", &packed_linear_cuda); }
+#endif
+
+}  // namespace fastlm

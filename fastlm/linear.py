@@ -1,0 +1,266 @@
+"""Linear layers laid out for fastlm's kernels: packed fp32 and int8 weight-only for decode
+(fastlm._C `packed_linear`), int8 with dynamic per-token activations (torch's int8 GEMM).
+
+Every class takes x (..., in_features) and returns (..., out_features), like nn.Linear, with two
+fused epilogues: forward(x, *, activation=None | "gelu" | "gelu_tanh", residual=None) computes
+act(x @ W^T + b) + residual.
+
+Layouts (made once, when the module is built or moved; .to() / .cuda() / .half() re-lay out):
+- CPU: panels of 16 output channels, (ceil(N / 16), K, 16), zero-padded past N. The CPU kernel
+  streams them contiguously (csrc/gemv.cpp).
+- CUDA and anything else: plain (N, K) row-major, as nn.Linear.
+
+int8 quantization (fastlm.quantize): per output channel, symmetric, scale = absmax / 127,
+q = round(w / scale) clamped to [-127, 127]; an all-zero row gets scale 0 (and q = 0). The scale
+stays float32 whatever the model dtype. No full-precision copy of a quantized weight is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastlm import _ext
+
+log = logging.getLogger("fastlm")
+
+PANEL = 16  # output channels per CPU panel (csrc/gemv.cpp kNR)
+ACTIVATIONS = (None, "gelu", "gelu_tanh")
+
+
+def pack_panels(w: Tensor) -> Tensor:
+    """(N, K) -> (ceil(N / 16), K, 16) contiguous: panel p holds channels 16p..16p+15
+    interleaved along K (zeros past N)."""
+    N, K = w.shape
+    nb = -(-N // PANEL)
+    wp = w.new_zeros(nb * PANEL, K)
+    wp[:N] = w
+    return wp.view(nb, PANEL, K).transpose(1, 2).contiguous()  # (nb, K, 16)
+
+
+def unpack_panels(p: Tensor, n: int) -> Tensor:
+    """Inverse of pack_panels: (nb, K, 16) -> (n, K) contiguous."""
+    nb, K, _ = p.shape
+    return p.transpose(1, 2).reshape(nb * PANEL, K)[:n].contiguous()
+
+
+def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-output-channel symmetric int8: w (N, K) -> (q int8 (N, K), scale float32 (N,)) with
+    scale = absmax / 127 and q = round(w / scale) clamped to [-127, 127] (round half to even, as
+    torch.round); all-zero rows get scale 0 and q 0. Dequantized: q * scale[:, None]."""
+    wf = w.detach().float()
+    scale = wf.abs().amax(dim=1) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(wf / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _act_name(activation: str | None) -> str:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None, 'gelu' or 'gelu_tanh', got {activation!r}")
+    return "none" if activation is None else activation
+
+
+def _epilogue(y: Tensor, activation: str | None, residual: Tensor | None) -> Tensor:
+    """Reference epilogue for the paths without a fused kernel."""
+    if activation is not None:
+        y = F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
+    return y if residual is None else y + residual
+
+
+def _cpu_kernel_ok(x: Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and _ext.available()
+
+
+class FastLinear(nn.Module):
+    """Base of fastlm's linear layers: in_features, out_features, bias (model dtype or None)."""
+
+    in_features: int
+    out_features: int
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+    def fused_ready(self, x: Tensor) -> bool:
+        """Whether forward(x, activation=..., residual=...) runs a fused kernel for x (else the
+        model's other fused paths, e.g. ops.ffn on plain weights, are the better choice)."""
+        raise NotImplementedError
+
+
+class PackedLinear(FastLinear):
+    """An fp32 nn.Linear packed for the CPU decode kernel. On CPU in float32 the weight lives only
+    as panels (`packed`); on other devices / dtypes only as the plain (N, K) `weight`, so the
+    model's usual GPU paths read it as an nn.Linear."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None):
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"PackedLinear: weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.detach())
+        self.register_buffer("packed", None)
+        self.register_buffer("bias", None if bias is None else bias.detach())
+        self._relayout()
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> PackedLinear:
+        return cls(lin.weight, lin.bias)
+
+    def _relayout(self) -> None:
+        t = self.packed if self.packed is not None else self.weight
+        want = t.device.type == "cpu" and t.dtype == torch.float32 and _ext.available()
+        with torch.no_grad():
+            if want and self.packed is None:
+                self.packed, self.weight = pack_panels(self.weight), None
+            elif not want and self.packed is not None:
+                self.weight, self.packed = unpack_panels(self.packed, self.out_features), None
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._relayout()
+        return self
+
+    def fused_ready(self, x: Tensor) -> bool:
+        return self.packed is not None and _cpu_kernel_ok(x)
+
+    def dense_weight(self) -> Tensor:
+        """The (N, K) weight (a copy when packed)."""
+        return self.weight if self.weight is not None else unpack_panels(self.packed, self.out_features)
+
+    def forward(self, x: Tensor, *, activation: str | None = None, residual: Tensor | None = None) -> Tensor:
+        act = _act_name(activation)
+        if self.packed is not None and _cpu_kernel_ok(x):
+            return torch.ops.fastlm.packed_linear(x, self.packed, self.out_features, None, self.bias, residual, act)
+        return _epilogue(F.linear(x, self.dense_weight(), self.bias), activation, residual)
+
+
+class Int8Linear(FastLinear):
+    """Weight-only int8 linear: `qweight` int8 (CPU panels (ceil(N/16), K, 16); elsewhere (N, K)),
+    `scale` float32 (N,), `bias` in the model dtype. Activations stay float: the output equals
+    F.linear(x, q * scale[:, None], bias) up to fp32 rounding.
+    Kernels: CPU float32 (fastlm._C packed_linear, AVX2 / portable) and CUDA fp16/bf16/fp32 (the
+    int8 GEMV for M <= 16 rows; prefill dequantises into a temporary and runs cuBLAS)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None):
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"Int8Linear: weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        q, scale = quantize_int8(weight)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.detach())
+        self._relayout()
+
+    @classmethod
+    def from_linear(cls, lin: nn.Module) -> Int8Linear:
+        w = lin.dense_weight() if isinstance(lin, PackedLinear) else lin.weight
+        return cls(w, lin.bias)
+
+    def _relayout(self) -> None:
+        cpu = self.qweight.device.type == "cpu"
+        with torch.no_grad():
+            if cpu and self.qweight.dim() == 2:
+                self.qweight = pack_panels(self.qweight)
+            elif not cpu and self.qweight.dim() == 3:
+                self.qweight = unpack_panels(self.qweight, self.out_features)
+
+    def _apply(self, fn, recurse=True):
+        scale = self.scale  # stays float32: .half() must not round the scales
+        super()._apply(fn, recurse)
+        self.scale = scale.to(self.qweight.device)
+        self._relayout()
+        return self
+
+    def dequantized(self) -> Tensor:
+        """q * scale as (N, K) float32 (what the model computes with; for tests and fallbacks)."""
+        q = self.qweight if self.qweight.dim() == 2 else unpack_panels(self.qweight, self.out_features)
+        return q.float() * self.scale[:, None]
+
+    def _kernel_ok(self, x: Tensor) -> bool:
+        if x.device.type == "cuda":
+            return _ext.cuda_enabled() and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        return _cpu_kernel_ok(x)
+
+    def fused_ready(self, x: Tensor) -> bool:
+        return self._kernel_ok(x)
+
+    def forward(self, x: Tensor, *, activation: str | None = None, residual: Tensor | None = None) -> Tensor:
+        act = _act_name(activation)
+        if self._kernel_ok(x):
+            return torch.ops.fastlm.packed_linear(x, self.qweight, self.out_features, self.scale, self.bias,
+                                                  residual, act)
+        w = self.dequantized().to(x.dtype)
+        return _epilogue(F.linear(x, w, self.bias), activation, residual)
+
+
+class Int8DynamicLinear(FastLinear):
+    """int8 weights (as Int8Linear, kept (N, K)) with dynamic per-token int8 activations:
+    x_scale[m] = absmax(x[m]) / 127, xq = round(x / x_scale) in [-127, 127], then torch's int8 GEMM
+    (torch._int_mm, oneDNN on CPU) with int32 accumulation, y = acc * x_scale[m] * scale[n] + b.
+    CPU float32 only."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None):
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"Int8DynamicLinear: weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        q, scale = quantize_int8(weight)
+        self.register_buffer("qweight", q)  # (N, K)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.detach())
+
+    @classmethod
+    def from_linear(cls, lin: nn.Module) -> Int8DynamicLinear:
+        w = lin.dense_weight() if isinstance(lin, PackedLinear) else lin.weight
+        return cls(w, lin.bias)
+
+    def _apply(self, fn, recurse=True):
+        scale = self.scale
+        super()._apply(fn, recurse)
+        self.scale = scale.to(self.qweight.device)
+        return self
+
+    def dequantized(self) -> Tensor:
+        return self.qweight.float() * self.scale[:, None]
+
+    def fused_ready(self, x: Tensor) -> bool:
+        return False  # the epilogue runs in torch after the int8 GEMM
+
+    def forward(self, x: Tensor, *, activation: str | None = None, residual: Tensor | None = None) -> Tensor:
+        _act_name(activation)
+        if x.device.type != "cpu" or x.dtype != torch.float32:
+            raise ValueError(f"Int8DynamicLinear: runs on CPU float32 activations, got {x.dtype} on {x.device}")
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        xs = x2.abs().amax(dim=1, keepdim=True) / 127.0  # (M, 1) per-token scale
+        xs = torch.where(xs > 0, xs, torch.ones_like(xs))
+        xq = torch.round(x2 / xs).clamp_(-127, 127).to(torch.int8)
+        acc = torch._int_mm(xq, self.qweight.t())  # (M, N) int32
+        y = acc.float().mul_(xs).mul_(self.scale)
+        if self.bias is not None:
+            y.add_(self.bias)
+        y = _epilogue(y, activation, None if residual is None else residual.reshape(-1, self.out_features))
+        return y.view(*shape[:-1], self.out_features)
+
+
+class Int8TiedEmbedding(nn.Module):
+    """The token embedding of a tied model whose head is int8 (Int8Linear or Int8DynamicLinear): the
+    lookup reads the head's int8
+    rows (q[id] * scale[id]), so no full-precision copy of the tied weight is kept. It equals the
+    embedding of transformers run on the dequantized (still tied) weights."""
+
+    def __init__(self, head: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.head = [head]  # a plain list: the head stays registered once, as lm_head
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.dtype = dtype
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.head[0]
+        q = h.qweight
+        rows = q[ids // PANEL, :, ids % PANEL] if q.dim() == 3 else q[ids]  # (..., K) int8
+        return (rows.float() * h.scale[ids].unsqueeze(-1)).to(self.dtype)

