@@ -9,10 +9,14 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.pop("FASTLM_BACKEND", None)  # tests pick backends explicitly
+os.environ.setdefault("FASTLM_STRICT", "1")  # no silent fallback to the reference (tests of it turn it off)
 
 import pytest  # noqa: E402
 
 import fastlm  # noqa: E402,F401
+from fastlm import backend  # noqa: E402
+
+backend.check_interpreter()  # triton < 3.8 with numpy >= 2.4: a clear error, not 248 failing tests
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
