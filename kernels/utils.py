@@ -95,8 +95,8 @@ def attention_launch(head_dim_padded: int, seqlen_q: int, causal: bool, dtype: t
     - fp32 (exact ieee dots on FMA units, every operand in registers): small tiles; at head dim
       128 only 16x16 stays clear of spills on sm_90;
     - sm_90 (wgmma): 128-row tiles for long sequences;
-    - sm_80 / sm_86 / sm_89 (mma.sync, 99 KiB of shared memory on the 8.6/8.9 parts): 8 warps
-      for 128-row tiles (4 spill at head dim 64), 128x32 at head dim 128."""
+    - sm_80 / sm_86 / sm_89 (mma.sync, 99 KiB of shared memory on the 8.6/8.9 parts): warps
+      and stages per head dim where ptxas spills otherwise, 128x32 at head dim 128."""
     D = head_dim_padded
     if dtype == torch.float32:
         if D <= 64:
@@ -111,8 +111,8 @@ def attention_launch(head_dim_padded: int, seqlen_q: int, causal: bool, dtype: t
         if D <= 32:
             return Launch({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 1)  # sm_80 ptxas spills 12 B with 2 stages
         return Launch({"BLOCK_M": 64, "BLOCK_N": 64}, 4 if D <= 64 else 8, 2)
-    if D <= 64:
-        return Launch({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 2)
+    if D <= 64:  # ptxas (sm_86) spills 8 B at head dim 32 with 8 warps, and at 64 with 4
+        return Launch({"BLOCK_M": 128, "BLOCK_N": 64}, 4 if D <= 32 else 8, 2)
     return Launch({"BLOCK_M": 128, "BLOCK_N": 32}, 8, 2)
 
 
