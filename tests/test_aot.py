@@ -120,12 +120,14 @@ print(json.dumps(out))
 '''
 
 
-def test_checks_catch_what_they_gate():
+def test_checks_catch_what_they_gate(tmp_path):
     """The int64 check flags a kernel multiplying an i32 program id by a stride and passes the
     widened one; the specialisation turns a unit stride into constexpr 1 and gives aligned
     pointers (not odd ints) the divisibility attribute, as the JIT does."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", CHECKER], capture_output=True, text=True, env=env, timeout=300)
+    script = tmp_path / "checker.py"  # a file: triton reads kernels' source with inspect
+    script.write_text(CHECKER)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out == {"narrow": False, "wide": True, "unit_stride_constexpr": True, "odd_stride_plain": True}, out
