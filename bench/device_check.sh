@@ -8,27 +8,29 @@
 # Every stage gets min(its own limit, what is left of the overall deadline) and is stopped with
 # SIGINT first, so pytest still writes its summary and junit XML, and the next stage still runs;
 # test results also stream into the logs line by line (-v), so a cut stage keeps what it did.
-# Knobs: DEADLINE (seconds for the whole check, default 450), SKIP_BUILD=1 (use the current
+# Knobs: DEADLINE (seconds for the whole check, default 430), SKIP_BUILD=1 (use the current
 # build), PYTHON (default python3), OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/local}
 PY=${PYTHON:-python3}
-DEADLINE=${DEADLINE:-450}
+DEADLINE=${DEADLINE:-430}
 mkdir -p "$OUT"
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 status=()
 export FASTLM_STRICT=1
 
+GRACE=20  # seconds between SIGINT and SIGKILL, kept free before the deadline
 # limit WANT: seconds this stage may run (its own limit, cut to the deadline; at least 5)
-limit() { local left=$(( DEADLINE - ($(date +%s) - t0) )); local w=$1; (( w > left )) && w=$left; (( w < 5 )) && w=5; echo $w; }
-# run_stage NAME WANT LOG CMD...: SIGINT at the limit, SIGKILL 15 s later
+limit() { local left=$(( DEADLINE - GRACE - ($(date +%s) - t0) )); local w=$1; (( w > left )) && w=$left; (( w < 5 )) && w=5; echo $w; }
+# run_stage NAME WANT LOG CMD...: SIGINT at the limit (pytest then writes its summary and junit
+# XML), SIGKILL GRACE s later
 run_stage() {
   local name=$1 want=$2 log=$3; shift 3
   local lim; lim=$(limit "$want")
   stamp "$name (limit ${lim}s)"
-  timeout -s INT -k 15 "$lim" "$@" > "$log" 2>&1
+  timeout -s INT -k "$GRACE" "$lim" "$@" > "$log" 2>&1
   local rc=$?
   local note=""; [ "$rc" = 124 ] || [ "$rc" = 130 ] || [ "$rc" = 137 ] && note=" (cut at ${lim}s)"
   status+=("$name: rc=$rc$note ($(grep -E 'passed|failed|error' "$log" | tail -1 | tr -s ' ' | cut -c1-150))")
@@ -71,13 +73,17 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -m fastlm info > "$OUT/info.txt" 2>&1; tail -20 "$OUT/info.txt"
 
-# GPU tests: the CPU-only checks (AOT, nvcc) ran on CPU already. junit XML + a line per test.
+# GPU tests: the CPU-only checks (AOT, nvcc) ran on CPU already. Results three ways: junit XML
+# (written when pytest ends, SIGINT included), a JSON line per test as it finishes
+# (results-*.jsonl, survives SIGKILL), and a line per test in the log (-v).
 tests=(-p no:cacheprovider -v -rfEs --tb=short tests --deselect tests/test_aot.py --deselect tests/test_compile_cuda.py)
 # pytest-xdist (in the image) spreads the Triton JIT compiles over the CPU cores
-if "$PY" -c "import xdist" 2>/dev/null; then tests+=(-n 8); fi
-run_stage "tests" 120 "$OUT/tests.log" "$PY" -m pytest "${tests[@]}" -m "not sweep" --junitxml="$OUT/junit-tests.xml"
+if "$PY" -c "import xdist" 2>/dev/null && [ "$(nproc)" -ge 8 ]; then tests+=(-n 8); fi
+FASTLM_RESULTS_JSONL="$OUT/results-tests.jsonl" run_stage "tests" 120 "$OUT/tests.log" \
+  "$PY" -m pytest "${tests[@]}" -m "not sweep" --junitxml="$OUT/junit-tests.xml"
 tail -15 "$OUT/tests.log"
-run_stage "sweeps" 30 "$OUT/sweeps.log" "$PY" -m pytest "${tests[@]}" -m sweep -x --junitxml="$OUT/junit-sweeps.xml"
+FASTLM_RESULTS_JSONL="$OUT/results-sweeps.jsonl" run_stage "sweeps" 30 "$OUT/sweeps.log" \
+  "$PY" -m pytest "${tests[@]}" -m sweep -x --junitxml="$OUT/junit-sweeps.xml"
 
 # ops first: the torch.compile baselines of the model suite take the longest and come last
 run_stage "bench ops" 75 "$OUT/bench-ops.txt" "$PY" -m fastlm bench --suite ops --out "$OUT" --budget 0.15
@@ -92,10 +98,17 @@ printf '%s\n' "${status[@]}" | tee "$OUT/summary.txt"
 "$PY" - "$OUT" <<'PY' | tee -a "$OUT/summary.txt"
 import glob, json, sys
 import xml.etree.ElementTree as ET
-for f in sorted(glob.glob(f"{sys.argv[1]}/junit-*.xml")):  # what ran, even when a stage was cut
+import collections
+for f in sorted(glob.glob(f"{sys.argv[1]}/junit-*.xml")):  # written when pytest ended (SIGINT too)
     s = ET.parse(f).getroot()
     s = s if s.tag == "testsuite" else s.find("testsuite")
     print(f.split("/")[-1], {k: s.get(k) for k in ("tests", "failures", "errors", "skipped", "time")})
+for f in sorted(glob.glob(f"{sys.argv[1]}/results-*.jsonl")):  # streamed: survives a killed stage
+    recs = [json.loads(line) for line in open(f) if line.strip()]
+    print(f.split("/")[-1], dict(collections.Counter(r["outcome"] for r in recs)))
+    for r in recs:
+        if r["outcome"] == "failed":
+            print("  FAILED", r["test"], r["when"])
 for f in sorted(glob.glob(f"{sys.argv[1]}/bench-*.json")):  # finished runs, else the partial ones
     res = json.load(open(f))
     rows = {}
@@ -115,7 +128,7 @@ stamp "total"
 # The device tool returns few files from $OUT: keep the headline files loose and pack the rest
 # (PNGs, logs) into one archive.
 if [ -n "${OUT_PACK-1}" ]; then  # OUT_PACK= (empty) keeps every file loose
-  (cd "$OUT" && keep='^(summary\.txt|bench-cuda-(ops|models)\.md|bench-cuda-[0-9a-z-]+\.json|tests\.log|junit-tests\.xml|env\.txt|all\.tar\.gz)$'
+  (cd "$OUT" && keep='^(summary\.txt|bench-cuda-(ops|models)\.md|bench-cuda-[0-9a-z-]+\.json|tests\.log|results-tests\.jsonl|env\.txt|all\.tar\.gz)$'
    rest=$(ls -A | grep -Ev "$keep")
    if [ -n "$rest" ]; then tar czf all.tar.gz $rest && rm -rf $rest; fi
    ls -la)

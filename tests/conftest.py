@@ -43,3 +43,20 @@ def randomize_(model: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:
             else:
                 p.normal_(0, std)
     return model
+
+
+# -- streamed results: one JSON line per test as it finishes (bench/device_check.sh sets
+# FASTLM_RESULTS_JSONL), so a run cut by a time limit still says what passed and failed. Written
+# by the controlling process only (pytest-xdist workers report through it).
+_RESULTS = os.environ.get("FASTLM_RESULTS_JSONL")
+
+
+def pytest_runtest_logreport(report):
+    if not _RESULTS or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    if report.when == "call" or report.outcome != "passed":  # setup errors / skips count too
+        import json
+
+        with open(_RESULTS, "a") as f:
+            f.write(json.dumps({"test": report.nodeid, "when": report.when, "outcome": report.outcome,
+                                "seconds": round(report.duration, 3)}) + "\n")
