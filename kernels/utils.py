@@ -93,15 +93,18 @@ def attention_launch(head_dim_padded: int, seqlen_q: int, causal: bool, dtype: t
     Every choice is AOT-checked (tests/test_aot.py) to compile without register spills and within
     the arch's shared memory, compiled the way the JIT compiles the models' layouts:
     - fp32 (exact ieee dots on FMA units, every operand in registers): small tiles; at head dim
-      128 only 16x16 stays clear of spills on sm_90;
+      128 only 16x16 stays clear of spills on sm_90; sm_8x takes 8 warps from head dim 64;
     - sm_90 (wgmma): 128-row tiles for long sequences;
     - sm_80 / sm_86 / sm_89 (mma.sync, 99 KiB of shared memory on the 8.6/8.9 parts): warps
       and stages per head dim where ptxas spills otherwise, 128x32 at head dim 128."""
     D = head_dim_padded
     if dtype == torch.float32:
-        if D <= 64:
-            return Launch({"BLOCK_M": 32, "BLOCK_N": 32}, 4, 2)
-        return Launch({"BLOCK_M": 16, "BLOCK_N": 16}, 4, 2)
+        if cap >= 90:
+            if D <= 64:
+                return Launch({"BLOCK_M": 32, "BLOCK_N": 32}, 4, 2)
+            return Launch({"BLOCK_M": 16, "BLOCK_N": 16}, 4, 2)  # 32x32 spills ~1 KB here (8 warps too)
+        # sm_8x: at head dim 64 and 128, 4 warps spill 24-48 B with triton 3.6 (the GPU image's)
+        return Launch({"BLOCK_M": 32, "BLOCK_N": 32}, 4 if D <= 32 else 8, 2)
     short = seqlen_q <= 64  # short sequences (BERT-ish, decode-adjacent): more programs
     if cap >= 90:
         if short:
