@@ -32,7 +32,8 @@ import logging
 import os
 import re
 import threading
-from typing import Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 

@@ -149,7 +149,7 @@ def _compile_one(task: tuple[str, int, str | None]) -> dict:
         if not res:
             rec["error"] = "no ptxas -v log captured (registers / spills unknown)"
         rec["fits"] = rec["shared_bytes"] <= rec["smem_limit"]
-    except Exception as e:  # report every failure, not just the first
+    except Exception as e:  # noqa: BLE001 - report every failure, not just the first
         rec.update(ok=False, fits=False, error=f"{type(e).__name__}: {str(e)[-600:]}")
     rec["seconds"] = round(time.perf_counter() - t0, 2)
     if path and rec["ok"]:

@@ -29,7 +29,7 @@ def aot_records(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "fastlm.kernels.aot", "--json", str(out)], capture_output=True,
-                         text=True, env=env, timeout=1800)
+                         text=True, env=env, timeout=1800, check=False)
     assert out.exists(), f"no records written (rc {res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
     recs = json.loads(out.read_text())
     print(f"AOT: {len(recs)} configurations in {time.perf_counter() - t0:.0f} s; {res.stderr.strip()[-300:]}")
@@ -125,7 +125,8 @@ def test_checks_catch_what_they_gate(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = tmp_path / "checker.py"  # a file: triton reads kernels' source with inspect
     script.write_text(CHECKER)
-    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300,
+                         check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out == {"narrow": False, "wide": True, "unit_stride_constexpr": True, "odd_stride_plain": True}, out

@@ -77,9 +77,9 @@ def test_inside_a_model_uncovered_head_dim_falls_back_once(device, lenient, capl
 
 def test_inside_a_model_strict_mode_raises(device, strict):
     q, k, v = qkv(device=device)
-    with fastlm.use_backend("triton"), backend.model_scope():
-        with pytest.raises(backend.StrictModeError, match="head dim 160.*FASTLM_STRICT=1"):
-            ops.attention(q, k, v)
+    with fastlm.use_backend("triton"), backend.model_scope(), \
+            pytest.raises(backend.StrictModeError, match="head dim 160.*FASTLM_STRICT=1"):
+        ops.attention(q, k, v)
 
 
 def test_no_fallback_message_when_the_reference_runs_anyway(lenient, caplog):
@@ -91,9 +91,9 @@ def test_no_fallback_message_when_the_reference_runs_anyway(lenient, caplog):
     assert not fallback_lines(caplog)
 
 
-HD160_GPT2 = dict(n_layer=2, n_head=2, n_embd=320, vocab_size=97, n_positions=32)
-HD160_BERT = dict(num_hidden_layers=2, num_attention_heads=2, hidden_size=320, intermediate_size=200,
-                  vocab_size=97, max_position_embeddings=32)
+HD160_GPT2 = {"n_layer": 2, "n_head": 2, "n_embd": 320, "vocab_size": 97, "n_positions": 32}
+HD160_BERT = {"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 320, "intermediate_size": 200,
+              "vocab_size": 97, "max_position_embeddings": 32}
 
 
 def gpt2_hd160():
@@ -316,9 +316,8 @@ def test_interpreter_refuses_old_triton_with_new_numpy(monkeypatch, tv, nv, inte
     if refused:
         with pytest.raises(RuntimeError, match=r"numpy<2.4"):
             backend.check_interpreter()
-        with pytest.raises(RuntimeError, match=r"triton 3\.\d\.\d and numpy 2\.\d"):
-            with fastlm.use_backend("triton"):
-                ops.softmax(torch.randn(2, 3))
+        with pytest.raises(RuntimeError, match=r"triton 3\.\d\.\d and numpy 2\.\d"), fastlm.use_backend("triton"):
+            ops.softmax(torch.randn(2, 3))
     else:
         backend.check_interpreter()
 
