@@ -109,14 +109,15 @@ def ffn(x, w1, b1, w2, b2, activation: str, residual: Optional[torch.Tensor]) ->
 
 @register_aot("ffn")
 def aot_configs() -> list[AOTConfig]:
-    """GEMM1 (bias + erf GELU, d_model 768 -> d_ff 3072) and GEMM2 (bias + residual, 3072 -> 768)
-    per row bucket, dtype and arch; row-major activations, weights in nn.Linear layout."""
+    """GEMM1 (bias + GELU, erf for BERT and tanh for GPT-2, d_model 768 -> d_ff 3072) and GEMM2
+    (bias + residual, 3072 -> 768) per row bucket, dtype and arch; row-major activations, weights
+    in nn.Linear layout."""
     cfgs, seen = [], set()
-    for m, dtype, cap, res in linear_launch_space():
+    space = [(m, dt, cap, res, act) for m, dt, cap, res in linear_launch_space() for act in ((0,) if res else (1, 2))]
+    for m, dtype, cap, res, act in space:
         N, K = (768, 3072) if res else (3072, 768)
         launch = linear_launch(m, N, dtype, cap, res)
         t = Ptr(triton_dtype(dtype))
-        act = 0 if res else 1
         args = dict(X=t, W=t, Bias=t, R=t, Y=t, M=m + 5, N=N, K=K, stride_xm=K, stride_xk=1, stride_wn=K,
                     stride_wk=1, stride_rm=N, stride_rn=1, stride_ym=N, stride_yn=1)
         ce = dict(ACT=act, HAS_RES=res, **launch.blocks, UPCAST=False, IEEE=dtype == torch.float32)

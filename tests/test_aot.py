@@ -9,7 +9,7 @@ constexpr 1, 16-byte divisibility), and the compiled kernels are fit to run:
 
 Compilation needs the interpreter off, so `python -m fastlm.kernels.aot --json FILE` runs in a
 subprocess once per session; its records are cached on disk (~/.cache/fastlm/aot) by kernel
-source, specialisation and arch, so only changed kernels compile again (cold: ~330
+source, specialisation and arch, so only changed kernels compile again (cold: 348
 configurations, ~9 min on 2 busy cores with 2 jobs; warm: seconds)."""
 
 import json
