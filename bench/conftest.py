@@ -1,12 +1,13 @@
 """pytest-benchmark suite over fastlm.benchmark's cases: `pytest bench/ --benchmark-only`.
-Shapes follow the device (full on GPU, small on CPU). No correctness asserts here."""
+Shapes follow the device (full on GPU, small on CPU; FASTLM_BENCH_DEVICE=cpu|cuda picks one).
+No correctness asserts here."""
 
 import os
 
 import pytest
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = os.environ.get("FASTLM_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
     os.environ.get("FASTLM_BENCH_DTYPE", "fp16" if DEVICE == "cuda" else "fp32")
 ]

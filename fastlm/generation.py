@@ -187,20 +187,23 @@ class Decoder:
         """Logits (B, V) for self.tokens at self.pos; the token's K/V is written into the cache."""
         if not self.use_graph:
             return self.model.decode_step(self.tokens, self.pos, self.cache, kv_len)
-        if self.graph is None:
-            self._capture()
-        self.graph.replay()
+        with torch.cuda.device(self.tokens.device):  # the model's GPU, whichever is current
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
         return self.logits
 
     def _capture(self) -> None:
         # Warm up on a side stream (Triton JIT, allocator), then capture. The warm-up writes the
-        # cache rows at self.pos, which the first real step writes again.
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
+        # cache rows at self.pos, which the first real step writes again. Stream, graph and its
+        # memory pool live on the model's device (the caller made it current).
+        dev = self.tokens.device
+        s = torch.cuda.Stream(device=dev)
+        s.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(s):
             for _ in range(2):
                 self.model.decode_step(self.tokens, self.pos, self.cache)
-        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.current_stream(dev).wait_stream(s)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self.model.decode_step(self.tokens, self.pos, self.cache)

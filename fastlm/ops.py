@@ -49,7 +49,7 @@ def attention(
     chk.bool_mask(op, "key_padding_mask", key_padding_mask, (q.shape[0], k.shape[2]), q.device)
     chk.scale(op, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    impl = _pick(op, q.device)
+    impl = backend.uncovered(op, q.device, _pick(op, q.device), _head_dim_uncovered(q.shape[-1]))
     if impl == "triton":
         return torch.ops.fastlm.attention(q, k, v, bool(causal), key_padding_mask, scale)
     if impl == "fused":
@@ -83,6 +83,7 @@ def attention_varlen(
     chk.head_dim(op, q.shape[2])
     chk.nonempty(op, "q", q)
     _check_cu_seqlens(op, cu_seqlens, max_seqlen, q)
+    backend.uncovered(op, q.device, "torch", _head_dim_uncovered(q.shape[2]))  # raw call: ValueError
     chk.scale(op, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return attention_varlen_checked(q, k, v, cu_seqlens, int(max_seqlen), bool(causal), scale)
@@ -92,8 +93,10 @@ def attention_varlen_checked(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool, scale: float
 ) -> Tensor:
     """attention_varlen after validation: the models check cu_seqlens once per forward (reading it
-    is a host sync) and call this in every layer."""
-    impl = _pick("attention_varlen", q.device)
+    is a host sync) and call this in every layer. Head dims the kernel does not cover run the
+    reference inside a model (see fastlm.backend)."""
+    op = "attention_varlen"
+    impl = backend.uncovered(op, q.device, _pick(op, q.device), _head_dim_uncovered(q.shape[-1]))
     if impl == "triton":
         return torch.ops.fastlm.attention_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale)
     if impl == "fused":
@@ -158,7 +161,8 @@ def decode_attention(
 def decode_attention_checked(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float) -> Tensor:
     """decode_attention after validation: the models know their lengths lie in [0, S_max] and
     call this every decode step (checking the lengths would be a host sync per token)."""
-    impl = _pick("decode_attention", q.device)
+    op = "decode_attention"
+    impl = backend.uncovered(op, q.device, _pick(op, q.device), _head_dim_uncovered(q.shape[-1]))
     if impl == "triton":
         return torch.ops.fastlm.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)
     if impl == "fused":
@@ -180,7 +184,8 @@ def bias_gelu(x: Tensor, bias: Tensor, *, approximate: str = "none") -> Tensor:
     chk.shape(op, "bias", bias, (x.shape[-1],), "the last dim of x")
     impl = _pick(op, x.device)
     if impl == "cuda":
-        return torch.ops.fastlm.bias_gelu(x, bias, approximate)
+        return backend.run_kernel(op, x.device, x.dtype, lambda: torch.ops.fastlm.bias_gelu(x, bias, approximate),
+                                  lambda: reference.bias_gelu(x, bias, approximate))
     if impl == "fused":
         return fused.bias_gelu(x, bias, approximate)
     return reference.bias_gelu(x, bias, approximate)
@@ -232,7 +237,9 @@ def ffn(
     if impl == "triton":
         return torch.ops.fastlm.ffn(x, w1, b1, w2, b2, activation, residual)
     if impl == "cuda":
-        return torch.ops.fastlm.ffn_ext(x, w1, b1, w2, b2, activation, residual)
+        return backend.run_kernel(op, x.device, x.dtype,
+                                  lambda: torch.ops.fastlm.ffn_ext(x, w1, b1, w2, b2, activation, residual),
+                                  lambda: reference.ffn(x, w1, b1, w2, b2, activation, residual))
     if impl == "fused":
         return fused.ffn(x, w1, b1, w2, b2, activation, residual)
     return reference.ffn(x, w1, b1, w2, b2, activation, residual)
@@ -299,7 +306,20 @@ KERNELS: dict[str, frozenset[str]] = {
 
 def _pick(op: str, device: torch.device) -> str:
     k = KERNELS[op]
-    return backend.pick(op, device, triton="triton" in k, cuda="cuda" in k)
+    impl = backend.pick(op, device, triton="triton" in k, cuda="cuda" in k)
+    if impl != "torch" and device.type == "cuda":
+        why = backend.arch_uncovered(device)
+        if why is not None:  # not an input fault: raw calls fall back too
+            backend.fall_back(op, device, why)
+            return "torch"
+    return impl
+
+
+def _head_dim_uncovered(d: int) -> Optional[str]:
+    """Why the attention kernels do not cover head dim d (they tile head dims up to 128)."""
+    if d > chk.MAX_HEAD_DIM:
+        return f"head dim {d} is not supported by the attention kernels (1 to {chk.MAX_HEAD_DIM})"
+    return None
 
 
 # -- kernels as torch.library custom ops (single opaque nodes for torch.compile / CUDA graphs)
@@ -314,9 +334,15 @@ def _attn_out(q: Tensor, v: Tensor) -> Tensor:
 def _attention_op(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, key_padding_mask: Optional[Tensor], scale: float
 ) -> Tensor:
-    from fastlm.kernels import attention as kernel
+    def kernel():
+        from fastlm.kernels import attention as k_
 
-    return kernel.attention(q, k, v, causal, key_padding_mask, scale)
+        return k_.attention(q, k, v, causal, key_padding_mask, scale)
+
+    def ref():  # in the layout the kernel writes (and the fake promises)
+        return _attn_out(q, v).copy_(reference.attention(q, k, v, causal, key_padding_mask, scale))
+
+    return backend.run_kernel("attention", q.device, q.dtype, kernel, ref)
 
 
 @_attention_op.register_fake
@@ -328,9 +354,13 @@ def _(q, k, v, causal, key_padding_mask, scale):
 def _attention_varlen_op(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, causal: bool, scale: float
 ) -> Tensor:
-    from fastlm.kernels import attention as kernel
+    def kernel():
+        from fastlm.kernels import attention as k_
 
-    return kernel.attention_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+        return k_.attention_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+
+    return backend.run_kernel("attention_varlen", q.device, q.dtype, kernel,
+                              lambda: reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale))
 
 
 @_attention_varlen_op.register_fake
@@ -340,9 +370,13 @@ def _(q, k, v, cu_seqlens, max_seqlen, causal, scale):
 
 @torch.library.custom_op("fastlm::softmax", mutates_args=())
 def _softmax_op(x: Tensor, dim: int, scale: float, mask: Optional[Tensor]) -> Tensor:
-    from fastlm.kernels import softmax as kernel
+    def kernel():
+        from fastlm.kernels import softmax as k_
 
-    return kernel.softmax(x, dim, scale, mask)
+        return k_.softmax(x, dim, scale, mask)
+
+    return backend.run_kernel("softmax", x.device, x.dtype, kernel,
+                              lambda: reference.softmax(x, dim, scale, mask).contiguous())
 
 
 @_softmax_op.register_fake
@@ -352,9 +386,13 @@ def _(x, dim, scale, mask):
 
 @torch.library.custom_op("fastlm::decode_attention", mutates_args=())
 def _decode_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float) -> Tensor:
-    from fastlm.kernels import decode_attention as kernel
+    def kernel():
+        from fastlm.kernels import decode_attention as k_
 
-    return kernel.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)
+        return k_.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)
+
+    return backend.run_kernel("decode_attention", q.device, q.dtype, kernel,
+                              lambda: reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale))
 
 
 @_decode_attention_op.register_fake
@@ -365,9 +403,13 @@ def _(q, k_cache, v_cache, cache_seqlens, scale):
 @torch.library.custom_op("fastlm::ffn", mutates_args=())
 def _ffn_op(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, activation: str,
             residual: Optional[Tensor]) -> Tensor:
-    from fastlm.kernels import ffn as kernel
+    def kernel():
+        from fastlm.kernels import ffn as k_
 
-    return kernel.ffn(x, w1, b1, w2, b2, activation, residual)
+        return k_.ffn(x, w1, b1, w2, b2, activation, residual)
+
+    return backend.run_kernel("ffn", x.device, x.dtype, kernel,
+                              lambda: reference.ffn(x, w1, b1, w2, b2, activation, residual))
 
 
 @_ffn_op.register_fake
@@ -377,9 +419,13 @@ def _(x, w1, b1, w2, b2, activation, residual):
 
 @torch.library.custom_op("fastlm::layer_norm", mutates_args=())
 def _layer_norm_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    from fastlm.kernels import layer_norm as kernel
+    def kernel():
+        from fastlm.kernels import layer_norm as k_
 
-    return kernel.layer_norm(x, weight, bias, eps)
+        return k_.layer_norm(x, weight, bias, eps)
+
+    return backend.run_kernel("layer_norm", x.device, x.dtype, kernel,
+                              lambda: reference.layer_norm(x, weight, bias, eps, None))
 
 
 @_layer_norm_op.register_fake
@@ -389,9 +435,13 @@ def _(x, weight, bias, eps):
 
 @torch.library.custom_op("fastlm::add_layer_norm", mutates_args=())
 def _add_layer_norm_op(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    from fastlm.kernels import layer_norm as kernel
+    def kernel():
+        from fastlm.kernels import layer_norm as k_
 
-    return kernel.layer_norm(x, weight, bias, eps, residual)
+        return k_.layer_norm(x, weight, bias, eps, residual)
+
+    return backend.run_kernel("layer_norm", x.device, x.dtype, kernel,
+                              lambda: reference.layer_norm(x, weight, bias, eps, residual))
 
 
 @_add_layer_norm_op.register_fake

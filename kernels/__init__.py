@@ -1,5 +1,9 @@
 """fastlm's Triton kernels, one op per file (installed as fastlm.kernels)."""
 
+from fastlm.backend import check_interpreter
+
+check_interpreter()  # under TRITON_INTERPRET=1: triton < 3.8 with numpy >= 2.4 is refused, naming the fix
+
 KERNEL_MODULES = ("attention", "softmax", "decode_attention", "ffn", "layer_norm")
 
 

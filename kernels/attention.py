@@ -20,15 +20,17 @@ from fastlm.kernels.utils import (
     LOG2E,
     AOTConfig,
     Launch,
+    Ptr,
+    attention_grid,
     attention_launch,
     attention_launch_space,
     capability,
+    device_guard,
     interpreting,
     next_pow2,
     register_aot,
     triton_dtype,
 )
-
 
 
 @triton.jit
@@ -37,8 +39,9 @@ def _attn_block(acc, l_i, m_i, q, k_base, v_base, kpm_base, start_n, offs_m, off
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN_D: tl.constexpr,
                 UPCAST: tl.constexpr, IEEE: tl.constexpr):
     cols = start_n + offs_n
-    kt_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd  # (BLOCK_D, BLOCK_N) = K^T
-    v_ptrs = v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd  # (BLOCK_N, BLOCK_D)
+    row0 = tl.cast(start_n, tl.int64)  # the block's first key row: 64-bit row offset, small in-tile offsets
+    kt_ptrs = k_base + row0 * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # K^T tile
+    v_ptrs = v_base + row0 * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # (N, D)
     if MASKED:
         kt = tl.load(kt_ptrs, mask=(cols[None, :] < seqlen_k) & mask_d[:, None], other=0.0)
         v = tl.load(v_ptrs, mask=(cols[:, None] < seqlen_k) & mask_d[None, :], other=0.0)
@@ -87,10 +90,11 @@ def _attn_fwd(Q, K, V, Out, KPM, CU_SEQLENS, qk_scale,
               CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
               UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    start_m = tl.program_id(0)
+    # grid: (batch*heads on axis 0, up to 2**31 - 1; query blocks on axis 1, <= 65,535)
+    off_hb = tl.program_id(0).to(tl.int64)  # 64-bit from here: off_h * stride_qh etc. may pass 2**31
+    start_m = tl.program_id(1)
     if CAUSAL:  # heaviest query blocks (most keys) first, so the tail of the grid is short work
-        start_m = tl.num_programs(0) - 1 - start_m
-    off_hb = tl.program_id(1)
+        start_m = tl.num_programs(1) - 1 - start_m
     off_b = off_hb // H
     off_h = off_hb % H
     if IS_VARLEN:  # packed tokens: (T, H, D), sequence off_b is rows cu[b]:cu[b+1]
@@ -102,18 +106,22 @@ def _attn_fwd(Q, K, V, Out, KPM, CU_SEQLENS, qk_scale,
         v_base = V + seq_start * stride_vn + off_h * stride_vh
         o_base = Out + seq_start * stride_om + off_h * stride_oh
     else:
-        q_base = Q + off_b.to(tl.int64) * stride_qb + off_h * stride_qh
-        k_base = K + off_b.to(tl.int64) * stride_kb + off_h * stride_kh
-        v_base = V + off_b.to(tl.int64) * stride_vb + off_h * stride_vh
-        o_base = Out + off_b.to(tl.int64) * stride_ob + off_h * stride_oh
-    kpm_base = KPM + off_b.to(tl.int64) * stride_mb
+        q_base = Q + off_b * stride_qb + off_h * stride_qh
+        k_base = K + off_b * stride_kb + off_h * stride_kh
+        v_base = V + off_b * stride_vb + off_h * stride_vh
+        o_base = Out + off_b * stride_ob + off_h * stride_oh
+    kpm_base = KPM + off_b * stride_mb
 
     if start_m * BLOCK_M < seqlen_q:  # varlen: blocks past a short sequence do nothing
-        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m0 = start_m.to(tl.int64) * BLOCK_M  # the block's first query row, 64-bit
+        q_base += m0 * stride_qm
+        o_base += m0 * stride_om
+        offs_mt = tl.arange(0, BLOCK_M)  # rows within the tile
+        offs_m = start_m * BLOCK_M + offs_mt
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < head_dim
-        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        q = tl.load(q_base + offs_mt[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                     mask=(offs_m[:, None] < seqlen_q) & mask_d[None, :], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
@@ -142,7 +150,7 @@ def _attn_fwd(Q, K, V, Out, KPM, CU_SEQLENS, qk_scale,
                                         UPCAST, IEEE)
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # no visible key: the row is 0
         out = acc / l_safe[:, None]
-        tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        tl.store(o_base + offs_mt[:, None] * stride_om + offs_d[None, :] * stride_od,
                  out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seqlen_q) & mask_d[None, :])
 
 
@@ -176,11 +184,12 @@ def attention(q, k, v, causal: bool, key_padding_mask: Optional[torch.Tensor], s
         smb, smn = kpm.stride()
     else:
         kpm, smb, smn = out, 0, 0  # unused
-    grid = (triton.cdiv(Sq, cfg.blocks["BLOCK_M"]), B * H)
-    _attn_fwd[grid](q, k, v, out, kpm, out, scale * LOG2E,
-                    *q.stride(), *k.stride(), *v.stride(), *out.stride(), smb, smn,
-                    H, Sq, Sk, D, CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None, IS_VARLEN=False,
-                    **flags, **cfg.kwargs())
+    grid = attention_grid(B * H, Sq, cfg.blocks["BLOCK_M"])
+    with device_guard(q):
+        _attn_fwd[grid](q, k, v, out, kpm, out, scale * LOG2E,
+                        *q.stride(), *k.stride(), *v.stride(), *out.stride(), smb, smn,
+                        H, Sq, Sk, D, CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None, IS_VARLEN=False,
+                        **flags, **cfg.kwargs())
     return out
 
 
@@ -192,38 +201,48 @@ def attention_varlen(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, causal:
     flags = _flags(q, D)
     cfg = launch or attention_launch(flags["BLOCK_D"], max_seqlen, causal, q.dtype, capability(q))
     out = torch.empty(T, H, v.shape[-1], dtype=q.dtype, device=q.device) if out is None else out
-    grid = (triton.cdiv(max(max_seqlen, 1), cfg.blocks["BLOCK_M"]), B * H)
-    _attn_fwd[grid](q, k, v, out, out, cu_seqlens, scale * LOG2E,
-                    0, q.stride(1), q.stride(0), q.stride(2),
-                    0, k.stride(1), k.stride(0), k.stride(2),
-                    0, v.stride(1), v.stride(0), v.stride(2),
-                    0, out.stride(1), out.stride(0), out.stride(2), 0, 0,
-                    H, max_seqlen, max_seqlen, D, CAUSAL=bool(causal), HAS_KPM=False, IS_VARLEN=True,
-                    **flags, **cfg.kwargs())
+    grid = attention_grid(B * H, max_seqlen, cfg.blocks["BLOCK_M"])
+    with device_guard(q):
+        _attn_fwd[grid](q, k, v, out, out, cu_seqlens, scale * LOG2E,
+                        0, q.stride(1), q.stride(0), q.stride(2),
+                        0, k.stride(1), k.stride(0), k.stride(2),
+                        0, v.stride(1), v.stride(0), v.stride(2),
+                        0, out.stride(1), out.stride(0), out.stride(2), 0, 0,
+                        H, max_seqlen, max_seqlen, D, CAUSAL=bool(causal), HAS_KPM=False, IS_VARLEN=True,
+                        **flags, **cfg.kwargs())
     return out
 
 
 @register_aot("attention")
 def aot_configs() -> list[AOTConfig]:
     """Every launch configuration attention_launch can pick, with each feature flag that changes
-    the code (causal, key padding mask, varlen, uneven head dim)."""
-    cfgs = []
+    the code (causal, key padding mask, varlen, uneven head dim), for the layouts the models pass:
+    q, k, v strided views of a fused QKV projection (B, S, 3, H, D) (packed: (T, 3, H, D)), the
+    output in (B, S, H, D) memory, the mask (B, S): unit strides on D and the mask's S, the rest
+    multiples of 16 wherever H*D is."""
+    cfgs, seen = [], set()
     variants = ((False, True, False), (True, False, False), (True, False, True))
     for i, (D, s, _, dtype, cap) in enumerate(attention_launch_space()):
-        for causal, has_kpm, varlen in (variants[i % 3],):  # each variant meets every arch and dtype
-            launch = attention_launch(D, s, causal, dtype, cap)
-            t = "*" + triton_dtype(dtype)
-            sig = {"Q": t, "K": t, "V": t, "Out": t, "KPM": "*u8", "CU_SEQLENS": "*i32", "qk_scale": "fp32"}
-            for n in ("stride_qb", "stride_qh", "stride_qm", "stride_qd", "stride_kb", "stride_kh", "stride_kn",
-                      "stride_kd", "stride_vb", "stride_vh", "stride_vn", "stride_vd", "stride_ob", "stride_oh",
-                      "stride_om", "stride_od", "stride_mb", "stride_mn", "H", "seqlen_q", "seqlen_k", "head_dim"):
-                sig[n] = "i32"
-            even_d = D != 128  # exercise the masked-head-dim path on the largest tile
-            ce = dict(CAUSAL=causal, HAS_KPM=has_kpm, IS_VARLEN=varlen, **launch.blocks, BLOCK_D=D,
-                      EVEN_D=even_d, UPCAST=False, IEEE=dtype == torch.float32)
-            for k in ce:
-                sig[k] = "constexpr"
-            name = (f"attention D{D} S{s} {'causal' if causal else 'full'}{' kpm' if has_kpm else ''}"
-                    f"{' varlen' if varlen else ''} {triton_dtype(dtype)} sm_{cap} {launch.blocks}")
-            cfgs.append(AOTConfig(name, _attn_fwd, sig, ce, launch.num_warps, launch.num_stages, cap, uses_dot=True))
+        causal, has_kpm, varlen = variants[i % 3]  # each variant meets every arch and dtype
+        launch = attention_launch(D, s, causal, dtype, cap)
+        even_d = D != 128  # exercise the masked-head-dim path on the largest tile
+        hd = D if even_d else 96  # the real head dim behind the padded BLOCK_D
+        H, S = 12, s + 3  # an odd sequence length: masked last blocks
+        t = Ptr(triton_dtype(dtype))
+        args = dict(Q=t, K=t, V=t, Out=t, KPM=Ptr("u8"), CU_SEQLENS=Ptr("i32"), qk_scale=0.125,
+                    H=H, seqlen_q=S, seqlen_k=S, head_dim=hd)
+        for n in "qkv":  # fused QKV view: (b, h, m, d) strides (S*3*H*D, D, 3*H*D, 1)
+            args.update({f"stride_{n}b": 0 if varlen else S * 3 * H * hd, f"stride_{n}h": hd,
+                         f"stride_{n}{'m' if n == 'q' else 'n'}": 3 * H * hd, f"stride_{n}d": 1})
+        args.update(stride_ob=0 if varlen else S * H * hd, stride_oh=hd, stride_om=H * hd, stride_od=1,
+                    stride_mb=S if has_kpm else 0, stride_mn=1 if has_kpm else 0)
+        ce = dict(CAUSAL=causal, HAS_KPM=has_kpm, IS_VARLEN=varlen, **launch.blocks, BLOCK_D=D,
+                  EVEN_D=even_d, UPCAST=False, IEEE=dtype == torch.float32)
+        name = (f"attention D{D} S{s} {'causal' if causal else 'full'}{' kpm' if has_kpm else ''}"
+                f"{' varlen' if varlen else ''} {triton_dtype(dtype)} sm_{cap} {launch.blocks} w{launch.num_warps}"
+                f" s{launch.num_stages}")
+        if name not in seen:
+            seen.add(name)
+            cfgs.append(AOTConfig(name, _attn_fwd, args, ce, launch.num_warps, launch.num_stages, cap,
+                                  uses_dot=True, dtype=triton_dtype(dtype)))
     return cfgs

@@ -16,7 +16,17 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.kernels.utils import AOTConfig, capability, interpreting, linear_launch, linear_launch_space, register_aot, triton_dtype
+from fastlm.kernels.utils import (
+    AOTConfig,
+    Ptr,
+    capability,
+    device_guard,
+    interpreting,
+    linear_launch,
+    linear_launch_space,
+    register_aot,
+    triton_dtype,
+)
 
 ACT = {"none": 0, "gelu": 1, "gelu_tanh": 2}
 
@@ -28,7 +38,7 @@ def _linear_epilogue(X, W, Bias, R, Y, M, N, K,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                      UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """Y = act(X @ W^T + bias) (+ R). X (M, K), W (N, K) as nn.Linear stores it."""
-    pid = tl.program_id(0)
+    pid = tl.program_id(0)  # one axis: tiles of M x N (row offsets below are 64-bit)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_n  # grouped order: neighbouring programs share W tiles in L2
@@ -75,15 +85,16 @@ def linear(x2d: torch.Tensor, w: torch.Tensor, b: torch.Tensor, act: str = "none
     """act(x2d @ w^T + b) (+ residual) for x2d (M, K), w (N, K); residual (M, N)."""
     M, K = x2d.shape
     N = w.shape[0]
-    cfg = linear_launch(M, N, x2d.dtype, capability(x2d))
+    cfg = linear_launch(M, N, x2d.dtype, capability(x2d), residual is not None)
     y = torch.empty(M, N, dtype=x2d.dtype, device=x2d.device) if out is None else out
     r = residual if residual is not None else y
     bm, bn = cfg.blocks["BLOCK_M"], cfg.blocks["BLOCK_N"]
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-    _linear_epilogue[grid](x2d, w, b, r, y, M, N, K, *x2d.stride(), *w.stride(), *r.stride(), *y.stride(),
-                           ACT=ACT[act], HAS_RES=residual is not None,
-                           UPCAST=interpreting() and x2d.dtype == torch.bfloat16, IEEE=x2d.dtype == torch.float32,
-                           **cfg.kwargs())
+    with device_guard(x2d):
+        _linear_epilogue[grid](x2d, w, b, r, y, M, N, K, *x2d.stride(), *w.stride(), *r.stride(), *y.stride(),
+                               ACT=ACT[act], HAS_RES=residual is not None,
+                               UPCAST=interpreting() and x2d.dtype == torch.bfloat16, IEEE=x2d.dtype == torch.float32,
+                               **cfg.kwargs())
     return y
 
 
@@ -98,16 +109,22 @@ def ffn(x, w1, b1, w2, b2, activation: str, residual: Optional[torch.Tensor]) ->
 
 @register_aot("ffn")
 def aot_configs() -> list[AOTConfig]:
-    cfgs = []
-    for i, (m, dtype, cap) in enumerate(linear_launch_space()):
-        launch = linear_launch(m, 3072, dtype, cap)
-        t = "*" + triton_dtype(dtype)
-        sig = {"X": t, "W": t, "Bias": t, "R": t, "Y": t, "M": "i32", "N": "i32", "K": "i32"}
-        for n in ("stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_rm", "stride_rn", "stride_ym", "stride_yn"):
-            sig[n] = "i32"
-        act, res = (1, False) if i % 2 == 0 else (2, True)  # GEMM1 (erf) / GEMM2-with-residual (tanh) shapes
+    """GEMM1 (bias + GELU, erf for BERT and tanh for GPT-2, d_model 768 -> d_ff 3072) and GEMM2
+    (bias + residual, 3072 -> 768) per row bucket, dtype and arch; row-major activations, weights
+    in nn.Linear layout."""
+    cfgs, seen = [], set()
+    space = [(m, dt, cap, res, act) for m, dt, cap, res in linear_launch_space() for act in ((0,) if res else (1, 2))]
+    for m, dtype, cap, res, act in space:
+        N, K = (768, 3072) if res else (3072, 768)
+        launch = linear_launch(m, N, dtype, cap, res)
+        t = Ptr(triton_dtype(dtype))
+        args = dict(X=t, W=t, Bias=t, R=t, Y=t, M=m + 5, N=N, K=K, stride_xm=K, stride_xk=1, stride_wn=K,
+                    stride_wk=1, stride_rm=N, stride_rn=1, stride_ym=N, stride_yn=1)
         ce = dict(ACT=act, HAS_RES=res, **launch.blocks, UPCAST=False, IEEE=dtype == torch.float32)
-        sig.update({k: "constexpr" for k in ce})
-        cfgs.append(AOTConfig(f"ffn linear M{m} act{act} res{int(res)} {triton_dtype(dtype)} sm_{cap} {launch.blocks}",
-                              _linear_epilogue, sig, ce, launch.num_warps, launch.num_stages, cap, uses_dot=True))
+        name = (f"ffn linear act{act} res{int(res)} {triton_dtype(dtype)} sm_{cap} {launch.blocks}"
+                f" w{launch.num_warps} s{launch.num_stages}")
+        if name not in seen:  # fp32 picks one tile for every M
+            seen.add(name)
+            cfgs.append(AOTConfig(name, _linear_epilogue, args, ce, launch.num_warps, launch.num_stages, cap,
+                                  uses_dot=True, dtype=triton_dtype(dtype)))
     return cfgs

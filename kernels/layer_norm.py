@@ -9,13 +9,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.kernels.utils import AOTConfig, layer_norm_launch, register_aot, triton_dtype
+from fastlm.kernels.utils import AOT_CAPS, AOTConfig, Ptr, device_guard, layer_norm_launch, register_aot, triton_dtype
 
 
 @triton.jit
 def _add_layer_norm(X, R, W, B, Y, S, N, eps, stride_x, stride_r, stride_y, stride_s,
                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(0).to(tl.int64)  # rows on grid axis 0; 64-bit offsets
     cols = tl.arange(0, BLOCK)
     ok = cols < N
     x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
@@ -45,8 +45,9 @@ def layer_norm(x, weight, bias, eps: float, residual: Optional[torch.Tensor] = N
     s = (torch.empty_like(y) if out_sum is None else out_sum.view(-1, N)) if residual is not None else y
     launch = layer_norm_launch(N)
     rr = r2 if r2 is not None else x2
-    _add_layer_norm[(x2.shape[0],)](x2, rr, weight, bias, y, s, N, float(eps), x2.stride(0), rr.stride(0),
-                                    y.stride(0), s.stride(0), HAS_RES=residual is not None, **launch.kwargs())
+    with device_guard(x2):
+        _add_layer_norm[(x2.shape[0],)](x2, rr, weight, bias, y, s, N, float(eps), x2.stride(0), rr.stride(0),
+                                        y.stride(0), s.stride(0), HAS_RES=residual is not None, **launch.kwargs())
     if residual is None:
         return y.view(x.shape)
     return y.view(x.shape), s.view(x.shape)
@@ -54,15 +55,16 @@ def layer_norm(x, weight, bias, eps: float, residual: Optional[torch.Tensor] = N
 
 @register_aot("layer_norm")
 def aot_configs() -> list[AOTConfig]:
+    """Hidden sizes across the block-size buckets, contiguous rows."""
     cfgs = []
-    for cap in (80, 90):
+    for cap in AOT_CAPS:
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             for n, res in ((768, True), (1600, False), (8192, True)):
                 launch = layer_norm_launch(n)
-                t = "*" + triton_dtype(dtype)
-                sig = {"X": t, "R": t, "W": t, "B": t, "Y": t, "S": t, "N": "i32", "eps": "fp32", "stride_x": "i32",
-                       "stride_r": "i32", "stride_y": "i32", "stride_s": "i32", "HAS_RES": "constexpr",
-                       "BLOCK": "constexpr"}
+                t = Ptr(triton_dtype(dtype))
+                args = dict(X=t, R=t, W=t, B=t, Y=t, S=t, N=n, eps=1e-5, stride_x=n, stride_r=n, stride_y=n,
+                            stride_s=n)
                 cfgs.append(AOTConfig(f"layer_norm N{n} res{int(res)} {triton_dtype(dtype)} sm_{cap}", _add_layer_norm,
-                                      sig, {"HAS_RES": res, **launch.blocks}, launch.num_warps, launch.num_stages, cap))
+                                      args, {"HAS_RES": res, **launch.blocks}, launch.num_warps, launch.num_stages,
+                                      cap, dtype=triton_dtype(dtype)))
     return cfgs

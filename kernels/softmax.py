@@ -15,8 +15,17 @@ import torch
 import triton
 import triton.language as tl
 
-from fastlm.kernels.utils import LOG2E, AOTConfig, register_aot, softmax_launch, softmax_launch_space, triton_dtype
-
+from fastlm.kernels.utils import (
+    AOT_CAPS,
+    LOG2E,
+    AOTConfig,
+    Ptr,
+    device_guard,
+    register_aot,
+    softmax_launch,
+    softmax_launch_space,
+    triton_dtype,
+)
 
 
 @triton.jit
@@ -43,7 +52,7 @@ def _load_scaled(X, M, x_off, m_off, cols, n_cols, scale_log2, smn, MASK_KIND: t
 @triton.jit
 def _softmax_one_pass(X, Y, M, scale_log2, n_cols, R1, R2, sx0, sx1, sx2, sm0, sm1, sm2, smn,
                       MASK_KIND: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(0).to(tl.int64)  # rows on grid axis 0; 64-bit offsets
     x_off = _row_offsets(row, R1, R2, sx0, sx1, sx2)
     m_off = _row_offsets(row, R1, R2, sm0, sm1, sm2)
     cols = tl.arange(0, BLOCK)
@@ -119,25 +128,28 @@ def softmax(x: torch.Tensor, dim: int, scale: float, mask: Optional[torch.Tensor
     which, launch = softmax_launch(n, xt.element_size())
     kernel = _softmax_one_pass if which == "one_pass" else _softmax_online
     (R0, R1, R2), (s0, s1, s2) = lead
-    kernel[(rows,)](xt, y, mt, float(scale) * LOG2E, n, R1, R2, s0, s1, s2, *sm, smn,
-                    MASK_KIND=kind, **launch.kwargs())
+    with device_guard(xt):
+        kernel[(rows,)](xt, y, mt, float(scale) * LOG2E, n, R1, R2, s0, s1, s2, *sm, smn,
+                        MASK_KIND=kind, **launch.kwargs())
     return y if last else y.movedim(-1, dim).contiguous()
 
 
 @register_aot("softmax")
 def aot_configs() -> list[AOTConfig]:
+    """Each kernel and row-length bucket with each mask kind, for attention-score layouts:
+    x (B, H, S, n) contiguous, the mask a (B, 1, 1, n) key mask broadcast by stride 0."""
     cfgs = []
     for i, (n, eb) in enumerate(softmax_launch_space()):
         which, launch = softmax_launch(n, eb)
         kernel = _softmax_one_pass if which == "one_pass" else _softmax_online
         dtype = torch.float16 if eb == 2 else torch.float32
-        t = "*" + triton_dtype(dtype)
+        t = Ptr(triton_dtype(dtype))
         kind = i % 3
-        sig = {"X": t, "Y": t, "M": "*u8" if kind == 1 else t, "scale_log2": "fp32", "n_cols": "i32", "R1": "i32",
-               "R2": "i32", "sx0": "i32", "sx1": "i32", "sx2": "i32", "sm0": "i32", "sm1": "i32", "sm2": "i32",
-               "smn": "i32", "MASK_KIND": "constexpr", "BLOCK": "constexpr"}
-        for cap in (80, 90):
+        H, S = 12, 77
+        args = dict(X=t, Y=t, M=Ptr("u8") if kind == 1 else t, scale_log2=0.18, n_cols=n, R1=H, R2=S,
+                    sx0=H * S * n, sx1=S * n, sx2=n, sm0=n if kind else 0, sm1=0, sm2=0, smn=1 if kind else 0)
+        for cap in AOT_CAPS:
             cfgs.append(AOTConfig(f"softmax {which} n{n} {triton_dtype(dtype)} mask{kind} sm_{cap} {launch.blocks}",
-                                  kernel, sig, {"MASK_KIND": kind, **launch.blocks}, launch.num_warps,
-                                  launch.num_stages, cap))
+                                  kernel, args, {"MASK_KIND": kind, **launch.blocks}, launch.num_warps,
+                                  launch.num_stages, cap, dtype=triton_dtype(dtype)))
     return cfgs

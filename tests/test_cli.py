@@ -1,9 +1,14 @@
-"""The fastlm command line: info, bench (with bad names), generate, --compare."""
+"""The fastlm command line: info, bench (with bad names), generate, --compare.
+
+Device-aware: the benchmark mechanics (JSON, table, plots, `pytest bench/`) are checked on the
+CPU cases on every machine (`--device cpu`, FASTLM_BENCH_DEVICE=cpu), so on a GPU machine these
+tests stay seconds long instead of running the full GPU suite with its torch.compile baselines
+(bench/device_check.sh benchmarks the GPU itself, with its own time limits)."""
 
 import json
+import os
 import subprocess
 import sys
-
 
 from fastlm.cli import main
 
@@ -20,13 +25,14 @@ def test_info_reports_extension_and_ops(capsys):
 
 
 def test_bench_writes_json_table_and_plots(tmp_path):
-    res = run("bench", "--only", "attention", "--budget", "0.05", "--out", str(tmp_path))
+    res = run("bench", "--only", "attention", "--device", "cpu", "--budget", "0.05", "--out", str(tmp_path))
     assert res.returncode == 0, res.stderr
     assert "CPU figures" in res.stdout and "fastlm" in res.stdout
     data = json.loads(next(tmp_path.glob("bench-cpu-*.json")).read_text())
     assert data["ceilings"]["copy_gbs"] > 0 and data["env"]["torch"]
     assert any(r["provider"] == "fastlm" and r["ms"] for r in data["rows"])
     assert (tmp_path / "attention_cpu.png").stat().st_size > 10_000
+    assert not list(tmp_path.glob("bench-cuda*"))  # --device cpu, on a GPU machine too
     assert (tmp_path / "bench-cpu.md").read_text().startswith("# fastlm bench")
     # comparing a run with itself finds no regression
     f = str(next(tmp_path.glob("bench-cpu-*.json")))
@@ -42,6 +48,7 @@ def test_bench_bad_names_list_the_valid_ones(capsys):
 
 
 def test_generate_random_config(capsys):
+    """On the machine's device (a GPU where there is one: the CUDA-graph decode runs)."""
     assert main(["generate", "--config", "gpt2-tiny", "--prompt-ids", "1,2,3", "--max-new-tokens", "5"]) == 0
     out = capsys.readouterr().out
     assert "time to first token" in out and "ms/token" in out
@@ -71,11 +78,12 @@ def test_fastlm_works_without_the_extension():
 
 
 def test_pytest_benchmark_suite_runs_on_cpu():
-    """`pytest bench/` (pytest-benchmark over the same case factories) runs every CPU case once."""
-    import os
-
+    """`pytest bench/` (pytest-benchmark over the same case factories) runs every CPU case once,
+    on a GPU machine too (FASTLM_BENCH_DEVICE=cpu)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "FASTLM_BENCH_DEVICE": "cpu"}
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
-                          os.path.join(root, "bench")], capture_output=True, text=True, timeout=600, cwd=root)
+                          os.path.join(root, "bench")], capture_output=True, text=True, timeout=600, cwd=root,
+                         env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert " passed" in res.stdout and "failed" not in res.stdout

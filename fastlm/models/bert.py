@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from fastlm import ops
+from fastlm.backend import model_entry
 from fastlm.models.common import (
     BaseModelOutput,
     LogitsOutput,
@@ -170,6 +171,7 @@ class BertAttention(nn.Module):
         self.qkv = nn.Linear(C, 3 * C)  # fused from self.query, self.key, self.value
         self.output = BertAttentionOutput(dims)
 
+    @model_entry  # inside a model: head dims the kernels do not cover run the reference (one log line)
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor], varlen: Optional[tuple] = None,
                 ghosts: Optional[Ghosts] = None) -> Tensor:
         """x (B, S, C) with an optional key_padding_mask, or packed tokens (T + G, C) with

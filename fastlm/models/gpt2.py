@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from fastlm import _ext, ops
+from fastlm.backend import model_entry
 from fastlm.cache import StaticKVCache
 from fastlm.linear import PackedLinear
 from fastlm.models.common import (
@@ -53,6 +54,7 @@ class GPT2Attention(nn.Module):
             scale /= float(layer_idx + 1)
         self.scale = scale
 
+    @model_entry  # inside a model: head dims the kernels do not cover run the reference (one log line)
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor], kv: Optional["KVStep"] = None) -> Tensor:
         B, S, C = x.shape
         qkv = linear(self.c_attn, x).view(B, S, 3, self.n_head, self.head_dim)  # (B, S, 3, H, D)
