@@ -5,7 +5,7 @@ so no pool fights another and no engine inherits another's warm caches or alloca
 
     python -m fastlm.benchmark_worker prepare --work gpt2|bert --cache DIR
     python -m fastlm.benchmark_worker time --work gpt2|bert --engine fastlm|transformers|ctranslate2|bandwidth
-        --precision fp32|int8 --cache DIR [--calls 3] [--threads 2]
+        --precision fp32|int8 --cache DIR [--calls 3] [--threads 2] [--size base|tiny]
 
 `time` prints one JSON line: {"ms": [per call...], "per": "token"|"call"} (ms per generated token for
 GPT-2 decode, per forward for BERT; GB/s for bandwidth) or {"skip": reason}.
@@ -32,10 +32,28 @@ BERT_B, BERT_S = 8, 128
 READ_MB = 384  # the bandwidth buffer: far larger than any L3 here
 
 
-def model_dir(cache: str, work: str) -> str:
+# "base": GPT-2 small and BERT-base, the models of the table; "tiny": the same code paths on
+# models small enough for the tests (2 layers, width 64, vocabulary 1000).
+TINY = {"gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 1000, "n_positions": 128,
+                 "initializer_range": 0.4},
+        "bert": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+                 "vocab_size": 1000, "max_position_embeddings": 128}}
+
+
+def model_dir(cache: str, work: str, size: str = "base") -> str:
     import transformers
 
-    return os.path.join(cache, f"{work}-random-tf{transformers.__version__}")
+    return os.path.join(cache, f"{work}-{size}-random-tf{transformers.__version__}")
+
+
+def config(work: str, size: str = "base"):
+    """The transformers config of a workload: GPT2Config() / BertConfig(), or the tiny ones."""
+    import transformers as tf
+
+    if size not in ("base", "tiny"):
+        raise ValueError(f"size must be base or tiny, got {size!r}")
+    cls = tf.GPT2Config if work == "gpt2" else tf.BertConfig
+    return cls(**(TINY[work] if size == "tiny" else {}))
 
 
 def _tokenizer(vocab_size: int, special: dict[int, str], unk: str):
@@ -51,24 +69,23 @@ def _tokenizer(vocab_size: int, special: dict[int, str], unk: str):
     return tok
 
 
-def prepare(cache: str, work: str, *, config=None, ct2: bool = True) -> str:
+def prepare(cache: str, work: str, size: str = "base", *, ct2: bool = True) -> str:
     """Save the random-weight model (seed 0) and its tokenizer once, and convert it for
-    CTranslate2 when that is installed. Returns the transformers directory. `config` overrides
-    the default size (tests use small models)."""
+    CTranslate2 when that is installed. Returns the transformers directory."""
     import torch
     import transformers as tf
 
-    d = model_dir(cache, work) if config is None else cache
+    d = model_dir(cache, work, size)
+    cfg = config(work, size)
     if not os.path.exists(os.path.join(d, "config.json")):
+        os.makedirs(cache, exist_ok=True)
         torch.manual_seed(0)
         if work == "gpt2":
-            cfg = config or tf.GPT2Config()
             cfg.eos_token_id = None  # timed runs make exactly GPT2_NEW tokens
             model = tf.GPT2LMHeadModel(cfg)
-            special = {50256: "<|endoftext|>"} if cfg.vocab_size > 50256 else {0: "<|endoftext|>"}
-            kw = dict(bos_token=special[max(special)], eos_token=special[max(special)], unk_token=special[max(special)])
+            special = {cfg.vocab_size - 1: "<|endoftext|>"}  # GPT-2's id 50256
+            kw = dict.fromkeys(("bos_token", "eos_token", "unk_token"), "<|endoftext|>")
         else:
-            cfg = config or tf.BertConfig()
             cfg.position_embedding_type = "absolute"  # CTranslate2's converter still reads it
             model = tf.BertModel(cfg)
             special = {0: "[PAD]", 100: "[UNK]", 101: "[CLS]", 102: "[SEP]", 103: "[MASK]"}
@@ -211,15 +228,16 @@ def main(argv=None) -> int:
     p.add_argument("--cache", required=True)
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--size", choices=["base", "tiny"], default="base")
     a = p.parse_args(argv)
     if a.action == "prepare":
-        print(json.dumps({"dir": prepare(a.cache, a.work)}))
+        print(json.dumps({"dir": prepare(a.cache, a.work, a.size)}))
         return 0
     if a.engine == "bandwidth":
         print(json.dumps({"gbs": read_bandwidth(a.threads, max(a.calls, 3))}))
         return 0
     try:
-        run, per = make_runner(a.work, a.engine, a.precision, model_dir(a.cache, a.work), a.threads)
+        run, per = make_runner(a.work, a.engine, a.precision, model_dir(a.cache, a.work, a.size), a.threads)
     except Skip as e:
         print(json.dumps({"skip": str(e)}))
         return 0
