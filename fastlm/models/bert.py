@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from fastlm import ops
+from fastlm.linear_cpu import CPULinear
 from fastlm.models.common import (
     BaseModelOutput,
     LogitsOutput,
@@ -46,7 +47,7 @@ class BertEmbeddings(nn.Module):
 class BertAttentionOutput(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = CPULinear(config.hidden_size, config.hidden_size)  # oneDNN on CPU rows >= 32
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
 
@@ -57,7 +58,7 @@ class BertAttention(nn.Module):
         if C % H:
             raise ValueError(f"BERT: hidden_size {C} is not divisible by num_attention_heads {H}")
         self.n_head, self.head_dim = H, C // H
-        self.qkv = nn.Linear(C, 3 * C)  # fused from self.query, self.key, self.value
+        self.qkv = CPULinear(C, 3 * C)  # fused from self.query, self.key, self.value
         self.output = BertAttentionOutput(config)
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor], varlen: Optional[tuple] = None) -> Tensor:
