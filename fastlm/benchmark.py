@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import fastlm
 from fastlm import ops
 
-SUITES = ("ops", "models", "peers", "all")
+SUITES = ("ops", "models", "all", "peers")
 
 
 class Skip(Exception):
@@ -595,6 +595,8 @@ def run(device: str, dtype: torch.dtype, suite: str = "all", only: Optional[str]
     env = environment()
     env["ctranslate2"] = ctranslate2_version()
     env["cpu_model"], env["cpu_count"] = cpu_model(), os.cpu_count()
+    if hasattr(os, "getloadavg"):  # other work on the machine while this ran (1-minute load average)
+        env["loadavg_start"] = round(os.getloadavg()[0], 2)
     res = Result(env=env, device=device, dtype=str(dtype).replace("torch.", ""), suite=suite, ceilings=ceilings)
     if peers:
         full = suite == "peers" or only is not None
@@ -603,6 +605,8 @@ def run(device: str, dtype: torch.dtype, suite: str = "all", only: Optional[str]
         res.rows += rows
         if partial_json:
             save_json(res, partial_json)
+        if hasattr(os, "getloadavg"):
+            env["loadavg_after_peers"] = round(os.getloadavg()[0], 2)
     elif why_not and suite == "peers":
         res.rows += [Row(c, "-", "all", status=f"skipped: {why_not}") for c in PEER_CASES]
     for case in cases:
@@ -728,6 +732,10 @@ def markdown(res: Result) -> str:
     lines = [f"# fastlm bench: {env.get('gpu') or 'CPU'} ({res.dtype})", "",
              f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
              f"CUDA {env.get('cuda')}, driver {env.get('driver', '-')}, fastlm {env['fastlm']} ({env['git_sha']})", "",
+             *([f"CPU: {env['cpu_model']}, {env.get('cpu_count')} cores; ctranslate2 {env.get('ctranslate2')}; "
+                f"1-minute load average {env.get('loadavg_start', '-')} at the start, "
+                f"{env.get('loadavg_after_peers', '-')} after the peers suite", ""]
+               if env.get("cpu_model") and not env.get("gpu") else []),
              f"Measured ceilings: copy {res.ceilings.copy_gbs:.0f} GB/s, {res.ceilings.matmul_dtype} matmul "
              f"{res.ceilings.matmul_tflops:.1f} TFLOP/s", "",
              "| case | shape | provider | ms | value | % ceiling | status |", "|---|---|---|---|---|---|---|"]

@@ -28,10 +28,11 @@ UNITS = {"gpt2": "ms/token", "bert": "ms"}
 # (provider, engine, precision); fastlm's int8 is quantize="int8" for GPT-2, "int8_dynamic" for BERT
 ENGINES = (("ctranslate2", "ctranslate2", "fp32"), ("fastlm", "fastlm", "fp32"),
            ("transformers", "transformers", "fp32"), ("ctranslate2_int8", "ctranslate2", "int8"),
-           ("fastlm_int8", "fastlm", "int8"))
+           ("fastlm_int8", "fastlm", "int8"), ("transformers_int8", "transformers", "int8"))
 PRETTY = {"ctranslate2": ("CTranslate2", "fp32"), "ctranslate2_int8": ("CTranslate2", "int8"),
           "fastlm": ("fastlm", "fp32"), "fastlm_int8": ("fastlm", "int8 (GPT-2 int8, BERT int8_dynamic)"),
-          "transformers": ("transformers (sdpa)", "fp32")}
+          "transformers": ("transformers (sdpa)", "fp32"),
+          "transformers_int8": ("transformers (sdpa) + torch dynamic int8", "int8 (torch.ao quantize_dynamic)")}
 
 
 def cache_dir() -> str:
@@ -183,7 +184,7 @@ def plot(rows: list[Row], read_gbs: float | None, path: str, title: str = "") ->
     fig, axes = plt.subplots(1, len(cases), figsize=(6.5 * len(cases), 3.8), squeeze=False)
     for ax, case in zip(axes[0], cases, strict=True):
         rs = [r for r in rows if r.case == case and r.ms]
-        names = [" ".join(PRETTY[r.provider]).replace(" (GPT-2 int8, BERT int8_dynamic)", "") for r in rs]
+        names = [" ".join(PRETTY[r.provider]).split(" (GPT-2")[0].split(" (torch.ao")[0] for r in rs]
         colors = ["C0" if r.provider.startswith("fastlm") else "C1" if r.provider.startswith("ctranslate2") else "C2"
                   for r in rs]
         ax.barh(names, [r.ms for r in rs], color=colors)

@@ -157,10 +157,12 @@ def make_runner(work: str, engine: str, precision: str, d: str, threads: int):
     if engine == "transformers":
         import transformers as tf
 
-        if precision != "fp32":
-            raise Skip("transformers runs fp32 here (no CPU int8 path of its own)")
+        if precision != "fp32" and work == "gpt2":
+            raise Skip("torch's dynamic int8 quantization covers nn.Linear; GPT-2's Conv1D projections stay fp32")
         cls = tf.GPT2LMHeadModel if work == "gpt2" else tf.BertModel
         m = cls.from_pretrained(d, attn_implementation="sdpa").eval()
+        if precision == "int8":  # torch.ao dynamic quantization: int8 weights, per-token int8 activations
+            m = torch.ao.quantization.quantize_dynamic(m, {torch.nn.Linear}, dtype=torch.qint8)
         if work == "gpt2":
             def run():
                 with torch.inference_mode():

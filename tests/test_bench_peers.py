@@ -94,6 +94,9 @@ def test_peers_suite_runs_every_engine_in_its_own_process(cache, tmp_path, monke
     for case in bm.PEER_CASES:
         for p in ("ctranslate2", "ctranslate2_int8", "fastlm", "transformers"):
             assert by[(case, p)].status == "ok" and by[(case, p)].ms > 0, by[(case, p)]
+        r = by[("peers_bert_fwd", "transformers_int8")]
+        assert r.status == "ok" and r.ms > 0, r
+        assert by[("peers_gpt2_decode", "transformers_int8")].status.startswith("skipped: torch's dynamic int8")
         r = by[(case, "fastlm_int8")]
         assert (r.status == "ok" and r.ms > 0) or r.status.startswith("skipped: "), r
     md = peers.markdown(rows, read)
@@ -104,8 +107,9 @@ def test_peers_suite_runs_every_engine_in_its_own_process(cache, tmp_path, monke
 
 def test_worker_reports_a_missing_engine_as_a_skip_not_a_crash(cache, capsys):
     worker.prepare(cache, "bert", "tiny", ct2=False)
-    assert worker.main(["time", "--work", "bert", "--engine", "transformers", "--precision", "int8",
+    worker.prepare(cache, "gpt2", "tiny", ct2=False)
+    assert worker.main(["time", "--work", "gpt2", "--engine", "transformers", "--precision", "int8",
                         "--cache", cache, "--size", "tiny"]) == 0
-    assert '"skip": "transformers runs fp32 here' in capsys.readouterr().out
+    assert '"skip": "torch\'s dynamic int8 quantization covers nn.Linear' in capsys.readouterr().out
     with pytest.raises(ValueError, match="engine must be"):
         worker.main(["time", "--work", "bert", "--engine", "nope", "--cache", cache, "--size", "tiny"])
