@@ -54,6 +54,7 @@ class Row:
     unit: str = "ms"
     pct_of_ceiling: Optional[float] = None
     status: str = "ok"
+    cpu_ms: Optional[float] = None  # peers: CPU time of the engine's process (all threads) per token / call
 
 
 @dataclass

@@ -95,6 +95,7 @@ def run_peers(works: list[str], rounds: int = 2, calls: int = 3, threads: int = 
     say = progress or (lambda msg: None)
     status: dict[tuple[str, str], str] = {}
     best: dict[tuple[str, str], float] = {}
+    best_cpu: dict[tuple[str, str], float] = {}
     for case in works:
         say(f"{case}: preparing the random-weight model (once, in {cache})")
         r = _worker(["prepare", "--work", WORKS[case], "--cache", cache, "--size", size], threads, timeout)
@@ -123,6 +124,7 @@ def run_peers(works: list[str], rounds: int = 2, calls: int = 3, threads: int = 
                     status[key] = f"failed: {r['error']}"
                 else:
                     best[key] = min(best.get(key, float("inf")), *r["ms"])
+                    best_cpu[key] = min(best_cpu.get(key, float("inf")), *r.get("cpu_ms", [float("inf")]))
     read = max(gbs) if gbs else None
     rows = []
     for case in works:
@@ -131,6 +133,7 @@ def run_peers(works: list[str], rounds: int = 2, calls: int = 3, threads: int = 
             row = Row(case, LABELS[work], p, unit=UNITS[work], status=status.get((case, p), "ok"))
             if (case, p) in best:
                 row.ms = row.value = best[(case, p)]
+                row.cpu_ms = best_cpu.get((case, p))
                 fl = floor_ms(read, precision) if work == "gpt2" and size == "base" else None
                 row.pct_of_ceiling = 100 * fl / row.ms if fl else None
             elif row.status == "ok":
@@ -153,13 +156,16 @@ def markdown(rows: list[Row], read_gbs: float | None) -> str:
         if r.ms is None:
             return r.status
         pct = f" ({r.pct_of_ceiling:.0f}% of floor speed)" if r.pct_of_ceiling else ""
-        return f"{r.ms:.1f}{pct}"
+        cpu = f"; CPU {r.cpu_ms:.1f}" if r.cpu_ms is not None and r.cpu_ms != float("inf") else ""
+        return f"{r.ms:.1f}{pct}{cpu}"
 
     bw = f"{read_gbs:.1f} GB/s" if read_gbs else "not measured"
     out = ["## fastlm and its peers on this CPU", "",
-           "Each engine in its own process, engines alternating, best call of all rounds; GPT-2 ms per generated "
-           f"token (16-token prompt, 32 greedy tokens, batch 1), BERT ms per forward (batch 8, 128 tokens). "
-           f"Read bandwidth measured in the same run: {bw}.", "",
+           ("Each engine in its own process, engines alternating, best call of all rounds; GPT-2 wall ms per "
+            "generated token (16-token prompt, 32 greedy tokens, batch 1), BERT wall ms per forward (batch 8, "
+            f"128 tokens). Read bandwidth measured in the same run: {bw}. \"CPU\": the best CPU time of the "
+            "engine's process over all its threads for the same unit (steadier than wall time on a shared "
+            "machine; spinning threads count)."), "",
            "| engine | precision | GPT-2 small decode ms/token | BERT-base B8 S128 ms |", "|---|---|---|---|"]
     for p, _, _ in ENGINES:
         name, prec = PRETTY[p]

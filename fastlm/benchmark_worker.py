@@ -7,8 +7,9 @@ so no pool fights another and no engine inherits another's warm caches or alloca
     python -m fastlm.benchmark_worker time --work gpt2|bert --engine fastlm|transformers|ctranslate2|bandwidth
         --precision fp32|int8 --cache DIR [--calls 3] [--threads 2] [--size base|tiny]
 
-`time` prints one JSON line: {"ms": [per call...], "per": "token"|"call"} (ms per generated token for
-GPT-2 decode, per forward for BERT; GB/s for bandwidth) or {"skip": reason}.
+`time` prints one JSON line: {"ms": [per call...], "cpu_ms": [...], "per": "token"|"call"} (wall ms per
+generated token for GPT-2 decode, per forward for BERT, and the process's CPU time over all its threads
+for the same; {"gbs": [...]} for bandwidth) or {"skip": reason}.
 
 The models are random-weight GPT-2 small (GPT2Config()) and BERT-base (BertConfig()), saved once
 under the cache directory with a WordLevel tokenizer of the model's vocabulary size (CTranslate2's
@@ -244,12 +245,13 @@ def main(argv=None) -> int:
         print(json.dumps({"skip": str(e)}))
         return 0
     run()  # warm-up: allocations, caches, lazy init
-    ms = []
+    ms, cpu_ms = [], []
     for _ in range(a.calls):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         run()
         ms.append((time.perf_counter() - t0) * 1e3 / per)
-    print(json.dumps({"ms": ms, "per": "token" if per > 1 else "call"}))
+        cpu_ms.append((time.process_time() - c0) * 1e3 / per)  # all threads of this process
+    print(json.dumps({"ms": ms, "cpu_ms": cpu_ms, "per": "token" if per > 1 else "call"}))
     return 0
 
 
