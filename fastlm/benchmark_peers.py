@@ -32,7 +32,7 @@ ENGINES = (("ctranslate2", "ctranslate2", "fp32"), ("fastlm", "fastlm", "fp32"),
 PRETTY = {"ctranslate2": ("CTranslate2", "fp32"), "ctranslate2_int8": ("CTranslate2", "int8"),
           "fastlm": ("fastlm", "fp32"), "fastlm_int8": ("fastlm", "int8 (GPT-2 int8, BERT int8_dynamic)"),
           "transformers": ("transformers (sdpa)", "fp32"),
-          "transformers_int8": ("transformers (sdpa) + torch dynamic int8", "int8 (torch.ao quantize_dynamic)")}
+          "transformers_int8": ("transformers (sdpa) + torch dynamic", "int8 (torch.ao quantize_dynamic)")}
 
 
 def cache_dir() -> str:
