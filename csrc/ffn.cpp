@@ -1,6 +1,7 @@
 // FFN ops, torch side: input checks (each naming the argument), the CPU kernels,
 // and the CPU / CUDA registrations. The CUDA kernels are plain CUDA in cuda/ffn.cu.
 #include "ffn.h"
+#include "linear_cpu.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -201,6 +202,15 @@ at::Tensor ffn_cpu(const at::Tensor& x_in, const at::Tensor& w1, const at::Tenso
   TORCH_CHECK_VALUE(x_in.device().is_cpu(), "ffn (CPU): x must be a CPU tensor, got ", x_in.device());
   const int64_t d_model = x_in.size(-1);
   const at::Tensor x = x_in.reshape({-1, d_model});
+  if (onednn_linear_ok(x, w1) && w2.is_contiguous()) {
+    // prefill / encoder rows: oneDNN GEMMs with bias+GELU, then bias (+ residual), fused into their
+    // output passes (see linear_cpu.cpp); erf / tanh as exact as torch's (model parity at 1e-4).
+    const at::Tensor xc = x.contiguous();
+    at::Tensor h = onednn_linear(xc, w1, b1, "gelu", act == 2 ? "tanh" : "none");  // (M, d_ff)
+    at::Tensor y = residual.has_value() ? onednn_linear_add(h, w2, b2, residual->reshape({-1, d_model}))
+                                        : onednn_linear(h, w2, b2, "none", "");
+    return y.view(x_in.sizes());
+  }
   // GEMM with the bias in its beta term, then ATen's vectorised in-place GELU: one pass over the
   // d_ff activation, and erf/tanh as exact as torch's (the model parity tests need 1e-4 in fp32).
   at::Tensor h = at::addmm(b1, x, w1.t());  // (M, d_ff)

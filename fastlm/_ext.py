@@ -33,6 +33,10 @@ if _C is not None:
     def _ffn_fake(x, w1, b1, w2, b2, activation, residual):
         return x.new_empty(x.shape)
 
+    @torch.library.register_fake("fastlm::linear_ext")
+    def _linear_fake(x, w, b):
+        return x.new_empty((*x.shape[:-1], w.shape[0]))
+
     @torch.library.register_fake("fastlm::layer_norm_ext")
     def _ln_fake(x, weight, bias, eps):
         return x.new_empty(x.shape)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 import fastlm
 from fastlm import ops
 
-SUITES = ("ops", "models", "all")
+SUITES = ("ops", "models", "all", "peers")
 
 
 class Skip(Exception):
@@ -53,6 +54,7 @@ class Row:
     unit: str = "ms"
     pct_of_ceiling: Optional[float] = None
     status: str = "ok"
+    cpu_ms: Optional[float] = None  # peers: CPU time of the engine's process (all threads) per token / call
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Ceilings:
     copy_gbs: float
     matmul_tflops: float
     matmul_dtype: str
+    read_gbs: Optional[float] = None  # the peers suite's read bandwidth (all threads, one process)
 
 
 @dataclass
@@ -536,6 +539,24 @@ CASES = {"attention": attention_cases, "softmax": softmax_cases, "decode_attenti
 OPS = ("attention", "softmax", "decode_attention", "bias_gelu", "ffn_prefill", "ffn_decode", "ffn_decode_int8",
        "layer_norm")
 MODEL_CASES = ("bert_fwd", "bert_padded", "gpt2_prefill", "gpt2_generate")
+PEER_CASES = ("peers_gpt2_decode", "peers_bert_fwd")  # fastlm.benchmark_peers: a process per engine
+
+
+def peer_cases(device: str, suite: str, only: Optional[str]) -> tuple[list[str], Optional[str]]:
+    """The peers cases this run times, and why none run where that is the case. `--suite peers`
+    runs them always (CTranslate2 rows skip with the reason when it is absent); `all` runs them on
+    CPU when CTranslate2 is installed, so a plain `fastlm bench` stays short elsewhere."""
+    from fastlm.benchmark_peers import ctranslate2_version
+
+    if only is not None and only not in PEER_CASES:
+        return [], None
+    if suite not in ("peers", "all") and only is None:
+        return [], None
+    if device != "cpu":
+        return [], "the peers suite compares CPU engines: run it with --device cpu"
+    if suite == "all" and only is None and ctranslate2_version() is None:
+        return [], "ctranslate2 is not installed (pip install 'fastlm[peers]'); --suite peers runs the rest"
+    return [only] if only else list(PEER_CASES), None
 
 
 def build_cases(device: str, dtype: torch.dtype, suite: str, only: Optional[str]) -> list[Case]:
@@ -547,7 +568,7 @@ def build_cases(device: str, dtype: torch.dtype, suite: str, only: Optional[str]
     if suite in ("ops", "all"):
         for make in CASES.values():
             cases += make(device, dtype)
-    names = sorted(set(OPS) | set(MODEL_CASES))
+    names = sorted(set(OPS) | set(MODEL_CASES) | set(PEER_CASES))
     if only is not None:
         if only not in names:
             raise ValueError(f"--only must be one of {', '.join(names)}, got {only!r}")
@@ -586,15 +607,50 @@ def run_case(case: Case, device: str, ceilings: Ceilings, budget_s: float) -> li
     return rows
 
 
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo (lscpu) gives it, else platform's guess."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def run(device: str, dtype: torch.dtype, suite: str = "all", only: Optional[str] = None, budget_s: float = 0.5,
-        progress: Optional[Callable[[str], None]] = None, partial_json: Optional[str] = None) -> Result:
+        progress: Optional[Callable[[str], None]] = None, partial_json: Optional[str] = None,
+        rounds: Optional[int] = None, calls: Optional[int] = None, threads: int = 2) -> Result:
     """Every case of the suite, one after the other. With `partial_json`, the results so far are
-    rewritten there after each case, so a run cut short by a time limit still leaves its rows."""
+    rewritten there after each case, so a run cut short by a time limit still leaves its rows.
+    The peers cases (fastlm.benchmark_peers) run first, `rounds` x `calls` per engine (default
+    2 x 3 for --suite peers, 1 x 2 inside `all`), each engine in its own process with `threads`."""
+    from fastlm.benchmark_peers import ctranslate2_version, run_peers
     from fastlm.info import environment
 
     cases = build_cases(device, dtype, suite, only)
+    peers, why_not = peer_cases(device, suite, only)
     ceilings = measure_ceilings(device)
-    res = Result(env=environment(), device=device, dtype=str(dtype).replace("torch.", ""), suite=suite, ceilings=ceilings)
+    env = environment()
+    env["ctranslate2"] = ctranslate2_version()
+    env["cpu_model"], env["cpu_count"] = cpu_model(), os.cpu_count()
+    if hasattr(os, "getloadavg"):  # other work on the machine while this ran (1-minute load average)
+        env["loadavg_start"] = round(os.getloadavg()[0], 2)
+    res = Result(env=env, device=device, dtype=str(dtype).replace("torch.", ""), suite=suite, ceilings=ceilings)
+    if peers:
+        full = suite == "peers" or only is not None
+        rows, ceilings.read_gbs = run_peers(peers, rounds or (2 if full else 1), calls or (3 if full else 2),
+                                            threads, progress)
+        res.rows += rows
+        if partial_json:
+            save_json(res, partial_json)
+        if hasattr(os, "getloadavg"):
+            env["loadavg_after_peers"] = round(os.getloadavg()[0], 2)
+    elif why_not and suite == "peers":
+        res.rows += [Row(c, "-", "all", status=f"skipped: {why_not}") for c in PEER_CASES]
     for case in cases:
         if progress:
             progress(f"{case.name} {case.label}")
@@ -655,17 +711,25 @@ def _variant(r: Row) -> str:
 def plot(res: Result, out_dir: str) -> list[str]:
     """One PNG per case: metric against x, one colour per provider, one line style per variant
     (shape family), and the measured ceiling drawn as a dashed line where one applies."""
-    import os
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from fastlm import benchmark_peers
+
     paths = []
+    peers = [r for r in res.rows if r.case in PEER_CASES]
+    env = res.env
+    title = (f"{env.get('cpu_model', 'CPU')}, {env.get('cpu_count')} cores; torch {env.get('torch')}, "
+             f"transformers {env.get('transformers')}, ctranslate2 {env.get('ctranslate2')}")
+    p = benchmark_peers.plot(peers, res.ceilings.read_gbs, os.path.join(out_dir, f"peers_{res.device}.png"), title)
+    if p:
+        paths.append(p)
     by_case: dict[str, list[Row]] = {}
     for r in res.rows:
-        by_case.setdefault(r.case, []).append(r)
+        if r.case not in PEER_CASES:
+            by_case.setdefault(r.case, []).append(r)
     styles = ["-", "--", ":", "-."]
     for case, rows in by_case.items():
         providers = list(dict.fromkeys(r.provider for r in rows))
@@ -710,6 +774,10 @@ def markdown(res: Result) -> str:
     lines = [f"# fastlm bench: {env.get('gpu') or 'CPU'} ({res.dtype})", "",
              f"torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
              f"CUDA {env.get('cuda')}, driver {env.get('driver', '-')}, fastlm {env['fastlm']} ({env['git_sha']})", "",
+             *([f"CPU: {env['cpu_model']}, {env.get('cpu_count')} cores; ctranslate2 {env.get('ctranslate2')}; "
+                f"1-minute load average {env.get('loadavg_start', '-')} at the start, "
+                f"{env.get('loadavg_after_peers', '-')} after the peers suite", ""]
+               if env.get("cpu_model") and not env.get("gpu") else []),
              f"Measured ceilings: copy {res.ceilings.copy_gbs:.0f} GB/s, {res.ceilings.matmul_dtype} matmul "
              f"{res.ceilings.matmul_tflops:.1f} TFLOP/s", "",
              "| case | shape | provider | ms | value | % ceiling | status |", "|---|---|---|---|---|---|---|"]
@@ -718,4 +786,7 @@ def markdown(res: Result) -> str:
         pct = f"{r.pct_of_ceiling:.0f}%" if r.pct_of_ceiling is not None else "-"
         ms = f"{r.ms:.3f}" if r.ms is not None else "-"
         lines.append(f"| {r.case} | {r.label} | {r.provider} | {ms} | {val} | {pct} | {r.status} |")
-    return "\n".join(lines) + "\n"
+    from fastlm import benchmark_peers
+
+    peers = benchmark_peers.markdown(res.rows, res.ceilings.read_gbs)
+    return "\n".join(lines) + "\n" + ("\n" + peers if peers else "")

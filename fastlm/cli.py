@@ -70,16 +70,20 @@ def cmd_bench(args) -> int:
         return 2
     con = _console()
     label = "GPU" if device == "cuda" else "CPU figures (small shapes; not GPU performance)"
-    con.print(f"[bold]fastlm bench[/bold] on {label}: {len(cases)} cases, suite {args.suite}, {dtype_name}")
+    peers, _ = bm.peer_cases(device, args.suite, args.only)
+    con.print(f"[bold]fastlm bench[/bold] on {label}: {len(cases)} cases"
+              + (f" + {len(peers)} peers cases (a process per engine)" if peers else "")
+              + f", suite {args.suite}, {dtype_name}")
     with Progress(transient=True, console=con) as prog:
-        task = prog.add_task("ceilings", total=len(cases) + 1)
+        task = prog.add_task("ceilings", total=None if peers else len(cases) + 1)
 
         def step(msg):
             prog.update(task, advance=1, description=msg)
 
         os.makedirs(args.out, exist_ok=True)
         res = bm.run(device, dtype, args.suite, args.only, budget_s=args.budget, progress=step,
-                     partial_json=os.path.join(args.out, f"bench-{device}-partial.json"))
+                     partial_json=os.path.join(args.out, f"bench-{device}-partial.json"), rounds=args.rounds,
+                     calls=args.calls, threads=args.threads)
     table = Table(title=f"fastlm bench: {res.env.get('gpu') or 'CPU (' + str(res.env['cpu_threads']) + ' threads)'}, "
                         f"{dtype_name} | copy {res.ceilings.copy_gbs:.0f} GB/s, {res.ceilings.matmul_dtype} matmul "
                         f"{res.ceilings.matmul_tflops:.1f} TFLOP/s")
@@ -100,7 +104,8 @@ def cmd_bench(args) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     jpath = os.path.join(out_dir, f"bench-{device}-{stamp}.json")
     bm.save_json(res, jpath)
-    os.remove(os.path.join(out_dir, f"bench-{device}-partial.json"))
+    if os.path.exists(os.path.join(out_dir, f"bench-{device}-partial.json")):
+        os.remove(os.path.join(out_dir, f"bench-{device}-partial.json"))
     with open(os.path.join(out_dir, f"bench-{device}.md"), "w") as f:
         f.write(bm.markdown(res))
     pngs = [] if args.no_plots else bm.plot(res, out_dir)
@@ -275,7 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON instead of tables")
     i.set_defaults(func=cmd_info)
     b = sub.add_parser("bench", help="time fastlm against its baselines on this machine")
-    b.add_argument("--suite", default="all", help="ops, models or all (default all)")
+    b.add_argument("--suite", default="all",
+                   help="ops, models, peers (fastlm vs CTranslate2 and transformers on CPU, each engine in its own "
+                        "process) or all (default; includes peers on CPU when ctranslate2 is installed)")
+    b.add_argument("--rounds", type=int, default=None,
+                   help="peers: rounds over all engines (default 2 with --suite peers, 1 in all)")
+    b.add_argument("--calls", type=int, default=None, help="peers: timed calls per engine process (default 3 / 2)")
+    b.add_argument("--threads", type=int, default=2, help="peers: threads per engine (default 2)")
     b.add_argument("--only", default=None, help="one case by name (e.g. attention, bert_fwd)")
     b.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default fp16 on GPU, fp32 on CPU")
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

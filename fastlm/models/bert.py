@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from fastlm import ops
 from fastlm.backend import model_entry
+from fastlm.linear_cpu import CPULinear
 from fastlm.models.common import (
     BaseModelOutput,
     LogitsOutput,
@@ -147,7 +148,7 @@ BERT = Family("BERT", ("bert",), "bert", "encoder.layer", BERT_LAYER, BERT_EMBED
 class BertAttentionOutput(nn.Module):
     def __init__(self, dims: EncoderDims):
         super().__init__()
-        self.dense = nn.Linear(dims.hidden, dims.hidden)
+        self.dense = CPULinear(dims.hidden, dims.hidden)  # oneDNN on CPU rows >= 32
         self.LayerNorm = nn.LayerNorm(dims.hidden, eps=dims.eps)
 
 
@@ -168,7 +169,7 @@ class BertAttention(nn.Module):
         if C % H:
             raise ValueError(f"BERT: hidden_size {C} is not divisible by num_attention_heads {H}")
         self.n_head, self.head_dim = H, C // H
-        self.qkv = nn.Linear(C, 3 * C)  # fused from self.query, self.key, self.value
+        self.qkv = CPULinear(C, 3 * C)  # fused from self.query, self.key, self.value
         self.output = BertAttentionOutput(dims)
 
     @model_entry  # inside a model: head dims the kernels do not cover run the reference (one log line)
