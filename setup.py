@@ -79,6 +79,7 @@ exts, cmdclass = ext_modules()
 setup(
     packages=["fastlm", "fastlm.models", "fastlm.integrations", "fastlm.kernels"],
     package_dir={"fastlm": "fastlm", "fastlm.kernels": "kernels"},
+    package_data={"fastlm": ["py.typed"]},  # PEP 561: the public API is typed
     ext_modules=exts,
     cmdclass=cmdclass,
 )

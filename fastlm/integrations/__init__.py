@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import warnings
 
+from typing import TypeVar
+
 from torch import nn
 
 from fastlm.integrations import attention, bert, distilbert, gpt2
@@ -28,6 +30,7 @@ SUPPORTED = {
 }
 PATCHERS = {"bert": bert, "distilbert": distilbert, "gpt2": gpt2}
 STATE = "_fastlm_optimized"
+M = TypeVar("M")  # the module (or pipeline) given is the one returned
 
 
 def _kind(module) -> str | None:
@@ -69,7 +72,7 @@ def _unwrap(module, fn: str) -> nn.Module:
     raise TypeError(f"fastlm.{fn}: expected an nn.Module (or a pipeline holding one), got {type(module).__name__}")
 
 
-def optimize(module, *, quantize: str | None = None):
+def optimize(module: M, *, quantize: str | None = None) -> M:
     """Swap the hot path (attention, FFN, LayerNorm) of every supported transformers model inside
     `module` in place and return `module`: a transformers model, a SentenceTransformer, a user's
     nn.Module wrapper, or a pipeline (its `.model`). Idempotent; `fastlm.restore(module)` undoes it.
@@ -125,7 +128,7 @@ def _optimize_one(model, kind: str, quantize: str | None) -> None:
                              "quantize": quantize}
 
 
-def restore(module):
+def restore(module: M) -> M:
     """Undo fastlm.optimize on every model inside `module` (a no-op where it never ran); quantized
     projections come back as float modules holding the dequantized weights."""
     root = _unwrap(module, "restore")

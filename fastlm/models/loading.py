@@ -322,7 +322,7 @@ def from_pretrained(
     device: Optional[Union[str, torch.device]] = None,
     head: Optional[str] = None,
     quantize: Optional[str] = None,
-):
+) -> nn.Module:
     """Build a fastlm model from `src`:
 
     - a local transformers checkpoint directory (config.json + model.safetensors or
