@@ -28,6 +28,7 @@
 #define FASTLM_AVX2 __attribute__((target("avx2,fma")))
 #endif
 
+#include "cpu_pool.h"
 #include "fast_math.h"
 
 #ifdef FASTLM_WITH_CUDA
@@ -251,14 +252,16 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, bool int8,
   const int isa = current_isa();
   const int64_t NB = (N + kNR - 1) / kNR;
   const int64_t panel_bytes = K * kNR * (int8 ? 1 : 4);
-  // at least ~64 KB of weights per task: small layers stay on one thread
+  // chunks of at least ~64 KB of weights: small layers stay on the calling thread
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / (panel_bytes * std::max<int64_t>(1, M / kMR)));
-  at::parallel_for(0, NB, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<float> deq;
+  const int64_t chunks = (NB + grain - 1) / grain;
+  SharePool::get().run(chunks, [&](int64_t c) {
+    const int64_t b0 = c * grain, b1 = std::min(NB, b0 + grain);
+    thread_local std::vector<float> deq;
     for (int64_t m0 = 0; m0 < M; m0 += kMC) {
       const int64_t mc = std::min(kMC, M - m0);
       const bool dequant = int8 && mc > kDequantRows;
-      if (dequant && deq.empty()) deq.resize(K * kNR);
+      if (dequant && static_cast<int64_t>(deq.size()) < K * kNR) deq.resize(K * kNR);
       for (int64_t nb = b0; nb < b1; ++nb) {
         const void* panel = static_cast<const char*>(w) + nb * panel_bytes;
         bool panel_int8 = int8;

@@ -52,6 +52,10 @@ if _C is not None:
     def _packed_linear_fake(x, w, n, scale=None, bias=None, residual=None, activation="none"):
         return x.new_empty((*x.shape[:-1], n))
 
+    @torch.library.register_fake("fastlm::attention_decode")
+    def _attention_decode_fake(q, k, v, scale, causal=False):
+        return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
 
 # fastlm._C ops that have a CUDA kernel (the rest are CPU twins only; on GPU tensors they
 # run Triton or the reference instead).

@@ -23,10 +23,10 @@ from fastlm import reference
 
 # what each op calls, for `fastlm info`
 TORCH_OPS = {
-    "attention": "F.scaled_dot_product_attention",
+    "attention": "fastlm._C attention_decode (fp32, <= 64 keys) or F.scaled_dot_product_attention",
     "attention_varlen": "F.scaled_dot_product_attention per sequence",
     "softmax": "torch.softmax",
-    "decode_attention": "F.scaled_dot_product_attention on the valid rows",
+    "decode_attention": "fastlm._C attention_decode (fp32, <= 64 keys) or F.scaled_dot_product_attention on the valid rows",
     "bias_gelu": "F.gelu",
     "ffn": "F.linear + F.gelu + F.linear",
     "layer_norm": "F.layer_norm",
@@ -50,10 +50,28 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, scale: float) ->
     return out
 
 
+# Up to this many queries x keys per head, fp32 CPU attention runs fastlm._C's attention_decode on
+# the calling thread: torch's CPU SDPA sends every call through OpenMP (grain 1), and at decode
+# and short-prompt sizes the thread hand-off costs more than the math (2-9 ms per call on a busy
+# 2-core machine, GPT-2 small, 2 threads). Past it, SDPA's blocked kernel wins.
+SMALL_ATTENTION = 16 * 1024
+
+
+def _small_attention_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    from fastlm import _ext
+
+    return (_ext.available() and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32
+            and k.shape[-1] == v.shape[-1] and q.shape[-2] * k.shape[-2] <= SMALL_ATTENTION
+            and k.shape[-2] > 0 and not torch.compiler.is_compiling())
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, key_padding_mask: Tensor | None = None,
               scale: float | None = None) -> Tensor:
     """softmax(q k^T * scale + mask) v for (B, H, S, D) tensors (any strides) -> (B, H, S_q, D_v)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if (key_padding_mask is None and q.dim() == 4 and (not causal or q.shape[-2] <= k.shape[-2])
+            and _small_attention_ok(q, k, v)):
+        return torch.ops.fastlm.attention_decode(q, k, v, float(scale), bool(causal))
     s_q, s_k = q.shape[-2], k.shape[-2]
     if causal and key_padding_mask is None and s_q == s_k:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
@@ -108,7 +126,10 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     B = q.shape[0]
     if min(lens) == max(lens) > 0:  # one length for all (decode of an unpadded batch): one call
         n = lens[0]
-        return F.scaled_dot_product_attention(q, k_cache[:, :, :n], v_cache[:, :, :n], scale=scale)
+        k, v = k_cache[:, :, :n], v_cache[:, :, :n]  # (B, H, n, D) views
+        if _small_attention_ok(q, k, v):
+            return torch.ops.fastlm.attention_decode(q, k, v, float(scale), False)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
     out = torch.zeros_like(q)  # (B, H, 1, D); length 0 stays 0
     for b in range(B):
         n = lens[b]
