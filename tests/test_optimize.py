@@ -54,6 +54,30 @@ def test_bert_classes(cls):
     compare(outputs(model, ids, mask), before, mask)
 
 
+def test_bert_unpadded_encoder_and_its_fallbacks():
+    """A right-padded batch takes the unpadded encoder (padded positions come back 0, as in
+    fastlm's BertModel); per-layer hidden states and left padding keep transformers' padded path."""
+    model = randomize_(tf.BertModel(tf.BertConfig(**BERT)).eval())
+    ids, mask = inputs()
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        ref_left = model(input_ids=ids, attention_mask=inputs(left=True)[1]).last_hidden_state
+    fastlm.optimize(model)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+        hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        left = model(input_ids=ids, attention_mask=inputs(left=True)[1]).last_hidden_state
+    keep = mask.bool()
+    assert max_err(out.last_hidden_state[keep], ref.last_hidden_state[keep]) <= ATOL
+    assert bool((out.last_hidden_state[~keep] == 0).all())  # unpadded: padding never computed
+    assert len(hs.hidden_states) == len(ref.hidden_states) == BERT["num_hidden_layers"] + 1
+    for a, b in zip(hs.hidden_states, ref.hidden_states):
+        assert max_err(a[keep], b[keep]) <= ATOL
+    lkeep = inputs(left=True)[1].bool()
+    assert max_err(left[lkeep], ref_left[lkeep]) <= ATOL
+    assert max_err(left[:, 0], ref_left[:, 0]) <= ATOL  # [CLS] slot of left-padded rows, as transformers
+
+
 @pytest.mark.parametrize("cls", [tf.GPT2Model, tf.GPT2LMHeadModel], ids=lambda c: c.__name__)
 @pytest.mark.parametrize("left", [False, True], ids=["right-pad", "left-pad"])
 def test_gpt2_classes(cls, left):
