@@ -3,10 +3,9 @@ run here (no CUDA, torch.compile off on CPU, ...) is skipped with its reason."""
 
 import pytest
 import torch
+from conftest import DEVICE, DTYPE
 
 from fastlm import benchmark as bm
-
-from conftest import DEVICE, DTYPE
 
 SUITE = "all"
 CASES = bm.build_cases(DEVICE, DTYPE, SUITE, None)

@@ -12,7 +12,6 @@ from fastlm import (
 from fastlm.backend import use_backend
 from fastlm.embed import Embedder
 from fastlm.integrations import optimize, restore
-from fastlm.quantize import quantize_
 from fastlm.models import (
     ARCHITECTURES,
     BertForMaskedLM,
@@ -46,6 +45,7 @@ from fastlm.models import (
     XLMRobertaModel,
     from_pretrained,
 )
+from fastlm.quantize import quantize_
 
 __version__ = "0.1.0"
 logging.getLogger("fastlm").addHandler(logging.NullHandler())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -11,7 +11,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 128  # the attention kernels tile head dims up to 128 (fastlm.ops: coverage, not validity)
 
 
-def tensor(op: str, name: str, t, ndim: Optional[int] = None) -> Tensor:
+def tensor(op: str, name: str, t, ndim: int | None = None) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
@@ -19,7 +19,7 @@ def tensor(op: str, name: str, t, ndim: Optional[int] = None) -> Tensor:
     return t
 
 
-def float_tensor(op: str, name: str, t, ndim: Optional[int] = None) -> Tensor:
+def float_tensor(op: str, name: str, t, ndim: int | None = None) -> Tensor:
     tensor(op, name, t, ndim)
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
@@ -52,7 +52,7 @@ def int_range(op: str, name: str, t: Tensor, lo: int, hi: int, what: str = "") -
         raise ValueError(f"{op}: {name} must lie in [{lo}, {hi}]{extra}, got values in [{mn}, {mx}]")
 
 
-def same(op: str, ref_name: str, ref: Tensor, **others: Optional[Tensor]) -> None:
+def same(op: str, ref_name: str, ref: Tensor, **others: Tensor | None) -> None:
     """Every tensor in `others` has the dtype and device of `ref`."""
     for name, t in others.items():
         if t is None:
@@ -86,7 +86,7 @@ def scale(op: str, s) -> None:
         raise ValueError(f"{op}: scale must be a finite float or None, got {s!r}")
 
 
-def bool_mask(op: str, name: str, m: Optional[Tensor], expected: Sequence[int], device) -> None:
+def bool_mask(op: str, name: str, m: Tensor | None, expected: Sequence[int], device) -> None:
     if m is None:
         return
     tensor(op, name, m)

@@ -14,8 +14,9 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,7 @@ class Case:
     name: str  # e.g. "attention"
     suite: str  # "ops" or "models"
     label: str  # shape, e.g. "B4 H16 S1024 D64 causal"
-    x: Optional[float]  # the value plotted on the x axis (sequence length, rows, ...)
+    x: float | None  # the value plotted on the x axis (sequence length, rows, ...)
     providers: dict[str, Callable[[], Callable[[], Any]]]
     flops: float = 0.0  # per call, for TFLOP/s
     bytes: float = 0.0  # per call, for GB/s
@@ -48,13 +49,13 @@ class Row:
     case: str
     label: str
     provider: str
-    x: Optional[float] = None
-    ms: Optional[float] = None
-    value: Optional[float] = None
+    x: float | None = None
+    ms: float | None = None
+    value: float | None = None
     unit: str = "ms"
-    pct_of_ceiling: Optional[float] = None
+    pct_of_ceiling: float | None = None
     status: str = "ok"
-    cpu_ms: Optional[float] = None  # peers: CPU time of the engine's process (all threads) per token / call
+    cpu_ms: float | None = None  # peers: CPU time of the engine's process (all threads) per token / call
 
 
 @dataclass
@@ -62,7 +63,7 @@ class Ceilings:
     copy_gbs: float
     matmul_tflops: float
     matmul_dtype: str
-    read_gbs: Optional[float] = None  # the peers suite's read bandwidth (all threads, one process)
+    read_gbs: float | None = None  # the peers suite's read bandwidth (all threads, one process)
 
 
 @dataclass
@@ -131,7 +132,7 @@ def _compile_or_skip(fn, device):
     try:
         return torch.compile(fn)
     except Exception as e:  # pragma: no cover - depends on the machine
-        raise Skip(f"torch.compile failed: {type(e).__name__}: {e}")
+        raise Skip(f"torch.compile failed: {type(e).__name__}: {e}") from e
 
 
 def attention_cases(device: str, dtype: torch.dtype) -> list[Case]:
@@ -163,7 +164,7 @@ def attention_cases(device: str, dtype: torch.dtype) -> list[Case]:
                 try:
                     run()
                 except RuntimeError as e:
-                    raise Skip(f"SDPA {backend_name} unavailable here: {str(e).splitlines()[0][:120]}")
+                    raise Skip(f"SDPA {backend_name} unavailable here: {str(e).splitlines()[0][:120]}") from e
                 return run
             return setup
 
@@ -380,7 +381,7 @@ def model_cases(device: str, dtype: torch.dtype) -> list[Case]:
     for kind, B, S in (("bert", 32 if gpu else 2, 128), ("gpt2", 8 if gpu else 1, 1024 if gpu else 128)):
         cache: dict[str, Any] = {}
 
-        def models(kind=kind):
+        def models(kind=kind, cache=cache):
             if "hf" not in cache:
                 cache["hf"] = _hf_models(kind, device, dtype)
                 cache["fastlm"] = fastlm.from_pretrained(cache["hf"]["sdpa"], dtype=dtype, device=device)
@@ -469,7 +470,7 @@ SENTENCES = (
     "My laptop battery drains quickly when I watch videos.", "Everyone enjoyed the picnic despite the wind.",
     "Scientists have discovered a new species of frog in the rainforests of Central America.",
 )
-MINILM_TEXTS = SENTENCES + tuple(f"{a} {b}" for a, b in zip(SENTENCES, SENTENCES[7:] + SENTENCES[:7]))
+MINILM_TEXTS = SENTENCES + tuple(f"{a} {b}" for a, b in zip(SENTENCES, SENTENCES[7:] + SENTENCES[:7], strict=True))
 
 
 def minilm_cases(device: str, dtype: torch.dtype) -> list[Case]:
@@ -584,7 +585,7 @@ def generate_cases(device: str, dtype: torch.dtype) -> list[Case]:
             try:
                 run()
             except Exception as e:
-                raise Skip(f"HF static cache + compile failed: {type(e).__name__}: {str(e)[:100]}")
+                raise Skip(f"HF static cache + compile failed: {type(e).__name__}: {str(e)[:100]}") from e
             return run
 
         cases.append(Case("gpt2_generate", "models", f"GPT-2 {size} B{B} prompt{P} new{N}", P,
@@ -603,7 +604,7 @@ MODEL_CASES = ("bert_fwd", "bert_padded", "minilm_encode", "gpt2_prefill", "gpt2
 PEER_CASES = ("peers_gpt2_decode", "peers_bert_fwd")  # fastlm.benchmark_peers: a process per engine
 
 
-def peer_cases(device: str, suite: str, only: Optional[str]) -> tuple[list[str], Optional[str]]:
+def peer_cases(device: str, suite: str, only: str | None) -> tuple[list[str], str | None]:
     """The peers cases this run times, and why none run where that is the case. `--suite peers`
     runs them always (CTranslate2 rows skip with the reason when it is absent); `all` runs them on
     CPU when CTranslate2 is installed, so a plain `fastlm bench` stays short elsewhere."""
@@ -620,7 +621,7 @@ def peer_cases(device: str, suite: str, only: Optional[str]) -> tuple[list[str],
     return [only] if only else list(PEER_CASES), None
 
 
-def build_cases(device: str, dtype: torch.dtype, suite: str, only: Optional[str]) -> list[Case]:
+def build_cases(device: str, dtype: torch.dtype, suite: str, only: str | None) -> list[Case]:
     if suite not in SUITES:
         raise ValueError(f"--suite must be one of {', '.join(SUITES)}, got {suite!r}")
     cases: list[Case] = []
@@ -682,9 +683,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def run(device: str, dtype: torch.dtype, suite: str = "all", only: Optional[str] = None, budget_s: float = 0.5,
-        progress: Optional[Callable[[str], None]] = None, partial_json: Optional[str] = None,
-        rounds: Optional[int] = None, calls: Optional[int] = None, threads: int = 2) -> Result:
+def run(device: str, dtype: torch.dtype, suite: str = "all", only: str | None = None, budget_s: float = 0.5,
+        progress: Callable[[str], None] | None = None, partial_json: str | None = None,
+        rounds: int | None = None, calls: int | None = None, threads: int = 2) -> Result:
     """Every case of the suite, one after the other. With `partial_json`, the results so far are
     rewritten there after each case, so a run cut short by a time limit still leaves its rows.
     The peers cases (fastlm.benchmark_peers) run first, `rounds` x `calls` per engine (default
@@ -803,7 +804,7 @@ def plot(res: Result, out_dir: str) -> list[str]:
                 pts = sorted((r.x, r.value) for r in rows if r.provider == p and _variant(r) == var and r.value)
                 if not pts:
                     continue
-                xs, ys = zip(*pts)
+                xs, ys = zip(*pts, strict=True)
                 label = p if len(variants) == 1 else f"{p} [{var}]"
                 ax.plot(xs, ys, marker="o", color=colors[p], ls=styles[vi % len(styles)], label=label)
         c = res.ceilings

@@ -180,7 +180,8 @@ def cmd_generate(args) -> int:
         elif args.prompt_ids:
             ids = torch.tensor([[int(t) for t in args.prompt_ids.split(",")]])
         else:
-            ids = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+            g = torch.Generator().manual_seed(0)
+            ids = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=g)
         ids = ids.expand(args.batch, -1).to(device)
         # options left unset (None) take the checkpoint's generation defaults (eos, pad, sampling, ...)
         kw = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample, "temperature": args.temperature,

@@ -18,7 +18,6 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -47,7 +46,7 @@ class Pipeline:
     model_dir: str
     pooling: tuple[str, ...]
     normalize: bool
-    max_seq_length: Optional[int]
+    max_seq_length: int | None
 
 
 def _read_json(path: str):
@@ -159,9 +158,9 @@ class Embedder:
     Raises FileNotFoundError / ValueError for a missing directory, tokenizer or unsupported module.
     """
 
-    def __init__(self, src: Union[str, os.PathLike], *, device=None, dtype: Optional[torch.dtype] = None,
-                 quantize: Optional[str] = None, pooling: Optional[Sequence[str]] = None,
-                 normalize: Optional[bool] = None, truncate: bool = False, max_length: Optional[int] = None):
+    def __init__(self, src: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None,
+                 quantize: str | None = None, pooling: Sequence[str] | None = None,
+                 normalize: bool | None = None, truncate: bool = False, max_length: int | None = None):
         import fastlm
 
         path = os.fspath(src)

@@ -10,6 +10,7 @@ import torch
 
 from fastlm import _ext, backend
 
+
 def _version(mod: str) -> str:
     try:
         return __import__(mod).__version__

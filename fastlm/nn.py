@@ -7,13 +7,10 @@ residual add). Each has `from_hf(module)` for the matching transformers BERT / G
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
 from fastlm import ops
-
 
 # transformers' activation modules -> fastlm.ops.ffn's activation names
 HF_ACTIVATIONS = {"GELUActivation": "gelu", "NewGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh",
@@ -37,13 +34,13 @@ class FusedLayerNorm(nn.LayerNorm):
     """LayerNorm over the last dim (fp32 statistics); forward(x, residual) returns
     (LN(x + residual), x + residual) in one pass."""
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None):
+    def forward(self, x: Tensor, residual: Tensor | None = None):
         if residual is None:
             return ops.layer_norm(x, self.weight, self.bias, self.eps)
         return ops.layer_norm(x, self.weight, self.bias, self.eps, residual=residual)
 
     @classmethod
-    def from_hf(cls, ln: nn.LayerNorm) -> "FusedLayerNorm":
+    def from_hf(cls, ln: nn.LayerNorm) -> FusedLayerNorm:
         if not isinstance(ln, nn.LayerNorm) or len(ln.normalized_shape) != 1 or ln.bias is None:
             raise TypeError(f"FusedLayerNorm.from_hf: needs a 1-D affine nn.LayerNorm with bias, got {ln!r}")
         m = cls(ln.normalized_shape[0], eps=ln.eps, device=ln.weight.device, dtype=ln.weight.dtype)
@@ -64,7 +61,7 @@ class FusedFFN(nn.Module):
         self.fc2 = nn.Linear(d_ff, d_model, device=device, dtype=dtype)
         self.activation = activation
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         return ops.ffn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                        activation=self.activation, residual=residual)
 
@@ -72,7 +69,7 @@ class FusedFFN(nn.Module):
         return f"d_model={self.fc1.in_features}, d_ff={self.fc1.out_features}, activation={self.activation}"
 
     @classmethod
-    def from_hf(cls, module: nn.Module) -> "FusedFFN":
+    def from_hf(cls, module: nn.Module) -> FusedFFN:
         """From a transformers GPT2MLP (Conv1D weights, transposed here) or a BertLayer
         (intermediate.dense, output.dense; its LayerNorm stays outside)."""
         name = type(module).__name__
@@ -96,7 +93,7 @@ class FusedAttention(nn.Module):
     """Multi-head self-attention: qkv = x W_qkv^T (fused), fastlm attention, out projection.
     forward(x (B, S, C), key_padding_mask (B, S) bool, True = keep) -> (B, S, C)."""
 
-    def __init__(self, d_model: int, n_head: int, causal: bool = False, scale: Optional[float] = None,
+    def __init__(self, d_model: int, n_head: int, causal: bool = False, scale: float | None = None,
                  device=None, dtype=None):
         super().__init__()
         if d_model % n_head:
@@ -106,7 +103,7 @@ class FusedAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, device=device, dtype=dtype)
         self.out = nn.Linear(d_model, d_model, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         B, S, C = x.shape
         qkv = self.qkv(x).view(B, S, 3, self.n_head, self.head_dim)  # (B, S, 3, H, D)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x (B, H, S, D), strided views
@@ -117,7 +114,7 @@ class FusedAttention(nn.Module):
         return f"d_model={self.qkv.in_features}, n_head={self.n_head}, head_dim={self.head_dim}, causal={self.causal}"
 
     @classmethod
-    def from_hf(cls, module: nn.Module) -> "FusedAttention":
+    def from_hf(cls, module: nn.Module) -> FusedAttention:
         """From a transformers GPT2Attention (causal) or BertAttention (its self + output.dense;
         the output LayerNorm stays outside)."""
         name = type(module).__name__

@@ -9,8 +9,6 @@ torch.compile and CUDA graphs see them as single nodes.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -36,8 +34,8 @@ def attention(
     v: Tensor,
     *,
     causal: bool = False,
-    key_padding_mask: Optional[Tensor] = None,
-    scale: Optional[float] = None,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
 ) -> Tensor:
     """softmax(q k^T * scale) v for q, k, v (B, H, S, D); strided views are fine.
 
@@ -65,7 +63,7 @@ def attention_varlen(
     max_seqlen: int,
     *,
     causal: bool = False,
-    scale: Optional[float] = None,
+    scale: float | None = None,
 ) -> Tensor:
     """Attention over packed tokens q, k, v (T, H, D). Sequence i is rows
     cu_seqlens[i]:cu_seqlens[i+1]; cu_seqlens int32 (B+1,) from 0 to T; max_seqlen is
@@ -104,7 +102,7 @@ def attention_varlen_checked(
     return reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale)
 
 
-def softmax(x: Tensor, *, dim: int = -1, scale: float = 1.0, mask: Optional[Tensor] = None) -> Tensor:
+def softmax(x: Tensor, *, dim: int = -1, scale: float = 1.0, mask: Tensor | None = None) -> Tensor:
     """softmax(x * scale + mask) along `dim`. A bool mask keeps True; a float mask is
     added; the mask broadcasts to x. Rows with every entry masked give 0."""
     op = "softmax"
@@ -139,7 +137,7 @@ def softmax(x: Tensor, *, dim: int = -1, scale: float = 1.0, mask: Optional[Tens
 
 
 def decode_attention(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *, scale: Optional[float] = None
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *, scale: float | None = None
 ) -> Tensor:
     """One new query per sequence: q (B, H, 1, D) against k_cache, v_cache (B, H, S_max, D),
     of which the first cache_seqlens[b] rows (int32 (B,), each in [0, S_max]) are valid.
@@ -158,7 +156,9 @@ def decode_attention(
     return decode_attention_checked(q, k_cache, v_cache, cache_seqlens, scale)
 
 
-def decode_attention_checked(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float) -> Tensor:
+def decode_attention_checked(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float
+) -> Tensor:
     """decode_attention after validation: the models know their lengths lie in [0, S_max] and
     call this every decode step (checking the lengths would be a host sync per token)."""
     op = "decode_attention"
@@ -199,7 +199,7 @@ def ffn(
     b2: Tensor,
     *,
     activation: str = "gelu",
-    residual: Optional[Tensor] = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """linear(act(linear(x, w1, b1)), w2, b2) (+ residual). x (..., d_model),
     w1 (d_ff, d_model), w2 (d_model, d_ff) in nn.Linear layout; activation "gelu" (erf)
@@ -245,7 +245,7 @@ def ffn(
     return reference.ffn(x, w1, b1, w2, b2, activation, residual)
 
 
-def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, *, residual: Optional[Tensor] = None):
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, *, residual: Tensor | None = None):
     """LayerNorm over the last dim (float32 statistics). With `residual`, normalises
     x + residual and returns (normed, x + residual)."""
     op = "layer_norm"
@@ -283,11 +283,13 @@ def _check_cu_seqlens(op: str, cu: Tensor, max_seqlen: int, q: Tensor) -> None:
     vals = cu.tolist()  # one small host copy: bad offsets must never reach a kernel
     if vals[0] != 0 or vals[-1] != q.shape[0]:
         raise ValueError(f"{op}: cu_seqlens must start at 0 and end at the token count {q.shape[0]}, got {vals}")
-    lengths = [b - a for a, b in zip(vals[:-1], vals[1:])]
+    lengths = [b - a for a, b in zip(vals[:-1], vals[1:], strict=True)]
     if min(lengths) < 0:
         raise ValueError(f"{op}: cu_seqlens must be non-decreasing, got {vals}")
     if not isinstance(max_seqlen, int) or max_seqlen < max(lengths):
-        raise ValueError(f"{op}: max_seqlen must be an int >= the longest sequence ({max(lengths)}), got {max_seqlen!r}")
+        raise ValueError(
+            f"{op}: max_seqlen must be an int >= the longest sequence ({max(lengths)}), got {max_seqlen!r}"
+        )
 
 
 # The kernels each op has besides the reference: "triton" (fastlm.kernels) and/or
@@ -315,7 +317,7 @@ def _pick(op: str, device: torch.device) -> str:
     return impl
 
 
-def _head_dim_uncovered(d: int) -> Optional[str]:
+def _head_dim_uncovered(d: int) -> str | None:
     """Why the attention kernels do not cover head dim d (they tile head dims up to 128)."""
     if d > chk.MAX_HEAD_DIM:
         return f"head dim {d} is not supported by the attention kernels (1 to {chk.MAX_HEAD_DIM})"
@@ -332,7 +334,7 @@ def _attn_out(q: Tensor, v: Tensor) -> Tensor:
 
 @torch.library.custom_op("fastlm::attention", mutates_args=())
 def _attention_op(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, key_padding_mask: Optional[Tensor], scale: float
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, key_padding_mask: Tensor | None, scale: float
 ) -> Tensor:
     def kernel():
         from fastlm.kernels import attention as k_
@@ -369,7 +371,7 @@ def _(q, k, v, cu_seqlens, max_seqlen, causal, scale):
 
 
 @torch.library.custom_op("fastlm::softmax", mutates_args=())
-def _softmax_op(x: Tensor, dim: int, scale: float, mask: Optional[Tensor]) -> Tensor:
+def _softmax_op(x: Tensor, dim: int, scale: float, mask: Tensor | None) -> Tensor:
     def kernel():
         from fastlm.kernels import softmax as k_
 
@@ -402,7 +404,7 @@ def _(q, k_cache, v_cache, cache_seqlens, scale):
 
 @torch.library.custom_op("fastlm::ffn", mutates_args=())
 def _ffn_op(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, activation: str,
-            residual: Optional[Tensor]) -> Tensor:
+            residual: Tensor | None) -> Tensor:
     def kernel():
         from fastlm.kernels import ffn as k_
 

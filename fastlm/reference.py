@@ -8,8 +8,6 @@ plain torch does. Inputs are assumed valid (fastlm.ops validates).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -42,8 +40,8 @@ def attention(
     k: Tensor,
     v: Tensor,
     causal: bool = False,
-    key_padding_mask: Optional[Tensor] = None,
-    scale: Optional[float] = None,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
 ) -> Tensor:
     """softmax(q k^T * scale + mask) v over (B, H, S, D) tensors, in float32."""
     if scale is None:
@@ -70,13 +68,13 @@ def attention_varlen(
     cu_seqlens: Tensor,
     max_seqlen: int,
     causal: bool = False,
-    scale: Optional[float] = None,
+    scale: float | None = None,
 ) -> Tensor:
     """Attention over packed sequences: q, k, v (T, H, D); sequence i is rows
     cu_seqlens[i]:cu_seqlens[i+1]. No token attends across sequences."""
     out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
     bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         if end == start:
             continue
         qi = q[start:end].transpose(0, 1)[None]  # (1, H, L, D)
@@ -86,7 +84,7 @@ def attention_varlen(
     return out
 
 
-def softmax(x: Tensor, dim: int = -1, scale: float = 1.0, mask: Optional[Tensor] = None) -> Tensor:
+def softmax(x: Tensor, dim: int = -1, scale: float = 1.0, mask: Tensor | None = None) -> Tensor:
     """softmax(x * scale + mask) along `dim`; a bool mask keeps True, a float mask is added.
     Rows with every entry masked give 0."""
     s = up(x) * scale
@@ -99,7 +97,7 @@ def softmax(x: Tensor, dim: int = -1, scale: float = 1.0, mask: Optional[Tensor]
 
 
 def decode_attention(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: Optional[float] = None
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, scale: float | None = None
 ) -> Tensor:
     """One query token per sequence against the first cache_seqlens[b] cache rows. Rows past a
     sequence's length are zeroed before any product, so whatever an unfilled cache holds there
@@ -123,7 +121,7 @@ def ffn(
     w2: Tensor,
     b2: Tensor,
     activation: str = "gelu",
-    residual: Optional[Tensor] = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """linear(gelu(linear(x, w1) + b1), w2) + b2 (+ residual); weights in nn.Linear layout."""
     approximate = "tanh" if activation == "gelu_tanh" else "none"
@@ -133,7 +131,7 @@ def ffn(
 
 
 def layer_norm(
-    x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual: Optional[Tensor] = None
+    x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual: Tensor | None = None
 ):
     """LayerNorm over the last dim with float32 statistics. With `residual`, normalises
     x + residual and returns (normed, x + residual)."""

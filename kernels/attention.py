@@ -10,8 +10,6 @@ the output is written in (B, S, H, D) memory so the out-projection reads it with
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -170,8 +168,8 @@ def _flags(q: torch.Tensor, D: int) -> dict:
     )
 
 
-def attention(q, k, v, causal: bool, key_padding_mask: Optional[torch.Tensor], scale: float,
-              launch: Optional[Launch] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def attention(q, k, v, causal: bool, key_padding_mask: torch.Tensor | None, scale: float,
+              launch: Launch | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """q, k, v (B, H, S, D) any strides (inputs validated by fastlm.ops). Returns (B, H, S_q, D),
     written into `out` (any strides) when given (tests pass a poisoned one)."""
     B, H, Sq, D = q.shape
@@ -194,7 +192,7 @@ def attention(q, k, v, causal: bool, key_padding_mask: Optional[torch.Tensor], s
 
 
 def attention_varlen(q, k, v, cu_seqlens: torch.Tensor, max_seqlen: int, causal: bool, scale: float,
-                     launch: Optional[Launch] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     launch: Launch | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Packed q, k, v (T, H, D); sequence b is rows cu_seqlens[b]:cu_seqlens[b+1]."""
     T, H, D = q.shape
     B = cu_seqlens.numel() - 1

@@ -11,8 +11,6 @@ product is a broadcast multiply and a row reduction.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -90,11 +88,11 @@ def _decode_combine(PART_O, PART_ML, Out, stride_ob, stride_oh, stride_od, H, he
     sp = tl.arange(0, SPLITS_P2)
     ok = sp < num_splits
     m = tl.load(PART_ML + (bh * num_splits + sp) * 2, mask=ok, other=float("-inf"))
-    l = tl.load(PART_ML + (bh * num_splits + sp) * 2 + 1, mask=ok, other=0.0)
+    lse = tl.load(PART_ML + (bh * num_splits + sp) * 2 + 1, mask=ok, other=0.0)  # each split's sum
     m_max = tl.max(m, 0)
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.where(m == float("-inf"), 0.0, tl.math.exp2(m - m_safe))  # weight of each split
-    denom = tl.sum(w * l, 0)
+    denom = tl.sum(w * lse, 0)
     offs_d = tl.arange(0, BLOCK_D)
     o = tl.load(PART_O + (bh * num_splits + sp)[:, None] * BLOCK_D + offs_d[None, :],
                 mask=ok[:, None], other=0.0)
@@ -103,7 +101,7 @@ def _decode_combine(PART_O, PART_ML, Out, stride_ob, stride_oh, stride_od, H, he
              out.to(Out.dtype.element_ty), mask=offs_d < head_dim)
 
 
-def plan(s_max: int, batch_heads: int, device: torch.device, num_splits: Optional[int] = None):
+def plan(s_max: int, batch_heads: int, device: torch.device, num_splits: int | None = None):
     """(num_splits, chunk, launch) for a cache capacity: depends only on static shapes."""
     launch = decode_launch()
     bn = launch.blocks["BLOCK_N"]
@@ -117,8 +115,8 @@ def plan(s_max: int, batch_heads: int, device: torch.device, num_splits: Optiona
     return triton.cdiv(s_max, chunk), chunk, launch
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, scale: float, num_splits: Optional[int] = None,
-                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def decode_attention(q, k_cache, v_cache, cache_seqlens, scale: float, num_splits: int | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, H, 1, D); caches (B, H, S_max, D) any strides; cache_seqlens int32 (B,). Returns (B, H, 1, D)."""
     B, H, _, D = q.shape
     s_max = k_cache.shape[2]

@@ -10,8 +10,6 @@ The decode FFN (few rows) is the CUDA GEMV path in csrc/cuda/ffn.cu.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -81,7 +79,7 @@ def _linear_epilogue(X, W, Bias, R, Y, M, N, K,
 
 
 def linear(x2d: torch.Tensor, w: torch.Tensor, b: torch.Tensor, act: str = "none",
-           residual: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+           residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """act(x2d @ w^T + b) (+ residual) for x2d (M, K), w (N, K); residual (M, N)."""
     M, K = x2d.shape
     N = w.shape[0]
@@ -98,7 +96,7 @@ def linear(x2d: torch.Tensor, w: torch.Tensor, b: torch.Tensor, act: str = "none
     return y
 
 
-def ffn(x, w1, b1, w2, b2, activation: str, residual: Optional[torch.Tensor]) -> torch.Tensor:
+def ffn(x, w1, b1, w2, b2, activation: str, residual: torch.Tensor | None) -> torch.Tensor:
     """linear(act(linear(x, w1, b1)), w2, b2) (+ residual) with both epilogues fused."""
     shape = x.shape
     x2d = x.reshape(-1, shape[-1])

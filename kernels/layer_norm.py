@@ -3,8 +3,6 @@ written once (it is the next residual stream), and normalised with fp32 statisti
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -30,8 +28,8 @@ def _add_layer_norm(X, R, W, B, Y, S, N, eps, stride_x, stride_r, stride_y, stri
     tl.store(Y + row * stride_y + cols, (xc * rstd * w + b).to(Y.dtype.element_ty), mask=ok)
 
 
-def layer_norm(x, weight, bias, eps: float, residual: Optional[torch.Tensor] = None,
-               out: Optional[torch.Tensor] = None, out_sum: Optional[torch.Tensor] = None):
+def layer_norm(x, weight, bias, eps: float, residual: torch.Tensor | None = None,
+               out: torch.Tensor | None = None, out_sum: torch.Tensor | None = None):
     """Returns normed, or (normed, x + residual) with a residual. Rows are the last dim of x."""
     N = x.shape[-1]
     x2 = x.reshape(-1, N)

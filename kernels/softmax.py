@@ -9,8 +9,6 @@ folded into the scale.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -103,8 +101,8 @@ def _lead3(shape, strides):
     return sizes, st
 
 
-def softmax(x: torch.Tensor, dim: int, scale: float, mask: Optional[torch.Tensor],
-            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def softmax(x: torch.Tensor, dim: int, scale: float, mask: torch.Tensor | None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(x * scale + mask) along `dim` (validated by fastlm.ops). Returns a contiguous tensor;
     `out` (contiguous, x's shape with `dim` moved last) is written when given."""
     last = dim == x.dim() - 1

@@ -58,8 +58,11 @@ SWEEP = [
 ]
 
 
+SWEEP_IDS = [f"S{s}-D{d}-{'c' if c else 'f'}-{str(t)[6:]}" for s, d, c, t in SWEEP]
+
+
 @pytest.mark.sweep
-@pytest.mark.parametrize("S,D,causal,dtype", SWEEP, ids=[f"S{s}-D{d}-{'c' if c else 'f'}-{str(t)[6:]}" for s, d, c, t in SWEEP])
+@pytest.mark.parametrize("S,D,causal,dtype", SWEEP, ids=SWEEP_IDS)
 def test_attention_sweep(device, S, D, causal, dtype):
     i = SWEEP.index((S, D, causal, dtype))
     B, H = BH[i % len(BH)]
@@ -79,7 +82,8 @@ def test_causal_with_fewer_queries_aligns_to_the_end(device, sq, sk, dtype):
     check(q, k, v, True, None, what=f"chunked prefill {sq}x{sk}")
 
 
-@pytest.mark.parametrize("launch", [Launch({"BLOCK_M": 16, "BLOCK_N": 16}, 4, 2), Launch({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 2),
+@pytest.mark.parametrize("launch", [Launch({"BLOCK_M": 16, "BLOCK_N": 16}, 4, 2),
+                                    Launch({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 2),
                                     Launch({"BLOCK_M": 128, "BLOCK_N": 32}, 8, 2)], ids=["16x16", "32x64", "128x32"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_block_shapes(device, launch, causal):

@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import fastlm
-from fastlm import _ext, ops
-from fastlm import testing
+from fastlm import _ext, ops, testing
 from fastlm.testing import close_2x, ffn_weights
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"fastlm._C not built: {_ext.LOAD_ERROR}")

@@ -87,7 +87,8 @@ def test_paths_agree():
     outs = []
     for isa in ("avx2", "portable"):
         torch.ops.fastlm.cpu_isa(isa)
-        outs.append((op(x, pack_panels(w), 77, None, None, None, "gelu"), op(x, pack_panels(q), 77, s, None, None, "none")))
+        outs.append((op(x, pack_panels(w), 77, None, None, None, "gelu"),
+                     op(x, pack_panels(q), 77, s, None, None, "none")))
     torch.ops.fastlm.cpu_isa("auto")
     for a, b in zip(*outs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

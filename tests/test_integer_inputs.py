@@ -48,7 +48,8 @@ def test_bert_integer_arguments(bert, backend):
         # shape
         raises(ValueError, r"token_type_ids must have the shape of input_ids \(2, 5\)", bert, x,
                token_type_ids=torch.zeros(2, 4, dtype=torch.long))
-        raises(ValueError, "token_type_ids must have the shape", bert, x, token_type_ids=torch.zeros(5, dtype=torch.long))
+        raises(ValueError, "token_type_ids must have the shape", bert, x,
+               token_type_ids=torch.zeros(5, dtype=torch.long))
         raises(ValueError, "attention_mask must have the shape", bert, x, torch.ones(1, 5, dtype=torch.long))
         # range
         raises(ValueError, r"token_type_ids must lie in \[0, 3\), got values in \[0, 3\]", bert, x,
@@ -78,7 +79,8 @@ def test_gpt2_integer_arguments(gpt2, backend):
                position_ids=torch.arange(4)[None])
         raises(ValueError, r"position_ids must lie in \[0, 24\), got values in \[0, 24\]", gpt2, x,
                position_ids=torch.tensor([[0, 1, 2, 3, 24]]))
-        raises(ValueError, r"position_ids must lie in \[0, 24\)", gpt2, x, position_ids=torch.tensor([[-1, 1, 2, 3, 4]]))
+        raises(ValueError, r"position_ids must lie in \[0, 24\)", gpt2, x,
+               position_ids=torch.tensor([[-1, 1, 2, 3, 4]]))
         raises(ValueError, "attention_mask must be 0 or 1", gpt2, x, torch.tensor([[1, 1, 1, 1, 3]] * 2))
         raises(ValueError, r"input_ids must lie in \[0, 97\)", gpt2, torch.tensor([[96, 97]]))
         mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
@@ -92,9 +94,10 @@ def test_gpt2_integer_arguments(gpt2, backend):
 def test_generate_integer_arguments(gpt2, backend):
     x = ids()
     with fastlm.use_backend(backend):
-        raises(InputDTypeError, "generate: input_ids must be an integer tensor", gpt2.generate, x.float(), max_new_tokens=2)
-        raises(InputDTypeError, "generate: attention_mask must be an integer or bool", gpt2.generate, x, torch.ones(2, 5),
+        raises(InputDTypeError, "generate: input_ids must be an integer tensor", gpt2.generate, x.float(),
                max_new_tokens=2)
+        raises(InputDTypeError, "generate: attention_mask must be an integer or bool", gpt2.generate, x,
+               torch.ones(2, 5), max_new_tokens=2)
         raises(ValueError, "generate: attention_mask must be 0 or 1", gpt2.generate, x, torch.full((2, 5), 2),
                max_new_tokens=2)
         raises(ValueError, r"generate: input_ids must lie in \[0, 97\)", gpt2.generate, x - 5, max_new_tokens=2)

@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 import transformers as tf
+from conftest import randomize_
 from safetensors.torch import load_file, save_file
 
 import fastlm
-from conftest import randomize_
 from fastlm.testing import max_err
 
 GPT2_CONFIGS = {
@@ -19,11 +19,12 @@ GPT2_CONFIGS = {
                                    tie_word_embeddings=False, scale_attn_by_inverse_layer_idx=True),
 }
 BERT_CONFIGS = {
-    "h3_d32_v101": dict(num_hidden_layers=2, num_attention_heads=3, hidden_size=96, intermediate_size=200, vocab_size=101),
-    "h2_d80_v257": dict(num_hidden_layers=1, num_attention_heads=2, hidden_size=160, intermediate_size=320, vocab_size=257,
-                        max_position_embeddings=40),
-    "h4_d32_tt3": dict(num_hidden_layers=3, num_attention_heads=4, hidden_size=128, intermediate_size=300, vocab_size=333,
-                       type_vocab_size=3),
+    "h3_d32_v101": dict(num_hidden_layers=2, num_attention_heads=3, hidden_size=96, intermediate_size=200,
+                        vocab_size=101),
+    "h2_d80_v257": dict(num_hidden_layers=1, num_attention_heads=2, hidden_size=160, intermediate_size=320,
+                        vocab_size=257, max_position_embeddings=40),
+    "h4_d32_tt3": dict(num_hidden_layers=3, num_attention_heads=4, hidden_size=128, intermediate_size=300,
+                       vocab_size=333, type_vocab_size=3),
 }
 ATOL32 = 1e-4
 

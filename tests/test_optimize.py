@@ -71,7 +71,7 @@ def test_bert_unpadded_encoder_and_its_fallbacks():
     assert max_err(out.last_hidden_state[keep], ref.last_hidden_state[keep]) <= ATOL
     assert bool((out.last_hidden_state[~keep] == 0).all())  # unpadded: padding never computed
     assert len(hs.hidden_states) == len(ref.hidden_states) == BERT["num_hidden_layers"] + 1
-    for a, b in zip(hs.hidden_states, ref.hidden_states):
+    for a, b in zip(hs.hidden_states, ref.hidden_states, strict=True):
         assert max_err(a[keep], b[keep]) <= ATOL
     lkeep = inputs(left=True)[1].bool()
     assert max_err(left[lkeep], ref_left[lkeep]) <= ATOL

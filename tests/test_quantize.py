@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 import transformers as tf
+from conftest import randomize_
 
 import fastlm
-from conftest import randomize_
 from fastlm import _ext
 from fastlm.linear import Int8DynamicLinear, Int8Linear, Int8TiedEmbedding, PackedLinear
 from fastlm.quantize import check_mode, model_bytes, quantize_

@@ -71,7 +71,8 @@ def test_layer_norm_residual_and_gelu_and_ffn():
     assert torch.allclose(y, F.layer_norm(x + r, (40,), w, b, 1e-5), atol=1e-5)
     w1, b1, w2, b2 = torch.randn(64, 40), torch.randn(64), torch.randn(40, 64), torch.randn(40)
     h = x.double() @ w1.double().T + b1.double()
-    expect = 0.5 * h * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (h + 0.044715 * h**3))) @ w2.double().T + b2.double() + r.double()
+    act = 0.5 * h * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (h + 0.044715 * h**3)))
+    expect = act @ w2.double().T + b2.double() + r.double()
     got = ref.ffn(x, w1, b1, w2, b2, "gelu_tanh", r)
     assert torch.allclose(got.double(), expect, rtol=1e-4, atol=1e-3)
 

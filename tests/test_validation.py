@@ -25,7 +25,8 @@ def test_attention_bad_inputs():
     raises(ValueError, "head dim 300 is not supported", ops.attention, *qkv(D=300))
     raises(ValueError, "k and v lengths differ", ops.attention, q, k, v[:, :, :4])
     raises(ValueError, "batch sizes differ", ops.attention, q, k[:1], v[:1])
-    raises(ValueError, "key_padding_mask must have shape", ops.attention, q, k, v, key_padding_mask=torch.ones(2, 4, dtype=torch.bool))
+    raises(ValueError, "key_padding_mask must have shape", ops.attention, q, k, v,
+           key_padding_mask=torch.ones(2, 4, dtype=torch.bool))
     raises(TypeError, "key_padding_mask must be a bool", ops.attention, q, k, v, key_padding_mask=torch.ones(2, 5))
     raises(ValueError, "q is empty", ops.attention, *qkv(S=0))
     raises(ValueError, "scale must be a finite", ops.attention, q, k, v, scale=float("nan"))
@@ -36,9 +37,10 @@ def test_attention_varlen_bad_cu_seqlens():
     q = torch.randn(10, 2, 16)
     good = torch.tensor([0, 4, 10], dtype=torch.int32)
     raises(TypeError, "cu_seqlens must be int32", ops.attention_varlen, q, q, q, good.long(), 6)
-    raises(ValueError, "end at the token count 10", ops.attention_varlen, q, q, q, torch.tensor([0, 4, 9], dtype=torch.int32), 6)
+    cu = lambda *v: torch.tensor(v, dtype=torch.int32)
+    raises(ValueError, "end at the token count 10", ops.attention_varlen, q, q, q, cu(0, 4, 9), 6)
     raises(ValueError, "start at 0", ops.attention_varlen, q, q, q, torch.tensor([1, 4, 10], dtype=torch.int32), 6)
-    raises(ValueError, "non-decreasing", ops.attention_varlen, q, q, q, torch.tensor([0, 6, 4, 10], dtype=torch.int32), 6)
+    raises(ValueError, "non-decreasing", ops.attention_varlen, q, q, q, cu(0, 6, 4, 10), 6)
     raises(ValueError, "max_seqlen must be", ops.attention_varlen, q, q, q, good, 5)
     raises(ValueError, "q must be 3-D", ops.attention_varlen, q[None], q, q, good, 6)
 

@@ -12,7 +12,6 @@ modules get instance-level forwards; classes, parameters and state_dict stay as 
 from __future__ import annotations
 
 import warnings
-
 from typing import TypeVar
 
 from torch import nn

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Optional
 
 import torch
 
@@ -43,7 +42,7 @@ def _weights_requested(kw: dict) -> bool:
         return False
 
 
-def mask_plan(mask: Optional[torch.Tensor], q_len: int, k_len: int, is_causal: bool):
+def mask_plan(mask: torch.Tensor | None, q_len: int, k_len: int, is_causal: bool):
     """(key_padding_mask or None, causal) reproducing `mask` on every query row that sees at
     least one key, or None when the mask has another shape."""
     if mask is None:

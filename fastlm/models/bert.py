@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -42,7 +41,7 @@ from fastlm.models.common import (
 )
 
 
-def _ln(module: nn.LayerNorm, x: Tensor, residual: Optional[Tensor] = None):
+def _ln(module: nn.LayerNorm, x: Tensor, residual: Tensor | None = None):
     if residual is None:
         return ops.layer_norm(x, module.weight, module.bias, module.eps)
     return ops.layer_norm(x, module.weight, module.bias, module.eps, residual=residual)[0]
@@ -68,7 +67,7 @@ class EncoderDims:
     vocab: int
     max_positions: int  # rows of position_embeddings
     type_vocab: int  # 0: no token types (DistilBERT)
-    pad_token_id: Optional[int]
+    pad_token_id: int | None
 
 
 def bert_dims(config) -> EncoderDims:
@@ -117,7 +116,7 @@ class BertEmbeddings(nn.Module):
         S = input_ids.shape[1]
         return torch.arange(S, device=input_ids.device)[None]  # (1, S)
 
-    def forward(self, input_ids: Tensor, token_type_ids: Optional[Tensor]) -> Tensor:
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None) -> Tensor:
         e = self.word_embeddings(input_ids) + self.position_embeddings(self.position_ids(input_ids))  # (B, S, C)
         if hasattr(self, "token_type_embeddings"):
             if token_type_ids is None:
@@ -173,8 +172,8 @@ class BertAttention(nn.Module):
         self.output = BertAttentionOutput(dims)
 
     @model_entry  # inside a model: head dims the kernels do not cover run the reference (one log line)
-    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor], varlen: Optional[tuple] = None,
-                ghosts: Optional[Ghosts] = None) -> Tensor:
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None, varlen: tuple | None = None,
+                ghosts: Ghosts | None = None) -> Tensor:
         """x (B, S, C) with an optional key_padding_mask, or packed tokens (T + G, C) with
         varlen = (cu_seqlens, max_seqlen) over the first T and `ghosts` for the last G."""
         if varlen is None:
@@ -204,7 +203,7 @@ class BertAttention(nn.Module):
 class BertLinear(nn.Module):
     """Holds a `dense` Linear under transformers' name (intermediate.dense, output.dense)."""
 
-    def __init__(self, d_in: int, d_out: int, eps: Optional[float] = None):
+    def __init__(self, d_in: int, d_out: int, eps: float | None = None):
         super().__init__()
         self.dense = nn.Linear(d_in, d_out)
         if eps is not None:
@@ -219,8 +218,8 @@ class BertLayer(nn.Module):
         self.output = BertLinear(dims.ffn, dims.hidden, eps=dims.eps)
         self.activation = dims.act
 
-    def forward(self, h: Tensor, key_padding_mask: Optional[Tensor], varlen: Optional[tuple] = None,
-                ghosts: Optional[Ghosts] = None) -> Tensor:
+    def forward(self, h: Tensor, key_padding_mask: Tensor | None, varlen: tuple | None = None,
+                ghosts: Ghosts | None = None) -> Tensor:
         a = self.attention(h, key_padding_mask, varlen, ghosts)  # (B, S, C) or packed (T + G, C)
         f = ffn(self.intermediate.dense, self.output.dense, a, self.activation)  # same shape
         return _ln(self.output.LayerNorm, f, residual=a)  # LN(a + ffn(a))
@@ -306,7 +305,7 @@ class BertModel(nn.Module):
 
     @torch.inference_mode()
     def forward(
-        self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, token_type_ids: Optional[Tensor] = None
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None
     ) -> BaseModelOutput:
         self.check_inputs(input_ids, attention_mask, token_type_ids)
         h = self.embeddings(input_ids, token_type_ids)  # (B, S, C)

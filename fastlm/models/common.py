@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from fastlm import ops
+from fastlm.linear import FastLinear
 from fastlm.models.outputs import (  # noqa: F401  (re-exported: the models import them from here)
     BaseModelOutput,
     CausalLMOutput,
@@ -16,7 +16,6 @@ from fastlm.models.outputs import (  # noqa: F401  (re-exported: the models impo
     ModelOutput,
     QuestionAnsweringModelOutput,
 )
-from fastlm.linear import FastLinear
 
 
 @dataclass(frozen=True)
@@ -135,7 +134,7 @@ def decode_layout_(linears) -> None:
 # Every model projection goes through these two helpers, so a packed or quantized linear
 # (fastlm.quantize) plugs in here once instead of at every call site.
 
-def linear(lin: nn.Module, x: Tensor, *, activation: Optional[str] = None, residual: Optional[Tensor] = None) -> Tensor:
+def linear(lin: nn.Module, x: Tensor, *, activation: str | None = None, residual: Tensor | None = None) -> Tensor:
     """act(x @ W^T + b) (+ residual) through `lin`: an nn.Linear, or a packed / quantized fastlm
     linear (fastlm.linear), which fuses the activation ("gelu" | "gelu_tanh") and the residual
     add into its kernel. x (..., in) -> (..., out)."""
@@ -147,7 +146,7 @@ def linear(lin: nn.Module, x: Tensor, *, activation: Optional[str] = None, resid
     return y if residual is None else y + residual
 
 
-def ffn(fc: nn.Module, proj: nn.Module, x: Tensor, activation: str, residual: Optional[Tensor] = None) -> Tensor:
+def ffn(fc: nn.Module, proj: nn.Module, x: Tensor, activation: str, residual: Tensor | None = None) -> Tensor:
     """proj(act(fc(x))) (+ residual). x (..., d_model) -> (..., d_model); fc: d_model -> d_ff,
     proj: d_ff -> d_model; activation "gelu" (erf) or "gelu_tanh". Packed / quantized fastlm
     linears run their kernels with the activation and residual fused into the epilogues; plain

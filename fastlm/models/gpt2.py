@@ -4,8 +4,8 @@ are stored transposed, in nn.Linear layout, which is what the kernels read."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -35,9 +35,9 @@ class KVStep:
 
     cache: StaticKVCache
     layer: int
-    pos: Optional[Tensor] = None
-    lens: Optional[Tensor] = None
-    kv_len: Optional[int] = None  # host-known bound on lens, for the eager path (exact for B == 1)
+    pos: Tensor | None = None
+    lens: Tensor | None = None
+    kv_len: int | None = None  # host-known bound on lens, for the eager path (exact for B == 1)
 
 
 class GPT2Attention(nn.Module):
@@ -55,7 +55,7 @@ class GPT2Attention(nn.Module):
         self.scale = scale
 
     @model_entry  # inside a model: head dims the kernels do not cover run the reference (one log line)
-    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor], kv: Optional["KVStep"] = None) -> Tensor:
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None, kv: KVStep | None = None) -> Tensor:
         B, S, C = x.shape
         qkv = linear(self.c_attn, x).view(B, S, 3, self.n_head, self.head_dim)  # (B, S, 3, H, D)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x (B, H, S, D), strided views
@@ -100,7 +100,7 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = GPT2MLP(config)
 
-    def forward(self, h: Tensor, key_padding_mask: Optional[Tensor], kv: Optional["KVStep"] = None) -> Tensor:
+    def forward(self, h: Tensor, key_padding_mask: Tensor | None, kv: KVStep | None = None) -> Tensor:
         a = self.attn(ops.layer_norm(h, self.ln_1.weight, self.ln_1.bias, self.ln_1.eps), key_padding_mask, kv)
         x, h = ops.layer_norm(a, self.ln_2.weight, self.ln_2.bias, self.ln_2.eps, residual=h)  # ln_2(h + a), h + a
         return self.mlp(x, residual=h)
@@ -136,8 +136,8 @@ class GPT2Model(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.wpe.weight.dtype
 
-    def hidden_states(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                      position_ids: Optional[Tensor] = None) -> Tensor:
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                      position_ids: Tensor | None = None) -> Tensor:
         """input_ids (B, S); attention_mask (B, S) with 1 = token, 0 = padding; position_ids
         (B, S) default 0..S-1 as in transformers' forward. Returns ln_f(h) (B, S, C)."""
         cfg, name = self.config, type(self).__name__
@@ -152,8 +152,8 @@ class GPT2Model(nn.Module):
         return ops.layer_norm(h, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
 
     @torch.inference_mode()
-    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                position_ids: Optional[Tensor] = None) -> BaseModelOutput:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None) -> BaseModelOutput:
         return BaseModelOutput(last_hidden_state=self.hidden_states(input_ids, attention_mask, position_ids))
 
     @staticmethod
@@ -209,8 +209,8 @@ class GPT2ForSequenceClassification(GPT2Model):
         return [W("score.weight", ("score.weight",))]
 
     @torch.inference_mode()
-    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                position_ids: Optional[Tensor] = None) -> LogitsOutput:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None) -> LogitsOutput:
         h = self.hidden_states(input_ids, attention_mask, position_ids)  # (B, S, C); checks the inputs
         B, pad = input_ids.shape[0], self.config.pad_token_id
         if pad is None and B != 1:
@@ -235,7 +235,7 @@ class GPT2LMHeadModel(GPT2Model):
         if self.tied:
             self.lm_head.weight = self.wte.weight
 
-    def init_random(self) -> "GPT2LMHeadModel":
+    def init_random(self) -> GPT2LMHeadModel:
         self.decode_layout_(pack=False)  # plain nn.Linear (head tied to wte) while initialising
         init_weights(self, self.config.initializer_range)
         self.decode_layout_()
@@ -250,7 +250,7 @@ class GPT2LMHeadModel(GPT2Model):
 
     @torch.inference_mode()
     def forward(
-        self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
     ) -> CausalLMOutput:
         """input_ids (B, S); attention_mask (B, S) with 1 = token, 0 = padding; position_ids
         (B, S) default 0..S-1 as in transformers' forward. Returns .logits (B, S, vocab)."""
@@ -258,7 +258,7 @@ class GPT2LMHeadModel(GPT2Model):
         return CausalLMOutput(logits=linear(self.lm_head, h))  # (B, S, vocab)
 
     # -- cached inference (fastlm.generation drives these) ---------------------------------
-    def prefill(self, input_ids: Tensor, key_padding_mask: Optional[Tensor], cache: StaticKVCache) -> Tensor:
+    def prefill(self, input_ids: Tensor, key_padding_mask: Tensor | None, cache: StaticKVCache) -> Tensor:
         """Left-aligned prompts (B, T) (padding only at the end) -> logits (B, T, vocab); their
         keys and values fill cache rows [0, T)."""
         T = input_ids.shape[1]
@@ -269,7 +269,7 @@ class GPT2LMHeadModel(GPT2Model):
         h = ops.layer_norm(h, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
         return linear(self.lm_head, h)
 
-    def decode_step(self, tokens: Tensor, pos: Tensor, cache: StaticKVCache, kv_len: Optional[int] = None) -> Tensor:
+    def decode_step(self, tokens: Tensor, pos: Tensor, cache: StaticKVCache, kv_len: int | None = None) -> Tensor:
         """One token per sequence, tokens (B,) at positions pos (B,) int32 -> logits (B, vocab).
         Static shapes and no host sync: this is what the CUDA graph captures. kv_len (eager path):
         a host-known bound on pos + 1; with one sequence (B == 1) it must equal pos + 1, as
@@ -281,13 +281,13 @@ class GPT2LMHeadModel(GPT2Model):
         h = ops.layer_norm(h, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
         return linear(self.lm_head, h[:, 0])  # (B, vocab)
 
-    def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> Tensor:
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
         """Greedy or sampled generation; see fastlm.generation.generate. Returns (B, S + new)."""
         from fastlm.generation import generate
 
         return generate(self, input_ids, attention_mask, **kwargs)
 
-    def stream(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, **kwargs) -> Iterator[Tensor]:
+    def stream(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Iterator[Tensor]:
         """Yields each step's new tokens (B,) as they come; see fastlm.generation.stream."""
         from fastlm.generation import stream
 
@@ -315,7 +315,7 @@ class GPT2LMHeadModel(GPT2Model):
         """(parent, name, head getter) of the embedding tied to the LM head, for fastlm.quantize_."""
         return (self, "wte", lambda: self.lm_head) if self.tied else None
 
-    def decode_layout_(self, pack: Optional[bool] = None) -> None:
+    def decode_layout_(self, pack: bool | None = None) -> None:
         """Lay the decode projections out for this device: on CPU in float32 (with fastlm._C) each
         becomes a PackedLinear, the panels the CPU GEMV streams (the tied head gets its own packed
         copy; the embedding keeps wte). Elsewhere they are plain nn.Linear again (the tied head

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Mapping, Optional, Union
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -121,11 +121,12 @@ def read_checkpoint(path: str) -> dict[str, Tensor]:
                 sd.update(_load_file(os.path.join(path, shard)))
             return sd
     raise FileNotFoundError(
-        f"from_pretrained: no weights in {path} (looked for model.safetensors, pytorch_model.bin and their shard indexes)"
+        f"from_pretrained: no weights in {path} "
+        "(looked for model.safetensors, pytorch_model.bin and their shard indexes)"
     )
 
 
-def _choose_class(config, head: Optional[str], obj_name: Optional[str]):
+def _choose_class(config, head: str | None, obj_name: str | None):
     """The fastlm class to build: `head` when given, else the model object's own class name, else
     config.architectures[0], else the model_type's base class."""
     model_type = getattr(config, "model_type", None)
@@ -224,7 +225,7 @@ def convert_state_dict(model: nn.Module, hf: Mapping[str, Tensor], source: str) 
     return out, head_missing
 
 
-def _build(cls, config, state: Optional[Mapping[str, Tensor]], source: str, dtype, device):
+def _build(cls, config, state: Mapping[str, Tensor] | None, source: str, dtype, device):
     model = _build_weights(cls, config, state, source, dtype, device)
     if hasattr(model, "decode_layout_"):  # packs GPT-2's projections on CPU (fastlm.linear.PackedLinear)
         model.decode_layout_()  # later .to(device) calls redo it (GPT2LMHeadModel._apply)
@@ -251,7 +252,7 @@ def _init_missing(model: nn.Module, names: set[str], std: float, device, dtype) 
             setattr(mod, p_name, nn.Parameter(t, requires_grad=False))
 
 
-def _build_weights(cls, config, state: Optional[Mapping[str, Tensor]], source: str, dtype, device):
+def _build_weights(cls, config, state: Mapping[str, Tensor] | None, source: str, dtype, device):
     """Model of `cls` from config; weights from `state` (HF names) or random init."""
     if state is None:
         model = cls(config).to(device=device or "cpu")
@@ -316,12 +317,12 @@ def _retie(model: nn.Module) -> None:
 
 
 def from_pretrained(
-    src: Union[str, os.PathLike, nn.Module, object],
+    src: str | os.PathLike | nn.Module | object,
     *,
-    dtype: Optional[torch.dtype] = None,
-    device: Optional[Union[str, torch.device]] = None,
-    head: Optional[str] = None,
-    quantize: Optional[str] = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    head: str | None = None,
+    quantize: str | None = None,
 ) -> nn.Module:
     """Build a fastlm model from `src`:
 
@@ -354,7 +355,7 @@ def from_pretrained(
         raise TypeError(f"from_pretrained: dtype must be torch.float32, float16 or bfloat16, got {dtype}")
     if device is not None:
         device = torch.device(device)
-    state: Optional[Mapping[str, Tensor]] = None
+    state: Mapping[str, Tensor] | None = None
     obj_name = None
     if isinstance(src, (str, os.PathLike)):
         path = os.fspath(src)
@@ -398,7 +399,8 @@ def _generation_config(src, config):
         try:
             return GenerationConfig.from_pretrained(os.fspath(src), local_files_only=True)
         except (OSError, ValueError) as e:
-            raise ValueError(f"from_pretrained: could not read {os.path.join(src, 'generation_config.json')}: {e}") from e
+            where = os.path.join(src, "generation_config.json")
+            raise ValueError(f"from_pretrained: could not read {where}: {e}") from e
     if isinstance(src, nn.Module) and getattr(src, "generation_config", None) is not None:
         return copy.deepcopy(src.generation_config)
     return GenerationConfig.from_model_config(config)

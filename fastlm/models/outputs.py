@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import Any, Optional
+from typing import Any
 
 from torch import Tensor
 
@@ -51,7 +51,7 @@ class BaseModelOutput(ModelOutput):
     has a pooler."""
 
     last_hidden_state: Tensor
-    pooler_output: Optional[Tensor] = None
+    pooler_output: Tensor | None = None
 
 
 @dataclass
