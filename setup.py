@@ -15,6 +15,7 @@ import re
 
 from setuptools import setup
 
+
 def _cuda_gencode(archs: str) -> tuple[list[str], str]:
     """nvcc -gencode flags for "8.0;9.0" (PTX added for the newest), and a tag naming them that
     is a plain identifier ("sm80_sm90_ptx90"): it travels as -DFASTLM_CUDA_ARCHS=tag through gcc,
