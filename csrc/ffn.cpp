@@ -1,6 +1,7 @@
 // FFN ops, torch side: input checks (each naming the argument), the CPU kernels,
 // and the CPU / CUDA registrations. The CUDA kernels are plain CUDA in cuda/ffn.cu.
 #include "ffn.h"
+#include "fast_math.h"
 #include "linear_cpu.h"
 
 #include <ATen/ATen.h>
@@ -56,50 +57,10 @@ void check_bias_gelu(const at::Tensor& x, const at::Tensor& bias) {
                     x.size(-1), ",) to match the last dim of x, got ", bias.sizes());
 }
 
-// Branch-free rational approximations (Eigen's fast erf / tanh for float), so gcc
-// vectorises the loops below at -O3; std::erf / std::tanh are scalar libm calls and
-// ran ~20x slower than torch here. Max abs error vs float64: erf 4.2e-7, tanh 4.0e-7;
-// GELU built on them stays within 2x of torch's own float32 error (tests/test_extension.py).
-inline float fast_erf(float x) {
-  x = std::min(4.0f, std::max(-4.0f, x));
-  const float x2 = x * x;
-  float p = -2.72614225801306e-10f;
-  p = p * x2 + 2.77068142495902e-08f;
-  p = p * x2 - 2.10102402082508e-06f;
-  p = p * x2 - 5.69250639462346e-05f;
-  p = p * x2 - 7.34990630326855e-04f;
-  p = p * x2 - 2.95459980854025e-03f;
-  p = p * x2 - 1.60960333262415e-02f;
-  float q = -1.45660718464996e-05f;
-  q = q * x2 - 2.13374055278905e-04f;
-  q = q * x2 - 1.68282697438203e-03f;
-  q = q * x2 - 7.37332916720468e-03f;
-  q = q * x2 - 1.42647390514189e-02f;
-  return x * p / q;
-}
-
-inline float fast_tanh(float x) {
-  x = std::min(7.90531110763549805f, std::max(-7.90531110763549805f, x));
-  const float x2 = x * x;
-  float p = -2.76076847742355e-16f;
-  p = p * x2 + 2.00018790482477e-13f;
-  p = p * x2 - 8.60467152213735e-11f;
-  p = p * x2 + 5.12229709037114e-08f;
-  p = p * x2 + 1.48572235717979e-05f;
-  p = p * x2 + 6.37261928875436e-04f;
-  p = p * x2 + 4.89352455891786e-03f;
-  float q = 1.19825839466702e-06f;
-  q = q * x2 + 1.18534705686654e-04f;
-  q = q * x2 + 2.26843463243900e-03f;
-  q = q * x2 + 4.89352518554385e-03f;
-  return x * p / q;
-}
-
-inline float gelu_erf(float v) { return 0.5f * v * (1.0f + fast_erf(v * 0.7071067811865476f)); }
-inline float gelu_tanh(float v) {
-  const float inner = 0.7978845608028654f * (v + 0.044715f * v * v * v);
-  return 0.5f * v * (1.0f + fast_tanh(inner));
-}
+// GELU on the branch-free rational erf / tanh of fast_math.h, so gcc vectorises the loops below at
+// -O3 (std::erf / std::tanh are scalar libm calls and ran ~20x slower than torch here).
+using fm::gelu_erf;
+using fm::gelu_tanh;
 
 // gelu(x + bias) over `n` floats; a plain loop gcc vectorises, cloned for AVX-512,
 // AVX2+FMA and baseline x86-64 and picked at load time (the extension is built once
