@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "device_utils.cuh"
 #include "ffn_cuda.h"
 
 namespace fastlm {
@@ -14,26 +15,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-template <bool kTanh>
-__device__ __forceinline__ float gelu(float v) {
-  if (kTanh) {
-    // 0.5 v (1 + tanh(sqrt(2/pi) (v + 0.044715 v^3))), as transformers' gelu_new.
-    const float inner = 0.7978845608028654f * (v + 0.044715f * v * v * v);
-    return 0.5f * v * (1.0f + tanhf(inner));
-  }
-  return 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));
-}
 
 // Vector path: each thread moves 16 bytes of x and y (VEC elements) per step.
 // Requires n % VEC == 0 and 16-byte aligned x, bias, y (checked by the launcher).
@@ -124,11 +105,6 @@ __device__ __forceinline__ void fma_vec(const uint4& wv, const uint4& xv, float&
   for (int e = 0; e < VEC; ++e) acc = fmaf(to_float(we[e]), to_float(xe[e]), acc);
 }
 
-__device__ __forceinline__ float activate(float v, int act) {
-  if (act == 1) return gelu<false>(v);
-  if (act == 2) return gelu<true>(v);
-  return v;
-}
 
 // Block = kGemvRowsPerBlock output rows x kGemvWarpsPerRow warps. Each warp walks its K slice
 // with 16-byte loads of w (read once) and of every x row (tiny, cached); partial sums meet in

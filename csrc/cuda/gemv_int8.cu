@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "device_utils.cuh"
 #include "gemv_int8_cuda.h"
 
 namespace fastlm {
@@ -15,22 +16,6 @@ namespace {
 constexpr int kWarps = 8;  // 256 threads: one output channel per warp
 constexpr int kVec = 16;   // int8 weights per lane per step (one 16-byte load)
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-__device__ __forceinline__ float activate(float v, int act) {
-  if (act == 1) return 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));
-  if (act == 2) return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
-  return v;
-}
 
 // 16 activations of row x (16-byte aligned) as floats: 16 / (16 / sizeof(T)) vector loads.
 template <typename T>
