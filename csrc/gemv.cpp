@@ -26,6 +26,7 @@
 #define FASTLM_X86 1
 #include <immintrin.h>
 #define FASTLM_AVX2 __attribute__((target("avx2,fma")))
+#define FASTLM_AVX512 __attribute__((target("avx512f,avx2,fma")))
 #endif
 
 #include "cpu_pool.h"
@@ -47,7 +48,8 @@ constexpr int64_t kMC = 96;  // rows per block of x (L2-sized); int8 panels are 
 constexpr int64_t kDequantRows = 16;  // blocks with more rows than this dequantise the panel to fp32 first
 
 enum Act : int { kNone = 0, kGeluErf = 1, kGeluTanh = 2 };
-enum Isa : int { kPortable = 0, kAvx2 = 1 };
+enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+const char* const kIsaNames[] = {"portable", "avx2", "avx512"};
 
 bool cpu_has_avx2() {
 #ifdef FASTLM_X86
@@ -57,20 +59,35 @@ bool cpu_has_avx2() {
 #endif
 }
 
+bool cpu_has_avx512() {
+#ifdef FASTLM_X86
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
+// The best ISA this CPU runs, capped by FASTLM_CPU_ISA ("portable", "avx2" or "avx512").
+int best_isa() {
+  const char* env = std::getenv("FASTLM_CPU_ISA");
+  const std::string cap = env != nullptr ? std::string(env) : std::string("avx512");
+  if (cap == "portable") return kPortable;
+  if (cap != "avx2" && cpu_has_avx512()) return kAvx512;
+  return cpu_has_avx2() ? kAvx2 : kPortable;
+}
+
 std::atomic<int> g_isa{-1};
 
 int current_isa() {
   int v = g_isa.load(std::memory_order_relaxed);
   if (v < 0) {
-    const char* env = std::getenv("FASTLM_CPU_ISA");
-    const bool portable = env != nullptr && std::string(env) == "portable";
-    v = (!portable && cpu_has_avx2()) ? kAvx2 : kPortable;
+    v = best_isa();
     g_isa.store(v, std::memory_order_relaxed);
   }
   return v;
 }
 
-// Query ("") or set ("auto", "avx2", "portable") the ISA of the CPU packed-linear kernels.
+// Query ("") or set ("auto", "avx512", "avx2", "portable") the ISA of the CPU packed-linear kernels.
 std::string cpu_isa(c10::string_view isa) {
   if (isa == "auto") {
     g_isa.store(-1);
@@ -79,10 +96,14 @@ std::string cpu_isa(c10::string_view isa) {
   } else if (isa == "avx2") {
     TORCH_CHECK_VALUE(cpu_has_avx2(), "cpu_isa: this CPU has no AVX2+FMA");
     g_isa.store(kAvx2);
+  } else if (isa == "avx512") {
+    TORCH_CHECK_VALUE(cpu_has_avx512(), "cpu_isa: this CPU has no AVX-512F");
+    g_isa.store(kAvx512);
   } else {
-    TORCH_CHECK_VALUE(isa.empty(), "cpu_isa: isa must be \"\", \"auto\", \"avx2\" or \"portable\", got \"", isa, "\"");
+    TORCH_CHECK_VALUE(isa.empty(), "cpu_isa: isa must be \"\", \"auto\", \"avx512\", \"avx2\" or \"portable\", got \"",
+                      isa, "\"");
   }
-  return current_isa() == kAvx2 ? "avx2" : "portable";
+  return kIsaNames[current_isa()];
 }
 
 int parse_act(c10::string_view a) {
@@ -220,12 +241,75 @@ FASTLM_AVX2 void tile_avx2(const float* x, int64_t K, const void* p, const Epilo
   }
   finish_tile(acc, MR, e, r0, n0, nv);
 }
+
+// ---- AVX-512 path -------------------------------------------------------------------------
+// One panel row (16 channels) is one zmm: 64 bytes of fp32 (a cache line) or 16 bytes of int8
+// (vpmovsxbd straight from memory, then vcvtdq2ps), half the instructions of the AVX2 path per
+// weight, which matters for int8 (its conversions, not the memory, bound the AVX2 path).
+int64_t far_prefetch_bytes() {
+  static const int64_t v = [] {
+    const char* env = std::getenv("FASTLM_GEMV_PREFETCH2");
+    return env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : int64_t{0};
+  }();
+  return v;
+}
+
+template <bool kInt8>
+FASTLM_AVX512 inline __m512 load_panel_row512(const void* p, int64_t k) {
+  if constexpr (kInt8) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(p) + k * kNR));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+  } else {
+    return _mm512_loadu_ps(static_cast<const float*>(p) + k * kNR);
+  }
+}
+
+template <bool kInt8, int MR>
+FASTLM_AVX512 void tile_avx512(const float* x, int64_t K, const void* p, const Epilogue& e, int64_t r0, int64_t n0,
+                               int64_t nv) {
+  // U independent accumulator sets hide the FMA latency when MR is small (U * MR <= 16 of 32 zmm)
+  constexpr int U = MR == 1 ? 8 : (MR == 2 ? 8 : (MR <= 4 ? 4 : 2));
+  constexpr int64_t kRowBytes = kNR * (kInt8 ? 1 : 4);
+  const int64_t pf = prefetch_bytes(), pf2 = far_prefetch_bytes();
+  const char* pbytes = static_cast<const char*>(p);
+  __m512 a[U][MR];
+  for (int u = 0; u < U; ++u)
+    for (int r = 0; r < MR; ++r) a[u][r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + U <= K; k += U) {
+    // one prefetch per cache line of panel entered in this step (prefetches never fault)
+    for (int64_t b = (k * kRowBytes + 63) & ~int64_t{63}; b < (k + U) * kRowBytes; b += 64) {
+      if (pf > 0) _mm_prefetch(pbytes + b + pf, _MM_HINT_T0);
+      if (pf2 > 0) _mm_prefetch(pbytes + b + pf2, _MM_HINT_T1);
+    }
+    for (int u = 0; u < U; ++u) {
+      const __m512 w = load_panel_row512<kInt8>(p, k + u);
+      for (int r = 0; r < MR; ++r) a[u][r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k + u]), w, a[u][r]);
+    }
+  }
+  for (; k < K; ++k) {
+    const __m512 w = load_panel_row512<kInt8>(p, k);
+    for (int r = 0; r < MR; ++r) a[0][r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k]), w, a[0][r]);
+  }
+  alignas(64) float acc[MR * kNR];
+  for (int r = 0; r < MR; ++r) {
+    __m512 s = a[0][r];
+    for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, a[u][r]);
+    _mm512_store_ps(acc + r * kNR, s);
+  }
+  finish_tile(acc, MR, e, r0, n0, nv);
+}
 #endif
 
 template <int MR>
 void run_tile(int isa, bool int8, const float* x, int64_t K, const void* p, const Epilogue& e, int64_t r0, int64_t n0,
               int64_t nv) {
 #ifdef FASTLM_X86
+  if (isa == kAvx512) {
+    if (int8) tile_avx512<true, MR>(x, K, p, e, r0, n0, nv);
+    else tile_avx512<false, MR>(x, K, p, e, r0, n0, nv);
+    return;
+  }
   if (isa == kAvx2) {
     if (int8) tile_avx2<true, MR>(x, K, p, e, r0, n0, nv);
     else tile_avx2<false, MR>(x, K, p, e, r0, n0, nv);
@@ -253,7 +337,11 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, bool int8,
   const int64_t NB = (N + kNR - 1) / kNR;
   const int64_t panel_bytes = K * kNR * (int8 ? 1 : 4);
   // chunks of at least ~64 KB of weights: small layers stay on the calling thread
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (panel_bytes * std::max<int64_t>(1, M / kMR)));
+  static const int64_t chunk_bytes = [] {
+    const char* env = std::getenv("FASTLM_GEMV_CHUNK_KB");
+    return (env != nullptr ? std::max<int64_t>(1, std::atoll(env)) : int64_t{256}) << 10;
+  }();
+  const int64_t grain = std::max<int64_t>(1, chunk_bytes / (panel_bytes * std::max<int64_t>(1, M / kMR)));
   const int64_t chunks = (NB + grain - 1) / grain;
   SharePool::get().run(chunks, [&](int64_t c) {
     const int64_t b0 = c * grain, b1 = std::min(NB, b0 + grain);

@@ -63,6 +63,8 @@ def report() -> dict:
     env["fastlm._C CUDA kernels"] = (
         f"yes ({_ext.cuda_archs()})" if _ext.cuda_enabled() else "no (CPU build)" if _ext.available() else "no"
     )
+    if _ext.available():  # the ISA of the CPU packed GEMV (csrc/gemv.cpp; FASTLM_CPU_ISA caps it)
+        env["fastlm._C CPU GEMV ISA"] = torch.ops.fastlm.cpu_isa("")
     env["backend"] = backend.current()
     env["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "0")
     from fastlm import fused, ops
