@@ -15,6 +15,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu_kernels.h"
 #include "cpu_pool.h"
 
 namespace fastlm {
@@ -104,6 +105,19 @@ at::Tensor attention_decode_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
 }
 
 }  // namespace
+
+namespace cpu {
+void attend_heads(const float* q, int64_t q_hs, const float* k, const float* v, int64_t k_hs, int64_t k_rs,
+                  int64_t H, int64_t S, int64_t D, float scale, float* out, int64_t out_hs) {
+  const int64_t per_head = 2 * S * D * 4 + S * D * 8;  // as attention_decode_cpu's chunks
+  const int64_t grain = std::max<int64_t>(1, (1 << 20) / per_head);
+  SharePool::get().run((H + grain - 1) / grain, [&](int64_t c) {
+    std::vector<float> s(S);
+    for (int64_t h = c * grain; h < std::min(H, (c + 1) * grain); ++h)
+      attend_one(q + h * q_hs, k + h * k_hs, k_rs, v + h * k_hs, k_rs, S, D, scale, out + h * out_hs, s.data());
+  });
+}
+}  // namespace cpu
 
 TORCH_LIBRARY_FRAGMENT(fastlm, m) { m.def("attention_decode(Tensor q, Tensor k, Tensor v, float scale, bool causal=False) -> Tensor"); }
 

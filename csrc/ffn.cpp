@@ -1,5 +1,6 @@
 // FFN ops, torch side: input checks (each naming the argument), the CPU kernels,
 // and the CPU / CUDA registrations. The CUDA kernels are plain CUDA in cuda/ffn.cu.
+#include "cpu_kernels.h"
 #include "ffn.h"
 #include "fast_math.h"
 #include "linear_cpu.h"
@@ -352,6 +353,16 @@ at::Tensor ffn_cuda(const at::Tensor& x_in, const at::Tensor& w1, const at::Tens
 #endif
 
 }  // namespace
+
+namespace cpu {
+void layer_norm(const float* x, const float* r, const float* w, const float* b, float* y, float* s, int64_t rows,
+                int64_t n, float eps) {
+  std::vector<float> v(n);
+  for (int64_t i = 0; i < rows; ++i)
+    layer_norm_row<float>(x + i * n, r != nullptr ? r + i * n : nullptr, w, b, y + i * n,
+                          s != nullptr ? s + i * n : nullptr, v.data(), n, eps);
+}
+}  // namespace cpu
 
 at::Tensor ffn(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                const at::Tensor& b2, c10::string_view activation, const c10::optional<at::Tensor>& residual) {

@@ -29,6 +29,7 @@
 #define FASTLM_AVX512 __attribute__((target("avx512f,avx2,fma")))
 #endif
 
+#include "cpu_kernels.h"
 #include "cpu_pool.h"
 #include "fast_math.h"
 
@@ -481,6 +482,13 @@ at::Tensor packed_linear_cuda(const at::Tensor& x_in, const at::Tensor& w, int64
 #endif
 
 }  // namespace
+
+namespace cpu {
+void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, bool int8, int64_t N, const float* scale,
+                 const float* bias, const float* residual, float* y, int act) {
+  fastlm::packed_gemm(x, M, K, w, int8, N, Epilogue{scale, bias, residual, y, N, act});
+}
+}  // namespace cpu
 
 TORCH_LIBRARY_FRAGMENT(fastlm, m) {
   m.def("packed_linear(Tensor x, Tensor w, int n, Tensor? scale=None, Tensor? bias=None, Tensor? residual=None, "

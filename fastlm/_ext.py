@@ -56,6 +56,10 @@ if _C is not None:
     def _attention_decode_fake(q, k, v, scale, causal=False):
         return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
+    @torch.library.register_fake("fastlm::gpt2_decode_cpu")
+    def _gpt2_decode_cpu_fake(h, params, k_cache, v_cache, kv_len, scales, vocab, eps, activation):
+        return h.new_empty((1, vocab))
+
 
 # fastlm._C ops that have a CUDA kernel (the rest are CPU twins only; on GPU tensors they
 # run Triton or the reference instead).

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fastlm import _ext, ops
+from fastlm import _ext, backend, ops
 from fastlm.backend import model_entry
 from fastlm.cache import StaticKVCache
-from fastlm.linear import PackedLinear
+from fastlm.linear import Int8Linear, PackedLinear
 from fastlm.models.common import (
     BaseModelOutput,
     CausalLMOutput,
@@ -276,10 +276,48 @@ class GPT2LMHeadModel(GPT2Model):
         fastlm.generation passes it."""
         lens = pos + 1  # (B,) int32: rows each sequence attends to, the new one included
         h = self.wte(tokens)[:, None] + self.wpe(pos)[:, None]  # (B, 1, C)
+        if kv_len is not None and tokens.shape[0] == 1:
+            params = self._cpu_decode_params(h, cache)
+            if params is not None:  # one sequence on CPU: the whole step in one C++ call
+                return torch.ops.fastlm.gpt2_decode_cpu(h, params, cache.k, cache.v, kv_len, self._attn_scales,
+                                                        self.config.vocab_size, self.ln_f.eps,
+                                                        self.h[0].mlp.activation)  # (1, vocab)
         for i, block in enumerate(self.h):
             h = block(h, None, KVStep(cache, i, pos, lens, kv_len))
         h = ops.layer_norm(h, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
         return linear(self.lm_head, h[:, 0])  # (B, vocab)
+
+    def _cpu_decode_params(self, h: Tensor, cache: StaticKVCache) -> list[Tensor | None] | None:
+        """The flat parameter list of torch.ops.fastlm.gpt2_decode_cpu (see csrc/decode_cpu.cpp),
+        or None when this step cannot run there: not CPU float32, fastlm._C missing, a projection
+        not in packed CPU panels (PackedLinear / Int8Linear), or a backend other than auto / cuda
+        asked for (use_backend("torch") / ("triton") run the step op by op on those). Built once and
+        reused while every projection's weight tensor is the same object (a relayout, .to() or
+        quantize_ replaces them, and the list is rebuilt)."""
+        if h.device.type != "cpu" or h.dtype != torch.float32 or cache.k.dtype != torch.float32:
+            return None
+        weights = [getattr(lin, "packed", None) if isinstance(lin, PackedLinear) else
+                   getattr(lin, "qweight", None) if isinstance(lin, Int8Linear) else None
+                   for lin in self.decode_linears()]
+        key = tuple(map(id, weights))
+        cached = self.__dict__.get("_cpu_decode")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_cpu_decode"] = (key, self._build_cpu_decode_params(weights))
+        return cached[1] if backend.current() in ("auto", "cuda") else None
+
+    def _build_cpu_decode_params(self, weights: list[Tensor | None]) -> list[Tensor | None] | None:
+        params = None
+        if _ext.available() and all(w is not None and w.dim() == 3 for w in weights):
+            def proj(lin):  # (panels, int8 scale or None, bias)
+                return [lin.packed, None, lin.bias] if isinstance(lin, PackedLinear) else [lin.qweight, lin.scale,
+                                                                                         lin.bias]
+            params = []
+            for b in self.h:
+                params += [b.ln_1.weight, b.ln_1.bias, *proj(b.attn.c_attn), *proj(b.attn.c_proj),
+                           b.ln_2.weight, b.ln_2.bias, *proj(b.mlp.c_fc), *proj(b.mlp.c_proj)]
+            params += [self.ln_f.weight, self.ln_f.bias, *proj(self.lm_head)]
+            self._attn_scales = [float(b.attn.scale) for b in self.h]
+        return params
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
         """Greedy or sampled generation; see fastlm.generation.generate. Returns (B, S + new)."""

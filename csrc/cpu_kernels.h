@@ -1,0 +1,26 @@
+// Raw-pointer CPU kernels shared between the op files (fp32 activations, row-major buffers), so
+// a fused op (decode_cpu.cpp) calls them directly, without the dispatcher or a tensor per step.
+#pragma once
+#include <cstdint>
+
+namespace fastlm {
+namespace cpu {
+
+// y (M, N) = act(x (M, K) @ W^T * scale + bias) + residual, W packed as (ceil(N / 16), K, 16)
+// fp32 or int8 panels (gemv.cpp). scale (N,) is required for int8, else null; bias (N,),
+// residual (M, N) may be null (residual may alias y). act: 0 none, 1 GELU (erf), 2 GELU (tanh).
+void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, bool int8, int64_t N, const float* scale,
+                 const float* bias, const float* residual, float* y, int act);
+
+// One query per head against S cached rows (attention_decode.cpp): for h < H,
+// out[h] = softmax(scale * q[h] . k[h, j] over j < S) @ v[h, :S]; q / out rows of D floats at
+// q_hs / out_hs apart, key and value rows at k_hs (per head) and k_rs (per row) apart.
+void attend_heads(const float* q, int64_t q_hs, const float* k, const float* v, int64_t k_hs, int64_t k_rs,
+                  int64_t H, int64_t S, int64_t D, float scale, float* out, int64_t out_hs);
+
+// Rows of LayerNorm (ffn.cpp): y = LN(x (+ r)) * w + b; with r, s = x + r is written too.
+void layer_norm(const float* x, const float* r, const float* w, const float* b, float* y, float* s, int64_t rows,
+                int64_t n, float eps);
+
+}  // namespace cpu
+}  // namespace fastlm

@@ -1,0 +1,158 @@
+"""torch.ops.fastlm.gpt2_decode_cpu (csrc/decode_cpu.cpp): the whole GPT-2 decode step for one
+sequence in one C++ call. Against the op-by-op decode step (same kernels, so equal to fp32
+rounding), against transformers' greedy generate (fp32 and int8 on the dequantized weights),
+with NaN-poisoned cache rows past the length, and bad input (clear errors, cache untouched)."""
+
+import pytest
+import torch
+import transformers as tf
+
+import fastlm
+from fastlm import _ext
+from fastlm.cache import StaticKVCache
+from fastlm.testing import poison_
+
+pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"fastlm._C not built: {_ext.LOAD_ERROR}")
+
+CONFIGS = {
+    # head dim 32, d_ff 200 (not a multiple of the 16-channel panel), scaled by inverse layer index
+    "h3_d32": dict(n_layer=2, n_head=3, n_embd=96, n_inner=200, vocab_size=101, n_positions=128,
+                   scale_attn_by_inverse_layer_idx=True),
+    # head dim 80, untied head, GELU (erf) instead of gelu_new
+    "h2_d80_untied": dict(n_layer=3, n_head=2, n_embd=160, vocab_size=257, n_positions=128,
+                          tie_word_embeddings=False, activation_function="gelu"),
+    # head dim 25 (odd), vocab 33
+    "h4_d25": dict(n_layer=1, n_head=4, n_embd=100, vocab_size=33, n_positions=64),
+}
+
+
+def hf_model(name):
+    cfg = tf.GPT2Config(**CONFIGS[name], initializer_range=0.4, bos_token_id=0, eos_token_id=0)
+    hf = tf.GPT2LMHeadModel(cfg).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    return hf
+
+
+def prefilled(model, ids, capacity):
+    """A fresh cache (poisoned past the prompt) holding the prompt's keys and values."""
+    cfg = model.config
+    cache = StaticKVCache(cfg.n_layer, 1, cfg.n_head, cfg.n_embd // cfg.n_head, capacity, torch.float32, "cpu")
+    poison_(cache.k)
+    poison_(cache.v)
+    with torch.inference_mode():
+        model.prefill(ids, None, cache)
+    return cache
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fused_step_equals_op_by_op(name, quantize, monkeypatch):
+    model = fastlm.from_pretrained(hf_model(name), quantize=quantize)
+    V, T = model.config.vocab_size, 7
+    ids = torch.randint(0, V, (1, T))
+    fused_cache, ops_cache = prefilled(model, ids, 40), prefilled(model, ids, 40)
+    tok = torch.randint(0, V, (1,))
+    for step in range(5):  # positions T .. T + 4, each step's keys land in both caches
+        pos = torch.tensor([T + step], dtype=torch.int32)
+        with torch.inference_mode():
+            assert model._cpu_decode_params(torch.zeros(1, 1, model.config.n_embd), fused_cache) is not None
+            fused = model.decode_step(tok, pos, fused_cache, T + step + 1)
+            with monkeypatch.context() as m:
+                m.setattr(type(model), "_cpu_decode_params", lambda *a: None)  # the op-by-op path
+                ref = model.decode_step(tok, pos, ops_cache, T + step + 1)
+        assert fused.shape == (1, V) and torch.isfinite(fused).all()
+        torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+        n = T + step + 1
+        torch.testing.assert_close(fused_cache.k[:, :, :, :n], ops_cache.k[:, :, :, :n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused_cache.v[:, :, :, :n], ops_cache.v[:, :, :, :n], rtol=1e-5, atol=1e-5)
+        assert fused_cache.k[:, :, :, n:].isnan().all()  # nothing written past the new row
+        tok = fused.argmax(-1)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_greedy_equals_transformers(name, quantize):
+    hf = hf_model(name)
+    model = fastlm.from_pretrained(hf, quantize=quantize)
+    if quantize == "int8":  # transformers on the weights the int8 model computes with
+        with torch.no_grad():
+            for hb, b in zip(hf.transformer.h, model.h, strict=True):  # Conv1D keeps (in, out)
+                for conv, lin in ((hb.attn.c_attn, b.attn.c_attn), (hb.attn.c_proj, b.attn.c_proj),
+                                  (hb.mlp.c_fc, b.mlp.c_fc), (hb.mlp.c_proj, b.mlp.c_proj)):
+                    conv.weight.copy_(lin.dequantized().t())
+            hf.lm_head.weight.copy_(model.lm_head.dequantized())  # tied: the embedding follows, as in fastlm
+    ids = torch.randint(1, hf.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        expect = hf.generate(ids, max_new_tokens=24, do_sample=False)
+    assert len(set(expect[0, 9:].tolist())) >= 5, "reference output is too repetitive to be a test"
+    assert model._cpu_decode_params(torch.zeros(1, 1, model.config.n_embd),
+                                    prefilled(model, ids, 40)) is not None  # the fused path runs
+    assert torch.equal(model.generate(ids, max_new_tokens=24), expect)
+
+
+def test_not_used_where_it_does_not_apply():
+    model = fastlm.from_pretrained(hf_model("h3_d32"))
+    h = torch.zeros(1, 1, model.config.n_embd)
+    cache = prefilled(model, torch.randint(0, 101, (1, 3)), 16)
+    assert model._cpu_decode_params(h, cache) is not None
+    with fastlm.use_backend("torch"):  # a forced backend runs op by op
+        assert model._cpu_decode_params(h, cache) is None
+    assert model._cpu_decode_params(h.double(), cache) is None
+    model.decode_layout_(pack=False)  # plain nn.Linear projections: op by op, and rebuilt after a relayout
+    assert model._cpu_decode_params(h, cache) is None
+    model.decode_layout_()
+    assert model._cpu_decode_params(h, cache) is not None
+
+
+def _args(model, cache, kv_len=4):
+    h = torch.randn(1, 1, model.config.n_embd)
+    params = model._cpu_decode_params(h, cache)
+    return [h, list(params), cache.k, cache.v, kv_len, list(model._attn_scales), model.config.vocab_size,
+            model.ln_f.eps, model.h[0].mlp.activation]
+
+
+@pytest.mark.parametrize(
+    "change,exc,match",
+    [
+        (lambda a: a.__setitem__(4, 0), ValueError, r"kv_len must be in \[1, 16\]"),
+        (lambda a: a.__setitem__(4, 17), ValueError, r"kv_len must be in \[1, 16\]"),
+        (lambda a: a.__setitem__(1, a[1][:-1]), ValueError, "params must hold"),
+        (lambda a: a[1].__setitem__(2, a[1][2][:, :-1].contiguous()), ValueError, "c_attn weight must be"),
+        (lambda a: a[1].__setitem__(16 + 1, None), ValueError, "ln_1 bias is missing"),
+        (lambda a: a.__setitem__(0, a[0].double()), TypeError, "h must be float32"),
+        (lambda a: a.__setitem__(0, torch.randn(2, 1, a[0].shape[-1])), ValueError, "one CPU row"),
+        (lambda a: a.__setitem__(8, "relu"), ValueError, "activation must be"),
+        (lambda a: a.__setitem__(5, a[5][:1]), ValueError, "params must hold"),
+    ],
+)
+def test_bad_input_raises_and_leaves_the_cache(change, exc, match):
+    model = fastlm.from_pretrained(hf_model("h3_d32"))
+    cache = prefilled(model, torch.randint(0, 101, (1, 3)), 16)
+    before_k, before_v = cache.k.clone(), cache.v.clone()
+    args = _args(model, cache)
+    change(args)
+    with pytest.raises(exc, match=match):
+        torch.ops.fastlm.gpt2_decode_cpu(*args)
+    assert torch.equal(cache.k.nan_to_num(7.0), before_k.nan_to_num(7.0))
+    assert torch.equal(cache.v.nan_to_num(7.0), before_v.nan_to_num(7.0))
+
+
+def test_cache_dtype_and_shape_checked():
+    model = fastlm.from_pretrained(hf_model("h3_d32"))
+    cache = prefilled(model, torch.randint(0, 101, (1, 3)), 16)
+    args = _args(model, cache)
+    args[2] = cache.k.double()
+    with pytest.raises(TypeError, match="KV cache must be float32"):
+        torch.ops.fastlm.gpt2_decode_cpu(*args)
+    args = _args(model, cache)
+    args[3] = cache.v[:, :, :2]
+    with pytest.raises(ValueError, match="KV cache must be contiguous"):
+        torch.ops.fastlm.gpt2_decode_cpu(*args)
+
+
+def test_fake():
+    model = fastlm.from_pretrained(hf_model("h4_d25"))
+    cache = prefilled(model, torch.randint(0, 33, (1, 3)), 16)
+    torch.library.opcheck(torch.ops.fastlm.gpt2_decode_cpu, tuple(_args(model, cache)),
+                          test_utils=("test_schema", "test_faketensor"))
