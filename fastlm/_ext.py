@@ -56,6 +56,10 @@ if _C is not None:
     def _attention_decode_fake(q, k, v, scale, causal=False):
         return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
+    @torch.library.register_fake("fastlm::hugepage_copy")
+    def _hugepage_copy_fake(src):
+        return torch.empty_like(src, memory_format=torch.contiguous_format)
+
     @torch.library.register_fake("fastlm::gpt2_decode_cpu")
     def _gpt2_decode_cpu_fake(h, params, k_cache, v_cache, kv_len, scales, vocab, eps, activation):
         return h.new_empty((1, vocab))

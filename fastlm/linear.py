@@ -31,14 +31,23 @@ PANEL = 16  # output channels per CPU panel (csrc/gemv.cpp kNR)
 ACTIVATIONS = (None, "gelu", "gelu_tanh")
 
 
+HUGEPAGE_MIN_BYTES = 2 << 20  # panels from one 2 MiB huge page up go to huge-page memory
+
+
 def pack_panels(w: Tensor) -> Tensor:
     """(N, K) -> (ceil(N / 16), K, 16) contiguous: panel p holds channels 16p..16p+15
-    interleaved along K (zeros past N)."""
+    interleaved along K (zeros past N). On CPU with fastlm._C, panels of 2 MiB or more live in
+    memory advised for transparent huge pages (torch.ops.fastlm.hugepage_copy): the decode GEMV
+    streams them once per token, and 4 KiB pages stop the hardware prefetchers at every page."""
     N, K = w.shape
     nb = -(-N // PANEL)
     wp = w.new_zeros(nb * PANEL, K)
     wp[:N] = w
-    return wp.view(nb, PANEL, K).transpose(1, 2).contiguous()  # (nb, K, 16)
+    packed = wp.view(nb, PANEL, K).transpose(1, 2)  # (nb, K, 16)
+    big = packed.numel() * packed.element_size() >= HUGEPAGE_MIN_BYTES
+    if big and packed.device.type == "cpu" and _ext.available():
+        return torch.ops.fastlm.hugepage_copy(packed)
+    return packed.contiguous()
 
 
 def unpack_panels(p: Tensor, n: int) -> Tensor:

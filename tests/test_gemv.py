@@ -195,3 +195,26 @@ def test_fake_and_compile():
     x, w = torch.randn(3, 8), torch.randn(10, 8)
     torch.library.opcheck(op, (x, pack_panels(w), 10, None, torch.randn(10), None, "gelu"),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+def test_hugepage_copy(dtype):
+    src = (torch.randn(40, 3000, 16) * 50).to(dtype).transpose(0, 1)  # not contiguous, 7.7 MB as fp32
+    out = torch.ops.fastlm.hugepage_copy(src)
+    assert out.is_contiguous() and out.dtype == dtype and torch.equal(out, src)
+    assert out.data_ptr() % (2 << 20) == 0  # 2 MiB aligned, advised for huge pages
+    out.add_(1)  # writable, and its own memory
+    assert not torch.equal(out, src)
+    del out  # freed by its deleter (no crash, no leak checker here)
+    torch.library.opcheck(torch.ops.fastlm.hugepage_copy, (src,), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_large_panels_are_huge_page_aligned_small_ones_plain():
+    from fastlm.linear import HUGEPAGE_MIN_BYTES
+
+    big, small = torch.randn(3072, 768), torch.randn(40, 64)
+    pb, ps = pack_panels(big), pack_panels(small)
+    assert pb.numel() * 4 >= HUGEPAGE_MIN_BYTES and pb.data_ptr() % (2 << 20) == 0
+    assert torch.equal(unpack_panels(pb, 3072), big) and torch.equal(unpack_panels(ps, 40), small)
+    x = torch.randn(3, 768)
+    check(op(x, pb, 3072, None, None, None, "none"), reference(x, big, None, None, "none"), 768)
