@@ -60,6 +60,11 @@ if _C is not None:
     def _int8_linear_epilogue_fake(acc, x_scale, w_scale, bias=None, activation="none", residual=None):
         return acc.new_empty(acc.shape, dtype=torch.float32)
 
+    @torch.library.register_fake("fastlm::attention_blocked")
+    def _attention_blocked_fake(q, k, v, scale):
+        B, H, Sq, D = q.shape
+        return q.new_empty((B, Sq, H, D)).transpose(1, 2)
+
     @torch.library.register_fake("fastlm::attention_decode")
     def _attention_decode_fake(q, k, v, scale, causal=False):
         return q.new_empty((*q.shape[:-1], v.shape[-1]))
