@@ -60,6 +60,10 @@ if _C is not None:
     def _int8_linear_epilogue_fake(acc, x_scale, w_scale, bias=None, activation="none", residual=None):
         return acc.new_empty(acc.shape, dtype=torch.float32)
 
+    @torch.library.register_fake("fastlm::int8_linear_epilogue_quant")
+    def _int8_linear_epilogue_quant_fake(acc, x_scale, w_scale, bias=None, activation="none"):
+        return acc.new_empty(acc.shape, dtype=torch.int8), acc.new_empty(acc.shape[:1], dtype=torch.float32)
+
     @torch.library.register_fake("fastlm::attention_blocked")
     def _attention_blocked_fake(q, k, v, scale):
         B, H, Sq, D = q.shape

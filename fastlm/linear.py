@@ -235,17 +235,19 @@ class Int8DynamicLinear(FastLinear):
     def fused_ready(self, x: Tensor) -> bool:
         return _cpu_kernel_ok(x)  # quantization and epilogue in fastlm._C
 
-    def forward(self, x: Tensor, *, activation: str | None = None, residual: Tensor | None = None) -> Tensor:
-        act = _act_name(activation)
+    def _check(self, x: Tensor) -> None:
         if x.device.type != "cpu" or x.dtype != torch.float32:
             raise ValueError(f"Int8DynamicLinear: runs on CPU float32 activations, got {x.dtype} on {x.device}")
+
+    def forward(self, x: Tensor, *, activation: str | None = None, residual: Tensor | None = None) -> Tensor:
+        _act_name(activation)
+        self._check(x)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         r2 = None if residual is None else residual.reshape(-1, self.out_features)  # (M, N)
         if _ext.available():
             xq, xs = torch.ops.fastlm.quantize_rows_int8(x2)  # (M, K) int8, (M,) per-token scales
-            acc = torch._int_mm(xq, self.qweight.t())  # (M, N) int32
-            y = torch.ops.fastlm.int8_linear_epilogue(acc, xs, self.scale, self.bias, act, r2)
+            y = self.forward_int8(xq, xs, activation=activation, residual=r2)
             return y.view(*shape[:-1], self.out_features)
         xs = x2.abs().amax(dim=1, keepdim=True) / 127.0  # (M, 1) per-token scale
         xs = torch.where(xs > 0, xs, torch.ones_like(xs))
@@ -256,6 +258,21 @@ class Int8DynamicLinear(FastLinear):
             y.add_(self.bias)
         y = _epilogue(y, activation, r2)
         return y.view(*shape[:-1], self.out_features)
+
+    def forward_int8(self, xq: Tensor, xs: Tensor, *, activation: str | None = None,
+                     residual: Tensor | None = None) -> Tensor:
+        """The GEMM and epilogue on activations already quantized per token: xq (M, K) int8,
+        xs (M,) float32 -> act(xq W^T * xs * scale + b) + residual, (M, N) float32. Needs fastlm._C."""
+        acc = torch._int_mm(xq, self.qweight.t())  # (M, N) int32
+        return torch.ops.fastlm.int8_linear_epilogue(acc, xs, self.scale, self.bias, _act_name(activation), residual)
+
+    def forward_to_int8(self, x: Tensor, *, activation: str | None = None) -> tuple[Tensor, Tensor]:
+        """act(x W^T + b) quantized per token for the next int8 linear, without an fp32 copy in
+        memory: x (..., K) -> (q (M, N) int8, scale (M,) float32), M = x.numel() // K. Needs fastlm._C."""
+        self._check(x)
+        xq, xs = torch.ops.fastlm.quantize_rows_int8(x.reshape(-1, self.in_features))
+        acc = torch._int_mm(xq, self.qweight.t())  # (M, N) int32
+        return torch.ops.fastlm.int8_linear_epilogue_quant(acc, xs, self.scale, self.bias, _act_name(activation))
 
 
 class Int8TiedEmbedding(nn.Module):

@@ -192,3 +192,48 @@ def test_linear_ext_bad_packed_and_epilogue_args():
         torch.ops.fastlm.linear_ext(x, lin.weight.detach(), None, None, "none", torch.randn(40, 9))
     with pytest.raises(ValueError, match="activation must be"):
         lin(x, activation="relu")
+
+
+@pytest.mark.parametrize("M", ROWS)
+@pytest.mark.parametrize("N", [1, 17, 129, 3072])
+@pytest.mark.parametrize("act", ["none", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_linear_epilogue_quant_equals_epilogue_then_quantize(M, N, act, bias):
+    acc = torch.randint(-40000, 40000, (M, N), dtype=torch.int32)
+    xs, ws = torch.rand(M) * 0.02, torch.rand(N) * 2e-4
+    b = torch.randn(N) if bias else None
+    if M > 1:
+        acc[M // 2] = 0  # a row that is all zero (without a bias): scale 1
+    q, s = torch.ops.fastlm.int8_linear_epilogue_quant(acc, xs, ws, b, act)
+    y = torch.ops.fastlm.int8_linear_epilogue(acc, xs, ws, b, act)
+    q_ref, s_ref = _quant_ref(y)
+    assert q.dtype == torch.int8 and q.shape == (M, N) and s.shape == (M,)
+    assert torch.equal(s, s_ref) and torch.equal(q, q_ref)
+
+
+def test_int8_linear_epilogue_quant_bad_input():
+    f = torch.ops.fastlm.int8_linear_epilogue_quant
+    acc = torch.zeros(4, 8, dtype=torch.int32)
+    with pytest.raises(ValueError, match="x_scale must have shape"):
+        f(acc, torch.ones(3), torch.ones(8))
+    with pytest.raises(ValueError, match="activation must be"):
+        f(acc, torch.ones(4), torch.ones(8), None, "relu")
+    torch.library.opcheck(f, (torch.randint(-99, 99, (17, 33), dtype=torch.int32), torch.rand(17), torch.rand(33),
+                              torch.randn(33), "gelu"))
+
+
+@pytest.mark.parametrize("M", ROWS)
+def test_int8_ffn_seam_keeps_the_activation_int8(M, monkeypatch):
+    """common.ffn on two Int8DynamicLinear: the d_ff activation goes int8 to int8 (fused epilogue +
+    quantization) and equals the unfused path (fc, then proj with its own quantization)."""
+    from fastlm.models.common import ffn
+
+    fc = Int8DynamicLinear.from_linear(torch.nn.Linear(97, 129))
+    proj = Int8DynamicLinear.from_linear(torch.nn.Linear(129, 97))
+    x, r = torch.randn(2, M, 97), torch.randn(2, M, 97)
+    got = ffn(fc, proj, x, "gelu", residual=r)
+    expect = proj(fc(x, activation="gelu"), residual=r)
+    assert got.shape == (2, M, 97)
+    torch.testing.assert_close(got, expect, rtol=0, atol=0)
+    monkeypatch.setattr(flinear._ext, "available", lambda: False)  # the torch path: same math
+    torch.testing.assert_close(ffn(fc, proj, x, "gelu", residual=r), expect, rtol=1e-5, atol=1e-4)
