@@ -68,7 +68,9 @@ class CPULinear(nn.Linear):
         if activation is not None and residual is not None:
             raise ValueError("CPULinear: a residual add after an activation is not supported")
         if self.fused_ready(x):
-            packed = self.onednn_weight() if x.dtype == torch.float32 else None
+            packed = None  # under torch.compile the plain weight (oneDNN reorders it per call)
+            if x.dtype == torch.float32 and not torch.compiler.is_compiling():
+                packed = self.onednn_weight()
             return torch.ops.fastlm.linear_ext(x, self.weight, self.bias, packed, activation or "none", residual)
         y = F.linear(x, self.weight, self.bias)
         if activation is not None:
