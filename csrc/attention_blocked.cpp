@@ -1,6 +1,7 @@
 // Encoder self-attention (no mask, not causal) in fp32 on CPU, for prefill / encoder sizes
 // (BERT-base B8 S128):
-//   attention_blocked(q (B, H, Sq, D), k (B, H, Sk, D), v (B, H, Sk, D), float scale) -> (B, H, Sq, D)
+//   attention_blocked(q (B, H, Sq, D), k (B, H, Sk, D), v (B, H, Sk, D), float scale, bool portable=False)
+//     -> (B, H, Sq, D)   (portable=True forces the plain loops, for tests)
 //   out[b, h, i] = softmax_j(q[b, h, i] . k[b, h, j] * scale) v[b, h, j]
 // q, k, v may be any strided views with unit stride along D (e.g. the three slices of a fused QKV
 // projection); the output is a (B, Sq, H, D) contiguous buffer viewed as (B, H, Sq, D), so the
@@ -178,7 +179,7 @@ void check_qkv(const at::Tensor& t, const char* name, const at::Tensor& q) {
 }
 
 at::Tensor attention_blocked_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                                 double scale) {
+                                 double scale, bool portable) {
   check_qkv(q_in, "q", q_in);
   check_qkv(k_in, "k", q_in);
   check_qkv(v_in, "v", q_in);
@@ -200,7 +201,7 @@ at::Tensor attention_blocked_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
   float* op = out.mutable_data_ptr<float>();
   const int64_t ld_out = H * D;
   const int64_t Sp = (S + kCols - 1) / kCols * kCols;
-  const bool fast = cpu_has_avx512();
+  const bool fast = cpu_has_avx512() && !portable;  // portable=True: the plain loops (tests)
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> kt(fast ? D * Sp : 0), scores(fast ? kRows * Sp : S);
@@ -226,7 +227,7 @@ at::Tensor attention_blocked_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastlm, m) {
-  m.def("attention_blocked(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def("attention_blocked(Tensor q, Tensor k, Tensor v, float scale, bool portable=False) -> Tensor");
   m.def("cpu_has_avx512() -> bool", [] { return cpu_has_avx512(); });
 }
 

@@ -65,7 +65,7 @@ if _C is not None:
         return acc.new_empty(acc.shape, dtype=torch.int8), acc.new_empty(acc.shape[:1], dtype=torch.float32)
 
     @torch.library.register_fake("fastlm::attention_blocked")
-    def _attention_blocked_fake(q, k, v, scale):
+    def _attention_blocked_fake(q, k, v, scale, portable=False):
         B, H, Sq, D = q.shape
         return q.new_empty((B, Sq, H, D)).transpose(1, 2)
 

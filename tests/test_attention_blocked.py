@@ -19,22 +19,25 @@ def _ref(q, k, v, scale):
 
 @pytest.mark.parametrize("S", [1, 17, 97, 128, 129])
 @pytest.mark.parametrize("D", [16, 64, 80, 128])
-def test_matches_float64_on_fused_qkv_views(S, D):
+@pytest.mark.parametrize("portable", [False, True])
+def test_matches_float64_on_fused_qkv_views(S, D, portable):
     B, H = 2, 3
     qkv = torch.randn(B, S, 3, H, D) * 2  # peaky softmax rows too
     q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, S, D) strided views
     scale = D**-0.5
-    out = torch.ops.fastlm.attention_blocked(q, k, v, scale)
+    out = torch.ops.fastlm.attention_blocked(q, k, v, scale, portable)
     assert out.shape == (B, H, S, D) and out.dtype == torch.float32
     assert out.transpose(1, 2).is_contiguous()  # (B, S, H, D) memory: the output projection reads it as is
     close_2x(out, _ref(q, k, v, scale), F.scaled_dot_product_attention(q, k, v, scale=scale), floor=2e-6,
-             what=f"attention_blocked S{S} D{D}")
+             what=f"attention_blocked S{S} D{D} portable={portable}")
 
 
 @pytest.mark.parametrize("sq,sk", [(1, 97), (17, 129), (129, 1), (97, 17)])
 def test_cross_lengths_and_contiguous_inputs(sq, sk):
     q, k, v = torch.randn(1, 2, sq, 32), torch.randn(1, 2, sk, 32), torch.randn(1, 2, sk, 32)
     out = torch.ops.fastlm.attention_blocked(q, k, v, 0.3)
+    close_2x(torch.ops.fastlm.attention_blocked(q, k, v, 0.3, True), _ref(q, k, v, 0.3),
+             F.scaled_dot_product_attention(q, k, v, scale=0.3), floor=2e-6)
     close_2x(out, _ref(q, k, v, 0.3), F.scaled_dot_product_attention(q, k, v, scale=0.3), floor=2e-6)
     # a non-unit stride along D is copied, same result
     kt = torch.randn(1, 2, 32, sk).transpose(2, 3)
