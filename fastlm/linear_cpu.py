@@ -77,6 +77,10 @@ class CPULinear(nn.Linear):
             y = F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
         return y if residual is None else y + residual
 
+    def _apply(self, fn, recurse=True):  # .to() / .half() / .cuda(): drop the packed copy (rebuilt on use)
+        self._packed = self._packed_key = None
+        return super()._apply(fn, recurse)
+
     def __getstate__(self):  # copy / pickle without the packed copy (rebuilt on first use)
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)

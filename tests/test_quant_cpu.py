@@ -237,3 +237,22 @@ def test_int8_ffn_seam_keeps_the_activation_int8(M, monkeypatch):
     torch.testing.assert_close(got, expect, rtol=0, atol=0)
     monkeypatch.setattr(flinear._ext, "available", lambda: False)  # the torch path: same math
     torch.testing.assert_close(ffn(fc, proj, x, "gelu", residual=r), expect, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not onednn_packable(), reason="this torch has no oneDNN")
+def test_cpu_linear_copies_and_moves_drop_the_packed_copy():
+    import copy
+
+    lin = CPULinear(64, 96)
+    x = torch.randn(40, 64)
+    with torch.inference_mode():
+        y = lin(x)
+    assert lin._packed is not None
+    twin = copy.deepcopy(lin)
+    assert twin._packed is None  # rebuilt on use, not copied
+    with torch.inference_mode():
+        torch.testing.assert_close(twin(x), y)
+    lin.double()
+    assert lin._packed is None
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x.double()), F.linear(x.double(), lin.weight, lin.bias))
