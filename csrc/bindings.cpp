@@ -17,7 +17,7 @@ TORCH_LIBRARY(fastlm, m) {
   m.def("bias_gelu(Tensor x, Tensor bias, str approximate='none') -> Tensor");
   m.def("ffn_ext(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, str activation, Tensor? residual) -> Tensor");
   m.def("layer_norm_ext(Tensor x, Tensor weight, Tensor bias, float eps) -> Tensor");
-  m.def("linear_ext(Tensor x, Tensor w, Tensor? b) -> Tensor");
+  m.def("linear_ext(Tensor x, Tensor w, Tensor? b, Tensor? packed=None, str activation='none', Tensor? residual=None) -> Tensor");
   m.def("add_layer_norm_ext(Tensor x, Tensor residual, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor)");
 }
 

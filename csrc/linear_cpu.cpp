@@ -11,6 +11,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <vector>
+
 namespace fastlm {
 namespace {
 
@@ -54,7 +56,11 @@ at::Tensor onednn_linear_add(const at::Tensor& x2d, const at::Tensor& w, const a
   return op.call(x2d, other.contiguous(), w, c10::optional<at::Tensor>(b.contiguous()), "add");
 }
 
-at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b) {
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+                      const c10::optional<at::Tensor>& packed, c10::string_view activation,
+                      const c10::optional<at::Tensor>& residual) {
+  TORCH_CHECK_VALUE(activation == "none" || activation == "gelu" || activation == "gelu_tanh",
+                    "linear: activation must be \"none\", \"gelu\" or \"gelu_tanh\", got \"", activation, "\"");
   TORCH_CHECK_TYPE(x.is_floating_point(), "linear: x must be a floating-point tensor, got ", x.scalar_type());
   TORCH_CHECK_VALUE(x.device().is_cpu(), "linear (CPU): x must be a CPU tensor, got ", x.device());
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.numel() > 0, "linear: x is empty (shape ", x.sizes(), ")");
@@ -71,16 +77,39 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optio
     TORCH_CHECK_VALUE(b->device() == x.device(), "linear: b is on ", b->device(), " but x is on ", x.device());
     TORCH_CHECK_VALUE(b->dim() == 1 && b->size(0) == N, "linear: b must have shape (", N, ",), got ", b->sizes());
   }
-  const at::Tensor x2d = x.reshape({-1, K}).contiguous();
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
-  if (onednn_linear_ok(x2d, w)) {
-    const at::Tensor bias = b.has_value() ? *b : at::zeros({N}, x.options());
-    return onednn_linear(x2d, w, bias, "none", "").view(out_shape);
+  if (residual.has_value()) {
+    TORCH_CHECK_TYPE(residual->scalar_type() == x.scalar_type(), "linear: residual has dtype ",
+                     residual->scalar_type(), " but x has ", x.scalar_type());
+    TORCH_CHECK_VALUE(residual->sizes() == c10::IntArrayRef(out_shape), "linear: residual must have shape ",
+                      c10::IntArrayRef(out_shape), ", got ", residual->sizes());
+    TORCH_CHECK_VALUE(activation == "none", "linear: a residual add after an activation is not supported");
   }
-  return (b.has_value() ? at::addmm(*b, x2d, w.t()) : at::mm(x2d, w.t())).view(out_shape);
+  if (packed.has_value()) {
+    TORCH_CHECK_VALUE(packed->is_mkldnn() && packed->scalar_type() == at::kFloat && packed->dim() == 2 &&
+                          packed->size(0) == N && packed->size(1) == K,
+                      "linear: packed must be w reordered by oneDNN (torch.ops.mkldnn._reorder_linear_weight), a "
+                      "float32 mkldnn tensor of shape (", N, ", ", K, "); got ", packed->sizes(), " ",
+                      packed->scalar_type(), packed->is_mkldnn() ? " (mkldnn)" : " (not mkldnn)");
+  }
+  const at::Tensor x2d = x.reshape({-1, K}).contiguous();
+  const c10::string_view algo = activation == "gelu_tanh" ? "tanh" : "none";
+  if (onednn_linear_ok(x2d, w)) {  // oneDNN, on the weight packed once at load when there is one
+    const at::Tensor& wk = packed.has_value() ? *packed : w;
+    const at::Tensor bias = b.has_value() ? *b : at::zeros({N}, x.options());
+    if (residual.has_value()) return onednn_linear_add(x2d, wk, bias, residual->reshape({-1, N})).view(out_shape);
+    return onednn_linear(x2d, wk, bias, activation == "none" ? "none" : "gelu", activation == "none" ? "" : algo)
+        .view(out_shape);
+  }
+  at::Tensor y = b.has_value() ? at::addmm(*b, x2d, w.t()) : at::mm(x2d, w.t());
+  if (activation != "none") at::gelu_(y, algo);
+  if (residual.has_value()) y.add_(residual->reshape({-1, N}));
+  return y.view(out_shape);
 }
 
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) { m.impl("linear_ext", &linear_cpu); }
+// A packed (mkldnn layout) weight makes the dispatcher pick this key.
+TORCH_LIBRARY_IMPL(fastlm, MkldnnCPU, m) { m.impl("linear_ext", &linear_cpu); }
 
 }  // namespace fastlm

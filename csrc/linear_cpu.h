@@ -23,8 +23,12 @@ at::Tensor onednn_linear(const at::Tensor& x2d, const at::Tensor& w, const at::T
 at::Tensor onednn_linear_add(const at::Tensor& x2d, const at::Tensor& w, const at::Tensor& b,
                              const at::Tensor& other);
 
-// fastlm::linear_ext on CPU: x (..., K) @ w^T + b -> (..., N); w (N, K) as nn.Linear (contiguous or
-// its transpose), b (N,) or None.
-at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b);
+// fastlm::linear_ext on CPU: act(x (..., K) @ w^T + b) (+ residual) -> (..., N); w (N, K) as nn.Linear
+// (contiguous or its transpose), b (N,) or None; activation "none" | "gelu" | "gelu_tanh"; residual
+// (..., N) (only without an activation). `packed`: w reordered once by oneDNN
+// (mkldnn::_reorder_linear_weight); the oneDNN branch then skips its per-call weight reorder.
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+                      const c10::optional<at::Tensor>& packed, c10::string_view activation,
+                      const c10::optional<at::Tensor>& residual);
 
 }  // namespace fastlm

@@ -34,7 +34,7 @@ if _C is not None:
         return x.new_empty(x.shape)
 
     @torch.library.register_fake("fastlm::linear_ext")
-    def _linear_fake(x, w, b):
+    def _linear_fake(x, w, b, packed=None, activation="none", residual=None):
         return x.new_empty((*x.shape[:-1], w.shape[0]))
 
     @torch.library.register_fake("fastlm::layer_norm_ext")
@@ -51,6 +51,23 @@ if _C is not None:
     @torch.library.register_fake("fastlm::packed_linear")
     def _packed_linear_fake(x, w, n, scale=None, bias=None, residual=None, activation="none"):
         return x.new_empty((*x.shape[:-1], n))
+
+    @torch.library.register_fake("fastlm::quantize_rows_int8")
+    def _quantize_rows_int8_fake(x):
+        return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:1])
+
+    @torch.library.register_fake("fastlm::int8_linear_epilogue")
+    def _int8_linear_epilogue_fake(acc, x_scale, w_scale, bias=None, activation="none", residual=None):
+        return acc.new_empty(acc.shape, dtype=torch.float32)
+
+    @torch.library.register_fake("fastlm::int8_linear_epilogue_quant")
+    def _int8_linear_epilogue_quant_fake(acc, x_scale, w_scale, bias=None, activation="none"):
+        return acc.new_empty(acc.shape, dtype=torch.int8), acc.new_empty(acc.shape[:1], dtype=torch.float32)
+
+    @torch.library.register_fake("fastlm::attention_blocked")
+    def _attention_blocked_fake(q, k, v, scale, portable=False):
+        B, H, Sq, D = q.shape
+        return q.new_empty((B, Sq, H, D)).transpose(1, 2)
 
     @torch.library.register_fake("fastlm::attention_decode")
     def _attention_decode_fake(q, k, v, scale, causal=False):

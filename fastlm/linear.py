@@ -207,9 +207,12 @@ class Int8Linear(FastLinear):
 
 
 class Int8DynamicLinear(FastLinear):
-    """int8 weights (as Int8Linear, kept (N, K)) with dynamic per-token int8 activations:
+    """int8 weights (as Int8Linear) with dynamic per-token int8 activations:
     x_scale[m] = absmax(x[m]) / 127, xq = round(x / x_scale) in [-127, 127], then torch's int8 GEMM
-    (torch._int_mm, oneDNN on CPU) with int32 accumulation, y = acc * x_scale[m] * scale[n] + b.
+    (torch._int_mm, oneDNN VNNI on CPU) with int32 accumulation, y = acc * x_scale[m] * scale[n] + b.
+    `qweight` is (N, K) viewed from (K, N) row-major memory, the layout torch._int_mm reads without a
+    per-call transpose. With fastlm._C the quantization and the epilogue (scales, bias, GELU,
+    residual) are one fused pass each (csrc/quant_cpu.cpp); without it, torch ops compute the same.
     CPU float32 only."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None):
@@ -218,7 +221,7 @@ class Int8DynamicLinear(FastLinear):
             raise ValueError(f"Int8DynamicLinear: weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
         q, scale = quantize_int8(weight)
-        self.register_buffer("qweight", q)  # (N, K)
+        self.register_buffer("qweight", q.t().contiguous().t())  # (N, K) view of (K, N) memory
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach())
 
@@ -231,20 +234,30 @@ class Int8DynamicLinear(FastLinear):
         scale = self.scale
         super()._apply(fn, recurse)
         self.scale = scale.to(self.qweight.device)
+        if not self.qweight.t().is_contiguous():
+            self.qweight = self.qweight.t().contiguous().t()
         return self
 
     def dequantized(self) -> Tensor:
         return self.qweight.float() * self.scale[:, None]
 
     def fused_ready(self, x: Tensor) -> bool:
-        return False  # the epilogue runs in torch after the int8 GEMM
+        return _cpu_kernel_ok(x)  # quantization and epilogue in fastlm._C
+
+    def _check(self, x: Tensor) -> None:
+        if x.device.type != "cpu" or x.dtype != torch.float32:
+            raise ValueError(f"Int8DynamicLinear: runs on CPU float32 activations, got {x.dtype} on {x.device}")
 
     def forward(self, x: Tensor, *, activation: str | None = None, residual: Tensor | None = None) -> Tensor:
         _act_name(activation)
-        if x.device.type != "cpu" or x.dtype != torch.float32:
-            raise ValueError(f"Int8DynamicLinear: runs on CPU float32 activations, got {x.dtype} on {x.device}")
+        self._check(x)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
+        r2 = None if residual is None else residual.reshape(-1, self.out_features)  # (M, N)
+        if _ext.available():
+            xq, xs = torch.ops.fastlm.quantize_rows_int8(x2)  # (M, K) int8, (M,) per-token scales
+            y = self.forward_int8(xq, xs, activation=activation, residual=r2)
+            return y.view(*shape[:-1], self.out_features)
         xs = x2.abs().amax(dim=1, keepdim=True) / 127.0  # (M, 1) per-token scale
         xs = torch.where(xs > 0, xs, torch.ones_like(xs))
         xq = torch.round(x2 / xs).clamp_(-127, 127).to(torch.int8)
@@ -252,8 +265,23 @@ class Int8DynamicLinear(FastLinear):
         y = acc.float().mul_(xs).mul_(self.scale)
         if self.bias is not None:
             y.add_(self.bias)
-        y = _epilogue(y, activation, None if residual is None else residual.reshape(-1, self.out_features))
+        y = _epilogue(y, activation, r2)
         return y.view(*shape[:-1], self.out_features)
+
+    def forward_int8(self, xq: Tensor, xs: Tensor, *, activation: str | None = None,
+                     residual: Tensor | None = None) -> Tensor:
+        """The GEMM and epilogue on activations already quantized per token: xq (M, K) int8,
+        xs (M,) float32 -> act(xq W^T * xs * scale + b) + residual, (M, N) float32. Needs fastlm._C."""
+        acc = torch._int_mm(xq, self.qweight.t())  # (M, N) int32
+        return torch.ops.fastlm.int8_linear_epilogue(acc, xs, self.scale, self.bias, _act_name(activation), residual)
+
+    def forward_to_int8(self, x: Tensor, *, activation: str | None = None) -> tuple[Tensor, Tensor]:
+        """act(x W^T + b) quantized per token for the next int8 linear, without an fp32 copy in
+        memory: x (..., K) -> (q (M, N) int8, scale (M,) float32), M = x.numel() // K. Needs fastlm._C."""
+        self._check(x)
+        xq, xs = torch.ops.fastlm.quantize_rows_int8(x.reshape(-1, self.in_features))
+        acc = torch._int_mm(xq, self.qweight.t())  # (M, N) int32
+        return torch.ops.fastlm.int8_linear_epilogue_quant(acc, xs, self.scale, self.bias, _act_name(activation))
 
 
 class Int8TiedEmbedding(nn.Module):

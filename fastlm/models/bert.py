@@ -205,7 +205,7 @@ class BertLinear(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, eps: float | None = None):
         super().__init__()
-        self.dense = nn.Linear(d_in, d_out)
+        self.dense = CPULinear(d_in, d_out)  # oneDNN on a packed weight on CPU rows >= 32
         if eps is not None:
             self.LayerNorm = nn.LayerNorm(d_out, eps=eps)
 

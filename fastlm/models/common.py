@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from fastlm import ops
-from fastlm.linear import FastLinear
+from fastlm.linear import FastLinear, Int8DynamicLinear
+from fastlm.linear_cpu import CPULinear
 from fastlm.models.outputs import (  # noqa: F401  (re-exported: the models import them from here)
     BaseModelOutput,
     CausalLMOutput,
@@ -138,7 +139,7 @@ def linear(lin: nn.Module, x: Tensor, *, activation: str | None = None, residual
     """act(x @ W^T + b) (+ residual) through `lin`: an nn.Linear, or a packed / quantized fastlm
     linear (fastlm.linear), which fuses the activation ("gelu" | "gelu_tanh") and the residual
     add into its kernel. x (..., in) -> (..., out)."""
-    if isinstance(lin, FastLinear):
+    if isinstance(lin, (FastLinear, CPULinear)):
         return lin(x, activation=activation, residual=residual)
     y = lin(x)
     if activation is not None:
@@ -151,7 +152,12 @@ def ffn(fc: nn.Module, proj: nn.Module, x: Tensor, activation: str, residual: Te
     proj: d_ff -> d_model; activation "gelu" (erf) or "gelu_tanh". Packed / quantized fastlm
     linears run their kernels with the activation and residual fused into the epilogues; plain
     weights go to fastlm.ops.ffn."""
-    if not all(isinstance(getattr(m, "weight", None), Tensor) for m in (fc, proj)):  # packed / int8
+    if isinstance(fc, Int8DynamicLinear) and isinstance(proj, Int8DynamicLinear) and fc.fused_ready(x):
+        hq, hs = fc.forward_to_int8(x, activation=activation)  # (M, d_ff) int8 + per-token scales
+        r = None if residual is None else residual.reshape(-1, proj.out_features)
+        return proj.forward_int8(hq, hs, residual=r).view(*x.shape[:-1], proj.out_features)  # (..., d_model)
+    cpu = all(isinstance(m, CPULinear) and m.fused_ready(x) for m in (fc, proj))  # oneDNN, packed weights
+    if cpu or not all(isinstance(getattr(m, "weight", None), Tensor) for m in (fc, proj)):  # packed / int8
         h = linear(fc, x, activation=activation)  # (..., d_ff)
         return linear(proj, h, residual=residual)
     return ops.ffn(x, fc.weight, fc.bias, proj.weight, proj.bias, activation=activation, residual=residual)

@@ -1,0 +1,258 @@
+"""The dynamic int8 passes of csrc/quant_cpu.cpp (quantize_rows_int8, int8_linear_epilogue) against
+pure-torch references, Int8DynamicLinear's fused path against its torch fallback, and the packed
+oneDNN weight of CPULinear (built once, rebuilt when the weight changes, fused GELU / residual,
+the path without oneDNN)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastlm import _ext
+from fastlm import linear as flinear
+from fastlm.linear import Int8DynamicLinear
+from fastlm.linear_cpu import CPULinear, onednn_packable
+
+pytestmark = pytest.mark.skipif(not _ext.available(), reason="fastlm._C is not built")
+
+ROWS = [1, 17, 97, 129]
+
+
+def _poison_allocator(shape, dtype):
+    """Leave NaN-filled blocks of the output's size in the allocator's reach, so an element the op
+    forgets to write would likely read NaN (the op allocates its own output)."""
+    for _ in range(2):
+        t = torch.empty(shape, dtype=torch.float32)
+        t.fill_(float("nan"))
+        del t
+
+
+def _quant_ref(x):
+    xs = x.abs().amax(dim=1, keepdim=True) / 127.0
+    xs = torch.where(xs > 0, xs, torch.ones_like(xs))
+    return torch.round(x / xs).clamp(-127, 127).to(torch.int8), xs[:, 0]
+
+
+@pytest.mark.parametrize("M", ROWS)
+@pytest.mark.parametrize("K", [1, 17, 97, 768])
+def test_quantize_rows_int8_equals_torch(M, K):
+    x = torch.randn(M, K) * torch.rand(M, 1) * 10  # rows of different ranges
+    if M > 1:
+        x[M // 2] = 0  # an all-zero row: scale 1, q 0
+    q, s = torch.ops.fastlm.quantize_rows_int8(x)
+    q_ref, s_ref = _quant_ref(x)
+    assert q.dtype == torch.int8 and q.shape == (M, K) and s.dtype == torch.float32 and s.shape == (M,)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q, q_ref)
+
+
+def test_quantize_rows_int8_half_way_rounds_to_even_and_strided_input():
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5]])  # scale 1: ties go to the even integer
+    q, s = torch.ops.fastlm.quantize_rows_int8(x)
+    assert s.item() == 1.0 and q.tolist() == [[127, 0, 2, 2, 0, -2]]
+    xt = torch.randn(97, 40).t()  # (40, 97), not contiguous
+    q, s = torch.ops.fastlm.quantize_rows_int8(xt)
+    q_ref, s_ref = _quant_ref(xt)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+def _epilogue_ref(acc, xs, ws, b, act, r):
+    y = acc.double() * xs.double()[:, None] * ws.double()
+    if b is not None:
+        y = y + b.double()
+    if act != "none":
+        y = F.gelu(y, approximate="tanh" if act == "gelu_tanh" else "none")
+    return y if r is None else y + r.double()
+
+
+@pytest.mark.parametrize("M", ROWS)
+@pytest.mark.parametrize("N", [1, 17, 129, 3072])
+@pytest.mark.parametrize("act", ["none", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("bias,residual", [(True, False), (False, True), (True, True)])
+def test_int8_linear_epilogue_matches_float64(M, N, act, bias, residual):
+    acc = torch.randint(-40000, 40000, (M, N), dtype=torch.int32)
+    xs, ws = torch.rand(M) * 0.02, torch.rand(N) * 2e-4
+    b = torch.randn(N) if bias else None
+    r = torch.randn(M, N) if residual else None
+    _poison_allocator((M, N), torch.float32)
+    y = torch.ops.fastlm.int8_linear_epilogue(acc, xs, ws, b, act, r)
+    assert y.shape == (M, N) and y.dtype == torch.float32
+    assert torch.isfinite(y).all()
+    ref = _epilogue_ref(acc, xs, ws, b, act, r)
+    err = (y.double() - ref).abs().max().item()
+    assert err <= 2e-6 * max(1.0, ref.abs().max().item()), err
+
+
+def test_quant_ops_bad_input_names_the_argument():
+    with pytest.raises(TypeError, match="x must be float32"):
+        torch.ops.fastlm.quantize_rows_int8(torch.randn(4, 8).double())
+    with pytest.raises(ValueError, match="2-D"):
+        torch.ops.fastlm.quantize_rows_int8(torch.randn(8))
+    with pytest.raises(ValueError, match="2-D"):
+        torch.ops.fastlm.quantize_rows_int8(torch.randn(0, 8))
+    acc, xs, ws = torch.zeros(4, 8, dtype=torch.int32), torch.ones(4), torch.ones(8)
+    f = torch.ops.fastlm.int8_linear_epilogue
+    with pytest.raises(TypeError, match="acc must be int32"):
+        f(acc.float(), xs, ws)
+    with pytest.raises(ValueError, match="x_scale must have shape"):
+        f(acc, torch.ones(5), ws)
+    with pytest.raises(ValueError, match="w_scale must have shape"):
+        f(acc, xs, torch.ones(7))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        f(acc, xs, ws, torch.ones(9))
+    with pytest.raises(ValueError, match="residual must have shape"):
+        f(acc, xs, ws, None, "none", torch.ones(4, 9))
+    with pytest.raises(ValueError, match="activation must be"):
+        f(acc, xs, ws, None, "relu")
+
+
+def test_quant_ops_opcheck():
+    torch.library.opcheck(torch.ops.fastlm.quantize_rows_int8, (torch.randn(17, 97),))
+    acc = torch.randint(-1000, 1000, (17, 33), dtype=torch.int32)
+    torch.library.opcheck(torch.ops.fastlm.int8_linear_epilogue,
+                          (acc, torch.rand(17), torch.rand(33), torch.randn(33), "gelu", torch.randn(17, 33)))
+
+
+@pytest.mark.parametrize("M", ROWS)
+@pytest.mark.parametrize("act", [None, "gelu"])
+def test_int8_dynamic_fused_path_equals_torch_path(M, act, monkeypatch):
+    lin = torch.nn.Linear(97, 129)
+    m = Int8DynamicLinear.from_linear(lin)
+    assert m.qweight.shape == (129, 97) and m.qweight.t().is_contiguous()  # (K, N) memory
+    x = torch.randn(M, 97)
+    r = None if act else torch.randn(M, 129)
+    fused = m(x, activation=act, residual=r)
+    monkeypatch.setattr(flinear._ext, "available", lambda: False)
+    plain = m(x, activation=act, residual=r)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def _ref_linear(x, lin, act=None, r=None):
+    y = F.linear(x.double(), lin.weight.double(), lin.bias.double())
+    if act is not None:
+        y = F.gelu(y, approximate="tanh" if act == "gelu_tanh" else "none")
+    return y if r is None else y + r.double()
+
+
+@pytest.mark.parametrize("M", ROWS)
+@pytest.mark.parametrize("act,residual", [(None, False), ("gelu", False), ("gelu_tanh", False), (None, True)])
+def test_cpu_linear_packed_fused_matches_float64(M, act, residual):
+    lin = CPULinear(97, 129)
+    x = torch.randn(M, 97)
+    r = torch.randn(M, 129) if residual else None
+    with torch.inference_mode():
+        y = lin(x, activation=act, residual=r)
+    assert torch.isfinite(y).all()
+    err = (y.double() - _ref_linear(x, lin, act, r)).abs().max().item()
+    assert err <= 2e-5, err
+
+
+@pytest.mark.skipif(not onednn_packable(), reason="this torch has no oneDNN")
+def test_cpu_linear_packs_once_and_follows_the_weight():
+    lin = CPULinear(64, 96)
+    x = torch.randn(40, 64)
+    with torch.inference_mode():
+        lin(x)
+        packed = lin._packed
+        assert packed is not None and packed.is_mkldnn
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
+            y = lin(x)
+    names = {e.key for e in p.key_averages()}
+    assert "mkldnn::_linear_pointwise" in names and "mkldnn::_reorder_linear_weight" not in names
+    assert lin._packed is packed  # reused
+    torch.testing.assert_close(y, F.linear(x, lin.weight, lin.bias), atol=2e-5, rtol=1e-5)
+    with torch.no_grad():
+        lin.weight.mul_(-2.0)  # in place: the packed copy must follow
+    with torch.inference_mode():
+        y2 = lin(x)
+    torch.testing.assert_close(y2, F.linear(x, lin.weight, lin.bias), atol=4e-5, rtol=1e-5)
+    lin.weight = torch.nn.Parameter(torch.randn(96, 64))  # another tensor
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), atol=4e-5, rtol=1e-5)
+
+
+def test_cpu_linear_without_onednn():
+    lin = CPULinear(64, 96)
+    x, r = torch.randn(40, 64), torch.randn(40, 96)
+    with torch.backends.mkldnn.flags(enabled=False), torch.inference_mode():
+        assert lin.onednn_weight() is None
+        y = lin(x, residual=r)
+        g = lin(x, activation="gelu")
+    assert (y.double() - _ref_linear(x, lin, None, r)).abs().max() <= 2e-5
+    assert (g.double() - _ref_linear(x, lin, "gelu")).abs().max() <= 2e-5
+
+
+def test_linear_ext_bad_packed_and_epilogue_args():
+    lin = CPULinear(16, 8)
+    x = torch.randn(40, 16)
+    with pytest.raises(ValueError, match="packed must be"):
+        torch.ops.fastlm.linear_ext(x, lin.weight.detach(), None, torch.randn(8, 16))
+    with pytest.raises(ValueError, match="activation must be"):
+        torch.ops.fastlm.linear_ext(x, lin.weight.detach(), None, None, "relu")
+    with pytest.raises(ValueError, match="residual must have shape"):
+        torch.ops.fastlm.linear_ext(x, lin.weight.detach(), None, None, "none", torch.randn(40, 9))
+    with pytest.raises(ValueError, match="activation must be"):
+        lin(x, activation="relu")
+
+
+@pytest.mark.parametrize("M", ROWS)
+@pytest.mark.parametrize("N", [1, 17, 129, 3072])
+@pytest.mark.parametrize("act", ["none", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_linear_epilogue_quant_equals_epilogue_then_quantize(M, N, act, bias):
+    acc = torch.randint(-40000, 40000, (M, N), dtype=torch.int32)
+    xs, ws = torch.rand(M) * 0.02, torch.rand(N) * 2e-4
+    b = torch.randn(N) if bias else None
+    if M > 1:
+        acc[M // 2] = 0  # a row that is all zero (without a bias): scale 1
+    q, s = torch.ops.fastlm.int8_linear_epilogue_quant(acc, xs, ws, b, act)
+    y = torch.ops.fastlm.int8_linear_epilogue(acc, xs, ws, b, act)
+    q_ref, s_ref = _quant_ref(y)
+    assert q.dtype == torch.int8 and q.shape == (M, N) and s.shape == (M,)
+    assert torch.equal(s, s_ref) and torch.equal(q, q_ref)
+
+
+def test_int8_linear_epilogue_quant_bad_input():
+    f = torch.ops.fastlm.int8_linear_epilogue_quant
+    acc = torch.zeros(4, 8, dtype=torch.int32)
+    with pytest.raises(ValueError, match="x_scale must have shape"):
+        f(acc, torch.ones(3), torch.ones(8))
+    with pytest.raises(ValueError, match="activation must be"):
+        f(acc, torch.ones(4), torch.ones(8), None, "relu")
+    torch.library.opcheck(f, (torch.randint(-99, 99, (17, 33), dtype=torch.int32), torch.rand(17), torch.rand(33),
+                              torch.randn(33), "gelu"))
+
+
+@pytest.mark.parametrize("M", ROWS)
+def test_int8_ffn_seam_keeps_the_activation_int8(M, monkeypatch):
+    """common.ffn on two Int8DynamicLinear: the d_ff activation goes int8 to int8 (fused epilogue +
+    quantization) and equals the unfused path (fc, then proj with its own quantization)."""
+    from fastlm.models.common import ffn
+
+    fc = Int8DynamicLinear.from_linear(torch.nn.Linear(97, 129))
+    proj = Int8DynamicLinear.from_linear(torch.nn.Linear(129, 97))
+    x, r = torch.randn(2, M, 97), torch.randn(2, M, 97)
+    got = ffn(fc, proj, x, "gelu", residual=r)
+    expect = proj(fc(x, activation="gelu"), residual=r)
+    assert got.shape == (2, M, 97)
+    torch.testing.assert_close(got, expect, rtol=0, atol=0)
+    monkeypatch.setattr(flinear._ext, "available", lambda: False)  # the torch path: same math
+    torch.testing.assert_close(ffn(fc, proj, x, "gelu", residual=r), expect, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not onednn_packable(), reason="this torch has no oneDNN")
+def test_cpu_linear_copies_and_moves_drop_the_packed_copy():
+    import copy
+
+    lin = CPULinear(64, 96)
+    x = torch.randn(40, 64)
+    with torch.inference_mode():
+        y = lin(x)
+    assert lin._packed is not None
+    twin = copy.deepcopy(lin)
+    assert twin._packed is None  # rebuilt on use, not copied
+    with torch.inference_mode():
+        torch.testing.assert_close(twin(x), y)
+    lin.double()
+    assert lin._packed is None
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x.double()), F.linear(x.double(), lin.weight, lin.bias))
