@@ -326,6 +326,49 @@ def ffn_int8_cases(device: str, dtype: torch.dtype) -> list[Case]:
     return cases
 
 
+def linear_prefill_cases(device: str, dtype: torch.dtype) -> list[Case]:
+    """CPU fp32 prefill linears (GPT-2 small's c_fc, 768 -> 3072, with bias) at 32 and 512 rows:
+    the packed-panel GEMM every decode projection also uses for its prompt (fastlm.linear.PackedLinear,
+    csrc/gemv.cpp) against oneDNN on a weight prepacked once (fastlm.linear_cpu.CPULinear,
+    torch's mkldnn linear) and torch's F.linear. CPU float32 only (elsewhere the model's GPU
+    GEMMs run)."""
+    from fastlm.linear import PackedLinear
+    from fastlm.linear_cpu import CPULinear
+
+    d, d_ff = 768, 3072
+    cases = []
+    for M in [32, 512]:
+        def mk(M=M):
+            if device != "cpu" or dtype != torch.float32:
+                raise Skip("CPU float32 only")
+            lin = torch.nn.Linear(d, d_ff)
+            return torch.randn(M, d), lin
+
+        def packed_p(mk=mk):
+            x, lin = mk()
+            p = PackedLinear.from_linear(lin)
+            return lambda: p(x)
+
+        def onednn_p(mk=mk):
+            x, lin = mk()
+            c = CPULinear(d, d_ff)
+            c.load_state_dict(lin.state_dict())
+
+            def run():
+                with torch.no_grad():  # CPULinear runs oneDNN with autograd off (inference)
+                    return c(x)
+            return run
+
+        def torch_p(mk=mk):
+            x, lin = mk()
+            return lambda: F.linear(x, lin.weight, lin.bias)
+
+        cases.append(Case("linear_prefill", "ops", f"M{M} {d}->{d_ff}", M,
+                          {"fastlm": packed_p, "onednn_prepacked": onednn_p, "torch": torch_p},
+                          flops=2.0 * M * d * d_ff, unit="TFLOP/s"))
+    return cases
+
+
 def layer_norm_cases(device: str, dtype: torch.dtype) -> list[Case]:
     shapes = [(16384, 768), (16384, 1024), (8192, 1600), (4096, 4096)] if device == "cuda" else [(512, 768)]
     eb = torch.finfo(dtype).bits // 8
@@ -597,9 +640,10 @@ def generate_cases(device: str, dtype: torch.dtype) -> list[Case]:
 
 
 CASES = {"attention": attention_cases, "softmax": softmax_cases, "decode_attention": decode_attention_cases,
-         "bias_gelu": bias_gelu_cases, "ffn": ffn_cases, "ffn_int8": ffn_int8_cases, "layer_norm": layer_norm_cases}
+         "bias_gelu": bias_gelu_cases, "ffn": ffn_cases, "ffn_int8": ffn_int8_cases,
+         "linear_prefill": linear_prefill_cases, "layer_norm": layer_norm_cases}
 OPS = ("attention", "softmax", "decode_attention", "bias_gelu", "ffn_prefill", "ffn_decode", "ffn_decode_int8",
-       "layer_norm")
+       "linear_prefill", "layer_norm")
 MODEL_CASES = ("bert_fwd", "bert_padded", "minilm_encode", "gpt2_prefill", "gpt2_generate")
 PEER_CASES = ("peers_gpt2_decode", "peers_bert_fwd")  # fastlm.benchmark_peers: a process per engine
 
