@@ -385,7 +385,16 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, bool int8,
   }();
   // prefill blocks on AVX-512 run two panels per tile: chunks hold an even number of panels
   const bool pairs = isa == kAvx512 && M > kDequantRows;
-  int64_t grain = std::max<int64_t>(1, chunk_bytes / (panel_bytes * std::max<int64_t>(1, M / kMR)));
+  // as many chunks as the work holds chunk_bytes, rounded to a multiple of the threads so that
+  // none waits on a last odd chunk (a 768 x 768 fp32 GEMV in 5 chunks ran 3 : 2), and at least
+  // one per thread once the work holds 64 KB per thread (int8 768 x 768 is 590 KB: one chunk
+  // left a core idle)
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t work = NB * panel_bytes * std::max<int64_t>(1, M / kMR);
+  int64_t want = std::max<int64_t>(1, work / chunk_bytes);
+  if (work >= threads * (int64_t{64} << 10)) want = std::max(want, threads);
+  if (want >= threads) want = (want + threads / 2) / threads * threads;
+  int64_t grain = std::max<int64_t>(1, (NB + want - 1) / want);
   if (pairs) grain = std::max<int64_t>(2, grain + (grain & 1));
   const int64_t chunks = (NB + grain - 1) / grain;
   SharePool::get().run(chunks, [&](int64_t c) {
