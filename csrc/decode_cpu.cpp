@@ -90,6 +90,7 @@ at::Tensor gpt2_decode_cpu(const at::Tensor& h_in, const c10::List<c10::optional
   const int act = activation == "gelu" ? 1 : 2;
   const int64_t C = h_in.size(-1);
   const int64_t L = static_cast<int64_t>(scales.size());
+  TORCH_CHECK_VALUE(L >= 1, "gpt2_decode_cpu: scales must hold one attention scale per layer (n_layer >= 1)");
   TORCH_CHECK_VALUE(static_cast<int64_t>(params.size()) == L * kPerLayer + kPerHead, "gpt2_decode_cpu: params must hold ",
                     kPerLayer, " entries per layer and ", kPerHead, " for the head (", L * kPerLayer + kPerHead,
                     " for ", L, " layers), got ", params.size());

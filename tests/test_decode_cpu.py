@@ -124,6 +124,7 @@ def _args(model, cache, kv_len=4):
         (lambda a: a.__setitem__(0, torch.randn(2, 1, a[0].shape[-1])), ValueError, "one CPU row"),
         (lambda a: a.__setitem__(8, "relu"), ValueError, "activation must be"),
         (lambda a: a.__setitem__(5, a[5][:1]), ValueError, "params must hold"),
+        (lambda a: (a.__setitem__(5, []), a.__setitem__(1, a[1][-5:])), ValueError, "one attention scale per layer"),
     ],
 )
 def test_bad_input_raises_and_leaves_the_cache(change, exc, match):
