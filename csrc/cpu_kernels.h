@@ -22,5 +22,10 @@ void attend_heads(const float* q, int64_t q_hs, const float* k, const float* v, 
 void layer_norm(const float* x, const float* r, const float* w, const float* b, float* y, float* s, int64_t rows,
                 int64_t n, float eps);
 
+// One row of the above without writing x + r: y = LN(x + r) * w + b (r may be null), v a scratch row
+// of n floats; the same arithmetic as every row of layer_norm_ext / add_layer_norm_ext.
+void add_layer_norm_row(const float* x, const float* r, const float* w, const float* b, float* y, float* v, int64_t n,
+                        float eps);
+
 }  // namespace cpu
 }  // namespace fastlm

@@ -234,9 +234,10 @@ template <typename T>
 FASTLM_CPU_CLONES void layer_norm_row(const T* x, const T* r, const float* w, const float* b, T* y, T* s, float* v,
                                       int64_t n, float eps) {
   for (int64_t j = 0; j < n; ++j) v[j] = static_cast<float>(x[j]);
-  if (r != nullptr) {  // x + residual, in fp32, also written out (the next residual stream)
+  if (r != nullptr) {  // x + residual, in fp32, also written out (the next residual stream) unless s is null
     for (int64_t j = 0; j < n; ++j) v[j] += static_cast<float>(r[j]);
-    for (int64_t j = 0; j < n; ++j) s[j] = static_cast<T>(v[j]);
+    if (s != nullptr)
+      for (int64_t j = 0; j < n; ++j) s[j] = static_cast<T>(v[j]);
   }
   const float mean = lane_sum(v, n) / static_cast<float>(n);
   const float rstd = 1.0f / std::sqrt(lane_sq_dev(v, n, mean) / static_cast<float>(n) + eps);
@@ -361,6 +362,11 @@ void layer_norm(const float* x, const float* r, const float* w, const float* b, 
   for (int64_t i = 0; i < rows; ++i)
     layer_norm_row<float>(x + i * n, r != nullptr ? r + i * n : nullptr, w, b, y + i * n,
                           s != nullptr ? s + i * n : nullptr, v.data(), n, eps);
+}
+
+void add_layer_norm_row(const float* x, const float* r, const float* w, const float* b, float* y, float* v, int64_t n,
+                        float eps) {
+  layer_norm_row<float>(x, r, w, b, y, nullptr, v, n, eps);
 }
 }  // namespace cpu
 

@@ -13,6 +13,16 @@
 //     the epilogue (no residual) followed by quantize_rows_int8 of its output, row by row in a
 //     per-thread scratch row: the FFN's d_ff activation goes from the first int8 GEMM to the second
 //     as int8 without an fp32 round trip through memory (4x fewer bytes written and read).
+//   int8_linear_epilogue_(acc!, x_scale, w_scale, bias?, activation, residual?) -> ()
+//     int8_linear_epilogue in place: acc's storage receives y (float32 and int32 have the same
+//     size; read it as acc.view(torch.float32)), so the GEMM's output buffer is the only one.
+//   int8_linear_epilogue_ln_quant_(acc!, x_scale, w_scale, bias?, residual (M, N), ln_weight (N,), ln_bias (N,),
+//                                  eps) -> (q int8 (M, N), scale f32 (M,))
+//     BERT's residual LayerNorm after a projection, and the next int8 linear's quantization, in one pass
+//     per row: h = LayerNorm((acc * x_scale * w_scale + bias) + residual) written over acc (as above),
+//     then (q, scale) = quantize_rows_int8(h). Bit for bit int8_linear_epilogue, add_layer_norm_ext
+//     (ffn.cpp's LayerNorm rows, called here) and quantize_rows_int8 in sequence.
+// In place, each row is read into a per-thread scratch row before its slot is written.
 // The loops are plain C++ that gcc vectorises, cloned per ISA (AVX-512, AVX2, baseline) and picked at
 // load time, as in ffn.cpp.
 #include <ATen/ATen.h>
@@ -23,8 +33,10 @@
 #include <cmath>
 #include <cstdint>
 #include <tuple>
+#include <utility>
 #include <vector>
 
+#include "cpu_kernels.h"
 #include "fast_math.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -190,6 +202,32 @@ at::Tensor int8_linear_epilogue_cpu(const at::Tensor& acc_in, const at::Tensor& 
   return y;
 }
 
+// In place: acc's storage receives the float32 result (same element size), read as
+// acc.view(torch.float32). Each row goes through a scratch row, so no element is read after its
+// slot is overwritten.
+void int8_linear_epilogue_inplace_cpu(at::Tensor& acc, const at::Tensor& xs_in, const at::Tensor& ws_in,
+                                      const c10::optional<at::Tensor>& bias, c10::string_view activation,
+                                      const c10::optional<at::Tensor>& residual) {
+  const char* op = "int8_linear_epilogue_";
+  const EpilogueArgs a = check_epilogue(op, acc, xs_in, ws_in, bias, activation, residual);
+  TORCH_CHECK_VALUE(acc.is_contiguous(), op, ": acc must be contiguous (it is overwritten in place)");
+  const int64_t N = a.N;
+  const RowFn fn = pick(a);
+  const float* xsp = a.xs.const_data_ptr<float>();
+  const float* wsp = a.ws.const_data_ptr<float>();
+  const float* bp = a.b.defined() ? a.b.const_data_ptr<float>() : nullptr;
+  const float* rp = a.r.defined() ? a.r.const_data_ptr<float>() : nullptr;
+  void* base = acc.mutable_data_ptr();
+  at::parallel_for(0, a.M, std::max<int64_t>(1, 16384 / N), [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(N);
+    for (int64_t m = r0; m < r1; ++m) {
+      const int32_t* am = static_cast<const int32_t*>(base) + m * N;
+      fn(am, xsp[m], wsp, bp, rp != nullptr ? rp + m * N : nullptr, row.data(), N);
+      std::copy(row.begin(), row.end(), static_cast<float*>(base) + m * N);
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> int8_linear_epilogue_quant_cpu(const at::Tensor& acc_in, const at::Tensor& xs_in,
                                                                   const at::Tensor& ws_in,
                                                                   const c10::optional<at::Tensor>& bias,
@@ -219,18 +257,85 @@ std::tuple<at::Tensor, at::Tensor> int8_linear_epilogue_quant_cpu(const at::Tens
   return {q, scale};
 }
 
+namespace {
+
+// y = LN((acc * x_scale * w_scale + bias) + residual) * ln_weight + ln_bias row by row, then y
+// quantized per token into q / scale. y may be acc's own storage (each acc row is read into a
+// scratch row before its y row is written).
+void epilogue_ln_quant(const EpilogueArgs& a, const at::Tensor& lw, const at::Tensor& lb, float eps,
+                       const int32_t* ap, float* yp, int8_t* qp, float* sp) {
+  const int64_t N = a.N;
+  const RowFn fn = pick_row<0>(a.b.defined(), false);  // the residual joins in the LayerNorm row
+  const float* xsp = a.xs.const_data_ptr<float>();
+  const float* wsp = a.ws.const_data_ptr<float>();
+  const float* bp = a.b.defined() ? a.b.const_data_ptr<float>() : nullptr;
+  const float* rp = a.r.const_data_ptr<float>();
+  const float* lwp = lw.const_data_ptr<float>();
+  const float* lbp = lb.const_data_ptr<float>();
+  at::parallel_for(0, a.M, std::max<int64_t>(1, 16384 / N), [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(2 * N);  // the epilogue's row and LayerNorm's scratch row, L1 resident
+    for (int64_t m = r0; m < r1; ++m) {
+      float* ym = yp + m * N;
+      fn(ap + m * N, xsp[m], wsp, bp, nullptr, row.data(), N);  // acc * x_scale * w_scale + bias
+      cpu::add_layer_norm_row(row.data(), rp + m * N, lwp, lbp, ym, row.data() + N, N, eps);  // LN(. + residual)
+      float s = row_absmax(ym, N) / 127.0f;
+      if (!(s > 0.0f)) s = 1.0f;
+      sp[m] = s;
+      row_quantize(ym, qp + m * N, N, s);
+    }
+  });
+}
+
+EpilogueArgs check_ln_quant(const char* op, const at::Tensor& acc, const at::Tensor& xs, const at::Tensor& ws,
+                            const c10::optional<at::Tensor>& bias, const at::Tensor& residual,
+                            const at::Tensor& ln_weight, const at::Tensor& ln_bias, double eps) {
+  EpilogueArgs a = check_epilogue(op, acc, xs, ws, bias, "none", residual);
+  const std::pair<const char*, const at::Tensor*> ln[] = {{"ln_weight", &ln_weight}, {"ln_bias", &ln_bias}};
+  for (const auto& [name, t] : ln) {
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == a.N, op, ": ", name, " must have shape (", a.N, ",), got ",
+                      t->sizes());
+    check_cpu(*t, op, name);
+  }
+  TORCH_CHECK_VALUE(eps > 0, op, ": eps must be positive, got ", eps);
+  return a;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> int8_linear_epilogue_ln_quant_inplace_cpu(
+    at::Tensor& acc, const at::Tensor& xs, const at::Tensor& ws, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& residual, const at::Tensor& ln_weight, const at::Tensor& ln_bias, double eps) {
+  const char* op = "int8_linear_epilogue_ln_quant_";
+  const EpilogueArgs a = check_ln_quant(op, acc, xs, ws, bias, residual, ln_weight, ln_bias, eps);
+  TORCH_CHECK_VALUE(acc.is_contiguous(), op, ": acc must be contiguous (it is overwritten in place)");
+  at::Tensor q = at::empty({a.M, a.N}, acc.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({a.M}, acc.options().dtype(at::kFloat));
+  void* base = acc.mutable_data_ptr();
+  epilogue_ln_quant(a, ln_weight.contiguous(), ln_bias.contiguous(), static_cast<float>(eps),
+                    static_cast<const int32_t*>(base), static_cast<float*>(base), q.mutable_data_ptr<int8_t>(),
+                    scale.mutable_data_ptr<float>());
+  return {q, scale};
+}
+
 TORCH_LIBRARY_FRAGMENT(fastlm, m) {
   m.def("quantize_rows_int8(Tensor x) -> (Tensor, Tensor)");
   m.def("int8_linear_epilogue(Tensor acc, Tensor x_scale, Tensor w_scale, Tensor? bias=None, str activation='none', "
         "Tensor? residual=None) -> Tensor");
   m.def("int8_linear_epilogue_quant(Tensor acc, Tensor x_scale, Tensor w_scale, Tensor? bias=None, "
         "str activation='none') -> (Tensor, Tensor)");
+  m.def("int8_linear_epilogue_(Tensor(a!) acc, Tensor x_scale, Tensor w_scale, Tensor? bias=None, "
+        "str activation='none', Tensor? residual=None) -> ()");
+  m.def("int8_linear_epilogue_ln_quant_(Tensor(a!) acc, Tensor x_scale, Tensor w_scale, Tensor? bias, "
+        "Tensor residual, Tensor ln_weight, Tensor ln_bias, float eps) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("quantize_rows_int8", &quantize_rows_int8_cpu);
   m.impl("int8_linear_epilogue", &int8_linear_epilogue_cpu);
   m.impl("int8_linear_epilogue_quant", &int8_linear_epilogue_quant_cpu);
+  m.impl("int8_linear_epilogue_", &int8_linear_epilogue_inplace_cpu);
+  m.impl("int8_linear_epilogue_ln_quant_", &int8_linear_epilogue_ln_quant_inplace_cpu);
 }
 
 }  // namespace fastlm

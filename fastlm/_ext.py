@@ -64,6 +64,14 @@ if _C is not None:
     def _int8_linear_epilogue_quant_fake(acc, x_scale, w_scale, bias=None, activation="none"):
         return acc.new_empty(acc.shape, dtype=torch.int8), acc.new_empty(acc.shape[:1], dtype=torch.float32)
 
+    @torch.library.register_fake("fastlm::int8_linear_epilogue_")
+    def _int8_linear_epilogue_inplace_fake(acc, x_scale, w_scale, bias=None, activation="none", residual=None):
+        return None  # writes its float32 result over acc
+
+    @torch.library.register_fake("fastlm::int8_linear_epilogue_ln_quant_")
+    def _int8_linear_epilogue_ln_quant_fake(acc, x_scale, w_scale, bias, residual, ln_weight, ln_bias, eps):
+        return acc.new_empty(acc.shape, dtype=torch.int8), acc.new_empty(acc.shape[:1], dtype=torch.float32)
+
     @torch.library.register_fake("fastlm::attention_blocked")
     def _attention_blocked_fake(q, k, v, scale, portable=False):
         B, H, Sq, D = q.shape

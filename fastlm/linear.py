@@ -18,6 +18,7 @@ stays float32 whatever the model dtype. No full-precision copy of a quantized we
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -206,14 +207,23 @@ class Int8Linear(FastLinear):
         return _epilogue(F.linear(x, w, self.bias), activation, residual)
 
 
+class Int8Rows(NamedTuple):
+    """Activations quantized per token for an Int8DynamicLinear: q (M, K) int8, scale (M,) float32,
+    x[m] ~ q[m] * scale[m] (scale = absmax(x[m]) / 127, 1 for an all-zero row)."""
+
+    q: Tensor
+    scale: Tensor
+
+
 class Int8DynamicLinear(FastLinear):
     """int8 weights (as Int8Linear) with dynamic per-token int8 activations:
     x_scale[m] = absmax(x[m]) / 127, xq = round(x / x_scale) in [-127, 127], then torch's int8 GEMM
     (torch._int_mm, oneDNN VNNI on CPU) with int32 accumulation, y = acc * x_scale[m] * scale[n] + b.
     `qweight` is (N, K) viewed from (K, N) row-major memory, the layout torch._int_mm reads without a
     per-call transpose. With fastlm._C the quantization and the epilogue (scales, bias, GELU,
-    residual) are one fused pass each (csrc/quant_cpu.cpp); without it, torch ops compute the same.
-    CPU float32 only."""
+    residual) are one fused pass each (csrc/quant_cpu.cpp), the epilogue writing its float32 result
+    over the GEMM's int32 output (same size: no second buffer); without it, torch ops compute the
+    same. CPU float32 only."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None):
         super().__init__()
@@ -273,15 +283,31 @@ class Int8DynamicLinear(FastLinear):
         """The GEMM and epilogue on activations already quantized per token: xq (M, K) int8,
         xs (M,) float32 -> act(xq W^T * xs * scale + b) + residual, (M, N) float32. Needs fastlm._C."""
         acc = torch._int_mm(xq, self.qweight.t())  # (M, N) int32
-        return torch.ops.fastlm.int8_linear_epilogue(acc, xs, self.scale, self.bias, _act_name(activation), residual)
+        torch.ops.fastlm.int8_linear_epilogue_(acc, xs, self.scale, self.bias, _act_name(activation), residual)
+        return acc.view(torch.float32)  # the epilogue's result, written over acc
 
-    def forward_to_int8(self, x: Tensor, *, activation: str | None = None) -> tuple[Tensor, Tensor]:
+    def forward_to_int8(self, x: Tensor, *, activation: str | None = None,
+                        xq: Int8Rows | None = None) -> tuple[Tensor, Tensor]:
         """act(x W^T + b) quantized per token for the next int8 linear, without an fp32 copy in
-        memory: x (..., K) -> (q (M, N) int8, scale (M,) float32), M = x.numel() // K. Needs fastlm._C."""
+        memory: x (..., K) -> (q (M, N) int8, scale (M,) float32), M = x.numel() // K. `xq`: x
+        already quantized per token (Int8Rows), read instead of quantizing x. Needs fastlm._C."""
         self._check(x)
-        xq, xs = torch.ops.fastlm.quantize_rows_int8(x.reshape(-1, self.in_features))
-        acc = torch._int_mm(xq, self.qweight.t())  # (M, N) int32
-        return torch.ops.fastlm.int8_linear_epilogue_quant(acc, xs, self.scale, self.bias, _act_name(activation))
+        if xq is None:
+            xq = Int8Rows(*torch.ops.fastlm.quantize_rows_int8(x.reshape(-1, self.in_features)))
+        acc = torch._int_mm(xq.q, self.qweight.t())  # (M, N) int32
+        return torch.ops.fastlm.int8_linear_epilogue_quant(acc, xq.scale, self.scale, self.bias, _act_name(activation))
+
+    def forward_add_layer_norm(self, xq: Int8Rows, residual: Tensor, ln_weight: Tensor, ln_bias: Tensor,
+                               eps: float) -> tuple[Tensor, Int8Rows]:
+        """h = LayerNorm(residual + (xq W^T * xs * scale + b)) with (ln_weight, ln_bias, eps), and h
+        quantized per token for the next int8 linear, in one pass over the rows
+        (fastlm._C int8_linear_epilogue_ln_quant_: the arithmetic of int8_linear_epilogue, then
+        add_layer_norm_ext, then quantize_rows_int8, bit for bit). xq: (M, K) int8 rows, residual
+        (M, N) float32 -> (h (M, N) float32, Int8Rows of h). Needs fastlm._C."""
+        acc = torch._int_mm(xq.q, self.qweight.t())  # (M, N) int32
+        hq, hs = torch.ops.fastlm.int8_linear_epilogue_ln_quant_(acc, xq.scale, self.scale, self.bias, residual,
+                                                                 ln_weight, ln_bias, float(eps))
+        return acc.view(torch.float32), Int8Rows(hq, hs)  # h written over acc
 
 
 class Int8TiedEmbedding(nn.Module):

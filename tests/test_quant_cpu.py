@@ -256,3 +256,150 @@ def test_cpu_linear_copies_and_moves_drop_the_packed_copy():
     assert lin._packed is None
     with torch.inference_mode():
         torch.testing.assert_close(lin(x.double()), F.linear(x.double(), lin.weight, lin.bias))
+
+
+# -- in place: the epilogue written over the GEMM's int32 output, and the fused residual LayerNorm
+
+
+@pytest.mark.parametrize("M", ROWS)
+@pytest.mark.parametrize("N", [1, 17, 129, 3072])
+@pytest.mark.parametrize("act", ["none", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("bias,residual", [(False, False), (True, False), (True, True)])
+def test_int8_linear_epilogue_inplace_equals_out_of_place(M, N, act, bias, residual):
+    acc = torch.randint(-40000, 40000, (M, N), dtype=torch.int32)
+    xs, ws = torch.rand(M) * 0.02, torch.rand(N) * 2e-4
+    b = torch.randn(N) if bias else None
+    r = torch.randn(M, N) if residual else None
+    expect = torch.ops.fastlm.int8_linear_epilogue(acc, xs, ws, b, act, r)
+    out = torch.ops.fastlm.int8_linear_epilogue_(acc, xs, ws, b, act, r)
+    assert out is None
+    y = acc.view(torch.float32)  # every int32 slot now holds its float32 result
+    assert torch.equal(y, expect)  # a slot left unwritten would read as its int32 bits
+
+
+def _ln_quant_inputs(M, N, bias):
+    acc = torch.randint(-40000, 40000, (M, N), dtype=torch.int32)
+    xs, ws = torch.rand(M) * 0.02, torch.rand(N) * 2e-4
+    b = torch.randn(N) if bias else None
+    r = torch.randn(M, N) * 3
+    lw, lb = torch.randn(N), torch.randn(N)
+    return acc, xs, ws, b, r, lw, lb
+
+
+@pytest.mark.parametrize("M", ROWS)
+@pytest.mark.parametrize("N", [1, 17, 129, 768])
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_linear_epilogue_ln_quant_equals_unfused(M, N, bias):
+    """h = LN((acc * xs * ws + b) + r) written over acc, and (q, scale) of h: bit for bit the three
+    unfused ops in sequence (the same arithmetic), and h close to a float64 reference."""
+    acc, xs, ws, b, r, lw, lb = _ln_quant_inputs(M, N, bias)
+    eps = 1e-12
+    dense = torch.ops.fastlm.int8_linear_epilogue(acc, xs, ws, b)
+    h_ref = torch.ops.fastlm.add_layer_norm_ext(dense, r, lw, lb, eps)[0]
+    q_ref, s_ref = torch.ops.fastlm.quantize_rows_int8(h_ref)
+    f64 = F.layer_norm(_epilogue_ref(acc, xs, ws, b, "none", r), (N,), lw.double(), lb.double(), eps)
+    _poison_allocator((M, N), torch.float32)
+    q, s = torch.ops.fastlm.int8_linear_epilogue_ln_quant_(acc, xs, ws, b, r, lw, lb, eps)
+    h = acc.view(torch.float32)
+    assert q.dtype == torch.int8 and q.shape == (M, N) and s.dtype == torch.float32 and s.shape == (M,)
+    assert torch.equal(h, h_ref) and torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    assert (h.double() - f64).abs().max().item() <= 1e-4, "LayerNorm of the epilogue drifted from float64"
+    assert torch.equal(q, _quant_ref(h)[0]) and torch.equal(s, _quant_ref(h)[1])  # and the torch quantization
+
+
+def test_inplace_epilogues_bad_input_names_the_argument():
+    acc, xs, ws, b, r, lw, lb = _ln_quant_inputs(4, 8, True)
+    f = torch.ops.fastlm.int8_linear_epilogue_ln_quant_
+    with pytest.raises(TypeError, match="acc must be int32"):
+        f(acc.float(), xs, ws, b, r, lw, lb, 1e-5)
+    with pytest.raises(ValueError, match="x_scale must have shape"):
+        f(acc, torch.ones(3), ws, b, r, lw, lb, 1e-5)
+    with pytest.raises(ValueError, match="residual must have shape"):
+        f(acc, xs, ws, b, torch.randn(4, 9), lw, lb, 1e-5)
+    with pytest.raises(ValueError, match="ln_weight must have shape"):
+        f(acc, xs, ws, b, r, torch.ones(9), lb, 1e-5)
+    with pytest.raises(TypeError, match="ln_bias must be float32"):
+        f(acc, xs, ws, b, r, lw, lb.double(), 1e-5)
+    with pytest.raises(ValueError, match="eps must be positive"):
+        f(acc, xs, ws, b, r, lw, lb, 0.0)
+    strided = torch.zeros(8, 4, dtype=torch.int32).t()  # (4, 8), not contiguous: cannot be written in place
+    with pytest.raises(ValueError, match="acc must be contiguous"):
+        f(strided, xs, ws, b, r, lw, lb, 1e-5)
+    with pytest.raises(ValueError, match="acc must be contiguous"):
+        torch.ops.fastlm.int8_linear_epilogue_(strided, xs, ws)
+    with pytest.raises(ValueError, match="activation must be"):
+        torch.ops.fastlm.int8_linear_epilogue_(acc, xs, ws, None, "relu")
+    with pytest.raises(ValueError, match="bias must have shape"):
+        torch.ops.fastlm.int8_linear_epilogue_(acc, xs, ws, torch.ones(7))
+
+
+def test_inplace_epilogues_opcheck():
+    acc, xs, ws, b, r, lw, lb = _ln_quant_inputs(17, 33, True)
+    torch.library.opcheck(torch.ops.fastlm.int8_linear_epilogue_ln_quant_, (acc, xs, ws, b, r, lw, lb, 1e-5))
+    acc = torch.randint(-1000, 1000, (17, 33), dtype=torch.int32)
+    torch.library.opcheck(torch.ops.fastlm.int8_linear_epilogue_, (acc, xs, ws, b, "gelu", r))
+
+
+# -- the seam: LN(residual + int8 linear) and the next linear's quantization in one pass
+
+
+def _int8(n_in, n_out):
+    return Int8DynamicLinear.from_linear(torch.nn.Linear(n_in, n_out))
+
+
+def _ln(n):
+    ln = torch.nn.LayerNorm(n, eps=1e-12)
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    return ln
+
+
+@pytest.mark.parametrize("M", ROWS)
+def test_int8_seam_add_layer_norm_equals_unfused(M, monkeypatch):
+    """common.linear_add_layer_norm / ffn_add_layer_norm on Int8DynamicLinear: h bit for bit the
+    unfused path (linear, then ops.layer_norm with the residual, on fastlm._C's LayerNorm rows),
+    hq = quantize_rows_int8(h), and a linear fed hq equals one that quantizes h itself."""
+    from fastlm.models import common
+
+    dense, fc, proj, nxt = _int8(97, 129), _int8(129, 300), _int8(300, 129), _int8(129, 33)
+    ln1, ln2 = _ln(129), _ln(129)
+    y, x = torch.randn(2, M, 97), torch.randn(2, M, 129)
+    a, aq = common.linear_add_layer_norm(dense, y, x, ln1)
+    expect_a = torch.ops.fastlm.add_layer_norm_ext(dense(y), x, ln1.weight, ln1.bias, ln1.eps)[0]
+    assert a.shape == (2, M, 129) and torch.equal(a, expect_a)
+    assert torch.equal(aq.q, torch.ops.fastlm.quantize_rows_int8(a.reshape(-1, 129))[0])
+    assert torch.equal(aq.scale, torch.ops.fastlm.quantize_rows_int8(a.reshape(-1, 129))[1])
+    h, hq = common.ffn_add_layer_norm(fc, proj, a, "gelu", ln2, xq=aq)
+    f = common.ffn(fc, proj, a, "gelu")  # quantizes a itself
+    assert h.shape == (2, M, 129) and torch.equal(h, torch.ops.fastlm.add_layer_norm_ext(f, a, ln2.weight, ln2.bias,
+                                                                                            ln2.eps)[0])
+    assert torch.equal(hq.q, torch.ops.fastlm.quantize_rows_int8(h.reshape(-1, 129))[0])
+    assert torch.equal(common.linear(nxt, h, xq=hq), nxt(h))
+    assert torch.equal(common.linear(nxt, h, activation="gelu", xq=hq), nxt(h, activation="gelu"))
+    # without fastlm._C: the torch path (own quantization, torch LayerNorm), hq None, same math
+    monkeypatch.setattr(flinear._ext, "available", lambda: False)
+    a2, aq2 = common.linear_add_layer_norm(dense, y, x, ln1)
+    assert aq2 is None
+    torch.testing.assert_close(a2, a, rtol=1e-5, atol=1e-5)
+    h2, hq2 = common.ffn_add_layer_norm(fc, proj, a, "gelu", ln2)  # the same input a: the same int8 rows
+    assert hq2 is None
+    # torch's GELU differs from fast_math's erf by ~1e-7, which flips the int8 rounding of a few d_ff
+    # activations; one flip moves an output by ~1e-3 after the LayerNorm
+    torch.testing.assert_close(h2, h, rtol=0, atol=1e-2)
+    assert (h2 - h).abs().le(1e-4).float().mean() >= 0.95
+
+
+def test_seam_add_layer_norm_on_float_linears_is_the_plain_path():
+    """fp32 linears: (LN(residual + linear(x)), None), the path the models always took."""
+    from fastlm import ops
+    from fastlm.models import common
+
+    lin, fc, proj, ln = CPULinear(97, 129), CPULinear(129, 300), CPULinear(300, 129), _ln(129)
+    y, x = torch.randn(40, 97), torch.randn(40, 129)
+    with torch.inference_mode():
+        a, aq = common.linear_add_layer_norm(lin, y, x, ln)
+        assert aq is None and torch.equal(a, ops.layer_norm(lin(y), ln.weight, ln.bias, ln.eps, residual=x)[0])
+        h, hq = common.ffn_add_layer_norm(fc, proj, a, "gelu", ln)
+        f = common.ffn(fc, proj, a, "gelu")
+        assert hq is None and torch.equal(h, ops.layer_norm(f, ln.weight, ln.bias, ln.eps, residual=a)[0])

@@ -135,6 +135,32 @@ def test_int8_dynamic_linear_matches_per_token_reference():
                                torch.nn.functional.gelu(got) + r, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("padding", ["none", "right", "left"])
+def test_bert_int8_dynamic_fused_layers_equal_unfused(padding, monkeypatch):
+    """int8_dynamic BERT hands each layer's output to the next as int8 rows made in the fused
+    epilogue + residual LayerNorm pass: bit for bit the unfused path (every linear quantizing its
+    own input, LayerNorm on its own), on dense, unpadded (varlen) and left-padded (ghost) batches."""
+    from fastlm.models import common
+
+    cfg = tf.BertConfig(num_hidden_layers=3, num_attention_heads=4, hidden_size=128, intermediate_size=300,
+                        vocab_size=211)
+    model = fastlm.from_pretrained(randomize_(tf.BertModel(cfg).eval(), std=0.05), quantize="int8_dynamic")
+    ids = torch.randint(0, 211, (3, 19))
+    mask = torch.ones_like(ids)
+    if padding == "right":
+        mask[1, 11:] = 0
+    elif padding == "left":
+        mask[2, :5] = 0
+    fused = model(ids, mask)
+    calls = []
+    monkeypatch.setattr(common, "_int8_ready", lambda lin, x: calls.append(1) and False)
+    plain = model(ids, mask)
+    assert calls, "the unfused path did not run"
+    assert torch.isfinite(fused.last_hidden_state).all()
+    assert torch.equal(fused.last_hidden_state, plain.last_hidden_state)
+    assert torch.equal(fused.pooler_output, plain.pooler_output)
+
+
 def test_gpt2_int8_dynamic_runs_close():
     hf = gpt2(std=0.05)  # a tame net: per-token activation rounding stays small
     model = fastlm.from_pretrained(hf, quantize="int8_dynamic")

@@ -30,14 +30,16 @@ from fastlm.backend import model_entry
 from fastlm.linear_cpu import CPULinear
 from fastlm.models.common import (
     BaseModelOutput,
+    Int8Rows,
     LogitsOutput,
     QuestionAnsweringModelOutput,
     W,
     activation_name,
     check_ids,
-    ffn,
+    ffn_add_layer_norm,
     init_weights,
     linear,
+    linear_add_layer_norm,
 )
 
 
@@ -173,12 +175,14 @@ class BertAttention(nn.Module):
 
     @model_entry  # inside a model: head dims the kernels do not cover run the reference (one log line)
     def forward(self, x: Tensor, key_padding_mask: Tensor | None, varlen: tuple | None = None,
-                ghosts: Ghosts | None = None) -> Tensor:
+                ghosts: Ghosts | None = None, xq: Int8Rows | None = None) -> tuple[Tensor, Int8Rows | None]:
         """x (B, S, C) with an optional key_padding_mask, or packed tokens (T + G, C) with
-        varlen = (cu_seqlens, max_seqlen) over the first T and `ghosts` for the last G."""
+        varlen = (cu_seqlens, max_seqlen) over the first T and `ghosts` for the last G; xq: x
+        already quantized per token (int8_dynamic). -> (LN(x + dense(attention)), its int8 rows
+        for the next int8_dynamic linear or None), as common.linear_add_layer_norm."""
         if varlen is None:
             B, S, C = x.shape
-            qkv = linear(self.qkv, x).view(B, S, 3, self.n_head, self.head_dim)  # (B, S, 3, H, D)
+            qkv = linear(self.qkv, x, xq=xq).view(B, S, 3, self.n_head, self.head_dim)  # (B, S, 3, H, D)
             q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x (B, H, S, D), strided views
             y = ops.attention(q, k, v, key_padding_mask=key_padding_mask)  # (B, H, S, D)
             y = y.transpose(1, 2).reshape(B, S, C)  # (B, S, C)
@@ -186,7 +190,7 @@ class BertAttention(nn.Module):
             N, C = x.shape
             cu, max_len = varlen
             T = N if ghosts is None else N - ghosts.src.shape[0]
-            qkv = linear(self.qkv, x).view(N, 3, self.n_head, self.head_dim)  # (T + G, 3, H, D)
+            qkv = linear(self.qkv, x, xq=xq).view(N, 3, self.n_head, self.head_dim)  # (T + G, 3, H, D)
             q, k, v = qkv[:T].unbind(1)  # 3 x (T, H, D), strided views
             y = ops.attention_varlen_checked(q, k, v, cu, max_len, False, self.head_dim**-0.5)
             y = y.reshape(T, C)  # (T, C)
@@ -197,7 +201,7 @@ class BertAttention(nn.Module):
                 kg, vg = (t.transpose(1, 2) for t in kv.unbind(2))  # 2 x (G, H, L, D)
                 yg = ops.attention(qg, kg, vg, key_padding_mask=ghosts.keep)  # (G, H, 1, D)
                 y = torch.cat([y, yg.reshape(G, C)])  # (T + G, C)
-        return _ln(self.output.LayerNorm, linear(self.output.dense, y), residual=x)  # LN(x + dense(y))
+        return linear_add_layer_norm(self.output.dense, y, x, self.output.LayerNorm)  # LN(x + dense(y)), int8 rows
 
 
 class BertLinear(nn.Module):
@@ -219,10 +223,12 @@ class BertLayer(nn.Module):
         self.activation = dims.act
 
     def forward(self, h: Tensor, key_padding_mask: Tensor | None, varlen: tuple | None = None,
-                ghosts: Ghosts | None = None) -> Tensor:
-        a = self.attention(h, key_padding_mask, varlen, ghosts)  # (B, S, C) or packed (T + G, C)
-        f = ffn(self.intermediate.dense, self.output.dense, a, self.activation)  # same shape
-        return _ln(self.output.LayerNorm, f, residual=a)  # LN(a + ffn(a))
+                ghosts: Ghosts | None = None, xq: Int8Rows | None = None) -> tuple[Tensor, Int8Rows | None]:
+        """-> (the layer's output, its int8 rows for the next layer or None); see BertAttention."""
+        a, aq = self.attention(h, key_padding_mask, varlen, ghosts, xq)  # (B, S, C) or packed (T + G, C)
+        # LN(a + ffn(a)), same shape, and its int8 rows with int8_dynamic linears
+        return ffn_add_layer_norm(self.intermediate.dense, self.output.dense, a, self.activation,
+                                  self.output.LayerNorm, xq=aq)
 
 
 class BertEncoder(nn.Module):
@@ -313,8 +319,9 @@ class BertModel(nn.Module):
         if keep is not None and not bool(keep.all()) and bool(keep.any()):
             h = self._encode_unpadded(h, keep)
         else:
+            hq = None  # int8_dynamic: each layer hands the next its output quantized per token
             for layer in self.encoder.layer:
-                h = layer(h, keep)
+                h, hq = layer(h, keep, xq=hq)
         pooled = self.pooler(h) if self.pooler is not None else None
         return BaseModelOutput(last_hidden_state=h, pooler_output=pooled)
 
@@ -329,8 +336,9 @@ class BertModel(nn.Module):
         x = h.reshape(B * S, C).index_select(0, idx)  # (T, C)
         if ghosts is not None:
             x = torch.cat([x, h[rows, 0]])  # (T + G, C): position 0 of the left-padded rows last
+        xq = None
         for layer in self.encoder.layer:
-            x = layer(x, None, (cu, max_len), ghosts)
+            x, xq = layer(x, None, (cu, max_len), ghosts, xq)
         out = x.new_zeros(B * S, C).index_copy_(0, idx, x[:T]).view(B, S, C)  # (B, S, C)
         if ghosts is not None:
             out[rows, 0] = x[T:]

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from fastlm import ops
-from fastlm.linear import FastLinear, Int8DynamicLinear
+from fastlm.linear import FastLinear, Int8DynamicLinear, Int8Rows
 from fastlm.linear_cpu import CPULinear
 from fastlm.models.outputs import (  # noqa: F401  (re-exported: the models import them from here)
     BaseModelOutput,
@@ -132,13 +132,26 @@ def decode_layout_(linears) -> None:
 
 
 # -- the projection seam ---------------------------------------------------------------------
-# Every model projection goes through these two helpers, so a packed or quantized linear
-# (fastlm.quantize) plugs in here once instead of at every call site.
+# Every model projection goes through these helpers, so a packed or quantized linear
+# (fastlm.quantize) plugs in here once instead of at every call site. With int8_dynamic
+# linears, the *_add_layer_norm helpers also hand back their output quantized per token
+# (Int8Rows), which the next linear() / ffn*() takes as `xq` instead of quantizing it again.
 
-def linear(lin: nn.Module, x: Tensor, *, activation: str | None = None, residual: Tensor | None = None) -> Tensor:
+def _int8_ready(lin: nn.Module, x: Tensor) -> bool:
+    return isinstance(lin, Int8DynamicLinear) and lin.fused_ready(x)
+
+
+def linear(lin: nn.Module, x: Tensor, *, activation: str | None = None, residual: Tensor | None = None,
+           xq: Int8Rows | None = None) -> Tensor:
     """act(x @ W^T + b) (+ residual) through `lin`: an nn.Linear, or a packed / quantized fastlm
     linear (fastlm.linear), which fuses the activation ("gelu" | "gelu_tanh") and the residual
-    add into its kernel. x (..., in) -> (..., out)."""
+    add into its kernel. x (..., in) -> (..., out). `xq`: x quantized per token (from
+    linear_add_layer_norm / ffn_add_layer_norm), which an int8_dynamic linear reads instead of
+    quantizing x; other linears ignore it."""
+    if xq is not None and _int8_ready(lin, x):
+        r = None if residual is None else residual.reshape(-1, lin.out_features)  # (M, out)
+        y = lin.forward_int8(xq.q, xq.scale, activation=activation, residual=r)  # (M, out)
+        return y.view(*x.shape[:-1], lin.out_features)
     if isinstance(lin, (FastLinear, CPULinear)):
         return lin(x, activation=activation, residual=residual)
     y = lin(x)
@@ -147,17 +160,48 @@ def linear(lin: nn.Module, x: Tensor, *, activation: str | None = None, residual
     return y if residual is None else y + residual
 
 
-def ffn(fc: nn.Module, proj: nn.Module, x: Tensor, activation: str, residual: Tensor | None = None) -> Tensor:
+def linear_add_layer_norm(lin: nn.Module, x: Tensor, residual: Tensor, ln: nn.LayerNorm, *,
+                          xq: Int8Rows | None = None) -> tuple[Tensor, Int8Rows | None]:
+    """h = ln(residual + lin(x)) -> (h, hq). x (..., in), residual and h (..., out). An int8_dynamic
+    `lin` runs its epilogue, the residual add, the LayerNorm and the per-token quantization of h
+    for the next int8 linear as one pass over the rows (hq: Int8Rows of h); other linears give
+    hq None. `xq` as in linear()."""
+    if _int8_ready(lin, x):
+        if xq is None:
+            xq = Int8Rows(*torch.ops.fastlm.quantize_rows_int8(x.reshape(-1, lin.in_features)))  # (M, in)
+        r = residual.reshape(-1, lin.out_features)  # (M, out)
+        h, hq = lin.forward_add_layer_norm(xq, r, ln.weight, ln.bias, ln.eps)  # (M, out), Int8Rows
+        return h.view(residual.shape), hq
+    y = linear(lin, x)  # (..., out)
+    return ops.layer_norm(y, ln.weight, ln.bias, ln.eps, residual=residual)[0], None
+
+
+def ffn(fc: nn.Module, proj: nn.Module, x: Tensor, activation: str, residual: Tensor | None = None, *,
+        xq: Int8Rows | None = None) -> Tensor:
     """proj(act(fc(x))) (+ residual). x (..., d_model) -> (..., d_model); fc: d_model -> d_ff,
     proj: d_ff -> d_model; activation "gelu" (erf) or "gelu_tanh". Packed / quantized fastlm
     linears run their kernels with the activation and residual fused into the epilogues; plain
-    weights go to fastlm.ops.ffn."""
-    if isinstance(fc, Int8DynamicLinear) and isinstance(proj, Int8DynamicLinear) and fc.fused_ready(x):
-        hq, hs = fc.forward_to_int8(x, activation=activation)  # (M, d_ff) int8 + per-token scales
+    weights go to fastlm.ops.ffn. `xq` as in linear()."""
+    if _int8_ready(fc, x) and isinstance(proj, Int8DynamicLinear):
+        hq, hs = fc.forward_to_int8(x, activation=activation, xq=xq)  # (M, d_ff) int8 + per-token scales
         r = None if residual is None else residual.reshape(-1, proj.out_features)
         return proj.forward_int8(hq, hs, residual=r).view(*x.shape[:-1], proj.out_features)  # (..., d_model)
     cpu = all(isinstance(m, CPULinear) and m.fused_ready(x) for m in (fc, proj))  # oneDNN, packed weights
     if cpu or not all(isinstance(getattr(m, "weight", None), Tensor) for m in (fc, proj)):  # packed / int8
-        h = linear(fc, x, activation=activation)  # (..., d_ff)
+        h = linear(fc, x, activation=activation, xq=xq)  # (..., d_ff)
         return linear(proj, h, residual=residual)
     return ops.ffn(x, fc.weight, fc.bias, proj.weight, proj.bias, activation=activation, residual=residual)
+
+
+def ffn_add_layer_norm(fc: nn.Module, proj: nn.Module, x: Tensor, activation: str, ln: nn.LayerNorm, *,
+                       xq: Int8Rows | None = None) -> tuple[Tensor, Int8Rows | None]:
+    """h = ln(x + ffn(x)) -> (h, hq), x and h (..., d_model): ffn() then the residual LayerNorm. Two
+    int8_dynamic linears keep the d_ff activation int8 and end in linear_add_layer_norm's fused
+    pass (hq: Int8Rows of h for the next int8 linear); otherwise hq is None. `xq` as in linear()."""
+    if _int8_ready(fc, x) and _int8_ready(proj, x):
+        hq, hs = fc.forward_to_int8(x, activation=activation, xq=xq)  # (M, d_ff) int8 + per-token scales
+        h, out_q = proj.forward_add_layer_norm(Int8Rows(hq, hs), x.reshape(-1, proj.out_features), ln.weight,
+                                               ln.bias, ln.eps)  # (M, d_model), Int8Rows
+        return h.view(x.shape), out_q
+    f = ffn(fc, proj, x, activation, xq=xq)  # (..., d_model)
+    return ops.layer_norm(f, ln.weight, ln.bias, ln.eps, residual=x)[0], None
