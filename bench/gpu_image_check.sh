@@ -62,7 +62,7 @@ import fastlm
 from fastlm import _ext
 assert _ext.available() and _ext.cuda_enabled(), f"fastlm._C without CUDA kernels: {_ext.LOAD_ERROR!r}"
 missing = []
-for op in ("bias_gelu", "ffn_ext"):
+for op in ("bias_gelu", "ffn_ext", "packed_linear"):  # packed_linear: the int8 weight-only GEMV
     handle = getattr(torch.ops.fastlm, op).default
     if not torch._C._dispatch_has_kernel_for_dispatch_key(handle.name(), "CUDA"):
         missing.append(op)
