@@ -209,9 +209,26 @@ class Decoder:
             self.logits = self.model.decode_step(self.tokens, self.pos, self.cache)
 
 
+class _Decoders(OrderedDict):
+    """A model's decoders, newest last. They are scratch state tied to that one model object (each
+    holds it weakly): a copy of the model (copy.deepcopy, pickle / torch.save) starts with none,
+    instead of decoding through the original's decoders (the original's weights, or a dead
+    reference once it is gone) or failing to pickle the weak reference."""
+
+    def __deepcopy__(self, memo) -> _Decoders:
+        return _Decoders()
+
+    def __reduce__(self):
+        return _Decoders, ()
+
+
 def _decoder(model, batch: int, capacity: int) -> Decoder:
-    decoders: OrderedDict = model.__dict__.setdefault("_fastlm_decoders", OrderedDict())
+    decoders = model.__dict__.get("_fastlm_decoders")
+    if not isinstance(decoders, _Decoders):
+        decoders = model.__dict__["_fastlm_decoders"] = _Decoders()
     key = (batch, capacity, model.dtype, str(model.device))
+    if key in decoders and decoders[key].model is not model:  # copied some other way (copy.copy)
+        decoders.clear()
     if key in decoders:
         decoders.move_to_end(key)
         return decoders[key]

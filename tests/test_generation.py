@@ -198,3 +198,31 @@ def test_cache_is_freed_with_the_model():
     cache_k = weakref.ref(next(iter(model._fastlm_decoders.values())).cache.k)
     del model
     assert cache_k() is None  # freed at once, no garbage collection needed
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_copy_after_generate_decodes_with_its_own_weights(how):
+    """A copy of a model that has generated (deepcopy, or torch.save / torch.load of the whole
+    model) decodes with its own weights: it neither reuses the original's decoders (which hold the
+    original weakly and would run its weights, or fail once it is gone) nor refuses to pickle."""
+    import copy
+    import io
+
+    hf, model = pair("h3_d32")
+    ids = torch.randint(1, 101, (1, 6))
+    model.generate(ids, max_new_tokens=3)  # the original now holds a decoder
+    if how == "deepcopy":
+        twin = copy.deepcopy(model)
+    else:
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        twin = torch.load(buf, weights_only=False)
+    hf2, other = pair("h3_d32")
+    twin.load_state_dict(other.state_dict())  # the copy's weights change; the original's do not
+    want = hf_generate(hf2, ids, n=16)
+    assert_diverse(want[0, 6:])
+    assert torch.equal(twin.generate(ids, max_new_tokens=16), want)
+    del model
+    gc.collect()
+    assert torch.equal(twin.generate(ids, max_new_tokens=16), want)  # the original gone: still its own
