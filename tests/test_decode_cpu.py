@@ -125,6 +125,15 @@ def _args(model, cache, kv_len=4):
         (lambda a: a.__setitem__(8, "relu"), ValueError, "activation must be"),
         (lambda a: a.__setitem__(5, a[5][:1]), ValueError, "params must hold"),
         (lambda a: (a.__setitem__(5, []), a.__setitem__(1, a[1][-5:])), ValueError, "one attention scale per layer"),
+        # wrong ranks where the op reads a size: a clear error naming the argument, not an IndexError
+        (lambda a: a.__setitem__(0, torch.tensor(1.0)), ValueError, "one CPU row"),
+        (lambda a: a[1].__setitem__(10, torch.tensor(1.0)), ValueError, "c_fc weight must be"),
+        (lambda a: a[1].__setitem__(13, torch.zeros(5)), ValueError, "mlp.c_proj weight must be"),
+        (lambda a: a[1].__setitem__(10, None), ValueError, "c_fc weight is missing"),
+        # non-finite constants would make NaN logits and write NaN keys into the cache
+        (lambda a: a.__setitem__(7, float("nan")), ValueError, "eps must be"),
+        (lambda a: a.__setitem__(7, -1.0), ValueError, "eps must be"),
+        (lambda a: a.__setitem__(5, [float("inf")] * len(a[5])), ValueError, "scales must be finite"),
     ],
 )
 def test_bad_input_raises_and_leaves_the_cache(change, exc, match):
