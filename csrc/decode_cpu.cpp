@@ -85,8 +85,8 @@ at::Tensor gpt2_decode_cpu(const at::Tensor& h_in, const c10::List<c10::optional
                            const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t kv_len,
                            at::ArrayRef<double> scales, int64_t vocab, double eps, c10::string_view activation) {
   TORCH_CHECK_TYPE(h_in.scalar_type() == at::kFloat, "gpt2_decode_cpu: h must be float32, got ", h_in.scalar_type());
-  TORCH_CHECK_VALUE(h_in.device().is_cpu() && h_in.dim() >= 1 && h_in.numel() == h_in.size(-1),
-                    "gpt2_decode_cpu: h must be one CPU row (1, 1, C), got shape ", h_in.sizes());
+  TORCH_CHECK_VALUE(h_in.device().is_cpu() && h_in.dim() >= 1 && h_in.numel() == h_in.size(-1) && h_in.numel() >= 1,
+                    "gpt2_decode_cpu: h must be one CPU row (1, 1, C) with C >= 1, got shape ", h_in.sizes());
   TORCH_CHECK_VALUE(activation == "gelu" || activation == "gelu_tanh",
                     "gpt2_decode_cpu: activation must be \"gelu\" or \"gelu_tanh\", got \"", activation, "\"");
   const int act = activation == "gelu" ? 1 : 2;
@@ -104,7 +104,7 @@ at::Tensor gpt2_decode_cpu(const at::Tensor& h_in, const c10::List<c10::optional
                       "H * D = ", C, ", got ", c->sizes());
   }
   TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), "gpt2_decode_cpu: k_cache and v_cache differ in shape");
-  const int64_t H = k_cache.size(2), cap = k_cache.size(3), D = k_cache.size(4);
+  const int64_t H = k_cache.size(2), cap = k_cache.size(3), D = k_cache.size(4);  // H * D = C >= 1
   TORCH_CHECK_VALUE(kv_len >= 1 && kv_len <= cap, "gpt2_decode_cpu: kv_len must be in [1, ", cap, "], got ", kv_len);
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "gpt2_decode_cpu: eps must be finite and >= 0, got ", eps);
   for (const double s : scales)

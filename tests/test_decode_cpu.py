@@ -161,6 +161,19 @@ def test_cache_dtype_and_shape_checked():
         torch.ops.fastlm.gpt2_decode_cpu(*args)
 
 
+def test_zero_width_model_is_refused():
+    """n_embd 0: every size check passes on empty tensors, and the attention split by head dim
+    divided by zero (SIGFPE); now a ValueError before any work."""
+    L, V, F = 2, 5, 16
+    panels = lambda n, k, dt=torch.float32: torch.zeros(-(-n // 16), k, 16, dtype=dt)  # noqa: E731
+    layer = [torch.ones(0), torch.zeros(0), panels(0, 0), None, None, panels(0, 0), None, None,
+             torch.ones(0), torch.zeros(0), panels(F, 0), None, None, panels(0, F), None, None]
+    params = layer * L + [torch.ones(0), torch.zeros(0), panels(V, 0), None, None]
+    k, v = torch.zeros(L, 1, 2, 8, 0), torch.zeros(L, 1, 2, 8, 0)
+    with pytest.raises(ValueError, match="C >= 1"):
+        torch.ops.fastlm.gpt2_decode_cpu(torch.zeros(1, 1, 0), params, k, v, 3, [1.0] * L, V, 1e-5, "gelu")
+
+
 def test_fake():
     model = fastlm.from_pretrained(hf_model("h4_d25"))
     cache = prefilled(model, torch.randint(0, 33, (1, 3)), 16)
