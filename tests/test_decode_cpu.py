@@ -91,6 +91,42 @@ def test_greedy_equals_transformers(name, quantize):
     assert torch.equal(model.generate(ids, max_new_tokens=24), expect)
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_fused_step_follows_swapped_modules_and_tensors(quantize, monkeypatch):
+    """After a first fused step, replace what the step reads without touching the projection
+    weights: LayerNorm modules, a bias tensor, an attention scale. The fused step must read the new
+    ones (it cached the old parameter list, keyed by the weights only, and kept using the old
+    LayerNorms and biases). A LayerNorm with its own eps runs op by op (the op takes one eps)."""
+    model = fastlm.from_pretrained(hf_model("h3_d32"), quantize=quantize)
+    C, V, T = model.config.n_embd, model.config.vocab_size, 5
+    ids = torch.randint(0, V, (1, T))
+    tok, pos = torch.randint(0, V, (1,)), torch.tensor([T], dtype=torch.int32)
+
+    def step(fused):
+        cache = prefilled(model, ids, 16)
+        with torch.inference_mode(), monkeypatch.context() as m:
+            if not fused:
+                m.setattr(type(model), "_cpu_decode_params", lambda *a: None)  # the op-by-op path
+            return model.decode_step(tok, pos, cache, T + 1)
+
+    torch.testing.assert_close(step(True), step(False), rtol=1e-5, atol=1e-5)  # the list is now cached
+    with torch.no_grad():
+        for b in model.h:
+            b.ln_1 = torch.nn.LayerNorm(C, eps=model.ln_f.eps)
+            b.ln_1.weight.normal_()
+            b.ln_1.bias.normal_()
+        model.ln_f = torch.nn.LayerNorm(C, eps=model.ln_f.eps)
+        model.ln_f.bias.normal_()
+        model.h[1].attn.c_proj.bias = torch.randn(C)  # a new tensor, not an in-place change
+        model.h[0].attn.scale = 0.05
+    assert model._cpu_decode_params(torch.zeros(1, 1, C), prefilled(model, ids, 16)) is not None
+    want = step(False)
+    torch.testing.assert_close(step(True), want, rtol=1e-5, atol=1e-5)
+    model.h[1].ln_2 = torch.nn.LayerNorm(C, eps=1e-2)  # not the model's eps: op by op
+    assert model._cpu_decode_params(torch.zeros(1, 1, C), prefilled(model, ids, 16)) is None
+    assert not torch.allclose(step(True), want)
+
+
 def test_not_used_where_it_does_not_apply():
     model = fastlm.from_pretrained(hf_model("h3_d32"))
     h = torch.zeros(1, 1, model.config.n_embd)
