@@ -226,3 +226,36 @@ def test_copy_after_generate_decodes_with_its_own_weights(how):
     del model
     gc.collect()
     assert torch.equal(twin.generate(ids, max_new_tokens=16), want)  # the original gone: still its own
+
+
+def test_interleaved_streams_and_threads_on_one_model():
+    """Two generations in flight on one model at once (two model.stream() iterators advanced in
+    turn, or two threads) each get their own cache: they shared the model's decoder (cache,
+    positions, token buffer) and wrote over each other's rows (wrong tokens, then an IndexError)."""
+    import threading
+
+    hf, model = pair("h3_d32")
+    prompts = [torch.randint(1, 101, (1, 5)), torch.randint(1, 101, (1, 7))]
+    want = [hf_generate(hf, p, n=20) for p in prompts]
+    for w, p in zip(want, prompts, strict=True):
+        assert_diverse(w[0, p.shape[1]:])
+    streams = [model.stream(p, max_new_tokens=20) for p in prompts]
+    got = [[], []]
+    for _ in range(20):
+        for i, st in enumerate(streams):
+            got[i].append(next(st))
+    for i, p in enumerate(prompts):
+        assert torch.equal(torch.cat([p, torch.stack(got[i], 1)], 1), want[i])
+    results = [[], []]
+
+    def work(i):
+        for _ in range(4):
+            results[i].append(torch.equal(model.generate(prompts[i], max_new_tokens=20), want[i]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [[True] * 4, [True] * 4]
+    assert len(model._fastlm_decoders) <= 2  # in-flight extras are not kept
