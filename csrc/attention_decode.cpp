@@ -73,6 +73,7 @@ at::Tensor attention_decode_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
   TORCH_CHECK_VALUE(k_in.size(0) == B && k_in.size(1) == H && k_in.size(3) == D,
                     "attention_decode: k must be (B, H, S, D) = (", B, ", ", H, ", S, ", D, "), got ", k_in.sizes());
   TORCH_CHECK_VALUE(S >= 1, "attention_decode: k and v must hold at least one key (S >= 1)");
+  TORCH_CHECK_VALUE(D >= 1, "attention_decode: the head dim D must be >= 1, got shape ", q_in.sizes());
   TORCH_CHECK_VALUE(std::isfinite(scale), "attention_decode: scale must be finite, got ", scale);
   // rows of D contiguous floats; (B, H, S) strides taken as they are (cache views need no copy)
   const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
@@ -109,7 +110,7 @@ at::Tensor attention_decode_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
 namespace cpu {
 void attend_heads(const float* q, int64_t q_hs, const float* k, const float* v, int64_t k_hs, int64_t k_rs,
                   int64_t H, int64_t S, int64_t D, float scale, float* out, int64_t out_hs) {
-  const int64_t per_head = 2 * S * D * 4 + S * D * 8;  // as attention_decode_cpu's chunks
+  const int64_t per_head = std::max<int64_t>(1, 2 * S * D * 4 + S * D * 8);  // as attention_decode_cpu's chunks
   const int64_t grain = std::max<int64_t>(1, (1 << 20) / per_head);
   SharePool::get().run((H + grain - 1) / grain, [&](int64_t c) {
     std::vector<float> s(S);

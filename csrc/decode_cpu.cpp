@@ -16,7 +16,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -83,8 +85,8 @@ at::Tensor gpt2_decode_cpu(const at::Tensor& h_in, const c10::List<c10::optional
                            const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t kv_len,
                            at::ArrayRef<double> scales, int64_t vocab, double eps, c10::string_view activation) {
   TORCH_CHECK_TYPE(h_in.scalar_type() == at::kFloat, "gpt2_decode_cpu: h must be float32, got ", h_in.scalar_type());
-  TORCH_CHECK_VALUE(h_in.device().is_cpu() && h_in.numel() == h_in.size(-1),
-                    "gpt2_decode_cpu: h must be one CPU row (1, 1, C), got shape ", h_in.sizes());
+  TORCH_CHECK_VALUE(h_in.device().is_cpu() && h_in.dim() >= 1 && h_in.numel() == h_in.size(-1) && h_in.numel() >= 1,
+                    "gpt2_decode_cpu: h must be one CPU row (1, 1, C) with C >= 1, got shape ", h_in.sizes());
   TORCH_CHECK_VALUE(activation == "gelu" || activation == "gelu_tanh",
                     "gpt2_decode_cpu: activation must be \"gelu\" or \"gelu_tanh\", got \"", activation, "\"");
   const int act = activation == "gelu" ? 1 : 2;
@@ -102,11 +104,21 @@ at::Tensor gpt2_decode_cpu(const at::Tensor& h_in, const c10::List<c10::optional
                       "H * D = ", C, ", got ", c->sizes());
   }
   TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), "gpt2_decode_cpu: k_cache and v_cache differ in shape");
-  const int64_t H = k_cache.size(2), cap = k_cache.size(3), D = k_cache.size(4);
+  const int64_t H = k_cache.size(2), cap = k_cache.size(3), D = k_cache.size(4);  // H * D = C >= 1
   TORCH_CHECK_VALUE(kv_len >= 1 && kv_len <= cap, "gpt2_decode_cpu: kv_len must be in [1, ", cap, "], got ", kv_len);
-  const int64_t F = params.get(10).has_value() ? params.get(10)->size(0) * kPanel : 0;  // c_fc panels * 16 >= d_ff
-  const int64_t d_ff = params.get(13).has_value() ? params.get(13)->size(1) : 0;    // mlp.c_proj's K
-  TORCH_CHECK_VALUE(d_ff > 0 && d_ff <= F, "gpt2_decode_cpu: inconsistent FFN weights");
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "gpt2_decode_cpu: eps must be finite and >= 0, got ", eps);
+  for (const double s : scales)
+    TORCH_CHECK_VALUE(std::isfinite(s), "gpt2_decode_cpu: scales must be finite, got ", s);
+  // the FFN width d_ff is layer 0's mlp.c_proj K; proj() below checks every layer's c_fc / mlp.c_proj against it
+  for (const auto& [i, what] : {std::pair<int64_t, const char*>{10, "c_fc"}, {13, "mlp.c_proj"}}) {
+    const c10::optional<at::Tensor> w = params.get(i);
+    TORCH_CHECK_VALUE(w.has_value() && w->defined(), "gpt2_decode_cpu: ", what, " weight is missing");
+    TORCH_CHECK_VALUE(w->dim() == 3, "gpt2_decode_cpu: ", what, " weight must be 3-D panels (ceil(N / 16), K, 16), got shape ",
+                      w->sizes());
+  }
+  const int64_t d_ff = params.get(13)->size(1);  // mlp.c_proj's K
+  TORCH_CHECK_VALUE(d_ff > 0, "gpt2_decode_cpu: mlp.c_proj weight must be panels with K = d_ff > 0, got shape ",
+                    params.get(13)->sizes());
 
   // every check first: no half-written cache on bad input
   struct Layer {

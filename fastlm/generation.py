@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -178,6 +179,7 @@ class Decoder:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
         self.use_graph = model.device.type == "cuda" and os.environ.get("FASTLM_CUDA_GRAPHS", "1") != "0"
+        self.busy = False  # a generation is using the cache (set and cleared by _decoder / _run)
 
     @property
     def model(self):
@@ -209,16 +211,44 @@ class Decoder:
             self.logits = self.model.decode_step(self.tokens, self.pos, self.cache)
 
 
+class _Decoders(OrderedDict):
+    """A model's decoders, newest last. They are scratch state tied to that one model object (each
+    holds it weakly): a copy of the model (copy.deepcopy, pickle / torch.save) starts with none,
+    instead of decoding through the original's decoders (the original's weights, or a dead
+    reference once it is gone) or failing to pickle the weak reference."""
+
+    def __deepcopy__(self, memo) -> _Decoders:
+        return _Decoders()
+
+    def __reduce__(self):
+        return _Decoders, ()
+
+
+_DECODERS_LOCK = threading.Lock()
+
+
 def _decoder(model, batch: int, capacity: int) -> Decoder:
-    decoders: OrderedDict = model.__dict__.setdefault("_fastlm_decoders", OrderedDict())
-    key = (batch, capacity, model.dtype, str(model.device))
-    if key in decoders:
-        decoders.move_to_end(key)
-        return decoders[key]
-    while len(decoders) >= KEEP_DECODERS:
-        decoders.popitem(last=False)
-    decoders[key] = Decoder(model, batch, capacity)
-    return decoders[key]
+    """A decoder for this (batch, capacity), marked busy: the caller clears `busy` when its
+    generation ends. The model's cached one when it is free; while another generation holds it
+    (a second stream in flight, another thread), a fresh one that is not kept."""
+    with _DECODERS_LOCK:
+        decoders = model.__dict__.get("_fastlm_decoders")
+        if not isinstance(decoders, _Decoders):
+            decoders = model.__dict__["_fastlm_decoders"] = _Decoders()
+        key = (batch, capacity, model.dtype, str(model.device))
+        if key in decoders and decoders[key].model is not model:  # copied some other way (copy.copy)
+            decoders.clear()
+        if key in decoders:
+            decoders.move_to_end(key)
+            dec = decoders[key]
+            if dec.busy:  # in use by a generation still in flight: this one gets its own cache
+                dec = Decoder(model, batch, capacity)
+        else:
+            while len(decoders) >= KEEP_DECODERS:
+                decoders.popitem(last=False)
+            dec = decoders[key] = Decoder(model, batch, capacity)
+        dec.busy = True
+        return dec
 
 
 @torch.inference_mode()
@@ -241,38 +271,41 @@ def _run(model, input_ids, attention_mask, s: Settings, seed, check_every) -> It
     order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :T]
     ids_l, kpm = ids.gather(1, order), mask.gather(1, order)  # (B, T)
     capacity = min(-(-(T + s.max_new_tokens) // CAPACITY_BUCKET) * CAPACITY_BUCKET, n_pos)
-    dec = _decoder(model, batch_bucket(model, B), capacity)  # rows past B are idle padding
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(int(seed))
-    eos = torch.tensor(s.eos_token_id, dtype=torch.long, device=device) if s.eos_token_id else None
-    seen = None
-    if s.repetition_penalty != 1.0:  # (B, V) tokens seen so far: the prompt's real ones to start
-        seen = torch.zeros(B, V + 1, dtype=torch.bool, device=device)
-        seen = seen.scatter_(1, ids.masked_fill(~mask, V), True)[:, :V]  # padding goes to column V, dropped
+    dec = _decoder(model, batch_bucket(model, B), capacity)  # rows past B are idle padding; busy until we end
+    try:
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=device).manual_seed(int(seed))
+        eos = torch.tensor(s.eos_token_id, dtype=torch.long, device=device) if s.eos_token_id else None
+        seen = None
+        if s.repetition_penalty != 1.0:  # (B, V) tokens seen so far: the prompt's real ones to start
+            seen = torch.zeros(B, V + 1, dtype=torch.bool, device=device)
+            seen = seen.scatter_(1, ids.masked_fill(~mask, V), True)[:, :V]  # padding goes to column V, dropped
 
-    logits = model.prefill(ids_l, kpm if not bool(kpm.all()) else None, dec.cache)  # (B, T, V)
-    logits = logits[torch.arange(B, device=device), lens - 1]  # (B, V): each prompt's last token
-    dec.pos.zero_()  # idle bucket rows decode token 0 from position 0 onwards; nobody reads them
-    dec.tokens.zero_()
-    dec.pos[:B].copy_(lens.to(torch.int32))
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    for step in range(s.max_new_tokens):
-        logits = process(logits.float(), s, step, seen, eos)
-        nxt = sample(logits, s.do_sample, s.temperature, s.top_k, s.top_p, generator)
-        if eos is not None:
-            nxt = torch.where(finished, torch.full_like(nxt, s.pad_token_id), nxt)
-            finished = finished | torch.isin(nxt, eos)
-        if seen is not None:
-            seen.scatter_(1, nxt[:, None], True)
-        yield nxt, finished
-        if step == s.max_new_tokens - 1:
-            break
-        if eos is not None and step % check_every == check_every - 1 and bool(finished.all()):
-            break
-        dec.tokens[:B].copy_(nxt)
-        logits = dec.step(kv_len=T + step + 1)[:B]
-        dec.pos.add_(1)
+        logits = model.prefill(ids_l, kpm if not bool(kpm.all()) else None, dec.cache)  # (B, T, V)
+        logits = logits[torch.arange(B, device=device), lens - 1]  # (B, V): each prompt's last token
+        dec.pos.zero_()  # idle bucket rows decode token 0 from position 0 onwards; nobody reads them
+        dec.tokens.zero_()
+        dec.pos[:B].copy_(lens.to(torch.int32))
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        for step in range(s.max_new_tokens):
+            logits = process(logits.float(), s, step, seen, eos)
+            nxt = sample(logits, s.do_sample, s.temperature, s.top_k, s.top_p, generator)
+            if eos is not None:
+                nxt = torch.where(finished, torch.full_like(nxt, s.pad_token_id), nxt)
+                finished = finished | torch.isin(nxt, eos)
+            if seen is not None:
+                seen.scatter_(1, nxt[:, None], True)
+            yield nxt, finished
+            if step == s.max_new_tokens - 1:
+                break
+            if eos is not None and step % check_every == check_every - 1 and bool(finished.all()):
+                break
+            dec.tokens[:B].copy_(nxt)
+            logits = dec.step(kv_len=T + step + 1)[:B]
+            dec.pos.add_(1)
+    finally:
+        dec.busy = False
 
 
 _DOC_ARGS = """

@@ -7,7 +7,9 @@ On CPU in float32 the weight is also reordered once into oneDNN's blocked layout
 `torch.ops.mkldnn._reorder_linear_weight`, as inductor's CPU freezing does) the first time the
 layer runs, and reused by every later call: oneDNN otherwise reorders the plain (N, K) weight on
 each call (measured: BERT-base B8 S128 447 -> 425 ms). The packed copy is rebuilt when the weight
-changes (another tensor, an in-place update, `.to()`); it costs a second copy of the weight.
+changes (another tensor, an in-place update, `.to()`); it costs a second copy of the weight. A
+weight that is an inference tensor (made under torch.inference_mode) has no version counter, so
+its in-place updates cannot be seen: it is never packed (oneDNN reorders it on each call).
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ def onednn_packable() -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
-def _version(w: Tensor) -> int:
+def _version(w: Tensor) -> int | None:
+    """w's version counter, or None for an inference tensor, which has none: updated in place
+    inside torch.inference_mode (e.g. load_state_dict there) it changes unseen."""
     try:
         return w._version
-    except RuntimeError:  # an inference tensor has no version counter (and cannot be updated in place)
-        return -1
+    except RuntimeError:
+        return None
 
 
 class CPULinear(nn.Linear):
@@ -51,7 +55,11 @@ class CPULinear(nn.Linear):
         w = self.weight
         if w.device.type != "cpu" or w.dtype != torch.float32 or w.dim() != 2 or not onednn_packable():
             return None
-        key = (w.data_ptr(), _version(w), tuple(w.shape), tuple(w.stride()))
+        version = _version(w)
+        if version is None:  # no way to tell an in-place update: no packed copy (oneDNN reorders per call)
+            self._packed = self._packed_key = None
+            return None
+        key = (w.data_ptr(), version, tuple(w.shape), tuple(w.stride()))
         if self._packed_key != key:
             with torch.no_grad():
                 self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous())

@@ -91,6 +91,42 @@ def test_greedy_equals_transformers(name, quantize):
     assert torch.equal(model.generate(ids, max_new_tokens=24), expect)
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_fused_step_follows_swapped_modules_and_tensors(quantize, monkeypatch):
+    """After a first fused step, replace what the step reads without touching the projection
+    weights: LayerNorm modules, a bias tensor, an attention scale. The fused step must read the new
+    ones (it cached the old parameter list, keyed by the weights only, and kept using the old
+    LayerNorms and biases). A LayerNorm with its own eps runs op by op (the op takes one eps)."""
+    model = fastlm.from_pretrained(hf_model("h3_d32"), quantize=quantize)
+    C, V, T = model.config.n_embd, model.config.vocab_size, 5
+    ids = torch.randint(0, V, (1, T))
+    tok, pos = torch.randint(0, V, (1,)), torch.tensor([T], dtype=torch.int32)
+
+    def step(fused):
+        cache = prefilled(model, ids, 16)
+        with torch.inference_mode(), monkeypatch.context() as m:
+            if not fused:
+                m.setattr(type(model), "_cpu_decode_params", lambda *a: None)  # the op-by-op path
+            return model.decode_step(tok, pos, cache, T + 1)
+
+    torch.testing.assert_close(step(True), step(False), rtol=1e-5, atol=1e-5)  # the list is now cached
+    with torch.no_grad():
+        for b in model.h:
+            b.ln_1 = torch.nn.LayerNorm(C, eps=model.ln_f.eps)
+            b.ln_1.weight.normal_()
+            b.ln_1.bias.normal_()
+        model.ln_f = torch.nn.LayerNorm(C, eps=model.ln_f.eps)
+        model.ln_f.bias.normal_()
+        model.h[1].attn.c_proj.bias = torch.randn(C)  # a new tensor, not an in-place change
+        model.h[0].attn.scale = 0.05
+    assert model._cpu_decode_params(torch.zeros(1, 1, C), prefilled(model, ids, 16)) is not None
+    want = step(False)
+    torch.testing.assert_close(step(True), want, rtol=1e-5, atol=1e-5)
+    model.h[1].ln_2 = torch.nn.LayerNorm(C, eps=1e-2)  # not the model's eps: op by op
+    assert model._cpu_decode_params(torch.zeros(1, 1, C), prefilled(model, ids, 16)) is None
+    assert not torch.allclose(step(True), want)
+
+
 def test_not_used_where_it_does_not_apply():
     model = fastlm.from_pretrained(hf_model("h3_d32"))
     h = torch.zeros(1, 1, model.config.n_embd)
@@ -125,6 +161,15 @@ def _args(model, cache, kv_len=4):
         (lambda a: a.__setitem__(8, "relu"), ValueError, "activation must be"),
         (lambda a: a.__setitem__(5, a[5][:1]), ValueError, "params must hold"),
         (lambda a: (a.__setitem__(5, []), a.__setitem__(1, a[1][-5:])), ValueError, "one attention scale per layer"),
+        # wrong ranks where the op reads a size: a clear error naming the argument, not an IndexError
+        (lambda a: a.__setitem__(0, torch.tensor(1.0)), ValueError, "one CPU row"),
+        (lambda a: a[1].__setitem__(10, torch.tensor(1.0)), ValueError, "c_fc weight must be"),
+        (lambda a: a[1].__setitem__(13, torch.zeros(5)), ValueError, "mlp.c_proj weight must be"),
+        (lambda a: a[1].__setitem__(10, None), ValueError, "c_fc weight is missing"),
+        # non-finite constants would make NaN logits and write NaN keys into the cache
+        (lambda a: a.__setitem__(7, float("nan")), ValueError, "eps must be"),
+        (lambda a: a.__setitem__(7, -1.0), ValueError, "eps must be"),
+        (lambda a: a.__setitem__(5, [float("inf")] * len(a[5])), ValueError, "scales must be finite"),
     ],
 )
 def test_bad_input_raises_and_leaves_the_cache(change, exc, match):
@@ -150,6 +195,19 @@ def test_cache_dtype_and_shape_checked():
     args[3] = cache.v[:, :, :2]
     with pytest.raises(ValueError, match="KV cache must be contiguous"):
         torch.ops.fastlm.gpt2_decode_cpu(*args)
+
+
+def test_zero_width_model_is_refused():
+    """n_embd 0: every size check passes on empty tensors, and the attention split by head dim
+    divided by zero (SIGFPE); now a ValueError before any work."""
+    L, V, F = 2, 5, 16
+    panels = lambda n, k, dt=torch.float32: torch.zeros(-(-n // 16), k, 16, dtype=dt)  # noqa: E731
+    layer = [torch.ones(0), torch.zeros(0), panels(0, 0), None, None, panels(0, 0), None, None,
+             torch.ones(0), torch.zeros(0), panels(F, 0), None, None, panels(0, F), None, None]
+    params = layer * L + [torch.ones(0), torch.zeros(0), panels(V, 0), None, None]
+    k, v = torch.zeros(L, 1, 2, 8, 0), torch.zeros(L, 1, 2, 8, 0)
+    with pytest.raises(ValueError, match="C >= 1"):
+        torch.ops.fastlm.gpt2_decode_cpu(torch.zeros(1, 1, 0), params, k, v, 3, [1.0] * L, V, 1e-5, "gelu")
 
 
 def test_fake():

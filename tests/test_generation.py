@@ -198,3 +198,64 @@ def test_cache_is_freed_with_the_model():
     cache_k = weakref.ref(next(iter(model._fastlm_decoders.values())).cache.k)
     del model
     assert cache_k() is None  # freed at once, no garbage collection needed
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_copy_after_generate_decodes_with_its_own_weights(how):
+    """A copy of a model that has generated (deepcopy, or torch.save / torch.load of the whole
+    model) decodes with its own weights: it neither reuses the original's decoders (which hold the
+    original weakly and would run its weights, or fail once it is gone) nor refuses to pickle."""
+    import copy
+    import io
+
+    hf, model = pair("h3_d32")
+    ids = torch.randint(1, 101, (1, 6))
+    model.generate(ids, max_new_tokens=3)  # the original now holds a decoder
+    if how == "deepcopy":
+        twin = copy.deepcopy(model)
+    else:
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        twin = torch.load(buf, weights_only=False)
+    hf2, other = pair("h3_d32")
+    twin.load_state_dict(other.state_dict())  # the copy's weights change; the original's do not
+    want = hf_generate(hf2, ids, n=16)
+    assert_diverse(want[0, 6:])
+    assert torch.equal(twin.generate(ids, max_new_tokens=16), want)
+    del model
+    gc.collect()
+    assert torch.equal(twin.generate(ids, max_new_tokens=16), want)  # the original gone: still its own
+
+
+def test_interleaved_streams_and_threads_on_one_model():
+    """Two generations in flight on one model at once (two model.stream() iterators advanced in
+    turn, or two threads) each get their own cache: they shared the model's decoder (cache,
+    positions, token buffer) and wrote over each other's rows (wrong tokens, then an IndexError)."""
+    import threading
+
+    hf, model = pair("h3_d32")
+    prompts = [torch.randint(1, 101, (1, 5)), torch.randint(1, 101, (1, 7))]
+    want = [hf_generate(hf, p, n=20) for p in prompts]
+    for w, p in zip(want, prompts, strict=True):
+        assert_diverse(w[0, p.shape[1]:])
+    streams = [model.stream(p, max_new_tokens=20) for p in prompts]
+    got = [[], []]
+    for _ in range(20):
+        for i, st in enumerate(streams):
+            got[i].append(next(st))
+    for i, p in enumerate(prompts):
+        assert torch.equal(torch.cat([p, torch.stack(got[i], 1)], 1), want[i])
+    results = [[], []]
+
+    def work(i):
+        for _ in range(4):
+            results[i].append(torch.equal(model.generate(prompts[i], max_new_tokens=20), want[i]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [[True] * 4, [True] * 4]
+    assert len(model._fastlm_decoders) <= 2  # in-flight extras are not kept

@@ -97,3 +97,23 @@ def test_cpu_linear_is_an_nn_linear():
     out.sum().backward()
     assert lin.weight.grad is not None
     torch.library.opcheck(torch.ops.fastlm.linear_ext, (torch.randn(40, 64), lin.weight.detach(), None))
+
+
+@pytest.mark.skipif(not _ext.available(), reason=f"fastlm._C not built: {_ext.LOAD_ERROR}")
+def test_cpu_linear_follows_in_place_updates_of_an_inference_weight():
+    """A layer built under torch.inference_mode holds an inference tensor, which has no version
+    counter: an in-place update there (load_state_dict inside inference mode) cannot be seen, so
+    no packed copy may be reused for it (it was, and the layer kept computing with the old weight)."""
+    x = torch.randn(64, 96)
+    with torch.inference_mode():
+        lin = CPULinear(96, 80)
+        assert lin.weight.is_inference()
+        lin(x)  # a first call, which may pack the weight
+        lin.load_state_dict({"weight": torch.randn(80, 96), "bias": torch.randn(80)})
+        got = lin(x)
+        lin.weight.mul_(-2.0)
+        got2 = lin(x)
+    want = x.double() @ lin.weight.double().t() + lin.bias.double()
+    torch.testing.assert_close(got2.double(), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.double(), -0.5 * (want - lin.bias.double()) + lin.bias.double(),
+                               rtol=1e-4, atol=1e-4)

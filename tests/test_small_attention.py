@@ -73,6 +73,8 @@ def test_bad_input():
         torch.ops.fastlm.attention_decode(torch.randn(1, 2, 5, 8), k, k, 1.0, True)
     with pytest.raises(ValueError, match=r"\(B, H, S, D\)"):
         torch.ops.fastlm.attention_decode(q[0], k, k, 1.0)
+    with pytest.raises(ValueError, match="head dim"):  # was an integer division by zero (SIGFPE)
+        torch.ops.fastlm.attention_decode(q[..., :0], k[..., :0], k[..., :0], 1.0)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -290,34 +290,38 @@ class GPT2LMHeadModel(GPT2Model):
     def _cpu_decode_params(self, h: Tensor, cache: StaticKVCache) -> list[Tensor | None] | None:
         """The flat parameter list of torch.ops.fastlm.gpt2_decode_cpu (see csrc/decode_cpu.cpp),
         or None when this step cannot run there: not CPU float32, fastlm._C missing, a projection
-        not in packed CPU panels (PackedLinear / Int8Linear), or a backend other than auto / cuda
-        asked for (use_backend("torch") / ("triton") run the step op by op on those). Built once and
-        reused while every projection's weight tensor is the same object (a relayout, .to() or
-        quantize_ replaces them, and the list is rebuilt)."""
+        not in packed CPU panels (PackedLinear / Int8Linear), a LayerNorm that is not a plain
+        nn.LayerNorm with weight, bias and ln_f's eps (the op takes one eps), layers with different
+        activations, or a backend other than auto / cuda asked for (use_backend("torch") /
+        ("triton") run the step op by op on those). Sets self._attn_scales. Gathered afresh every
+        step from the modules' own parameter and buffer dicts (no Module.__getattr__), so a swapped
+        module, a reassigned bias or a changed attention scale is read at once: a list cached by the
+        weights alone kept the old LayerNorms and biases."""
         if h.device.type != "cpu" or h.dtype != torch.float32 or cache.k.dtype != torch.float32:
             return None
-        weights = [getattr(lin, "packed", None) if isinstance(lin, PackedLinear) else
-                   getattr(lin, "qweight", None) if isinstance(lin, Int8Linear) else None
-                   for lin in self.decode_linears()]
-        key = tuple(map(id, weights))
-        cached = self.__dict__.get("_cpu_decode")
-        if cached is None or cached[0] != key:
-            cached = self.__dict__["_cpu_decode"] = (key, self._build_cpu_decode_params(weights))
-        return cached[1] if backend.current() in ("auto", "cuda") else None
-
-    def _build_cpu_decode_params(self, weights: list[Tensor | None]) -> list[Tensor | None] | None:
-        params = None
-        if _ext.available() and all(w is not None and w.dim() == 3 for w in weights):
-            def proj(lin):  # (panels, int8 scale or None, bias)
-                return [lin.packed, None, lin.bias] if isinstance(lin, PackedLinear) else [lin.qweight, lin.scale,
-                                                                                         lin.bias]
-            params = []
-            for b in self.h:
-                params += [b.ln_1.weight, b.ln_1.bias, *proj(b.attn.c_attn), *proj(b.attn.c_proj),
-                           b.ln_2.weight, b.ln_2.bias, *proj(b.mlp.c_fc), *proj(b.mlp.c_proj)]
-            params += [self.ln_f.weight, self.ln_f.bias, *proj(self.lm_head)]
-            self._attn_scales = [float(b.attn.scale) for b in self.h]
-        return params
+        if backend.current() not in ("auto", "cuda") or not _ext.available():
+            return None
+        ln_f = self._modules["ln_f"]
+        eps = getattr(ln_f, "eps", None)
+        act = self.h[0].mlp.activation
+        params: list[Tensor | None] = []
+        scales = []
+        for b in self._modules["h"]:
+            m = b._modules
+            attn, mlp = m["attn"], m["mlp"]
+            am, mm = attn._modules, mlp._modules
+            ln1, ln2 = _cpu_ln(m["ln_1"], eps), _cpu_ln(m["ln_2"], eps)
+            qkv, o = _cpu_proj(am["c_attn"]), _cpu_proj(am["c_proj"])
+            fc, pr = _cpu_proj(mm["c_fc"]), _cpu_proj(mm["c_proj"])
+            if None in (ln1, ln2, qkv, o, fc, pr) or mlp.activation != act:
+                return None
+            params += [*ln1, *qkv, *o, *ln2, *fc, *pr]
+            scales.append(float(attn.scale))
+        lnf, head = _cpu_ln(ln_f, eps), _cpu_proj(self._modules["lm_head"])
+        if lnf is None or head is None:
+            return None
+        self._attn_scales = scales
+        return params + [*lnf, *head]
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
         """Greedy or sampled generation; see fastlm.generation.generate. Returns (B, S + new)."""
@@ -385,3 +389,27 @@ class GPT2LMHeadModel(GPT2Model):
     def optional_hf(self) -> tuple[str, ...]:
         """Checkpoint entries that may be present and are not needed (the tied head)."""
         return ("lm_head.weight",) if self.tied else ()
+
+
+def _cpu_ln(ln: nn.Module, eps: float | None) -> tuple[Tensor, Tensor] | None:
+    """(weight, bias) of a LayerNorm torch.ops.fastlm.gpt2_decode_cpu can run (plain nn.LayerNorm,
+    affine with a bias, eps equal to `eps`), else None."""
+    if type(ln) is not nn.LayerNorm or ln.eps != eps:
+        return None
+    p = ln._parameters
+    w, b = p.get("weight"), p.get("bias")
+    return None if w is None or b is None else (w, b)
+
+
+def _cpu_proj(lin: nn.Module) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
+    """(panels, int8 scale or None, bias) of a projection in packed CPU panels, else None."""
+    t = type(lin)
+    if t is PackedLinear:
+        bufs = lin._buffers
+        w = bufs["packed"]
+        return None if w is None else (w, None, bufs["bias"])
+    if t is Int8Linear:
+        bufs = lin._buffers
+        w = bufs["qweight"]
+        return (w, bufs["scale"], bufs["bias"]) if w.dim() == 3 else None
+    return None
