@@ -155,7 +155,7 @@ def cmd_generate(args) -> int:
     tok = None
     try:
         if args.model:
-            model = fastlm.from_pretrained(args.model, dtype=dtype, device=device)
+            model = fastlm.from_pretrained(args.model, dtype=dtype, device=device, quantize=args.quantize)
             try:
                 from transformers import AutoTokenizer
 
@@ -171,7 +171,8 @@ def cmd_generate(args) -> int:
             if args.config not in GPT2_SIZES:
                 print(f"fastlm generate: --config must be one of {', '.join(GPT2_SIZES)}", file=sys.stderr)
                 return 2
-            model = fastlm.from_pretrained(GPT2Config(**GPT2_SIZES[args.config]), dtype=dtype, device=device)
+            model = fastlm.from_pretrained(GPT2Config(**GPT2_SIZES[args.config]), dtype=dtype, device=device,
+                                           quantize=args.quantize)
         if not isinstance(model, fastlm.GPT2LMHeadModel):
             print("fastlm generate: the model is not a GPT-2 language model", file=sys.stderr)
             return 2
@@ -317,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=None, help="transformers' repetition penalty "
                    "(default: the checkpoint's, else 1.0 = off)")
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--quantize", default=None, help="passed to fastlm.from_pretrained (int8: weight-only int8 "
+                   "decode; int8_dynamic)")
     g.set_defaults(func=cmd_generate)
     e = sub.add_parser("embed", help="sentence embeddings of one text per line (the checkpoint's pooling)")
     e.add_argument("input", nargs="?", default="-", help="text file, one text per line (default -: standard input)")

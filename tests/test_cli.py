@@ -57,6 +57,14 @@ def test_generate_random_config(capsys):
     assert main(["generate", "--config", "gpt5"]) == 2
 
 
+def test_generate_quantized(capsys):
+    args = ["generate", "--config", "gpt2-tiny", "--prompt-ids", "1,2,3", "--max-new-tokens", "5", "--device", "cpu"]
+    assert main([*args, "--quantize", "int8"]) == 0
+    assert "ms/token" in capsys.readouterr().out
+    assert main([*args, "--quantize", "int4"]) == 2
+    assert "'int8', 'int8_dynamic'" in capsys.readouterr().err
+
+
 def test_fastlm_works_without_the_extension():
     """fastlm._C missing (not built, or built for another torch): import works, ops run the
     reference path, and `fastlm info` says so."""
