@@ -190,6 +190,7 @@ at::Tensor attention_blocked_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                     k_in.sizes(), ")");
   TORCH_CHECK_VALUE(D % 16 == 0 && D <= 256, "attention_blocked: head dim must be a multiple of 16 up to 256, got ",
                     D);
+  TORCH_CHECK_VALUE(std::isfinite(scale), "attention_blocked: scale must be finite, got ", scale);
   // unit stride along D (a view of a fused QKV projection has it); anything else is copied once
   const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
   const at::Tensor k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();

@@ -81,6 +81,9 @@ def test_bad_input_names_the_argument():
         f(q, q, torch.randn(1, 2, 9, 32), 1.0)
     with pytest.raises(ValueError, match="empty"):
         f(torch.randn(1, 2, 0, 32), q, q, 1.0)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale must be finite"):
+            f(q, q, q, bad)
 
 
 def test_opcheck():
