@@ -8,8 +8,10 @@ Random weights (GPT2Config() / BertConfig()), saved once under the cache directo
 
 Each engine runs in a process of its own (fastlm.benchmark_worker) with the same number of threads,
 the engines alternating within a round; a row is the best call over all rounds. Each round also
-measures the machine's read bandwidth (a 384 MB buffer summed by the same threads), and the GPT-2
-floor is the weight bytes a decode step must stream divided by the best of those bandwidths.
+measures the machine's read bandwidth (a 384 MB buffer on transparent huge pages summed by the same
+threads: fastlm's packed weights live on huge pages too, and on 4 KiB pages the same sum reads
+slower than fastlm's decode GEMV does), and the GPT-2 floor is the weight bytes a decode step
+must stream divided by the best of those bandwidths.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ def _worker(args: list[str], threads: int, timeout: float) -> dict:
     root = os.path.dirname(os.path.dirname(os.path.abspath(fastlm.__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "bandwidth" in args:  # the buffer on transparent huge pages, as fastlm's packed weights are
+        env["THP_MEM_ALLOC_ENABLE"] = "1"  # (torch's CPU allocator reads it at start-up)
     try:
         r = subprocess.run([sys.executable, "-m", "fastlm.benchmark_worker", *args, "--threads", str(threads)],
                            capture_output=True, text=True, timeout=timeout, env=env)

@@ -208,7 +208,8 @@ def gen_tokens(d: str, ids: list[int]) -> list[str]:
 
 def read_bandwidth(threads: int, calls: int) -> list[float]:
     """GB/s of a READ_MB fp32 buffer summed by `threads` threads: the machine's read bandwidth,
-    the bound a decode step that streams its weights from DRAM cannot beat."""
+    the bound a decode step that streams its weights from DRAM cannot beat. The peers suite runs it
+    with THP_MEM_ALLOC_ENABLE=1 (the buffer on transparent huge pages, as fastlm's packed weights)."""
     import torch
 
     torch.set_num_threads(threads)
