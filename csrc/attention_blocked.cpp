@@ -26,6 +26,8 @@
 #define FASTLM_AVX512 __attribute__((target("avx512f,avx512dq,fma")))
 #endif
 
+#include "cpu_kernels.h"
+
 namespace fastlm {
 namespace {
 
@@ -145,28 +147,10 @@ FASTLM_AVX512 void head_avx512(const float* q, const float* k, const float* v, f
 }
 #endif
 
-// The portable path: the same math in plain loops.
+// The portable path: attention_decode.cpp's row kernel, one query row at a time.
 void head_portable(const float* q, const float* k, const float* v, float* out, int64_t lq, int64_t lk, int64_t lv,
                    int64_t ld_out, int64_t Sq, int64_t S, int64_t D, float scale, float* sc) {
-  for (int64_t i = 0; i < Sq; ++i) {
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < S; ++j) {
-      float a = 0.f;
-      for (int64_t d = 0; d < D; ++d) a += q[i * lq + d] * k[j * lk + d];
-      sc[j] = a * scale;
-      mx = std::max(mx, sc[j]);
-    }
-    float sum = 0.f;
-    for (int64_t j = 0; j < S; ++j) {
-      sc[j] = std::exp(sc[j] - mx);
-      sum += sc[j];
-    }
-    float* o = out + i * ld_out;
-    for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
-    for (int64_t j = 0; j < S; ++j)
-      for (int64_t d = 0; d < D; ++d) o[d] += sc[j] * v[j * lv + d];
-    for (int64_t d = 0; d < D; ++d) o[d] /= sum;
-  }
+  for (int64_t i = 0; i < Sq; ++i) cpu::attend_row(q + i * lq, k, lk, v, lv, S, D, scale, out + i * ld_out, sc);
 }
 
 void check_qkv(const at::Tensor& t, const char* name, const at::Tensor& q) {

@@ -108,6 +108,11 @@ at::Tensor attention_decode_cpu(const at::Tensor& q_in, const at::Tensor& k_in, 
 }  // namespace
 
 namespace cpu {
+void attend_row(const float* q, const float* k, int64_t ks, const float* v, int64_t vs, int64_t S, int64_t D,
+                float scale, float* out, float* s) {
+  attend_one(q, k, ks, v, vs, S, D, scale, out, s);
+}
+
 void attend_heads(const float* q, int64_t q_hs, const float* k, const float* v, int64_t k_hs, int64_t k_rs,
                   int64_t H, int64_t S, int64_t D, float scale, float* out, int64_t out_hs) {
   const int64_t per_head = std::max<int64_t>(1, 2 * S * D * 4 + S * D * 8);  // as attention_decode_cpu's chunks

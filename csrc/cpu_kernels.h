@@ -12,6 +12,11 @@ namespace cpu {
 void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, bool int8, int64_t N, const float* scale,
                  const float* bias, const float* residual, float* y, int act);
 
+// One query row q (D,) against S key / value rows at strides ks / vs (elements):
+// out (D,) = softmax(scale * q . k[j] over j < S) @ v[:S]; s is a scratch of S floats.
+void attend_row(const float* q, const float* k, int64_t ks, const float* v, int64_t vs, int64_t S, int64_t D,
+                float scale, float* out, float* s);
+
 // One query per head against S cached rows (attention_decode.cpp): for h < H,
 // out[h] = softmax(scale * q[h] . k[h, j] over j < S) @ v[h, :S]; q / out rows of D floats at
 // q_hs / out_hs apart, key and value rows at k_hs (per head) and k_rs (per row) apart.
