@@ -249,14 +249,6 @@ FASTLM_AVX2 void tile_avx2(const float* x, int64_t K, const void* p, const Epilo
 // One panel row (16 channels) is one zmm: 64 bytes of fp32 (a cache line) or 16 bytes of int8
 // (vpmovsxbd straight from memory, then vcvtdq2ps), half the instructions of the AVX2 path per
 // weight, which matters for int8 (its conversions, not the memory, bound the AVX2 path).
-int64_t far_prefetch_bytes() {
-  static const int64_t v = [] {
-    const char* env = std::getenv("FASTLM_GEMV_PREFETCH2");
-    return env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : int64_t{0};
-  }();
-  return v;
-}
-
 template <bool kInt8>
 FASTLM_AVX512 inline __m512 load_panel_row512(const void* p, int64_t k) {
   if constexpr (kInt8) {
@@ -273,7 +265,7 @@ FASTLM_AVX512 void tile_avx512(const float* x, int64_t K, const void* p, const E
   // U independent accumulator sets hide the FMA latency when MR is small (U * MR <= 16 of 32 zmm)
   constexpr int U = MR == 1 ? 8 : (MR == 2 ? 8 : (MR <= 4 ? 4 : 2));
   constexpr int64_t kRowBytes = kNR * (kInt8 ? 1 : 4);
-  const int64_t pf = prefetch_bytes(), pf2 = far_prefetch_bytes();
+  const int64_t pf = prefetch_bytes();
   const char* pbytes = static_cast<const char*>(p);
   __m512 a[U][MR];
   for (int u = 0; u < U; ++u)
@@ -281,10 +273,9 @@ FASTLM_AVX512 void tile_avx512(const float* x, int64_t K, const void* p, const E
   int64_t k = 0;
   for (; k + U <= K; k += U) {
     // one prefetch per cache line of panel entered in this step (prefetches never fault)
-    for (int64_t b = (k * kRowBytes + 63) & ~int64_t{63}; b < (k + U) * kRowBytes; b += 64) {
-      if (pf > 0) _mm_prefetch(pbytes + b + pf, _MM_HINT_T0);
-      if (pf2 > 0) _mm_prefetch(pbytes + b + pf2, _MM_HINT_T1);
-    }
+    if (pf > 0)
+      for (int64_t b = (k * kRowBytes + 63) & ~int64_t{63}; b < (k + U) * kRowBytes; b += 64)
+        _mm_prefetch(pbytes + b + pf, _MM_HINT_T0);
     for (int u = 0; u < U; ++u) {
       const __m512 w = load_panel_row512<kInt8>(p, k + u);
       for (int r = 0; r < MR; ++r) a[u][r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k + u]), w, a[u][r]);
