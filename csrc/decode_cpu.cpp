@@ -110,15 +110,11 @@ at::Tensor gpt2_decode_cpu(const at::Tensor& h_in, const c10::List<c10::optional
   for (const double s : scales)
     TORCH_CHECK_VALUE(std::isfinite(s), "gpt2_decode_cpu: scales must be finite, got ", s);
   // the FFN width d_ff is layer 0's mlp.c_proj K; proj() below checks every layer's c_fc / mlp.c_proj against it
-  for (const auto& [i, what] : {std::pair<int64_t, const char*>{10, "c_fc"}, {13, "mlp.c_proj"}}) {
-    const c10::optional<at::Tensor> w = params.get(i);
-    TORCH_CHECK_VALUE(w.has_value() && w->defined(), "gpt2_decode_cpu: ", what, " weight is missing");
-    TORCH_CHECK_VALUE(w->dim() == 3, "gpt2_decode_cpu: ", what, " weight must be 3-D panels (ceil(N / 16), K, 16), got shape ",
-                      w->sizes());
-  }
-  const int64_t d_ff = params.get(13)->size(1);  // mlp.c_proj's K
-  TORCH_CHECK_VALUE(d_ff > 0, "gpt2_decode_cpu: mlp.c_proj weight must be panels with K = d_ff > 0, got shape ",
-                    params.get(13)->sizes());
+  const c10::optional<at::Tensor> w2 = params.get(13);
+  TORCH_CHECK_VALUE(w2.has_value() && w2->defined() && w2->dim() == 3 && w2->size(1) > 0,
+                    "gpt2_decode_cpu: mlp.c_proj weight must be 3-D panels (ceil(C / 16), d_ff, 16) with d_ff > 0, got ",
+                    w2.has_value() && w2->defined() ? w2->sizes() : at::IntArrayRef{});
+  const int64_t d_ff = w2->size(1);
 
   // every check first: no half-written cache on bad input
   struct Layer {
