@@ -64,14 +64,19 @@ def _epilogue_ref(acc, xs, ws, b, act, r):
     return y if r is None else y + r.double()
 
 
+def _gemm_out(M, N, bias):
+    """Fresh random int32 GEMM accumulators (M, N), per-token and per-channel scales, a bias."""
+    acc = torch.randint(-40000, 40000, (M, N), dtype=torch.int32)
+    xs, ws = torch.rand(M) * 0.02, torch.rand(N) * 2e-4
+    return acc, xs, ws, (torch.randn(N) if bias else None)
+
+
 @pytest.mark.parametrize("M", ROWS)
 @pytest.mark.parametrize("N", [1, 17, 129, 3072])
 @pytest.mark.parametrize("act", ["none", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("bias,residual", [(True, False), (False, True), (True, True)])
 def test_int8_linear_epilogue_matches_float64(M, N, act, bias, residual):
-    acc = torch.randint(-40000, 40000, (M, N), dtype=torch.int32)
-    xs, ws = torch.rand(M) * 0.02, torch.rand(N) * 2e-4
-    b = torch.randn(N) if bias else None
+    acc, xs, ws, b = _gemm_out(M, N, bias)
     r = torch.randn(M, N) if residual else None
     _poison_allocator((M, N), torch.float32)
     y = torch.ops.fastlm.int8_linear_epilogue(acc, xs, ws, b, act, r)
@@ -199,9 +204,7 @@ def test_linear_ext_bad_packed_and_epilogue_args():
 @pytest.mark.parametrize("act", ["none", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_int8_linear_epilogue_quant_equals_epilogue_then_quantize(M, N, act, bias):
-    acc = torch.randint(-40000, 40000, (M, N), dtype=torch.int32)
-    xs, ws = torch.rand(M) * 0.02, torch.rand(N) * 2e-4
-    b = torch.randn(N) if bias else None
+    acc, xs, ws, b = _gemm_out(M, N, bias)
     if M > 1:
         acc[M // 2] = 0  # a row that is all zero (without a bias): scale 1
     q, s = torch.ops.fastlm.int8_linear_epilogue_quant(acc, xs, ws, b, act)
@@ -266,9 +269,7 @@ def test_cpu_linear_copies_and_moves_drop_the_packed_copy():
 @pytest.mark.parametrize("act", ["none", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("bias,residual", [(False, False), (True, False), (True, True)])
 def test_int8_linear_epilogue_inplace_equals_out_of_place(M, N, act, bias, residual):
-    acc = torch.randint(-40000, 40000, (M, N), dtype=torch.int32)
-    xs, ws = torch.rand(M) * 0.02, torch.rand(N) * 2e-4
-    b = torch.randn(N) if bias else None
+    acc, xs, ws, b = _gemm_out(M, N, bias)
     r = torch.randn(M, N) if residual else None
     expect = torch.ops.fastlm.int8_linear_epilogue(acc, xs, ws, b, act, r)
     out = torch.ops.fastlm.int8_linear_epilogue_(acc, xs, ws, b, act, r)
@@ -278,9 +279,7 @@ def test_int8_linear_epilogue_inplace_equals_out_of_place(M, N, act, bias, resid
 
 
 def _ln_quant_inputs(M, N, bias):
-    acc = torch.randint(-40000, 40000, (M, N), dtype=torch.int32)
-    xs, ws = torch.rand(M) * 0.02, torch.rand(N) * 2e-4
-    b = torch.randn(N) if bias else None
+    acc, xs, ws, b = _gemm_out(M, N, bias)
     r = torch.randn(M, N) * 3
     lw, lb = torch.randn(N), torch.randn(N)
     return acc, xs, ws, b, r, lw, lb
