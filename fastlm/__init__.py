@@ -12,7 +12,7 @@ from fastlm import (
 )
 from fastlm.backend import use_backend
 from fastlm.embed import Embedder
-from fastlm.integrations import optimize, restore
+from fastlm.integrations import is_optimized, optimize, restore
 from fastlm.models import *  # noqa: F403  (every model class, ARCHITECTURES, WeightError, from_pretrained)
 from fastlm.quantize import quantize_
 
@@ -25,6 +25,7 @@ __all__ = [
     "reference",
     "use_backend",
     "optimize",
+    "is_optimized",
     "Embedder",
     "restore",
     "quantize_",

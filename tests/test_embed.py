@@ -71,8 +71,10 @@ def test_from_pretrained_real_minilm_matches_transformers():
 
 
 def test_optimize_sentence_transformer(st, reference):
+    assert not fastlm.is_optimized(st)
     assert fastlm.optimize(st) is st
     try:
+        assert fastlm.is_optimized(st)  # the top-level check: no module type changes on a SentenceTransformer
         bert = st[0].auto_model
         assert bert.config._attn_implementation == "fastlm"
         assert "feed_forward_chunk" in bert.encoder.layer[0].__dict__
@@ -80,6 +82,7 @@ def test_optimize_sentence_transformer(st, reference):
         assert max_err(got, reference) <= TOL
     finally:
         fastlm.restore(st)
+    assert not fastlm.is_optimized(st)
     assert st[0].auto_model.config._attn_implementation != "fastlm"
     assert torch.equal(st.encode(TEXTS, convert_to_tensor=True, batch_size=3), reference)
 

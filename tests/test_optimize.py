@@ -236,13 +236,11 @@ def test_optimize_walks_a_wrapper_and_restore_undoes_it():
     assert fastlm.optimize(w) is w
     assert w.enc.config._attn_implementation == "fastlm" and w.lm.config._attn_implementation == "fastlm"
     assert "feed_forward_chunk" in w.enc.bert.encoder.layer[0].__dict__
-    from fastlm.integrations import is_optimized
-
-    assert is_optimized(w) and is_optimized(w.enc)
+    assert fastlm.is_optimized(w) and fastlm.is_optimized(w.enc)
     with torch.no_grad():
         assert max_err(w(ids, mask), before) <= ATOL
     fastlm.restore(w)
-    assert not is_optimized(w) and w.enc.config._attn_implementation == "sdpa"
+    assert not fastlm.is_optimized(w) and w.enc.config._attn_implementation == "sdpa"
     with torch.no_grad():
         assert torch.equal(w(ids, mask), before)
 
