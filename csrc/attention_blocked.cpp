@@ -34,10 +34,12 @@ namespace {
 constexpr int kRows = 6;   // queries per block (6 x 4 accumulators)
 constexpr int kCols = 64;  // score columns per QK^T step (4 vectors of 16)
 
+// The CPU has AVX-512F + DQ and the extension's ISA choice allows AVX-512 (FASTLM_CPU_ISA=avx2
+// on an AVX-512 machine takes the portable loop here, as an AVX2-only CPU does).
 bool cpu_has_avx512() {
 #ifdef FASTLM_ATT_X86
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
-  return ok;
+  return ok && cpu::avx512_allowed();
 #else
   return false;
 #endif

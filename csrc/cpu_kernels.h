@@ -6,6 +6,11 @@
 namespace fastlm {
 namespace cpu {
 
+// Whether the CPU kernels may use AVX-512F (gemv.cpp: the CPU has it and FASTLM_CPU_ISA, or a
+// cpu_isa() call, does not cap it at "avx2" / "portable"). Every op file asks this one question,
+// so forcing the AVX2 path on an AVX-512 machine forces it everywhere in fastlm._C.
+bool avx512_allowed();
+
 // y (M, N) = act(x (M, K) @ W^T * scale + bias) + residual, W packed as (ceil(N / 16), K, 16)
 // fp32 or int8 panels (gemv.cpp). scale (N,) is required for int8, else null; bias (N,),
 // residual (M, N) may be null (residual may alias y). act: 0 none, 1 GELU (erf), 2 GELU (tanh).
