@@ -78,7 +78,7 @@ def ext_modules():
 exts, cmdclass = ext_modules()
 
 setup(
-    packages=["fastlm", "fastlm.models", "fastlm.integrations", "fastlm.kernels"],
+    packages=["fastlm", "fastlm.models", "fastlm.integrations", "fastlm.bench", "fastlm.bench.peers", "fastlm.kernels"],
     package_dir={"fastlm": "fastlm", "fastlm.kernels": "kernels"},
     package_data={"fastlm": ["py.typed"]},  # PEP 561: the public API is typed
     ext_modules=exts,

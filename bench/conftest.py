@@ -1,4 +1,4 @@
-"""pytest-benchmark suite over fastlm.benchmark's cases: `pytest bench/ --benchmark-only`.
+"""pytest-benchmark suite over fastlm.bench's cases: `pytest bench/ --benchmark-only`.
 Shapes follow the device (full on GPU, small on CPU; FASTLM_BENCH_DEVICE=cpu|cuda picks one).
 No correctness asserts here."""
 

@@ -1,14 +1,15 @@
-"""Every (case, provider) of fastlm.benchmark as a pytest-benchmark test. A provider that cannot
+"""Every (case, provider) of fastlm.bench's in-process suites as a pytest-benchmark test. A provider that cannot
 run here (no CUDA, torch.compile off on CPU, ...) is skipped with its reason."""
 
 import pytest
 import torch
 from conftest import DEVICE, DTYPE
 
-from fastlm import benchmark as bm
+from fastlm.bench.result import Skip
+from fastlm.bench.runner import build_cases
 
 SUITE = "all"
-CASES = bm.build_cases(DEVICE, DTYPE, SUITE, None)
+CASES = build_cases(DEVICE, DTYPE, SUITE, None)
 PARAMS = [(c, p) for c in CASES for p in c.providers]
 
 
@@ -16,7 +17,7 @@ PARAMS = [(c, p) for c in CASES for p in c.providers]
 def test_bench(benchmark, case, provider):
     try:
         fn = case.providers[provider]()
-    except bm.Skip as e:
+    except Skip as e:
         pytest.skip(str(e))
     benchmark.group = f"{case.name} {case.label}"
     benchmark.extra_info.update(unit=case.unit, flops=case.flops, bytes=case.bytes, tokens=case.tokens)

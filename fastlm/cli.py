@@ -50,7 +50,9 @@ def cmd_bench(args) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
-    from fastlm import benchmark as bm
+    from fastlm.bench import report, runner
+    from fastlm.bench.peers.suite import peer_cases
+    from fastlm.bench.result import save_json
 
     if args.compare:
         return _compare(*args.compare)
@@ -64,13 +66,13 @@ def cmd_bench(args) -> int:
     dtype_name = args.dtype or ("fp16" if device == "cuda" else "fp32")
     dtype = getattr(torch, DTYPES[dtype_name])
     try:
-        cases = bm.build_cases(device, dtype, args.suite, args.only)
+        cases = runner.build_cases(device, dtype, args.suite, args.only)
     except ValueError as e:
         print(f"fastlm bench: {e}", file=sys.stderr)
         return 2
     con = _console()
     label = "GPU" if device == "cuda" else "CPU figures (small shapes; not GPU performance)"
-    peers, _ = bm.peer_cases(device, args.suite, args.only)
+    peers, _ = peer_cases(device, args.suite, args.only)
     con.print(f"[bold]fastlm bench[/bold] on {label}: {len(cases)} cases"
               + (f" + {len(peers)} peers cases (a process per engine)" if peers else "")
               + f", suite {args.suite}, {dtype_name}")
@@ -81,15 +83,15 @@ def cmd_bench(args) -> int:
             prog.update(task, advance=1, description=msg)
 
         os.makedirs(args.out, exist_ok=True)
-        res = bm.run(device, dtype, args.suite, args.only, budget_s=args.budget, progress=step,
-                     partial_json=os.path.join(args.out, f"bench-{device}-partial.json"), rounds=args.rounds,
-                     calls=args.calls, threads=args.threads)
+        res = runner.run(device, dtype, args.suite, args.only, budget_s=args.budget, progress=step,
+                         partial_json=os.path.join(args.out, f"bench-{device}-partial.json"), rounds=args.rounds,
+                         calls=args.calls, threads=args.threads)
     table = Table(title=f"fastlm bench: {res.env.get('gpu') or 'CPU (' + str(res.env['cpu_threads']) + ' threads)'}, "
                         f"{dtype_name} | copy {res.ceilings.copy_gbs:.0f} GB/s, {res.ceilings.matmul_dtype} matmul "
                         f"{res.ceilings.matmul_tflops:.1f} TFLOP/s")
     for col in ("case", "shape", "provider", "ms", "value", "% ceiling", "vs fastlm"):
         table.add_column(col, justify="right" if col in ("ms", "value", "% ceiling", "vs fastlm") else "left")
-    sp = bm.speedups(res)
+    sp = report.speedups(res)
     for r in res.rows:
         if r.status != "ok":
             table.add_row(r.case, r.label, r.provider, "-", "-", "-", f"[dim]{r.status}[/dim]")
@@ -103,12 +105,12 @@ def cmd_bench(args) -> int:
     os.makedirs(out_dir, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     jpath = os.path.join(out_dir, f"bench-{device}-{stamp}.json")
-    bm.save_json(res, jpath)
+    save_json(res, jpath)
     if os.path.exists(os.path.join(out_dir, f"bench-{device}-partial.json")):
         os.remove(os.path.join(out_dir, f"bench-{device}-partial.json"))
     with open(os.path.join(out_dir, f"bench-{device}.md"), "w") as f:
-        f.write(bm.markdown(res))
-    pngs = [] if args.no_plots else bm.plot(res, out_dir)
+        f.write(report.markdown(res))
+    pngs = [] if args.no_plots else report.plot(res, out_dir)
     con.print(f"wrote {jpath}" + (f" and {len(pngs)} plot(s) in {out_dir}" if pngs else ""))
     return 0
 
@@ -116,10 +118,11 @@ def cmd_bench(args) -> int:
 def _compare(old_path: str, new_path: str) -> int:
     from rich.table import Table
 
-    from fastlm import benchmark as bm
+    from fastlm.bench.report import compare
+    from fastlm.bench.result import load_json
 
     try:
-        rows = bm.compare(bm.load_json(old_path), bm.load_json(new_path))
+        rows = compare(load_json(old_path), load_json(new_path))
     except (FileNotFoundError, ValueError) as e:
         print(f"fastlm bench: {e}", file=sys.stderr)
         return 2

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import fastlm
-from fastlm import benchmark as bm
-from fastlm import benchmark_peers as peers
-from fastlm import benchmark_worker as worker
+from fastlm.bench import report
+from fastlm.bench.peers import ctranslate2_engine, suite, worker, workloads
+from fastlm.bench.peers.registry import providers
+from fastlm.bench.peers.workloads import PEER_CASES
 
 try:
     import ctranslate2
@@ -33,31 +34,32 @@ def test_gpt2_floor_counts_the_weights_a_decode_step_reads():
     with torch.device("meta"):
         m = tf.GPT2LMHeadModel(tf.GPT2Config())
     n = sum(p.numel() for name, p in m.named_parameters() if "wpe" not in name)  # wte == lm_head, once
-    assert peers.gpt2_weight_bytes("fp32") == 4 * n
-    assert 490e6 < peers.gpt2_weight_bytes("fp32") < 500e6
-    i8 = peers.gpt2_weight_bytes("int8")
+    assert workloads.gpt2_weight_bytes("fp32") == 4 * n
+    assert 490e6 < workloads.gpt2_weight_bytes("fp32") < 500e6
+    i8 = workloads.gpt2_weight_bytes("int8")
     assert n < i8 < n + 1e6  # int8 weights + fp32 scales, biases, LayerNorms
-    assert peers.floor_ms(25.0, "fp32") == pytest.approx(4 * n / 25e9 * 1e3)
-    assert peers.floor_ms(None, "fp32") is None
+    assert workloads.floor_ms(25.0, "fp32") == pytest.approx(4 * n / 25e9 * 1e3)
+    assert workloads.floor_ms(None, "fp32") is None
 
 
 def test_peer_cases_follow_suite_device_and_ctranslate2(monkeypatch):
-    monkeypatch.setattr(peers, "ctranslate2_version", lambda: None)
-    assert bm.peer_cases("cpu", "ops", None) == ([], None)
-    got, why = bm.peer_cases("cpu", "all", None)
+    ct2 = ctranslate2_engine.ENGINE
+    monkeypatch.setattr(ct2, "missing", lambda: "ctranslate2 is not installed (pip install 'fastlm[peers]')")
+    assert suite.peer_cases("cpu", "ops", None) == ([], None)
+    got, why = suite.peer_cases("cpu", "all", None)
     assert got == [] and "ctranslate2 is not installed" in why  # a plain `fastlm bench` stays short
-    assert bm.peer_cases("cpu", "peers", None)[0] == list(bm.PEER_CASES)  # the rest still runs
-    assert bm.peer_cases("cuda", "peers", None)[0] == []
-    assert bm.peer_cases("cpu", "all", "peers_bert_fwd")[0] == ["peers_bert_fwd"]
-    assert bm.peer_cases("cpu", "all", "attention")[0] == []
-    monkeypatch.setattr(peers, "ctranslate2_version", lambda: "4.8.5")
-    assert bm.peer_cases("cpu", "all", None)[0] == list(bm.PEER_CASES)
+    assert suite.peer_cases("cpu", "peers", None)[0] == list(PEER_CASES)  # the rest still runs
+    assert suite.peer_cases("cuda", "peers", None)[0] == []
+    assert suite.peer_cases("cpu", "all", "peers_bert_fwd")[0] == ["peers_bert_fwd"]
+    assert suite.peer_cases("cpu", "all", "attention")[0] == []
+    monkeypatch.setattr(ct2, "missing", lambda: None)
+    assert suite.peer_cases("cpu", "all", None)[0] == list(PEER_CASES)
 
 
 @needs_ct2
 def test_ctranslate2_bert_equals_fastlm_on_the_converted_model(cache):
-    d = worker.prepare(cache, "bert", "tiny")
-    enc = ctranslate2.Encoder(os.path.join(d, f"ct2-{ctranslate2.__version__}"), device="cpu",
+    d = worker.prepare(cache, "bert", "tiny", "ctranslate2")
+    enc = ctranslate2.Encoder(ctranslate2_engine.converted_dir(d), device="cpu",
                               compute_type="float32", intra_threads=1)
     ids = torch.randint(0, 1000, (3, 37), generator=torch.Generator().manual_seed(5))
     got = torch.as_tensor(__import__("numpy").array(enc.forward_batch(ids.tolist()).last_hidden_state))
@@ -69,14 +71,14 @@ def test_ctranslate2_bert_equals_fastlm_on_the_converted_model(cache):
 
 @needs_ct2
 def test_ctranslate2_gpt2_greedy_tokens_equal_fastlm(cache):
-    d = worker.prepare(cache, "gpt2", "tiny")
-    gen = ctranslate2.Generator(os.path.join(d, f"ct2-{ctranslate2.__version__}"), device="cpu",
+    d = worker.prepare(cache, "gpt2", "tiny", "ctranslate2")
+    gen = ctranslate2.Generator(ctranslate2_engine.converted_dir(d), device="cpu",
                                 compute_type="float32", intra_threads=1)
     model = fastlm.from_pretrained(d)
     for seed in (0, 1):
         ids = torch.randint(0, 999, (1, 16), generator=torch.Generator().manual_seed(seed))
         want = model.generate(ids, max_new_tokens=24)[0, 16:].tolist()
-        r = gen.generate_batch([worker.gen_tokens(d, ids[0].tolist())], max_length=24, min_length=24,
+        r = gen.generate_batch([ctranslate2_engine.gen_tokens(d, ids[0].tolist())], max_length=24, min_length=24,
                                sampling_topk=1, include_prompt_in_result=False)
         assert len(set(want)) >= 6, want  # initializer_range 0.4: a diverse, meaningful comparison
         assert r[0].sequences_ids[0] == want
@@ -87,11 +89,11 @@ def test_peers_suite_runs_every_engine_in_its_own_process(cache, tmp_path, monke
     """The whole pipeline on tiny models: rows for each engine and precision (fastlm int8 skips with
     its reason until quantize= lands), the markdown table and the bar plot."""
     monkeypatch.setenv("FASTLM_BENCH_CACHE", cache)
-    rows, read = peers.run_peers(list(bm.PEER_CASES), rounds=1, calls=1, threads=1, size="tiny")
+    rows, read = suite.run_peers(list(PEER_CASES), rounds=1, calls=1, threads=1, size="tiny")
     assert read and read > 0.1
     by = {(r.case, r.provider): r for r in rows}
-    assert set(by) == {(c, p) for c in bm.PEER_CASES for p, _, _ in peers.ENGINES}
-    for case in bm.PEER_CASES:
+    assert set(by) == {(c, p) for c in PEER_CASES for p, _, _ in providers()}
+    for case in PEER_CASES:
         for p in ("ctranslate2", "ctranslate2_int8", "fastlm", "transformers"):
             assert by[(case, p)].status == "ok" and by[(case, p)].ms > 0, by[(case, p)]
         r = by[("peers_bert_fwd", "transformers_int8")]
@@ -99,15 +101,15 @@ def test_peers_suite_runs_every_engine_in_its_own_process(cache, tmp_path, monke
         assert by[("peers_gpt2_decode", "transformers_int8")].status.startswith("skipped: torch's dynamic int8")
         r = by[(case, "fastlm_int8")]
         assert (r.status == "ok" and r.ms > 0) or r.status.startswith("skipped: "), r
-    md = peers.markdown(rows, read)
+    md = report.peers_markdown(rows, read)
     assert "| CTranslate2 | int8 |" in md and "floor:" in md
-    png = peers.plot(rows, read, str(tmp_path / "peers.png"))
+    png = report.peers_plot(rows, read, str(tmp_path / "peers.png"))
     assert png and os.path.getsize(png) > 1000
 
 
 def test_worker_reports_a_missing_engine_as_a_skip_not_a_crash(cache, capsys):
-    worker.prepare(cache, "bert", "tiny", ct2=False)
-    worker.prepare(cache, "gpt2", "tiny", ct2=False)
+    workloads.prepare(cache, "bert", "tiny")
+    workloads.prepare(cache, "gpt2", "tiny")
     assert worker.main(["time", "--work", "gpt2", "--engine", "transformers", "--precision", "int8",
                         "--cache", cache, "--size", "tiny"]) == 0
     assert '"skip": "torch\'s dynamic int8 quantization covers nn.Linear' in capsys.readouterr().out

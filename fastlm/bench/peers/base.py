@@ -1,0 +1,68 @@
+"""Engine: the interface every engine of the peers suite implements.
+
+An engine is one module, fastlm/bench/peers/<name>_engine.py, defining `ENGINE = <Engine subclass>()`,
+and one line in fastlm/bench/peers/registry.py. The suite asks it, in the parent process, whether
+it can run here (`missing`) and its version; in a worker process of its own (fastlm.bench.peers.worker)
+it prepares the model once (`prepare`: convert, export, quantize) and builds the callable that is
+timed (`runner`). An engine that is not installed, or that cannot prepare or run a workload, gives
+skipped rows with the reason (raise `fastlm.bench.result.Skip(reason)`), never a crash of the run.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+
+class Engine:
+    """One engine of the peers suite. Subclasses set the attributes and implement `runner`."""
+
+    name: str = ""  # provider of its rows: NAME for fp32, NAME_<precision> for the others
+    title: str = ""  # its name in the table and the plot, e.g. "CTranslate2"
+    module: str | None = None  # the Python module it needs (None: always there)
+    install: str = ""  # how to install it, e.g. "pip install 'fastlm[peers]'"
+    optional: bool = True  # an outside engine: a plain `fastlm bench` runs the peers only when one is installed
+    precisions: tuple[str, ...] = ("fp32", "int8")  # the rows it has (see registry.PRECISIONS)
+    prepares: bool = False  # prepare() has work to do: the suite runs it once per workload, in its own process
+
+    def missing(self) -> str | None:
+        """Why this engine cannot run here, or None when it can. Only imports `module`."""
+        if self.module is None:
+            return None
+        try:
+            importlib.import_module(self.module)
+        except ImportError:
+            return f"{self.module} is not installed ({self.install})" if self.install else \
+                f"{self.module} is not installed"
+        except Exception as e:  # installed but broken (a missing shared library, ...)
+            return f"{self.module} does not import: {type(e).__name__}: {str(e)[:120]}"
+        return None
+
+    def version(self) -> str | None:
+        """The engine's version, None when it is missing."""
+        if self.module is None or self.missing():
+            return None
+        return str(getattr(importlib.import_module(self.module), "__version__", "unknown"))
+
+    def label(self, precision: str) -> str:
+        """The engine's name in the row of `precision` (the table's engine column)."""
+        return self.title
+
+    def math(self, precision: str) -> str:
+        """The math it runs for `precision` (the table's precision column): the precision, then any
+        detail in parentheses, e.g. "int8 (Q8_0)" for a quantized file type; the plot keeps the part
+        before " (". """
+        return precision
+
+    def prepare(self, work: str, model_dir: str) -> None:
+        """Convert / export / quantize the saved transformers model in `model_dir` for `work`
+        ("gpt2" | "bert"), once: keep the result under `model_dir` and return at once when it is
+        there. Runs in a worker process; raise Skip(reason) when the engine cannot take the model."""
+
+    def runner(self, work: str, precision: str, model_dir: str, ids, threads: int) -> tuple[Callable[[], Any], int]:
+        """A zero-argument callable running one call of the workload on token ids `ids` (a LongTensor:
+        (1, prompt) for "gpt2", which decodes workloads.GPT2_NEW tokens greedily; (batch, seq) for
+        "bert", one forward) with `threads` threads, and the units one call makes (new tokens, or 1).
+        Runs in the worker process, which times it; raise Skip(reason) where it cannot run."""
+        raise NotImplementedError

@@ -1,0 +1,48 @@
+"""fastlm itself in the peers suite: fastlm.from_pretrained on the saved model, fp32 and int8
+(quantize="int8" for GPT-2 decode, "int8_dynamic" for the BERT forward)."""
+
+from __future__ import annotations
+
+import inspect
+
+from fastlm.bench.peers.base import Engine
+from fastlm.bench.peers.workloads import GPT2_NEW, GPT2_PROMPT
+from fastlm.bench.result import Skip
+
+
+class FastLM(Engine):
+    name = "fastlm"
+    title = "fastlm"
+    optional = False
+
+    def version(self) -> str | None:
+        import fastlm
+
+        return fastlm.__version__
+
+    def math(self, precision: str) -> str:
+        return "int8 (GPT-2 int8, BERT int8_dynamic)" if precision == "int8" else precision
+
+    def runner(self, work, precision, model_dir, ids, threads):
+        import torch
+
+        import fastlm
+
+        kw = {}
+        if precision == "int8":
+            if "quantize" not in inspect.signature(fastlm.from_pretrained).parameters:
+                raise Skip("fastlm.from_pretrained has no quantize= yet (issue 10 item 2)")
+            kw["quantize"] = "int8" if work == "gpt2" else "int8_dynamic"
+        try:
+            m = fastlm.from_pretrained(model_dir, dtype=torch.float32, device="cpu", **kw)
+        except (ValueError, NotImplementedError) as e:
+            raise Skip(f"fastlm quantize={kw.get('quantize')}: {e}") from None
+        if work == "gpt2":
+            def run():
+                out = m.generate(ids, max_new_tokens=GPT2_NEW)
+                assert out.shape[1] == GPT2_PROMPT + GPT2_NEW, out.shape
+            return run, GPT2_NEW
+        return lambda: m(ids), 1
+
+
+ENGINE = FastLM()

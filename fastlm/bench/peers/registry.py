@@ -1,0 +1,34 @@
+"""The engines of the peers suite: one line per engine, the module under fastlm/bench/peers/ that
+defines ENGINE (a fastlm.bench.peers.base.Engine). The order is the order of the rows."""
+
+from __future__ import annotations
+
+import importlib
+from functools import cache
+
+from fastlm.bench.peers.base import Engine
+
+ENGINE_MODULES = (
+    "ctranslate2_engine",
+    "fastlm_engine",
+    "transformers_engine",
+)
+PRECISIONS = ("fp32", "int8")  # rows precision by precision, each over the engines that have it
+
+
+@cache
+def engines() -> dict[str, Engine]:
+    """name -> engine, in ENGINE_MODULES order. Importing an engine module imports no engine
+    library: that happens in missing(), version() and the worker."""
+    out: dict[str, Engine] = {}
+    for mod in ENGINE_MODULES:
+        engine = importlib.import_module(f"fastlm.bench.peers.{mod}").ENGINE
+        out[engine.name] = engine
+    return out
+
+
+def providers() -> list[tuple[str, str, str]]:
+    """(provider, engine name, precision) of every row of a peers case, in order: the fp32 rows of
+    every engine, then the int8 rows. The provider is the engine's name, + "_<precision>" but for fp32."""
+    return [(e.name if p == "fp32" else f"{e.name}_{p}", e.name, p)
+            for p in PRECISIONS for e in engines().values() if p in e.precisions]

@@ -1,0 +1,133 @@
+"""`fastlm bench --suite peers`: fastlm against the CPU engines people already run.
+
+The workloads (fastlm/bench/peers/workloads.py: GPT-2 small decode, BERT-base forward) run on every
+registered engine (fastlm/bench/peers/registry.py: fastlm, CTranslate2 and transformers today), fp32
+and int8. Each engine runs in a process of its own (fastlm.bench.peers.worker) with the same number
+of threads, the engines alternating within a round; a row is the best call over all rounds. An
+engine that is missing, or cannot prepare or run a workload, gives skipped rows with the reason.
+Each round also measures the machine's read bandwidth (a 384 MB buffer on transparent huge pages
+summed by the same threads: fastlm's packed weights live on huge pages too, and on 4 KiB pages the
+same sum reads slower than fastlm's decode GEMV does), and the GPT-2 floor is the weight bytes a
+decode step must stream divided by the best of those bandwidths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+
+from fastlm.bench.peers.registry import engines, providers
+from fastlm.bench.peers.workloads import LABELS, PEER_CASES, UNITS, WORKS, cache_dir, floor_ms
+from fastlm.bench.result import Row
+
+
+def peer_cases(device: str, suite: str, only: str | None) -> tuple[list[str], str | None]:
+    """The peers cases this run times, and why none run where that is the case. `--suite peers`
+    runs them always (a missing engine's rows skip with the reason); `all` runs them on CPU when an
+    optional engine (CTranslate2, ...) is installed, so a plain `fastlm bench` stays short elsewhere."""
+    if only is not None and only not in PEER_CASES:
+        return [], None
+    if suite not in ("peers", "all") and only is None:
+        return [], None
+    if device != "cpu":
+        return [], "the peers suite compares CPU engines: run it with --device cpu"
+    if suite == "all" and only is None:
+        why = [e.missing() for e in engines().values() if e.optional]
+        if why and all(why):
+            return [], "; ".join(why) + "; --suite peers runs the rest"
+    return [only] if only else list(PEER_CASES), None
+
+
+def _worker(args: list[str], threads: int, timeout: float) -> dict:
+    import fastlm
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastlm.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "bandwidth" in args:  # the buffer on transparent huge pages, as fastlm's packed weights are
+        env["THP_MEM_ALLOC_ENABLE"] = "1"  # (torch's CPU allocator reads it at start-up)
+    try:
+        r = subprocess.run([sys.executable, "-m", "fastlm.bench.peers.worker", *args, "--threads", str(threads)],
+                           capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if r.returncode != 0 or not lines:
+        tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"worker exit {r.returncode}: {tail[:200]}"}
+    return json.loads(lines[-1])
+
+
+def run_peers(works: list[str], rounds: int = 2, calls: int = 3, threads: int = 2,
+              progress: Callable[[str], None] | None = None, timeout: float = 900,
+              size: str = "base") -> tuple[list[Row], float | None]:
+    """Rows for the peers cases in `works` (names from workloads.WORKS), one per
+    registry.providers() entry, and the best read bandwidth (GB/s). `size="tiny"` runs the same on
+    2-layer models (for tests: the floor then means nothing)."""
+    cache = cache_dir()
+    say = progress or (lambda msg: None)
+    rows_of = providers()
+    why_not = {name: e.missing() for name, e in engines().items()}
+    status: dict[tuple[str, str], str] = {}
+    best: dict[tuple[str, str], float] = {}
+    best_cpu: dict[tuple[str, str], float] = {}
+    for case in works:
+        say(f"{case}: preparing the random-weight model (once, in {cache})")
+        base = ["--work", WORKS[case], "--cache", cache, "--size", size]
+        r = _worker(["prepare", *base], threads, timeout)
+        if "error" in r:
+            for p, _, _ in rows_of:
+                status[(case, p)] = f"failed: prepare: {r['error']}"
+            continue
+        for name, e in engines().items():
+            if not e.prepares or why_not[name]:
+                continue
+            say(f"{case}: {e.title}: preparing the model (once)")
+            r = _worker(["prepare", *base, "--engine", name], threads, timeout)
+            if "skip" in r or "error" in r:  # that engine's rows of this case skip; the others run
+                why = r.get("skip") or r["error"]
+                for p, n, _ in rows_of:
+                    if n == name:
+                        status[(case, p)] = f"skipped: {e.title} could not prepare the model: {why}"
+    gbs: list[float] = []
+    for rnd in range(rounds):
+        say(f"peers round {rnd + 1}/{rounds}: read bandwidth")
+        r = _worker(["bandwidth", "--cache", cache], threads, timeout)
+        gbs += r.get("gbs", [])
+        for case in works:
+            for p, name, precision in rows_of:
+                key = (case, p)
+                if key in status:
+                    continue
+                if why_not[name]:
+                    status[key] = f"skipped: {why_not[name]}"
+                    continue
+                say(f"{case} {p} (round {rnd + 1}/{rounds})")
+                r = _worker(["time", "--work", WORKS[case], "--engine", name, "--precision", precision,
+                             "--cache", cache, "--calls", str(calls), "--size", size], threads, timeout)
+                if "skip" in r:
+                    status[key] = f"skipped: {r['skip']}"
+                elif "error" in r:
+                    status[key] = f"failed: {r['error']}"
+                else:
+                    best[key] = min(best.get(key, float("inf")), *r["ms"])
+                    best_cpu[key] = min(best_cpu.get(key, float("inf")), *r.get("cpu_ms", [float("inf")]))
+    read = max(gbs) if gbs else None
+    rows = []
+    for case in works:
+        work = WORKS[case]
+        for p, _, precision in rows_of:
+            row = Row(case, LABELS[work], p, unit=UNITS[work], status=status.get((case, p), "ok"))
+            if (case, p) in best:
+                row.ms = row.value = best[(case, p)]
+                row.cpu_ms = best_cpu.get((case, p))
+                fl = floor_ms(read, precision) if work == "gpt2" and size == "base" else None
+                row.pct_of_ceiling = 100 * fl / row.ms if fl else None
+            elif row.status == "ok":
+                row.status = "failed: no measurement"
+            rows.append(row)
+    return rows, read

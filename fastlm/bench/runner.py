@@ -1,0 +1,130 @@
+"""The run behind `fastlm bench`: which cases a suite runs, timing them into rows, and the Result.
+
+Suites: ops (fastlm/bench/ops.py), models (fastlm/bench/models.py + generate.py), peers
+(fastlm/bench/peers/suite.py: a process per engine) and all. A new suite is one module with a
+`cases(device, dtype) -> list[Case]` function and its case names, added to SUITES and build_cases
+here (a suite of separate processes, like peers, has its own run function called from run()).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+from fastlm.bench import generate, models, ops
+from fastlm.bench.peers.registry import engines
+from fastlm.bench.peers.suite import peer_cases, run_peers
+from fastlm.bench.peers.workloads import PEER_CASES
+from fastlm.bench.result import Case, Ceilings, Result, Row, Skip, measure_ceilings, save_json, time_ms
+
+SUITES = ("ops", "models", "all", "peers")
+OPS = ops.OPS
+MODEL_CASES = models.MODEL_CASES + generate.GENERATE_CASES
+
+
+def build_cases(device: str, dtype: torch.dtype, suite: str, only: str | None) -> list[Case]:
+    """The in-process cases of `suite` (ops | models | all | peers; the peers cases run apart, see
+    peer_cases) at the shapes for `device`, or only those named `only`. Nothing is timed or allocated
+    beyond small index tensors. Raises ValueError naming the valid suites / case names."""
+    if suite not in SUITES:
+        raise ValueError(f"--suite must be one of {', '.join(SUITES)}, got {suite!r}")
+    cases: list[Case] = []
+    if suite in ("models", "all"):  # first: if a time limit cuts the run, the headline rows are in
+        cases += models.cases(device, dtype) + generate.cases(device, dtype)
+    if suite in ("ops", "all"):
+        cases += ops.cases(device, dtype)
+    names = sorted(set(OPS) | set(MODEL_CASES) | set(PEER_CASES))
+    if only is not None:
+        if only not in names:
+            raise ValueError(f"--only must be one of {', '.join(names)}, got {only!r}")
+        cases = [c for c in cases if c.name == only]
+    return cases
+
+
+def run_case(case: Case, device: str, ceilings: Ceilings, budget_s: float) -> list[Row]:
+    """One row per provider of `case`: its time (time_ms, `budget_s` seconds) and headline value
+    against the ceiling; a provider that raises Skip, runs out of GPU memory or fails is a row with
+    that status, not a crash."""
+    rows = []
+    for pname, factory in case.providers.items():
+        row = Row(case.name, case.label, pname, x=case.x, unit=case.unit)
+        try:
+            fn = factory()
+            row.ms = time_ms(fn, device, budget_s)
+        except Skip as e:
+            row.status = f"skipped: {e}"
+        except torch.cuda.OutOfMemoryError:
+            row.status = "skipped: out of GPU memory"
+        except Exception as e:  # a baseline that breaks is a row, not a crash
+            row.status = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        if row.ms:
+            s = row.ms / 1e3
+            if case.unit == "TFLOP/s":
+                row.value = case.flops / s / 1e12
+                row.pct_of_ceiling = 100 * row.value / ceilings.matmul_tflops
+            elif case.unit == "GB/s":
+                row.value = case.bytes / s / 1e9
+                row.pct_of_ceiling = 100 * row.value / ceilings.copy_gbs
+            elif case.unit == "tok/s":
+                row.value = case.tokens / s
+            else:
+                row.value = row.ms
+        rows.append(row)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo (lscpu) gives it, else platform's guess."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def run(device: str, dtype: torch.dtype, suite: str = "all", only: str | None = None, budget_s: float = 0.5,
+        progress: Callable[[str], None] | None = None, partial_json: str | None = None,
+        rounds: int | None = None, calls: int | None = None, threads: int = 2) -> Result:
+    """Every case of the suite, one after the other. With `partial_json`, the results so far are
+    rewritten there after each case, so a run cut short by a time limit still leaves its rows.
+    The peers cases (fastlm.bench.peers) run first, `rounds` x `calls` per engine (default
+    2 x 3 for --suite peers, 1 x 2 inside `all`), each engine in its own process with `threads`."""
+    from fastlm.info import environment
+
+    cases = build_cases(device, dtype, suite, only)
+    peers, why_not = peer_cases(device, suite, only)
+    ceilings = measure_ceilings(device)
+    env = environment()
+    for name, e in engines().items():  # the peer engines' versions (None: not installed)
+        env.setdefault(name, e.version())
+    env["cpu_model"], env["cpu_count"] = cpu_model(), os.cpu_count()
+    if hasattr(os, "getloadavg"):  # other work on the machine while this ran (1-minute load average)
+        env["loadavg_start"] = round(os.getloadavg()[0], 2)
+    res = Result(env=env, device=device, dtype=str(dtype).replace("torch.", ""), suite=suite, ceilings=ceilings)
+    if peers:
+        full = suite == "peers" or only is not None
+        rows, ceilings.read_gbs = run_peers(peers, rounds or (2 if full else 1), calls or (3 if full else 2),
+                                            threads, progress)
+        res.rows += rows
+        if partial_json:
+            save_json(res, partial_json)
+        if hasattr(os, "getloadavg"):
+            env["loadavg_after_peers"] = round(os.getloadavg()[0], 2)
+    elif why_not and suite == "peers":
+        res.rows += [Row(c, "-", "all", status=f"skipped: {why_not}") for c in PEER_CASES]
+    for case in cases:
+        if progress:
+            progress(f"{case.name} {case.label}")
+        res.rows += run_case(case, device, ceilings, budget_s)
+        if partial_json:
+            save_json(res, partial_json)
+    return res
