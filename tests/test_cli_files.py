@@ -310,3 +310,13 @@ def test_info_says_what_this_cpu_runs():
     attention = next(r for r in rep["ops"] if r["op"] == "attention")["runs on CPU"]
     has_avx512 = rep["fastlm._C"] == "loaded" and bool(torch.ops.fastlm.cpu_has_avx512())
     assert ("attention_blocked" in attention) == has_avx512
+
+
+def test_readme_shows_the_install_choice_and_the_new_options():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in readme
+    assert "DESIGN.md has their contracts" not in readme and "[docs/design.md](docs/design.md) has their" in readme
+    for opt in ("--stream", "--prompts-file", "--pooling", "--no-normalize", "--max-length", "--precision",
+                "normalize_embeddings", "convert_to_numpy", "prompt_name", "return_dict", "--version"):
+        assert opt in readme, opt
