@@ -173,6 +173,8 @@ def cmd_generate(args) -> int:
 
     if args.prompts_file is not None and args.model is None:
         raise UsageError("--prompts-file needs --model DIR with the checkpoint's tokenizer files")
+    if args.prompts_file is not None and args.batch != 1:
+        raise UsageError("--batch repeats one prompt; with --prompts-file the batch is one row per prompt")
     prompts = None
     if args.prompts_file is not None:  # read (and check) the prompts before the model loads
         prompts = textio.read_texts(args.prompts_file, fmt=args.input_format, field=args.text_field)

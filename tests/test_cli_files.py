@@ -262,6 +262,8 @@ def test_generate_stream_prints_the_same_text(tmp_path, capsys):
     assert "--stream prints one sequence" in capsys.readouterr().err
     assert cli.main(["generate", "--config", "gpt2-tiny", "--prompts-file", str(f)]) == 2
     assert "--prompts-file needs --model" in capsys.readouterr().err
+    assert cli.main(["generate", "--model", path, "--prompts-file", str(f), "--batch", "2"]) == 2
+    assert "one row per prompt" in capsys.readouterr().err
 
 
 def test_generate_errors_one_line(tmp_path):

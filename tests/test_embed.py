@@ -169,7 +169,7 @@ def test_cli_embed_npy_and_jsonl(tmp_path, reference):
     vecs = np.load(out)
     assert vecs.dtype == np.float32 and vecs.shape == (len(TEXTS), 384)
     assert max_err(torch.from_numpy(vecs), reference) <= TOL
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".fastlm-embed")] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".fastlm-")] == []
     r = run_cli("--model", MODEL, "--format", "jsonl", "--no-progress", "-", stdin="\n".join(TEXTS))
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
