@@ -116,3 +116,73 @@ def attention_qkv(op: str, q, k, v) -> None:
     head_dim(op, D)
     nonempty(op, "q", q)
     nonempty(op, "k", k)
+
+
+# -- user-facing arguments of from_pretrained / Embedder / the CLI ------------------------------
+
+# dtype names accepted besides torch dtypes: transformers' (torch attribute names, "auto") and the
+# CLI's short forms. "auto" (and None) keep the checkpoint's own dtype.
+DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def model_dtype(fn: str, dtype) -> torch.dtype | None:
+    """`dtype` as transformers takes it -> torch.float32 / float16 / bfloat16, or None for the
+    checkpoint's own dtype. Accepts a torch dtype, its name ("float16", "torch.float16"), the short
+    forms fp32 / fp16 / bf16, "auto" or None. Raises TypeError (not a dtype or a str) or ValueError
+    (a dtype or name fastlm's models do not run) naming `dtype`."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        name = dtype.strip().lower().removeprefix("torch.")
+        if name == "auto":
+            return None
+        if name not in DTYPE_NAMES:
+            raise ValueError(f"{fn}: dtype {dtype!r} is not supported; use torch.float32 / float16 / bfloat16, "
+                             f"one of {', '.join(repr(n) for n in DTYPE_NAMES)}, or 'auto' (the checkpoint's dtype)")
+        return DTYPE_NAMES[name]
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{fn}: dtype must be a torch.dtype, a dtype name (e.g. 'float16', 'fp16') or 'auto', "
+                        f"got {type(dtype).__name__}")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{fn}: dtype must be torch.float32, float16 or bfloat16, got {dtype}")
+    return dtype
+
+
+def _no_device(requested: str, kind: str, has: str) -> str:
+    return f"device={requested!r} asks for {kind}, but {has}; use device='cpu' (or leave device unset)"
+
+
+def model_device(fn: str, device) -> torch.device | None:
+    """`device` (a torch.device, a str like "cuda:1", an int GPU index, or None) -> torch.device,
+    checked against this machine: ValueError naming `device` when it asks for a GPU this machine
+    does not have (instead of torch's AssertionError deep inside the first copy), or for a bad
+    device string; TypeError for another type. None stays None (the caller's default)."""
+    if device is None:
+        return None
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(f"{fn}: device must be a str (e.g. 'cpu', 'cuda', 'cuda:1'), a torch.device or a GPU "
+                        f"index, got {type(device).__name__}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{fn}: device {device!r} is not a device: {e}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            has = (f"this torch ({torch.__version__}) is a CPU-only build" if torch.version.cuda is None
+                   else "this machine has no CUDA GPU (torch.cuda.is_available() is False)")
+            raise ValueError(f"{fn}: " + _no_device(str(device), "a CUDA GPU", has))
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"{fn}: " + _no_device(str(device), f"CUDA GPU {dev.index}",
+                                                    f"this machine has {n} GPU(s) (cuda:0 to cuda:{n - 1})"))
+    elif dev.type != "cpu":
+        backend = getattr(torch, dev.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise ValueError(f"{fn}: " + _no_device(str(device), f"a {dev.type} device",
+                                                    f"torch has no {dev.type} device here"))
+    return dev

@@ -146,141 +146,168 @@ GPT2_SIZES = {
 }
 
 
+def _stream_text(tok):
+    """Print one sequence's tokens as they come: the decoded text grows; an incomplete UTF-8
+    character (a trailing U+FFFD) waits for the next token."""
+    ids, shown = [], ""
+
+    def add(token: int) -> None:
+        nonlocal shown
+        ids.append(token)
+        text = tok.decode(ids) if tok is not None else " ".join(map(str, ids))
+        if tok is not None and text.endswith("\ufffd"):
+            return
+        if text.startswith(shown):
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+
+    return add
+
+
 def cmd_generate(args) -> int:
     import time
 
     import torch
+    from rich.markup import escape
 
     import fastlm
+    from fastlm import textio
 
+    if args.prompts_file is not None and args.model is None:
+        raise UsageError("--prompts-file needs --model DIR with the checkpoint's tokenizer files")
+    if args.prompts_file is not None and args.batch != 1:
+        raise UsageError("--batch repeats one prompt; with --prompts-file the batch is one row per prompt")
+    prompts = None
+    if args.prompts_file is not None:  # read (and check) the prompts before the model loads
+        prompts = textio.read_texts(args.prompts_file, fmt=args.input_format, field=args.text_field)
+    n_seq = len(prompts) if prompts is not None else args.batch
+    if args.stream and n_seq != 1:
+        raise UsageError(f"--stream prints one sequence as it is made; got {n_seq} ("
+                         + ("one per prompt in --prompts-file" if prompts is not None else "--batch") + ")")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if device == "cuda" else "fp32")])
     tok = None
-    try:
-        if args.model:
-            model = fastlm.from_pretrained(args.model, dtype=dtype, device=device, quantize=args.quantize)
-            try:
-                from transformers import AutoTokenizer
+    if args.model:
+        model = fastlm.from_pretrained(args.model, dtype=dtype, device=device, quantize=args.quantize)
+        try:
+            from transformers import AutoTokenizer
 
-                tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-            except Exception as e:  # no tokenizer files: token ids only
-                if args.prompt is not None:
-                    print(f"fastlm generate: no tokenizer in {args.model} ({type(e).__name__}); use --prompt-ids",
-                          file=sys.stderr)
-                    return 2
-        else:
-            from transformers import GPT2Config
+            tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+        except Exception as e:  # no tokenizer files: token ids only
+            if args.prompt is not None or prompts is not None:
+                what = "--prompt" if args.prompt is not None else "--prompts-file"
+                raise UsageError(f"no tokenizer in {args.model} ({type(e).__name__}) for {what}; "
+                                 "use --prompt-ids") from None
+    else:
+        from transformers import GPT2Config
 
-            if args.config not in GPT2_SIZES:
-                print(f"fastlm generate: --config must be one of {', '.join(GPT2_SIZES)}", file=sys.stderr)
-                return 2
-            model = fastlm.from_pretrained(GPT2Config(**GPT2_SIZES[args.config]), dtype=dtype, device=device,
-                                           quantize=args.quantize)
-        if not isinstance(model, fastlm.GPT2LMHeadModel):
-            print("fastlm generate: the model is not a GPT-2 language model", file=sys.stderr)
-            return 2
-        if args.prompt is not None:
-            ids = tok(args.prompt, return_tensors="pt").input_ids
-        elif args.prompt_ids:
-            ids = torch.tensor([[int(t) for t in args.prompt_ids.split(",")]])
-        else:
-            g = torch.Generator().manual_seed(0)
-            ids = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=g)
-        ids = ids.expand(args.batch, -1).to(device)
-        # options left unset (None) take the checkpoint's generation defaults (eos, pad, sampling, ...)
-        kw = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample, "temperature": args.temperature,
-              "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed, "min_new_tokens": args.min_new_tokens,
-              "repetition_penalty": args.repetition_penalty}
-        list(model.stream(ids, **{**kw, "max_new_tokens": 2}))  # warm-up: JIT, cache, CUDA graph
-        t0 = time.perf_counter()
-        times, steps = [], []
-        for new in model.stream(ids, **kw):
-            times.append(time.perf_counter())
-            steps.append(new)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"fastlm generate: {e}", file=sys.stderr)
-        return 2
-    out = torch.stack(steps, 1)
+        if args.config not in GPT2_SIZES:
+            raise UsageError(f"--config must be one of {', '.join(GPT2_SIZES)}")
+        model = fastlm.from_pretrained(GPT2Config(**GPT2_SIZES[args.config]), dtype=dtype, device=device,
+                                       quantize=args.quantize)
+    if not isinstance(model, fastlm.GPT2LMHeadModel):
+        raise UsageError("the model is not a GPT-2 language model")
+    mask = None
+    if prompts is not None:  # one row per prompt, left-padded (generate takes either padding side)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        tok.padding_side = "left"
+        enc = tok(prompts, return_tensors="pt", padding=True)
+        ids, mask = enc.input_ids, enc.attention_mask
+        if ids.shape[1] == 0 or bool((mask.sum(1) == 0).any()):
+            raise UsageError(f"{args.prompts_file}: a prompt has no tokens (empty line?)")
+    elif args.prompt is not None:
+        ids = tok(args.prompt, return_tensors="pt").input_ids.expand(args.batch, -1)
+    elif args.prompt_ids:
+        try:
+            ids = torch.tensor([[int(t) for t in args.prompt_ids.split(",")]]).expand(args.batch, -1)
+        except ValueError:
+            raise UsageError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+    else:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, model.config.vocab_size, (1, args.prompt_len), generator=g).expand(args.batch, -1)
+    ids = ids.to(device)
+    mask = mask.to(device) if mask is not None else None
+    # options left unset (None) take the checkpoint's generation defaults (eos, pad, sampling, ...)
+    kw = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample, "temperature": args.temperature,
+          "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed, "min_new_tokens": args.min_new_tokens,
+          "repetition_penalty": args.repetition_penalty}
+    list(model.stream(ids, mask, **{**kw, "max_new_tokens": 2}))  # warm-up: JIT, cache, CUDA graph
     con = _console()
-    for b in range(min(args.batch, 4)):
-        text = tok.decode(out[b]) if tok is not None else " ".join(map(str, out[b].tolist()))
-        con.print(f"[bold]{b}[/bold] {text}")
+    show = _stream_text(tok) if args.stream else None
+    t0 = time.perf_counter()
+    times, steps = [], []
+    for new in model.stream(ids, mask, **kw):
+        times.append(time.perf_counter())
+        steps.append(new)
+        if show is not None:
+            show(int(new[0]))
+    out = torch.stack(steps, 1)
+    if show is not None:
+        sys.stdout.write("\n")
+    else:
+        rows = len(prompts) if prompts is not None else min(args.batch, 4)
+        for b in range(rows):
+            text = tok.decode(out[b]) if tok is not None else " ".join(map(str, out[b].tolist()))
+            con.print(f"[bold]{b}[/bold] {escape(text)}", highlight=False)
     ttft = (times[0] - t0) * 1e3
     per_tok = (times[-1] - times[0]) / max(1, len(times) - 1) * 1e3
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    con.print(f"{where}, {str(dtype)[6:]}, batch {args.batch}, prompt {ids.shape[1]}, {len(times)} new tokens: "
+    con.print(f"{where}, {str(dtype)[6:]}, batch {ids.shape[0]}, prompt {ids.shape[1]}, {len(times)} new tokens: "
               f"time to first token {ttft:.1f} ms, {per_tok:.2f} ms/token, "
-              f"{args.batch * (len(times) - 1) / max(times[-1] - times[0], 1e-9):.1f} tok/s (decode)")
+              f"{ids.shape[0] * (len(times) - 1) / max(times[-1] - times[0], 1e-9):.1f} tok/s (decode)")
     return 0
 
 
-def _read_texts(src: str) -> list[str]:
-    """One text per line (the line break removed; blank lines are texts too)."""
-    if src == "-":
-        data = sys.stdin.read()
-    else:
-        with open(src, encoding="utf-8") as f:
-            data = f.read()
-    texts = data.splitlines()
-    if not texts:
-        raise ValueError(f"{'standard input' if src == '-' else src} is empty: nothing to embed (one text per line)")
-    return texts
-
-
-def _write_atomic(path: str, write) -> None:
-    """write(file) into a temporary file next to `path`, renamed onto it only when complete."""
-    import tempfile
-
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fastlm-embed-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result gets the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def cmd_embed(args) -> int:
-    import numpy as np
-    import torch
-
     import fastlm
+    from fastlm import textio
 
-    if args.format == "npy" and not args.out:
-        print("fastlm embed: --format npy needs --out FILE.npy (or use --format jsonl for standard output)",
-              file=sys.stderr)
-        return 2
-    try:
-        texts = _read_texts(args.input)
-        dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
-        device = None if args.device == "auto" else args.device
-        emb = fastlm.Embedder(args.model, device=device, dtype=dtype, quantize=args.quantize, truncate=args.truncate)
-        vecs = emb.encode(texts, batch_size=args.batch_size, progress=not args.no_progress).numpy()  # (N, d) float32
-    except (ValueError, TypeError, OSError) as e:
-        print(f"fastlm embed: {e}", file=sys.stderr)
-        return 2
-    assert vecs.dtype == np.float32
-    if args.format == "npy":
-        _write_atomic(args.out, lambda f: np.save(f, vecs))
+    # everything about the files first: a bad output path or input fails before the model loads
+    if args.out:
+        textio.check_output_path(args.out)
+    fmt = textio.output_format(args.out, args.format)
+    texts = textio.read_texts(args.input, fmt=args.input_format, field=args.text_field)
+    device = None if args.device == "auto" else args.device
+    pooling = None if args.pooling is None else tuple(m.strip() for m in args.pooling.split(","))
+    emb = fastlm.Embedder(args.model, device=device, dtype=args.dtype, quantize=args.quantize,
+                          truncate=args.truncate, pooling=pooling, normalize=args.normalize,
+                          max_length=args.max_length)
+    vecs = emb.encode(texts, batch_size=args.batch_size, show_progress_bar=not args.no_progress,
+                      prompt=args.prompt, prompt_name=args.prompt_name, precision=args.precision,
+                      convert_to_numpy=True)  # (N, d): float32, or int8 / uint8 for --precision
+    data = textio.vectors_bytes(vecs, fmt)
+    if args.out:
+        textio.write_atomic(args.out, lambda f: f.write(data))
     else:
-        lines = "".join(json.dumps(v.tolist()) + "\n" for v in vecs)
-        if args.out:
-            _write_atomic(args.out, lambda f: f.write(lines.encode()))
-        else:
-            sys.stdout.write(lines)
-    print(f"fastlm embed: {len(texts)} texts -> {vecs.shape[1]}-d float32 vectors"
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    print(f"fastlm embed: {len(texts)} texts -> {vecs.shape[1]}-d {vecs.dtype} vectors"
           + (f" in {args.out}" if args.out else ""), file=sys.stderr)
     return 0
 
 
+class UsageError(Exception):
+    """A command-line mistake: one line on standard error, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors on one line (usage: `fastlm CMD --help`), exit status 2."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastlm", description="Fast BERT and GPT-2 inference")
-    sub = p.add_subparsers(dest="command", required=True)
+    from fastlm import __version__
+    from fastlm.embed import POOLING_MODES
+
+    p = _Parser(prog="fastlm", description="Fast BERT and GPT-2 inference",
+                epilog="Errors print one line on standard error and exit with status 2 (1 for an internal error, "
+                       "130 on Ctrl-C); FASTLM_DEBUG=1 shows tracebacks.")
+    p.add_argument("--version", action="version", version=f"fastlm {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     i = sub.add_parser("info", help="versions, GPU, fastlm._C, and which implementation each op runs")
     i.add_argument("--json", action="store_true", help="print JSON instead of tables")
     i.set_defaults(func=cmd_info)
@@ -307,6 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr = g.add_mutually_exclusive_group()
     pr.add_argument("--prompt", help="text (needs the checkpoint's tokenizer)")
     pr.add_argument("--prompt-ids", help="comma-separated token ids")
+    pr.add_argument("--prompts-file", help="one prompt per line (split at \\n only, a trailing \\r removed), or "
+                    'JSON lines with a "text" field (*.jsonl): one sequence per prompt, printed in order')
+    g.add_argument("--input-format", default="auto", choices=["auto", "lines", "jsonl"],
+                   help="--prompts-file format (auto: jsonl for *.jsonl, else one prompt per line)")
+    g.add_argument("--text-field", default="text", help='--prompts-file JSON lines field (default "text")')
+    g.add_argument("--stream", action="store_true", help="print the text as it is generated (one sequence)")
     g.add_argument("--prompt-len", type=int, default=16, help="random prompt length when no prompt is given")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--batch", type=int, default=1)
@@ -324,26 +357,79 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quantize", default=None, help="passed to fastlm.from_pretrained (int8: weight-only int8 "
                    "decode; int8_dynamic)")
     g.set_defaults(func=cmd_generate)
-    e = sub.add_parser("embed", help="sentence embeddings of one text per line (the checkpoint's pooling)")
-    e.add_argument("input", nargs="?", default="-", help="text file, one text per line (default -: standard input)")
+    e = sub.add_parser("embed", help="sentence embeddings of one text per line (the checkpoint's pooling)",
+                       description="Sentence embeddings, one row per input text, in input order. Input: one text "
+                       "per line (split at \\n only; a trailing \\r is removed; blank lines are empty texts), or "
+                       "JSON lines with a \"text\" field (*.jsonl or --input-format jsonl) for texts that hold "
+                       "line breaks. Output: the format follows the --out suffix (.npy, .json, .jsonl), written "
+                       "atomically; without --out, JSON lines on standard output.")
+    e.add_argument("input", nargs="?", default="-", help="text file (default -: standard input)")
     e.add_argument("--model", required=True, help="checkpoint directory (sentence-transformers or transformers)")
-    e.add_argument("--out", help="output file (.npy, or JSON lines with --format jsonl; default standard output)")
-    e.add_argument("--format", default="npy", choices=["npy", "jsonl"], help="npy (default) or jsonl: one "
-                   "JSON array per line, in input order")
+    e.add_argument("--out", help="output file: .npy, .json (one array of rows) or .jsonl (one array per line); "
+                   "checked before the model loads (default: JSON lines on standard output)")
+    e.add_argument("--format", default=None, choices=["npy", "json", "jsonl"], help="output format (default: from "
+                   "the --out suffix; jsonl on standard output)")
+    e.add_argument("--input-format", default="auto", choices=["auto", "lines", "jsonl"], help="auto (default): "
+                   "jsonl for *.jsonl files, else one text per line")
+    e.add_argument("--text-field", default="text", help='the JSON lines field holding the text (default "text")')
     e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--pooling", default=None, help="override the checkpoint's pooling: " + ", ".join(POOLING_MODES)
+                   + " (comma-separated modes are concatenated)")
+    e.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="L2-normalise the vectors, or not (default: the checkpoint's Normalize module)")
+    e.add_argument("--max-length", type=int, default=None, help="the longest text in tokens (default: the "
+                   "checkpoint's max_seq_length, else the model's positions)")
+    e.add_argument("--prompt", default=None, help="text prepended to every input (sentence-transformers' prompt)")
+    e.add_argument("--prompt-name", default=None, help="one of the checkpoint's saved prompts, by name")
+    e.add_argument("--precision", default="float32", choices=["float32", "int8", "uint8", "binary", "ubinary"],
+                   help="output precision, as sentence-transformers' quantize_embeddings (default float32)")
     e.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default fp16 on GPU, fp32 on CPU")
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     e.add_argument("--quantize", default=None, help="passed to fastlm.from_pretrained")
-    e.add_argument("--truncate", action="store_true", help="cut texts longer than the model's max length "
+    e.add_argument("--truncate", action="store_true", help="cut texts longer than --max-length "
                    "(default: such a text is an error)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
     e.set_defaults(func=cmd_embed)
     return p
 
 
+def _one_line(msg: str) -> str:
+    return " ".join(str(msg).split())
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, KeyError):
+        return f"missing key {e}"
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return str(e) or type(e).__name__
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """The `fastlm` command. Returns the exit status: 0, 2 for a usage or input error (one line on
+    standard error), 1 for an internal error (one line; FASTLM_DEBUG=1 raises it), 130 on Ctrl-C."""
+    command = "fastlm"
+    try:
+        args = build_parser().parse_args(argv)
+        command = f"fastlm {args.command}"
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `fastlm embed ... | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (UsageError, ValueError, TypeError, OSError, KeyError) as e:
+        if os.environ.get("FASTLM_DEBUG"):
+            raise
+        print(_one_line(f"{command}: {_message(e)}"), file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug: still one line, the traceback on request
+        if os.environ.get("FASTLM_DEBUG"):
+            raise
+        print(_one_line(f"{command}: internal error: {type(e).__name__}: {e} (FASTLM_DEBUG=1 shows the "
+                        "traceback)"), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

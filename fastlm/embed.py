@@ -16,8 +16,8 @@ import inspect
 import json
 import logging
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -35,6 +35,9 @@ _LEGACY_POOLING = {  # sentence-transformers' pooling_mode_* keys, in its concat
 }
 
 
+PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")  # sentence-transformers' encode(precision=)
+DEFAULT_PROMPTS = {"query": "", "document": ""}  # sentence-transformers' defaults (empty: no prompt)
+
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model",
                    "tokenizer.model")
 
@@ -47,6 +50,9 @@ class Pipeline:
     pooling: tuple[str, ...]
     normalize: bool
     max_seq_length: int | None
+    include_prompt: bool = True  # the Pooling config's include_prompt: False pools without the prompt's tokens
+    prompts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROMPTS))
+    default_prompt_name: str | None = None
 
 
 def _read_json(path: str):
@@ -68,8 +74,6 @@ def pooling_modes(cfg: dict) -> tuple[str, ...]:
     bad = [m for m in modes if m not in POOLING_MODES]
     if bad:
         raise ValueError(f"Embedder: pooling mode {bad[0]!r} is not supported (supported: {', '.join(POOLING_MODES)})")
-    if cfg.get("include_prompt", True) is False:
-        log.info("Embedder: include_prompt=False only matters with prompts, which fastlm embed does not add")
     return modes
 
 
@@ -78,7 +82,7 @@ def read_pipeline(path: str) -> Pipeline:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"Embedder: {path} is not a directory (expected a checkpoint directory)")
     modules_file = os.path.join(path, "modules.json")
-    model_dir, pooling, normalize = path, ("mean",), False
+    model_dir, pooling, normalize, include_prompt = path, ("mean",), False, True
     if os.path.isfile(modules_file):
         pooling = None
         for m in _read_json(modules_file):
@@ -88,7 +92,9 @@ def read_pipeline(path: str) -> Pipeline:
                 model_dir = sub
             elif kind == "Pooling":
                 cfg_file = os.path.join(sub, "config.json")
-                pooling = pooling_modes(_read_json(cfg_file) if os.path.isfile(cfg_file) else {})
+                cfg = _read_json(cfg_file) if os.path.isfile(cfg_file) else {}
+                pooling = pooling_modes(cfg)
+                include_prompt = cfg.get("include_prompt", True) is not False
             elif kind == "Normalize":
                 normalize = True
             else:
@@ -102,7 +108,13 @@ def read_pipeline(path: str) -> Pipeline:
         if os.path.isfile(f):
             max_seq = _read_json(f).get("max_seq_length")
             break
-    return Pipeline(model_dir, pooling, normalize, max_seq)
+    prompts, default_prompt = dict(DEFAULT_PROMPTS), None
+    st_config = os.path.join(path, "config_sentence_transformers.json")
+    if os.path.isfile(st_config):  # saved prompts, as SentenceTransformer reads them
+        cfg = _read_json(st_config)
+        prompts.update({k: v for k, v in (cfg.get("prompts") or {}).items() if isinstance(v, str)})
+        default_prompt = cfg.get("default_prompt_name")
+    return Pipeline(model_dir, pooling, normalize, max_seq, include_prompt, prompts, default_prompt)
 
 
 def pool(h: Tensor, mask: Tensor, modes: Sequence[str]) -> Tensor:
@@ -140,36 +152,116 @@ def _base_head(model_type: str) -> str:
     return "GPT2Model" if model_type == "gpt2" else MODEL_TYPES[model_type].__name__
 
 
+def _texts(fn: str, texts) -> list[str]:
+    """Any iterable of str (list, tuple, generator, numpy array of str, ...) -> list[str]; a single
+    str (whose iteration gives characters) or a non-str item raises TypeError saying what is accepted."""
+    accepted = "an iterable of str (a list, tuple, generator, ...); wrap a single text in a list"
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f"{fn}: texts must be {accepted}, got a single {type(texts).__name__}")
+    try:
+        items = list(texts)
+    except TypeError:
+        raise TypeError(f"{fn}: texts must be {accepted}, got {type(texts).__name__}") from None
+    for i, t in enumerate(items):
+        if not isinstance(t, str):
+            raise TypeError(f"{fn}: texts must be {accepted}; item {i} is a {type(t).__name__}")
+    return items
+
+
+def quantize_embeddings(emb: Tensor, precision: str) -> Tensor:
+    """float32 embeddings (N, d) -> sentence-transformers' quantize_embeddings(emb, precision), as
+    a Tensor:
+
+    - "float32": unchanged;
+    - "int8" / "uint8": per dimension, the range [min, max] over these N embeddings cut into 255
+      steps, q = floor((x - min) / step) in [0, 255] (uint8), minus 128 for int8; (N, d). Ranges
+      need N >= 2 (ValueError, as in sentence-transformers);
+    - "binary" / "ubinary": x > 0 as bits packed 8 per byte, big-endian (numpy.packbits), minus 128
+      for binary (int8); (N, ceil(d / 8)).
+    Computed in numpy float32 as sentence-transformers does, so the values are identical."""
+    import numpy as np
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    x = emb.detach().cpu().float().numpy()
+    if precision == "float32":
+        return torch.from_numpy(x)
+    n, d = x.shape
+    if precision.endswith("int8"):
+        if n == 0:
+            q = np.zeros((0, d), dtype=np.uint8)
+        elif n == 1:
+            raise ValueError(f"precision={precision!r} computes its ranges from the embeddings of this call and "
+                             "cannot from a single embedding; encode more texts at once")
+        else:
+            starts, ends = x.min(0), x.max(0)
+            steps = (ends - starts) / 255
+            steps = np.where(steps == 0, 1, steps)
+            q = np.clip(np.floor((x - starts) / steps), 0, 255)
+        out = q.astype(np.uint8) if precision == "uint8" else (q - 128).astype(np.int8)
+    else:
+        if n == 0:
+            bits = np.zeros((0, (d + 7) // 8), dtype=np.uint8)
+        else:
+            bits = np.packbits(x > 0, axis=-1)
+        out = bits if precision == "ubinary" else (bits - 128).astype(np.int8)
+    return torch.from_numpy(np.ascontiguousarray(out))
+
+
 class Embedder:
     """Sentence embeddings from a checkpoint directory.
 
     Embedder(src, *, device=None, dtype=None, quantize=None, pooling=None, normalize=None,
     truncate=False, max_length=None).encode(texts, batch_size=32) -> float32 Tensor (N, d) on the CPU.
 
-    - src: a sentence-transformers directory (modules.json, 1_Pooling/, ...) or a transformers one
-      (mean pooling). The encoder is the checkpoint's base model (BertModel, RobertaModel, ...).
-    - device: default CUDA when available, else CPU; dtype: default float16 on CUDA, else float32.
+    - src: a sentence-transformers directory (modules.json, 1_Pooling/, config_sentence_transformers.json
+      with its prompts, ...) or a transformers one (mean pooling). The encoder is the checkpoint's
+      base model (BertModel, RobertaModel, ...; GPT2Model for a GPT-2 checkpoint: its last hidden
+      states mean-pooled, as SentenceTransformer(dir) does).
+    - device: "cpu", "cuda", "cuda:1", a torch.device (default CUDA when available, else CPU); a
+      GPU this machine does not have raises ValueError. dtype: a torch dtype or its name ("float16",
+      "fp16", "bf16", ...; "auto" or None: float16 on CUDA, else float32).
     - quantize: passed to fastlm.from_pretrained (ValueError where this build's from_pretrained
       has no quantize support).
     - pooling: override the modes (see POOLING_MODES); normalize: override L2 normalisation.
     - max_length: the longest text in tokens (default the checkpoint's max_seq_length, else the
       model's positions); a longer text raises ValueError naming it, unless truncate=True, which
       cuts it to max_length (as sentence-transformers always does).
+    - prompts / default_prompt_name: as SentenceTransformer's (merged over the saved ones).
     Raises FileNotFoundError / ValueError for a missing directory, tokenizer or unsupported module.
     """
 
-    def __init__(self, src: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None,
+    def __init__(self, src: str | os.PathLike, *, device=None, dtype: torch.dtype | str | None = None,
                  quantize: str | None = None, pooling: Sequence[str] | None = None,
-                 normalize: bool | None = None, truncate: bool = False, max_length: int | None = None):
+                 normalize: bool | None = None, truncate: bool = False, max_length: int | None = None,
+                 prompts: dict[str, str] | None = None, default_prompt_name: str | None = None):
         import fastlm
+        from fastlm import _checks
 
+        device = _checks.model_device("Embedder", device)
+        dtype = _checks.model_dtype("Embedder", dtype)
+        if isinstance(pooling, str):
+            pooling = (pooling,)
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)):
+            raise TypeError(f"Embedder: max_length must be an int or None, got {type(max_length).__name__}")
         path = os.fspath(src)
         self.pipeline = read_pipeline(path)
         if pooling is not None:
             self.pipeline.pooling = pooling_modes({"pooling_mode": list(pooling)})
         if normalize is not None:
             self.pipeline.normalize = bool(normalize)
-        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if prompts is not None:
+            if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+                raise TypeError("Embedder: prompts must be a dict of name -> prompt str")
+            self.pipeline.prompts.update(prompts)
+        if default_prompt_name is not None:
+            self.pipeline.default_prompt_name = default_prompt_name
+        name = self.pipeline.default_prompt_name
+        if name is not None and name not in self.pipeline.prompts:
+            raise ValueError(f"Embedder: default_prompt_name {name!r} is not one of the prompts "
+                             f"{sorted(self.pipeline.prompts)}")
+        if device is None:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if dtype is None:
             dtype = torch.float16 if device.type == "cuda" else torch.float32
         kw = {}
@@ -183,6 +275,9 @@ class Embedder:
         from fastlm.models.loading import _read_config
 
         model_type = _read_config(model_dir).model_type
+        if model_type == "gpt2":
+            log.info("Embedder: %s is a GPT-2 (decoder) checkpoint: its GPT2Model's last hidden states are pooled "
+                     "(%s), as sentence-transformers does", model_dir, "+".join(self.pipeline.pooling))
         self.model = fastlm.from_pretrained(model_dir, dtype=dtype, device=device, head=_base_head(model_type), **kw)
         limit = self.model.embeddings.max_tokens if hasattr(self.model, "embeddings") else self.model.config.n_positions
         if max_length is not None:
@@ -211,30 +306,93 @@ class Embedder:
     def dim(self) -> int:
         return self.model.config.hidden_size * len(self.pipeline.pooling)
 
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text (special tokens added); raises ValueError for a text over
-        max_length unless truncate."""
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise TypeError("Embedder.encode: texts must be a list of str")
-        enc = self.tokenizer(list(texts), add_special_tokens=True, truncation=self.truncate,
+    @property
+    def prompts(self) -> dict[str, str]:
+        return self.pipeline.prompts
+
+    def tokenize(self, texts: Iterable[str]) -> list[list[int]]:
+        """Token ids of each text (special tokens added); raises TypeError for texts that are not
+        an iterable of str, ValueError for a text over max_length unless truncate, or for a text
+        with no token at all (an empty text under a tokenizer that adds no special token: GPT-2)."""
+        texts = _texts("Embedder.encode", texts)
+        if not texts:
+            return []
+        enc = self.tokenizer(texts, add_special_tokens=True, truncation=self.truncate,
                              max_length=self.max_length if self.truncate else None)["input_ids"]
-        if not self.truncate:
-            for i, ids in enumerate(enc):
-                if len(ids) > self.max_length:
-                    raise ValueError(f"text {i + 1} has {len(ids)} tokens, more than the model's {self.max_length} "
-                                     "(pass truncate=True / --truncate to cut it)")
+        for i, ids in enumerate(enc):
+            if not self.truncate and len(ids) > self.max_length:
+                raise ValueError(f"text {i + 1} has {len(ids)} tokens, more than the model's {self.max_length} "
+                                 "(pass truncate=True / --truncate to cut it)")
+            if not ids:
+                raise ValueError(f"text {i + 1} has no token to embed (an empty text, and this tokenizer adds no "
+                                 "special token)")
         return enc
 
+    def _prompt(self, prompt: str | None, prompt_name: str | None) -> str | None:
+        """sentence-transformers' rule: an explicit prompt wins, else prompt_name's, else the default
+        prompt name's; an empty prompt is no prompt."""
+        if prompt is not None and not isinstance(prompt, str):
+            raise TypeError(f"Embedder.encode: prompt must be a str or None, got {type(prompt).__name__}")
+        if prompt is None:
+            name = prompt_name if prompt_name is not None else self.pipeline.default_prompt_name
+            if name is not None:
+                if name not in self.pipeline.prompts:
+                    raise ValueError(f"Embedder.encode: prompt_name {name!r} is not one of the prompts "
+                                     f"{sorted(self.pipeline.prompts)}")
+                prompt = self.pipeline.prompts[name]
+        return prompt or None
+
+    def _prompt_length(self, prompt: str) -> int:
+        """Tokens of the prompt alone, less a trailing special token (as sentence-transformers counts
+        the prompt tokens that include_prompt=False leaves out of the pooling)."""
+        ids = self.tokenizer([prompt], add_special_tokens=True)["input_ids"][0]
+        if ids and ids[-1] in set(self.tokenizer.all_special_ids):
+            return len(ids) - 1
+        return len(ids)
+
     @torch.inference_mode()
-    def encode(self, texts: Sequence[str], batch_size: int = 32, *, progress: bool = False) -> Tensor:
-        """texts (N strings) -> float32 embeddings (N, d) on the CPU, in input order."""
-        if not isinstance(batch_size, int) or batch_size < 1:
+    def encode(self, texts: Iterable[str], batch_size: int = 32, *, progress: bool = False,
+               show_progress_bar: bool | None = None, normalize_embeddings: bool = False,
+               convert_to_tensor: bool | None = None, convert_to_numpy: bool | None = None,
+               prompt_name: str | None = None, prompt: str | None = None, precision: str = "float32"):
+        """texts -> embeddings (N, d) in input order; by default a float32 Tensor on the CPU.
+
+        texts: any iterable of str (a single str raises TypeError). An empty one gives an empty
+        result ((0, d)) without running the model. The keyword arguments are sentence-transformers'
+        `encode` flags, with its semantics:
+
+        - batch_size: texts per forward (a positive int, else ValueError);
+        - show_progress_bar (alias progress): a tqdm bar on standard error;
+        - normalize_embeddings: L2-normalise the result (on top of a Normalize module, if any);
+        - prompt / prompt_name: a text prepended to every text (an explicit prompt wins over
+          prompt_name, which names one of `self.prompts`; default: the checkpoint's
+          default_prompt_name). With the Pooling config's include_prompt=False the prompt's tokens
+          are left out of the pooling, as sentence-transformers does;
+        - precision: "float32" (default), "int8" / "uint8" (N, d) or "binary" / "ubinary"
+          (N, ceil(d / 8)) int8 / uint8 values, as sentence-transformers' quantize_embeddings
+          (fastlm.embed.quantize_embeddings) computes them over the N embeddings of this call;
+        - convert_to_tensor=True: one Tensor (N, d) (this is also the default, unlike
+          sentence-transformers, whose default is numpy); convert_to_numpy=True: one numpy array
+          (N, d); convert_to_tensor wins over convert_to_numpy, and both explicitly False gives a
+          list of N 1-D Tensors, as in sentence-transformers.
+        Raises TypeError (texts, prompt), ValueError (batch_size, precision, prompt_name, a text
+        too long or without tokens, non-finite embeddings)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"Embedder.encode: batch_size must be a positive int, got {batch_size!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"Embedder.encode: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        texts = _texts("Embedder.encode", texts)
+        prompt = self._prompt(prompt, prompt_name)
+        skip = 0
+        if prompt is not None:
+            texts = [prompt + t for t in texts]
+            if not self.pipeline.include_prompt:
+                skip = self._prompt_length(prompt)
         ids = self.tokenize(texts)
         out = torch.empty(len(ids), self.dim, dtype=torch.float32)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first: similar lengths share a batch
         bar = None
-        if progress:
+        if (show_progress_bar if show_progress_bar is not None else progress) and ids:
             from tqdm import tqdm
 
             bar = tqdm(total=len(ids), unit="texts", desc="embed", dynamic_ncols=True)
@@ -249,7 +407,11 @@ class Embedder:
                 mask[r, :len(ids[i])] = 1
             x, mask = x.to(self.device), mask.to(self.device)
             h = self.model(x, mask).last_hidden_state  # (b, S, C)
-            e = pool(h, mask, self.pipeline.pooling)  # (b, d) float32
+            pool_mask = mask
+            if skip:  # include_prompt=False: the prompt's tokens (first `skip` positions) are not pooled
+                pool_mask = mask.clone()
+                pool_mask[:, :skip] = 0
+            e = pool(h, pool_mask, self.pipeline.pooling)  # (b, d) float32
             if self.pipeline.normalize:
                 e = torch.nn.functional.normalize(e, p=2, dim=1)
             out[torch.tensor(chunk)] = e.cpu()
@@ -259,4 +421,11 @@ class Embedder:
             bar.close()
         if out.numel() and not bool(torch.isfinite(out).all()):
             raise ValueError("Embedder.encode: the model produced non-finite embeddings (try dtype=torch.float32)")
-        return out
+        if normalize_embeddings:
+            out = torch.nn.functional.normalize(out, p=2, dim=1)
+        out = quantize_embeddings(out, precision)
+        if convert_to_tensor or (convert_to_tensor is None and convert_to_numpy is None):
+            return out  # fastlm's default: one Tensor
+        if convert_to_numpy is False:
+            return list(out)  # both off: a list of 1-D Tensors, as sentence-transformers gives
+        return out.numpy()  # convert_to_numpy=True, or convert_to_tensor=False (sentence-transformers' default)

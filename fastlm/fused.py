@@ -22,7 +22,7 @@ from torch import Tensor
 
 from fastlm import reference
 
-# what each op calls, for `fastlm info`
+# what each op calls, for `fastlm info` (describe() drops what this CPU does not run)
 TORCH_OPS = {
     "attention": ("fastlm._C attention_decode (fp32, <= 16 queries), fastlm._C attention_blocked (fp32, no mask, "
                   "AVX-512) or F.scaled_dot_product_attention"),
@@ -74,9 +74,29 @@ def _small_attention_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
 
 @functools.cache
 def _has_avx512() -> bool:
+    """Whether fastlm._C's AVX-512 kernels may run: the CPU has AVX-512F and fastlm._C's one ISA
+    decision (csrc/gemv.cpp, capped by FASTLM_CPU_ISA=avx2|portable) allows it."""
     from fastlm import _ext
 
     return _ext.available() and bool(torch.ops.fastlm.cpu_has_avx512())
+
+
+def describe(op: str) -> str:
+    """What `op` calls on this CPU, for `fastlm info`: TORCH_OPS without the kernels this CPU (or
+    FASTLM_CPU_ISA) rules out."""
+    if op == "attention":
+        from fastlm import _ext
+
+        parts = ["fastlm._C attention_decode (fp32, <= 16 queries)"] if _ext.available() else []
+        if _has_avx512():
+            parts.append("fastlm._C attention_blocked (fp32, no mask, AVX-512)")
+        return ", ".join(parts) + (" or " if parts else "") + "F.scaled_dot_product_attention"
+    if op == "decode_attention":
+        from fastlm import _ext
+
+        if not _ext.available():
+            return "F.scaled_dot_product_attention on the valid rows"
+    return TORCH_OPS[op]
 
 
 # Encoder-sized fp32 attention without a mask (BERT's unpadded batches) runs fastlm._C's

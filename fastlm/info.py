@@ -75,7 +75,7 @@ def report() -> dict:
     for op, kernels in ops.KERNELS.items():
         try:
             impl = ops._pick(op, torch.device("cpu"))
-            cpu = f"torch fused ({fused.TORCH_OPS[op]})" if impl == "fused" else what[impl]
+            cpu = f"torch fused ({fused.describe(op)})" if impl == "fused" else what[impl]
             if impl == "cuda":
                 cpu = "fastlm._C (C++)"
         except RuntimeError:

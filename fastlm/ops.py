@@ -1,6 +1,8 @@
 """fastlm's public ops: validate the inputs, pick the implementation, call it.
 
-Every op takes float32, float16 or bfloat16 and is inference-only. The reference
+Every op takes float32, float16 or bfloat16. The kernels are inference-only: a call that autograd
+records (grad mode on and an input that requires grad) runs the reference, whose torch ops have
+their backward, so gradients are right and never dropped. The reference
 (pure torch) lives in fastlm.reference; kernels in fastlm.kernels (Triton) and
 fastlm._C (C++/CUDA). `fastlm.backend` says how the implementation is chosen.
 Kernels are registered as torch.library custom ops with fake implementations, so
@@ -47,6 +49,8 @@ def attention(
     chk.bool_mask(op, "key_padding_mask", key_padding_mask, (q.shape[0], k.shape[2]), q.device)
     chk.scale(op, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if _records_grad(q, k, v):
+        return reference.attention(q, k, v, bool(causal), key_padding_mask, scale)
     impl = backend.uncovered(op, q.device, _pick(op, q.device), _head_dim_uncovered(q.shape[-1]))
     if impl == "triton":
         return torch.ops.fastlm.attention(q, k, v, bool(causal), key_padding_mask, scale)
@@ -94,6 +98,8 @@ def attention_varlen_checked(
     is a host sync) and call this in every layer. Head dims the kernel does not cover run the
     reference inside a model (see fastlm.backend)."""
     op = "attention_varlen"
+    if _records_grad(q, k, v):
+        return reference.attention_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale)
     impl = backend.uncovered(op, q.device, _pick(op, q.device), _head_dim_uncovered(q.shape[-1]))
     if impl == "triton":
         return torch.ops.fastlm.attention_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale)
@@ -128,6 +134,8 @@ def softmax(x: Tensor, *, dim: int = -1, scale: float = 1.0, mask: Tensor | None
                 f"softmax: mask of shape {tuple(mask.shape)} does not broadcast to x of shape {tuple(x.shape)}"
             )
     dim = dim % x.dim()
+    if _records_grad(x, mask):
+        return reference.softmax(x, dim, float(scale), mask)
     impl = _pick(op, x.device)
     if impl == "triton":
         return torch.ops.fastlm.softmax(x, dim, float(scale), mask)
@@ -162,6 +170,8 @@ def decode_attention_checked(
     """decode_attention after validation: the models know their lengths lie in [0, S_max] and
     call this every decode step (checking the lengths would be a host sync per token)."""
     op = "decode_attention"
+    if _records_grad(q, k_cache, v_cache):
+        return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)
     impl = backend.uncovered(op, q.device, _pick(op, q.device), _head_dim_uncovered(q.shape[-1]))
     if impl == "triton":
         return torch.ops.fastlm.decode_attention(q, k_cache, v_cache, cache_seqlens, scale)
@@ -182,6 +192,8 @@ def bias_gelu(x: Tensor, bias: Tensor, *, approximate: str = "none") -> Tensor:
         raise ValueError("bias_gelu: x must have at least 1 dim, got a scalar")
     chk.nonempty(op, "x", x)
     chk.shape(op, "bias", bias, (x.shape[-1],), "the last dim of x")
+    if _records_grad(x, bias):
+        return reference.bias_gelu(x, bias, approximate)
     impl = _pick(op, x.device)
     if impl == "cuda":
         return backend.run_kernel(op, x.device, x.dtype, lambda: torch.ops.fastlm.bias_gelu(x, bias, approximate),
@@ -227,6 +239,8 @@ def ffn(
         if not (w.is_contiguous() or w.t().is_contiguous()):
             raise ValueError(f"ffn: {name} must be contiguous, as nn.Linear stores it or its transpose "
                              f"(got strides {w.stride()}); call .contiguous() once at load time")
+    if _records_grad(x, w1, b1, w2, b2, residual):
+        return reference.ffn(x, w1, b1, w2, b2, activation, residual)
     impl = _pick(op, x.device)
     if backend.current() == "auto" and x.device.type == "cuda":
         rows_major = w1.is_contiguous() and w2.is_contiguous()  # what the GEMV kernels stream
@@ -262,6 +276,8 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, *, residual:
         chk.shape(op, "residual", residual, tuple(x.shape), "the shape of x")
     if not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"layer_norm: eps must be a positive float, got {eps!r}")
+    if _records_grad(x, weight, bias, residual):
+        return reference.layer_norm(x, weight, bias, float(eps), residual)
     impl = _pick(op, x.device)
     if impl == "triton":
         if residual is None:
@@ -304,6 +320,13 @@ KERNELS: dict[str, frozenset[str]] = {
     "ffn": _TRITON | {"cuda"},
     "layer_norm": _TRITON | {"cuda"},
 }
+
+
+def _records_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd records this call: grad mode on and an input requires grad. The kernels
+    (Triton, fastlm._C, the CPU fused paths) have no backward, so such a call runs the reference,
+    plain torch ops with their gradients: gradients are never dropped."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _pick(op: str, device: torch.device) -> str:

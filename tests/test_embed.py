@@ -101,7 +101,7 @@ def test_embedder_bad_input(tmp_path):
     long = "word " * 300
     with pytest.raises(ValueError, match=r"text 2 has \d+ tokens, more than the model's 256"):
         emb.encode(["short", long])
-    with pytest.raises(TypeError, match="list of str"):
+    with pytest.raises(TypeError, match="iterable of str"):
         emb.encode("a single string")
     with pytest.raises(ValueError, match="batch_size"):
         emb.encode(["a"], batch_size=0)
@@ -172,7 +172,7 @@ def test_cli_embed_npy_and_jsonl(tmp_path, reference):
     vecs = np.load(out)
     assert vecs.dtype == np.float32 and vecs.shape == (len(TEXTS), 384)
     assert max_err(torch.from_numpy(vecs), reference) <= TOL
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".fastlm-embed")] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".fastlm-")] == []
     r = run_cli("--model", MODEL, "--format", "jsonl", "--no-progress", "-", stdin="\n".join(TEXTS))
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
@@ -220,3 +220,136 @@ def test_readme_classifier_example(tmp_path):
             expect = hf(**inputs).logits
         logits = model(**inputs)[0]
         assert logits.shape == (len(TEXTS), 3) and max_err(logits, expect) <= 1e-5, side
+
+
+# -- sentence-transformers' encode flags, any iterable, empty input, GPT-2 (issue 24) -------------
+
+def test_encode_accepts_any_iterable_and_empty(reference):
+    emb = fastlm.Embedder(MODEL, device="cpu")
+    got = emb.encode(t for t in TEXTS)  # a generator
+    assert max_err(got, reference) <= TOL
+    assert max_err(emb.encode(tuple(TEXTS)), reference) <= TOL
+    assert max_err(emb.encode(np.array(TEXTS)), reference) <= TOL
+    empty = emb.encode([])
+    assert isinstance(empty, torch.Tensor) and empty.shape == (0, 384) and empty.dtype == torch.float32
+    assert emb.encode(iter([]), convert_to_numpy=True).shape == (0, 384)
+    assert emb.encode([], convert_to_numpy=False, convert_to_tensor=False) == []
+    with pytest.raises(TypeError, match="iterable of str.*item 1 is a int"):
+        emb.encode(["a", 3])
+    with pytest.raises(TypeError, match="iterable of str.*got a single str"):
+        emb.encode("one text")
+    with pytest.raises(TypeError, match="iterable of str.*got int"):
+        emb.encode(5)
+
+
+def test_encode_flags_match_sentence_transformers(st):
+    emb = fastlm.Embedder(MODEL, device="cpu")
+    texts = [TEXTS[i] for i in torch.randperm(len(TEXTS)).tolist()]
+    # default: a float32 Tensor (fastlm's contract); numpy / tensor / list as sentence-transformers gives them
+    ref = st.encode(texts)  # numpy (N, 384)
+    got = emb.encode(texts, convert_to_numpy=True, batch_size=2, show_progress_bar=False)
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32 and got.shape == ref.shape
+    assert np.abs(got - ref).max() <= TOL
+    assert isinstance(emb.encode(texts, convert_to_tensor=True, convert_to_numpy=True), torch.Tensor)
+    assert isinstance(emb.encode(texts, convert_to_tensor=False), np.ndarray)  # sentence-transformers' default
+    rows = emb.encode(texts, convert_to_numpy=False)
+    ref_rows = st.encode(texts, convert_to_numpy=False)
+    assert isinstance(rows, list) and len(rows) == len(ref_rows) == len(texts)
+    assert max(max_err(a, b) for a, b in zip(rows, ref_rows, strict=True)) <= TOL
+    # normalize_embeddings on a model without Normalize (a pipeline override): as sentence-transformers
+    raw = fastlm.Embedder(MODEL, device="cpu", normalize=False)
+    assert (raw.encode(texts).norm(dim=1) - 1).abs().max() > 1e-2
+    assert max_err(raw.encode(texts, normalize_embeddings=True), torch.from_numpy(ref)) <= TOL
+    # prompts: explicit, by name (sentence-transformers' default prompt names are empty), include_prompt
+    for kw in (dict(prompt="query: "), dict(prompt_name="query"), dict(prompt="passage: ", prompt_name="query")):
+        expect = st.encode(texts, convert_to_tensor=True, **kw)
+        assert max_err(emb.encode(texts, **kw), expect) <= TOL, kw
+    named = fastlm.Embedder(MODEL, device="cpu", prompts={"q": "search query: "}, default_prompt_name="q")
+    expect = st_mod.SentenceTransformer(MODEL, device="cpu", prompts={"q": "search query: "},
+                                        default_prompt_name="q").encode(texts, convert_to_tensor=True)
+    assert max_err(named.encode(texts), expect) <= TOL
+    with pytest.raises(ValueError, match="prompt_name 'nope' is not one of"):
+        emb.encode(texts, prompt_name="nope")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'output_value'"):
+        emb.encode(texts, output_value="token_embeddings")
+
+
+def test_include_prompt_false_matches_sentence_transformers(tmp_path):
+    """A Pooling config with include_prompt=False leaves the prompt's tokens out of the mean."""
+    import shutil
+
+    d = tmp_path / "st"
+    shutil.copytree(MODEL, d)
+    cfg = json.loads((d / "1_Pooling" / "config.json").read_text())
+    (d / "1_Pooling" / "config.json").write_text(json.dumps({**cfg, "include_prompt": False}))
+    texts = ["a cat sat on a mat", "x", TEXTS[1]]
+    expect = st_mod.SentenceTransformer(str(d), device="cpu").encode(texts, prompt="query: ", convert_to_tensor=True)
+    with_prompt = st_mod.SentenceTransformer(MODEL, device="cpu").encode(texts, prompt="query: ",
+                                                                          convert_to_tensor=True)
+    assert max_err(expect, with_prompt) > 1e-3  # the flag changes the result
+    got = fastlm.Embedder(d, device="cpu").encode(texts, prompt="query: ")
+    assert max_err(got, expect) <= TOL
+
+
+@pytest.mark.parametrize("precision", ["int8", "uint8", "binary", "ubinary"])
+def test_precision_matches_quantize_embeddings(precision):
+    from sentence_transformers import quantize_embeddings
+
+    emb = fastlm.Embedder(MODEL, device="cpu")
+    texts = [TEXTS[i] for i in torch.randperm(len(TEXTS)).tolist()]
+    floats = emb.encode(texts)
+    expect = quantize_embeddings(floats.numpy(), precision=precision)
+    got = emb.encode(texts, precision=precision, convert_to_numpy=True)
+    assert got.dtype == expect.dtype and got.shape == expect.shape
+    assert np.array_equal(got, expect)
+    t = emb.encode(texts, precision=precision)
+    assert t.dtype == {"int8": torch.int8, "binary": torch.int8}.get(precision, torch.uint8)
+    assert np.array_equal(t.numpy(), expect)
+    # random float inputs of awkward sizes (d not a multiple of 8), against the reference function
+    x = torch.randn(5, 13)
+    assert np.array_equal(fastlm.embed.quantize_embeddings(x, precision).numpy(),
+                          quantize_embeddings(x.numpy(), precision=precision))
+    if precision.endswith("int8"):
+        with pytest.raises(ValueError, match="single embedding"):
+            emb.encode(["one"], precision=precision)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        emb.encode(["one"], precision="int4")
+
+
+def gpt2_checkpoint(path, pad: bool):
+    """A random GPT-2 checkpoint with a small word-level tokenizer (GPT-2's own has no pad token)."""
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = "the a man woman dog cat is are eating playing food music in on park house".split()
+    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                     unk_token="[UNK]", **({"pad_token": "<|endoftext|>"} if pad else {}))
+    cfg = tf.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=len(vocab), n_positions=64, bos_token_id=0,
+                        eos_token_id=0)
+    tf.GPT2Model(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_embedder_on_gpt2_gives_sentence_transformers_embeddings(tmp_path):
+    path = gpt2_checkpoint(tmp_path / "gpt2", pad=True)
+    texts = ["the man is eating", "a dog", "the cat is playing in the park", "music"]
+    expect = st_mod.SentenceTransformer(path, device="cpu").encode(texts, convert_to_tensor=True, batch_size=3)
+    emb = fastlm.Embedder(path, device="cpu")
+    assert type(emb.model).__name__ == "GPT2Model" and emb.pipeline.pooling == ("mean",)
+    assert max_err(emb.encode(texts, batch_size=3), expect) <= TOL
+    with pytest.raises(ValueError, match="text 2 has no token to embed"):
+        emb.encode(["a dog", ""])
+
+
+def test_embedder_device_and_dtype_arguments():
+    missing = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    with pytest.raises(ValueError, match=rf"Embedder: device='{missing}' asks for .*but this"):
+        fastlm.Embedder(MODEL, device=missing)
+    emb = fastlm.Embedder(MODEL, device="cpu", dtype="bf16")
+    assert emb.model.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="Embedder: dtype 'int8' is not supported"):
+        fastlm.Embedder(MODEL, device="cpu", dtype="int8")

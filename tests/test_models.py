@@ -266,3 +266,61 @@ def test_decode_projections_keep_the_cpu_layout_through_to():
     model.to(torch.float32)  # _apply re-packs, values unchanged
     assert all(isinstance(lin, PackedLinear) and lin.packed is not None for lin in model.decode_linears())
     assert torch.equal(model(ids).logits, before)
+
+
+# -- transformers' arguments: dtype names, devices, forward keywords (issue 24) ------------------
+
+def test_from_pretrained_dtype_names_as_transformers_takes_them(tmp_path):
+    hf = randomize_(tf.GPT2LMHeadModel(tf.GPT2Config(**GPT2_CONFIGS["h3_d32_v101"])).eval())
+    hf.save_pretrained(tmp_path)
+    for name, expect in [("fp16", torch.float16), ("float16", torch.float16), ("torch.float16", torch.float16),
+                         ("bfloat16", torch.bfloat16), ("bf16", torch.bfloat16), ("fp32", torch.float32),
+                         ("auto", torch.float32), (torch.bfloat16, torch.bfloat16)]:
+        assert fastlm.from_pretrained(tmp_path, dtype=name).wte.weight.dtype == expect, name
+    ids = torch.randint(0, 101, (2, 9))
+    with torch.no_grad():
+        ref = hf.to(torch.bfloat16)(ids).logits.float()
+    got = fastlm.from_pretrained(tmp_path, dtype="bf16")(ids).logits.float()
+    assert max_err(got, ref) <= 0.1 * ref.abs().max()
+    with pytest.raises(ValueError, match=r"from_pretrained: dtype 'float64' is not supported.*'fp16'"):
+        fastlm.from_pretrained(tmp_path, dtype="float64")
+    with pytest.raises(ValueError, match="from_pretrained: dtype must be torch.float32, float16 or bfloat16"):
+        fastlm.from_pretrained(tmp_path, dtype=torch.int8)
+    with pytest.raises(TypeError, match="from_pretrained: dtype must be a torch.dtype"):
+        fastlm.from_pretrained(tmp_path, dtype=16)
+
+
+def test_from_pretrained_device_this_machine_lacks(tmp_path):
+    missing = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    cfg = tf.BertConfig(**BERT_CONFIGS["h3_d32_v101"])
+    with pytest.raises(ValueError, match=rf"from_pretrained: device='{missing}' asks for .*, but this"):
+        fastlm.from_pretrained(cfg, device=missing)
+    with pytest.raises(ValueError, match="from_pretrained: device 'gpu' is not a device"):
+        fastlm.from_pretrained(cfg, device="gpu")
+    with pytest.raises(TypeError, match="from_pretrained: device must be a str"):
+        fastlm.from_pretrained(cfg, device=1.5)
+    assert fastlm.from_pretrained(cfg, device=torch.device("cpu")).device == torch.device("cpu")
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_forward_takes_transformers_keywords(family):
+    if family == "bert":
+        hf = randomize_(tf.BertForSequenceClassification(tf.BertConfig(**BERT_CONFIGS["h3_d32_v101"])).eval())
+    else:
+        hf = randomize_(tf.GPT2LMHeadModel(tf.GPT2Config(**GPT2_CONFIGS["h3_d32_v101"])).eval())
+    model = fastlm.from_pretrained(hf)
+    ids = torch.randint(0, 101, (2, 11))
+    with torch.no_grad():
+        expect = hf(ids, return_dict=False)
+    got = model(ids, return_dict=False)
+    assert isinstance(got, tuple) and isinstance(expect, tuple)
+    assert max_err(got[0], expect[0]) <= ATOL32
+    assert max_err(model(ids, return_dict=True, output_hidden_states=False, output_attentions=None,
+                         use_cache=False).logits, expect[0]) <= ATOL32
+    for kw in ("output_hidden_states", "output_attentions"):
+        with pytest.raises(ValueError, match=rf"forward: {kw}=True is not supported.*fastlm.optimize"):
+            model(ids, **{kw: True})
+    with pytest.raises(ValueError, match="forward: labels=a tensor is not supported: .*no loss"):
+        model(ids, labels=ids)
+    with pytest.raises(TypeError, match="forward: unexpected keyword argument 'foo'"):
+        model(ids, foo=1)

@@ -269,3 +269,77 @@ def test_left_padded_classifier_through_optimize(left):
     before = outputs(model, ids, mask)
     fastlm.optimize(model)
     assert max_err(outputs(model, ids, mask)["logits"], before["logits"]) <= ATOL
+
+
+GRAD_MODELS = {
+    "bert": lambda: tf.BertForSequenceClassification(tf.BertConfig(**BERT, num_labels=3)),
+    "distilbert": lambda: tf.DistilBertModel(tf.DistilBertConfig(n_layers=2, n_heads=3, dim=96, hidden_dim=200,
+                                                                 vocab_size=101)),
+    "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(**GPT2)),
+}
+
+
+@pytest.mark.parametrize("name", list(GRAD_MODELS))
+def test_backward_after_optimize_gives_transformers_gradients(name):
+    """fastlm's fused ops have no backward: a forward that autograd records runs transformers' code
+    in the optimized modules, so every parameter gets the unoptimized model's gradient (none is
+    dropped), in eval mode (no dropout) with a padded batch; without grad the kernels still run."""
+    import copy
+
+    torch.manual_seed(1)
+    ref = randomize_(GRAD_MODELS[name]().eval())
+    opt = copy.deepcopy(ref)
+    fastlm.optimize(opt)
+    ids, mask = inputs()
+    weights = None
+    for m in (ref, opt):
+        out = m(input_ids=ids, attention_mask=mask)
+        y = out.logits if hasattr(out, "logits") else out.last_hidden_state
+        if weights is None:
+            weights = torch.randn_like(y)
+        if y.dim() == 3:  # per-token outputs: real tokens only (padded positions differ by contract)
+            y, w = y[mask.bool()], weights[mask.bool()]
+        else:
+            w = weights
+        (y * w).sum().backward()
+    grads = dict(opt.named_parameters())
+    n = 0
+    for pname, p in ref.named_parameters():
+        q = grads[pname]
+        assert (p.grad is None) == (q.grad is None), pname
+        if p.grad is not None:
+            n += 1
+            assert max_err(q.grad, p.grad) <= 1e-4 * max(1.0, p.grad.abs().max().item()), pname
+    assert n >= len(grads) - 2  # nearly every parameter has a gradient (gpt2's tied head is one)
+    with torch.no_grad():  # inference: the optimized path (kernels), same outputs
+        compare(outputs(opt, ids, mask), outputs(ref, ids, mask), mask)
+
+
+def test_ops_record_gradients_through_the_reference():
+    """Raw ops under autograd run the reference (plain torch ops with a backward): every input
+    gets the reference's gradient."""
+    from fastlm import ops, reference
+
+    x = torch.randn(5, 16, requires_grad=True)
+    w1, b1 = torch.randn(24, 16, requires_grad=True), torch.randn(24, requires_grad=True)
+    w2, b2 = torch.randn(16, 24, requires_grad=True), torch.randn(16, requires_grad=True)
+    g, b = torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)
+    q, k, v = (torch.randn(2, 3, 7, 8, requires_grad=True) for _ in range(3))
+    leaves = [x, w1, b1, w2, b2, g, b, q, k, v]
+    runs = {
+        "fastlm": lambda: [ops.ffn(x, w1, b1, w2, b2), ops.layer_norm(x, g, b, 1e-5), ops.bias_gelu(x, b),
+                           ops.attention(q, k, v, causal=True), ops.softmax(x, scale=0.5)],
+        "reference": lambda: [reference.ffn(x, w1, b1, w2, b2, "gelu", None),
+                              reference.layer_norm(x, g, b, 1e-5, None), reference.bias_gelu(x, b, "none"),
+                              reference.attention(q, k, v, True, None, 8 ** -0.5), reference.softmax(x, -1, 0.5, None)],
+    }
+    grads, weights = {}, None
+    for name, run in runs.items():
+        outs = run()
+        weights = weights or [torch.randn_like(o) for o in outs]
+        sum((o * w).sum() for o, w in zip(outs, weights, strict=True)).backward()
+        grads[name] = [t.grad.clone() for t in leaves]
+        for t in leaves:
+            t.grad = None
+    for a, b_ in zip(grads["fastlm"], grads["reference"], strict=True):
+        assert torch.equal(a, b_)

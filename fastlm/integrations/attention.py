@@ -5,7 +5,9 @@ Registered through transformers' AttentionInterface (the supported extension poi
 as bool [B, 1, Q, K] or None. That mask is matched once per forward (the same tensor goes to every
 layer) against fastlm's two shapes: a key padding mask, with or without end-aligned causality.
 Anything else (attention weights requested, dropout in training, cross-attention, a head dim out of
-range, a mask of another shape) runs transformers' own sdpa/eager code, with one warning per reason.
+range, a mask of another shape) runs transformers' own sdpa/eager code, with one warning per reason;
+so does a call that autograd records (q, k or v requires grad in grad mode: the kernels have no
+backward), without a warning (fastlm.integrations.common.records_grad logs it once).
 """
 
 from __future__ import annotations
@@ -81,6 +83,11 @@ def fastlm_attention(module, query, key, value, attention_mask, dropout: float =
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     reason = None
+    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    if grad and dropout == 0.0 and not _weights_requested(kw):
+        # a backward may follow: transformers' sdpa (its gradients), not a kernel without backward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kw)
     if _weights_requested(kw):
         reason = "attention weights were requested (output_attentions=True)"
     elif dropout > 0.0:

@@ -13,12 +13,12 @@ import torch
 
 from fastlm import ops
 from fastlm.integrations import attention
-from fastlm.integrations.common import patch_layer_norm, set_forward
+from fastlm.integrations.common import patch_layer_norm, records_grad, set_forward
 from fastlm.models.common import activation_name
 
 
 def _ffn_chunk(self, attention_output):
-    if self.training:
+    if self.training or records_grad(self, attention_output):
         return type(self).feed_forward_chunk(self, attention_output)
     inter, out = self.intermediate, self.output
     h = ops.ffn(attention_output, inter.dense.weight, inter.dense.bias, out.dense.weight, out.dense.bias,
@@ -28,7 +28,7 @@ def _ffn_chunk(self, attention_output):
 
 
 def _self_output_forward(self, hidden_states, input_tensor):
-    if self.training:
+    if self.training or records_grad(self, hidden_states, input_tensor):
         return type(self).forward(self, hidden_states, input_tensor)
     ln = self.LayerNorm
     return ops.layer_norm(self.dense(hidden_states), ln.weight, ln.bias, ln.eps, residual=input_tensor)[0]
@@ -48,12 +48,13 @@ def _collecting() -> bool:
 def _encoder_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                      encoder_attention_mask=None, cache=None, use_cache=None, **kwargs):
     """BertEncoder.forward that unpads a right-padded batch once (see the module docstring); any
-    other call (training, cross-attention, a cache, recorded outputs, left padding, a mask that
+    other call (training, autograd recording, cross-attention, a cache, recorded outputs, left padding, a mask that
     is not padding, torch.compile) runs transformers' code."""
     B, S, C = hidden_states.shape
     plan = None
-    if not (self.training or encoder_hidden_states is not None or cache is not None or use_cache
-            or any(kwargs.values()) or torch.compiler.is_compiling() or _collecting()):
+    if not (self.training or records_grad(self, hidden_states) or encoder_hidden_states is not None
+            or cache is not None or use_cache or any(kwargs.values()) or torch.compiler.is_compiling()
+            or _collecting()):
         plan = attention.mask_plan(attention_mask, S, S, False)
     keep = None if plan is None or plan[1] else plan[0]  # (B, S) bool key padding mask
     if keep is None or not bool(keep[:, 0].all()) or not bool(keep.any()):

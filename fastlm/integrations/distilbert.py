@@ -6,14 +6,14 @@ from __future__ import annotations
 import types
 
 from fastlm import ops
-from fastlm.integrations.common import patch_layer_norm, set_forward
+from fastlm.integrations.common import patch_layer_norm, records_grad, set_forward
 from fastlm.models.common import activation_name
 
 
 def _block_forward(self, hidden_states, attention_mask=None, **kwargs):
     """transformers' TransformerBlock.forward: sa_layer_norm(attn + h), then
     output_layer_norm(ffn + a), with the residual adds fused into the LayerNorms."""
-    if self.training:  # dropout: transformers' own code
+    if self.training or records_grad(self, hidden_states):  # dropout / a backward: transformers' own code
         return type(self).forward(self, hidden_states, attention_mask, **kwargs)
     a, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
     ln = self.sa_layer_norm

@@ -6,12 +6,12 @@ from __future__ import annotations
 import types
 
 from fastlm import ops
-from fastlm.integrations.common import patch_layer_norm, set_forward
+from fastlm.integrations.common import patch_layer_norm, records_grad, set_forward
 from fastlm.models.common import activation_name
 
 
 def _mlp_forward(self, hidden_states):
-    if self.training:  # dropout: transformers' own code
+    if self.training or records_grad(self, hidden_states):  # dropout / a backward: transformers' own code
         return type(self).forward(self, hidden_states)
     return ops.ffn(hidden_states, self._fastlm_w1, self.c_fc.bias, self._fastlm_w2, self.c_proj.bias,
                    activation=self._fastlm_act)

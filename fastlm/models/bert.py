@@ -41,6 +41,7 @@ from fastlm.models.common import (
     linear,
     linear_add_layer_norm,
 )
+from fastlm.models.outputs import hf_forward
 
 
 def _ln(module: nn.LayerNorm, x: Tensor, residual: Tensor | None = None):
@@ -309,6 +310,7 @@ class BertModel(nn.Module):
         check_ids(name, input_ids, emb.word_embeddings.num_embeddings, emb.max_tokens, attention_mask,
                   token_type_ids=token_type_ids, type_vocab_size=n_types)
 
+    @hf_forward
     @torch.inference_mode()
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None
@@ -453,6 +455,7 @@ class BertForSequenceClassification(BertPreTrainedHead):
         pooler = [W(f"bert.pooler.dense.{t}", (f"pooler.dense.{t}",)) for t in ("weight", "bias")]
         return pooler + _same(*_lin("classifier"))
 
+    @hf_forward
     @torch.inference_mode()
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> LogitsOutput:
         pooled = self.hidden(input_ids, attention_mask, token_type_ids).pooler_output  # (B, C)
@@ -469,6 +472,7 @@ class BertForTokenClassification(BertPreTrainedHead):
     def head_map(self) -> list[W]:
         return _same(*_lin("classifier"))
 
+    @hf_forward
     @torch.inference_mode()
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> LogitsOutput:
         h = self.hidden(input_ids, attention_mask, token_type_ids).last_hidden_state  # (B, S, C)
@@ -485,6 +489,7 @@ class BertForQuestionAnswering(BertPreTrainedHead):
     def head_map(self) -> list[W]:
         return _same(*_lin("qa_outputs"))
 
+    @hf_forward
     @torch.inference_mode()
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> QuestionAnsweringModelOutput:
         h = self.hidden(input_ids, attention_mask, token_type_ids).last_hidden_state  # (B, S, C)
@@ -547,6 +552,7 @@ class BertForMaskedLM(BertPreTrainedHead):
         # tied to the word embeddings; decoder.bias is the same tensor as predictions.bias
         return ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
 
+    @hf_forward
     @torch.inference_mode()
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> LogitsOutput:
         h = self.hidden(input_ids, attention_mask, token_type_ids).last_hidden_state  # (B, S, C)

@@ -25,6 +25,7 @@ from fastlm.models.bert import (
     bert_dims,
 )
 from fastlm.models.common import LogitsOutput, W, activation_name, linear
+from fastlm.models.outputs import hf_forward
 
 # -- RoBERTa, XLM-RoBERTa, CamemBERT ---------------------------------------------------------
 
@@ -77,6 +78,7 @@ class RobertaForSequenceClassification(BertPreTrainedHead):
     def head_map(self) -> list[W]:
         return _same(*_lin("classifier.dense"), *_lin("classifier.out_proj"))
 
+    @hf_forward
     @torch.inference_mode()
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> LogitsOutput:
         h = self.hidden(input_ids, attention_mask, token_type_ids).last_hidden_state  # (B, S, C)
@@ -127,6 +129,7 @@ class RobertaForMaskedLM(BertPreTrainedHead):
     def optional_hf(self) -> tuple[str, ...]:
         return ("lm_head.decoder.weight", "lm_head.decoder.bias")  # tied: embeddings / lm_head.bias
 
+    @hf_forward
     @torch.inference_mode()
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> LogitsOutput:
         h = self.hidden(input_ids, attention_mask, token_type_ids).last_hidden_state  # (B, S, C)
@@ -220,6 +223,7 @@ class DistilBertForSequenceClassification(BertPreTrainedHead):
     def head_map(self) -> list[W]:
         return _same(*_lin("pre_classifier"), *_lin("classifier"))
 
+    @hf_forward
     @torch.inference_mode()
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> LogitsOutput:
         h = self.hidden(input_ids, attention_mask, token_type_ids).last_hidden_state  # (B, S, C)
@@ -259,6 +263,7 @@ class DistilBertForMaskedLM(BertPreTrainedHead):
     def optional_hf(self) -> tuple[str, ...]:
         return ("vocab_projector.weight",)
 
+    @hf_forward
     @torch.inference_mode()
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> LogitsOutput:
         h = self.hidden(input_ids, attention_mask, token_type_ids).last_hidden_state  # (B, S, C)

@@ -26,6 +26,7 @@ from fastlm.models.common import (
     init_weights,
     linear,
 )
+from fastlm.models.outputs import hf_forward
 
 
 @dataclass
@@ -151,6 +152,7 @@ class GPT2Model(nn.Module):
             h = block(h, kpm)
         return ops.layer_norm(h, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
 
+    @hf_forward
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None) -> BaseModelOutput:
@@ -208,6 +210,7 @@ class GPT2ForSequenceClassification(GPT2Model):
     def head_map(self) -> list[W]:
         return [W("score.weight", ("score.weight",))]
 
+    @hf_forward
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None) -> LogitsOutput:
@@ -248,6 +251,7 @@ class GPT2LMHeadModel(GPT2Model):
         w = self.wte.weight
         self.lm_head.weight = nn.Parameter(torch.empty_like(w, device=w.device), requires_grad=w.requires_grad)
 
+    @hf_forward
     @torch.inference_mode()
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None

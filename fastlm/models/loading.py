@@ -319,8 +319,8 @@ def _retie(model: nn.Module) -> None:
 def from_pretrained(
     src: str | os.PathLike | nn.Module | object,
     *,
-    dtype: torch.dtype | None = None,
-    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | int | None = None,
     head: str | None = None,
     quantize: str | None = None,
 ) -> nn.Module:
@@ -342,19 +342,23 @@ def from_pretrained(
     initialised as transformers does (one warning naming them). Outputs keep transformers' field
     names and tuple order (`out[0]`, `.logits`, `.start_logits`, `.last_hidden_state`, ...).
 
-    dtype defaults to that of the source weights (float32 for a config). Raises FileNotFoundError
-    (no config.json / weights), ValueError (unsupported model, unreadable files), WeightError (the
-    weights do not fit), TypeError (bad src or dtype).
+    dtype: what transformers accepts (torch.float32 / float16 / bfloat16, their names such as
+    "float16" or "torch.bfloat16", "auto") plus the short forms "fp32" / "fp16" / "bf16"; None or
+    "auto" keeps the source weights' dtype (float32 for a config). device: "cpu", "cuda", "cuda:1",
+    a torch.device or a GPU index (default CPU); a GPU this machine does not have raises ValueError
+    naming what was asked and what the machine has.
+    Raises FileNotFoundError (no config.json / weights), ValueError (unsupported model, unreadable
+    files, a dtype / device this machine or fastlm cannot run), WeightError (the weights do not fit),
+    TypeError (bad src, dtype or device type).
     quantize: None, "int8" or "int8_dynamic" (see fastlm.quantize); an unknown mode or one without
     a kernel for the device / dtype raises ValueError before the weights are converted.
     """
+    from fastlm import _checks
     from fastlm.quantize import check_mode, check_mode_name, quantize_
 
     check_mode_name(quantize)
-    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"from_pretrained: dtype must be torch.float32, float16 or bfloat16, got {dtype}")
-    if device is not None:
-        device = torch.device(device)
+    dtype = _checks.model_dtype("from_pretrained", dtype)
+    device = _checks.model_device("from_pretrained", device)
     state: Mapping[str, Tensor] | None = None
     obj_name = None
     if isinstance(src, (str, os.PathLike)):

@@ -76,3 +76,54 @@ class QuestionAnsweringModelOutput(ModelOutput):
 
     start_logits: Tensor
     end_logits: Tensor
+
+
+# transformers forward keyword arguments that fastlm's models refuse, and why
+_REFUSED = {
+    "output_hidden_states": "fastlm's models return the final outputs only (no per-layer hidden states)",
+    "output_attentions": "fastlm's fused attention never forms the attention weights",
+    "labels": "fastlm's models are inference-only and compute no loss",
+    "past_key_values": "fastlm keeps its own static KV cache: use model.generate / model.stream",
+    "inputs_embeds": "fastlm's models take input_ids",
+    "head_mask": "fastlm's attention has no head mask",
+}
+_TRANSFORMERS_INSTEAD = ("; for this, run the transformers model with fastlm.optimize(model), which keeps "
+                         "transformers' forward and its outputs")
+
+
+def hf_forward(forward):
+    """Decorator for the models' forward: transformers' keyword arguments, with their meaning or a
+    clear refusal.
+
+    - return_dict: None / True give the output record; False gives `out.to_tuple()` (transformers'
+      tuple: the fields that are set, in order).
+    - use_cache: accepted and ignored (no past_key_values is returned; generate keeps a KV cache).
+    - output_hidden_states / output_attentions: None or False accepted; True raises ValueError
+      naming the argument. labels, past_key_values, inputs_embeds, head_mask: ValueError naming it
+      unless None. Any other keyword: TypeError naming it."""
+    import functools
+    import inspect
+
+    params = [p for p in inspect.signature(forward).parameters if p != "self"]
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, return_dict: bool | None = None, use_cache: bool | None = None, **kwargs):
+        name = type(self).__name__
+        for key in list(kwargs):
+            if key in _REFUSED:
+                value = kwargs.pop(key)
+                if value is None or value is False:
+                    continue
+                shown = "a tensor" if isinstance(value, Tensor) else repr(value)
+                raise ValueError(f"{name}.forward: {key}={shown} is not supported: {_REFUSED[key]}"
+                                 + _TRANSFORMERS_INSTEAD)
+        if return_dict is not None and not isinstance(return_dict, bool):
+            raise TypeError(f"{name}.forward: return_dict must be a bool or None, got {type(return_dict).__name__}")
+        unknown = [k for k in kwargs if k not in params]
+        if unknown:
+            raise TypeError(f"{name}.forward: unexpected keyword argument {unknown[0]!r} (it takes "
+                            f"{', '.join(params)}, return_dict, use_cache)")
+        out = forward(self, *args, **kwargs)
+        return out.to_tuple() if return_dict is False else out
+
+    return wrapper

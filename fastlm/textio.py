@@ -1,0 +1,167 @@
+"""The CLI's input and output files: texts in (one per line, or JSON lines), vectors out (.npy,
+.json, .jsonl), written atomically.
+
+Input, one text per record:
+
+- lines (any file but *.jsonl, and standard input): the text is split at "\\n" only, one text per
+  line, a trailing "\\r" (Windows line ends) and a UTF-8 byte order mark removed; a last line
+  without "\\n" counts, blank lines are (empty) texts. Unlike str.splitlines, a form feed, U+2028,
+  U+0085 or \\x1c inside a line does not split it: row i of the output is line i of the input.
+- jsonl (*.jsonl, or --input-format jsonl): one JSON object per non-blank line with a string field
+  (`text` by default), or a bare JSON string. The robust choice for texts that hold line breaks.
+
+Output, chosen from the file's suffix: .npy (numpy, the embeddings' own dtype), .json (one JSON
+array of rows), .jsonl (one JSON array per line, in input order). Another suffix is refused
+before any work. Files are written to a temporary file in the same folder and renamed onto the
+name when complete, so an error or Ctrl-C never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+
+OUTPUT_SUFFIXES = {".npy": "npy", ".json": "json", ".jsonl": "jsonl"}
+INPUT_FORMATS = ("auto", "lines", "jsonl")
+
+
+class InputError(ValueError):
+    """A file the CLI was given cannot be used (the message names it and says why)."""
+
+
+def _name(src: str) -> str:
+    return "standard input" if src == "-" else src
+
+
+def split_lines(data: str) -> list[str]:
+    """Text -> its lines: split at "\\n" only, one trailing "\\r" per line removed, a final line
+    ending not producing an empty last line."""
+    if data.startswith("\ufeff"):
+        data = data[1:]
+    if not data:
+        return []
+    lines = data.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def input_format(src: str, fmt: str = "auto") -> str:
+    if fmt not in INPUT_FORMATS:
+        raise InputError(f"input format must be one of {', '.join(INPUT_FORMATS)}, got {fmt!r}")
+    if fmt != "auto":
+        return fmt
+    return "jsonl" if src != "-" and src.lower().endswith(".jsonl") else "lines"
+
+
+def read_texts(src: str, *, fmt: str = "auto", field: str = "text", stdin=None) -> list[str]:
+    """The texts of a file (or "-": standard input) as the module docstring describes.
+
+    Raises InputError (a ValueError) naming the file (and line) for an empty input, text that is
+    not UTF-8, or a JSON line without the field; OSError for a file that cannot be opened."""
+    fmt = input_format(src, fmt)
+    if src == "-":
+        import sys
+
+        raw = (stdin or sys.stdin.buffer).read()
+    else:
+        if os.path.isdir(src):
+            raise InputError(f"{src} is a directory, not a text file")
+        with open(src, "rb") as f:
+            raw = f.read()
+    try:
+        data = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError as e:
+        raise InputError(f"{_name(src)} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+    if fmt == "lines":
+        texts = split_lines(data)
+    else:
+        texts = []
+        for i, line in enumerate(split_lines(data), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{_name(src)} line {i}: not JSON ({e.msg}); JSON lines input needs one object "
+                                 f'per line, like {{"{field}": "..."}}') from None
+            text = rec.get(field) if isinstance(rec, dict) else rec
+            if not isinstance(text, str):
+                raise InputError(f'{_name(src)} line {i}: expected a JSON object with a string "{field}" field '
+                                 f"(or a JSON string), got {line[:60]!r}")
+            texts.append(text)
+    if not texts:
+        raise InputError(f"{_name(src)} is empty: no text to read ("
+                         + ("one text per line)" if fmt == "lines" else f'one JSON object with "{field}" per line)'))
+    return texts
+
+
+def output_format(path: str | None, fmt: str | None, *, stdout_formats=("jsonl", "json")) -> str:
+    """The format to write: from the suffix of `path` (.npy, .json, .jsonl); `fmt`, when also
+    given, must agree with it. Without a path (standard output): `fmt`, default jsonl. Raises
+    InputError for an unknown suffix, a disagreement, or a binary format on standard output."""
+    formats = sorted(set(OUTPUT_SUFFIXES.values()))
+    if fmt is not None and fmt not in formats:
+        raise InputError(f"--format must be one of {', '.join(formats)}, got {fmt!r}")
+    if path is None:
+        fmt = fmt or "jsonl"
+        if fmt not in stdout_formats:
+            raise InputError(f"--format {fmt} is binary: give --out FILE.{fmt} (standard output takes "
+                             f"{' or '.join(stdout_formats)})")
+        return fmt
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        raise InputError(f"--out {path}: unknown suffix {suffix or '(none)'!r}; the format follows the suffix: "
+                         + ", ".join(OUTPUT_SUFFIXES))
+    if fmt is not None and fmt != OUTPUT_SUFFIXES[suffix]:
+        raise InputError(f"--format {fmt} disagrees with --out {path} (a {suffix} file); drop --format or rename")
+    return OUTPUT_SUFFIXES[suffix]
+
+
+def check_output_path(path: str) -> None:
+    """That `path` can be written, before any work: its folder exists and is writable, and it is
+    not a folder. Raises InputError naming it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise InputError(f"--out {path} is a directory; give a file name")
+    if not os.path.isdir(folder):
+        raise InputError(f"--out {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"--out {path}: the folder {folder} is not writable")
+
+
+def write_atomic(path: str, write: Callable) -> None:
+    """write(binary file) into a temporary file next to `path`, renamed onto `path` only when
+    complete: an error or KeyboardInterrupt removes the temporary file and leaves `path` as it was."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fastlm-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result gets the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def vectors_bytes(vecs, fmt: str) -> bytes:
+    """Rows of a 2-D numpy array in `fmt`: "json" one array of rows, "jsonl" one row per line,
+    "npy" numpy's format."""
+    if fmt == "npy":
+        import io
+
+        import numpy as np
+
+        buf = io.BytesIO()
+        np.save(buf, vecs)
+        return buf.getvalue()
+    if fmt == "jsonl":
+        return "".join(json.dumps(v) + "\n" for v in vecs.tolist()).encode()
+    if fmt == "json":
+        return (json.dumps(vecs.tolist()) + "\n").encode()
+    raise ValueError(f"vectors_bytes: unknown format {fmt!r}")
