@@ -175,10 +175,10 @@ def test_bad_generation_arguments(tmp_path):
     ]:
         with pytest.raises(ValueError, match=msg):
             model.generate(ids, max_new_tokens=3, **kw)
-    with pytest.raises(ValueError, match="max_new_tokens is required"):
-        model.generate(ids)
-    with pytest.raises(ValueError, match="max_new_tokens is required"):
-        model.stream(ids)  # checked before the first token, not at the first next()
+    with pytest.raises(ValueError, match="max_length must be"):
+        model.generate(ids, max_length=0)
+    with pytest.raises(ValueError, match="min_new_tokens must be"):
+        model.stream(ids, min_new_tokens=-1)  # checked before the first token, not at the first next()
 
 
 def test_cli_generate_stops_at_the_checkpoints_eos(tmp_path, capsys):
