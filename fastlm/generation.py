@@ -212,12 +212,12 @@ def resolve(model, prompt_len: int, generation_config=None, **explicit) -> Setti
     # lengths (transformers' _prepare_generated_length)
     n, _ = get("max_new_tokens")
     max_length, _ = get("max_length", default=False)
+    if max_length is not None and (not _int(max_length) or max_length < 1):
+        raise ValueError(f"{name}: max_length must be an int >= 1 (the prompt included), got {max_length!r}")
     if n is not None:
         if not _int(n) or n < 1:
             raise ValueError(f"{name}: max_new_tokens must be an int >= 1, got {n!r}")
     elif max_length is not None:
-        if not _int(max_length) or max_length < 1:
-            raise ValueError(f"{name}: max_length must be an int >= 1 (the prompt included), got {max_length!r}")
         if max_length <= S:
             raise ValueError(f"{name}: max_length ({max_length}) counts the prompt ({S} tokens, padding included) "
                              "and leaves no new token; set max_new_tokens or a larger max_length")
@@ -228,13 +228,13 @@ def resolve(model, prompt_len: int, generation_config=None, **explicit) -> Setti
             raise ValueError(f"{name}: the prompt ({S} tokens) fills the model's {n_pos} positions: no room for "
                              "new tokens")
     min_new, _ = get("min_new_tokens")
+    min_length, _ = get("min_length")
+    if not _int(min_length) or min_length < 0:
+        raise ValueError(f"{name}: min_length must be an int >= 0 (the prompt included), got {min_length!r}")
     if min_new is not None:
         if not _int(min_new) or min_new < 0:
             raise ValueError(f"{name}: min_new_tokens must be an int >= 0, got {min_new!r}")
     else:
-        min_length, _ = get("min_length")
-        if not _int(min_length) or min_length < 0:
-            raise ValueError(f"{name}: min_length must be an int >= 0 (the prompt included), got {min_length!r}")
         min_new = max(0, min_length - S)
 
     # special tokens (transformers' _prepare_special_tokens)
