@@ -577,7 +577,14 @@ def _run(model, input_ids, attention_mask, s: Settings, seed, check_every) -> It
     """Yields (new tokens (B,), finished (B,) bool) per step."""
     device = model.device
     ids = input_ids.to(device)
-    mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(device).bool()
+    if attention_mask is not None:
+        mask = attention_mask.to(device).bool()
+    else:  # transformers' _prepare_attention_mask_for_generation: pad ids are padding, unless pad is an eos id
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        if s.pad_token_id is not None and s.pad_token_id not in s.eos_token_id:
+            not_pad = ids != s.pad_token_id
+            if not bool(not_pad.all()):  # one host sync per call
+                mask = not_pad
     lens = mask.sum(1)  # (B,)
     lens_host = lens.tolist()  # one sync per call, for sizes
     if min(lens_host) == 0:
@@ -649,6 +656,8 @@ _DOC_ARGS = """
         exponential_decay_length_penalty ((start, factor), needs eos), remove_invalid_values,
         renormalize_logits (bool): transformers' logits processors of those names, applied in its
         order to the float32 logits, on the device (fastlm.generation.process).
+    attention_mask None: every token is real, except (as in transformers) the pad_token_id ones when
+    input_ids hold some and pad_token_id is no eos id.
     Padded sequences count as transformers counts a left-padded batch (lengths include the padding;
     no_repeat_ngram_size and multi-token biases see the padding ids); right padding is read as the
     same prompts left-padded.

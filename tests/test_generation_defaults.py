@@ -493,3 +493,22 @@ def test_bad_processor_arguments_name_the_argument(tmp_path):
             model.generate(ids, max_new_tokens=3, **kw)
     with pytest.raises(TypeError, match="remove_invalid_values must be a bool"):
         model.generate(ids, max_new_tokens=3, remove_invalid_values="yes")
+
+
+def test_without_a_mask_pad_ids_are_padding_like_transformers(tmp_path):
+    """With no attention_mask, transformers reads the pad_token_id tokens as padding (when the pad id
+    is no eos id); fastlm does the same, so a left-padded batch without its mask gives the tokens it
+    gives with it."""
+    save(tmp_path, gen={"pad_token_id": 7})
+    ids, mask = left_padded()
+    ids[mask == 1] = torch.where(ids[mask == 1] == 7, 8, ids[mask == 1])  # 7 only as padding
+    ids[mask == 0] = 7
+    model = fastlm.from_pretrained(tmp_path)
+    expect = hf_gen(tmp_path, ids, None, max_new_tokens=12)
+    assert torch.equal(expect, hf_gen(tmp_path, ids, mask, max_new_tokens=12))
+    assert torch.equal(model.generate(ids, max_new_tokens=12), expect)
+    all_ones = model.generate(ids, torch.ones_like(ids), max_new_tokens=12)
+    assert not torch.equal(all_ones, expect), "the padding changed nothing: this test could not fail"
+    # a pad id that is also an eos id tells nothing: every token counts, as in transformers
+    kw = {"max_new_tokens": 12, "eos_token_id": [7, 9]}
+    assert torch.equal(model.generate(ids, **kw), hf_gen(tmp_path, ids, None, **kw))
