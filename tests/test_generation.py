@@ -118,7 +118,7 @@ def test_generate_bad_input():
     ids = torch.randint(1, 101, (2, 5))
     cases = [
         (dict(max_new_tokens=0), "max_new_tokens must be"),
-        (dict(max_new_tokens=4, do_sample=True, top_p=0.0), "top_p must lie in"),
+        (dict(max_new_tokens=4, do_sample=True, top_p=-0.1), "top_p must lie in"),  # 0 is greedy, as in transformers
         (dict(max_new_tokens=4, do_sample=True, top_p=1.5), "top_p must lie in"),
         (dict(max_new_tokens=4, do_sample=True, top_k=-1), "top_k must be"),
         (dict(max_new_tokens=4, do_sample=True, temperature=0.0), "temperature must be > 0"),
