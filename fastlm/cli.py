@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--do-sample", action="store_true", default=None, help="sample (default: the checkpoint's "
                    "generation config, else greedy)")
     g.add_argument("--temperature", type=float, default=None, help="default: the checkpoint's, else 1.0")
-    g.add_argument("--top-k", type=int, default=None, help="default: the checkpoint's, else 0 (off)")
+    g.add_argument("--top-k", type=int, default=None, help="default: the checkpoint's, else 50 (transformers; 0 = off)")
     g.add_argument("--top-p", type=float, default=None, help="default: the checkpoint's, else 1.0 (off)")
     g.add_argument("--min-new-tokens", type=int, default=None, help="no end-of-sequence before this many tokens")
     g.add_argument("--repetition-penalty", type=float, default=None, help="transformers' repetition penalty "
