@@ -8,7 +8,7 @@ import subprocess
 
 import torch
 
-from fastlm import _ext, backend
+from fastlm import _ext, backend, cpu_features
 
 
 def _version(mod: str) -> str:
@@ -65,6 +65,9 @@ def report() -> dict:
     )
     if _ext.available():  # the ISA of the CPU packed GEMV (csrc/gemv.cpp; FASTLM_CPU_ISA caps it)
         env["fastlm._C CPU GEMV ISA"] = torch.ops.fastlm.cpu_isa("")
+    env["CPU features"] = cpu_features.summary()
+    slow = cpu_features.int8_gemm_slow()
+    env["int8_dynamic on this CPU"] = f"slower than float32: {slow}" if slow else "int8 GEMM (torch._int_mm)"
     env["backend"] = backend.current()
     env["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "0")
     from fastlm import fused, ops

@@ -15,12 +15,13 @@ reads the head's int8 rows (no full-precision copy of a quantized weight is kept
 
 from __future__ import annotations
 
+import logging
 import re
 
 import torch
 from torch import nn
 
-from fastlm import _ext
+from fastlm import _ext, cpu_features
 from fastlm.linear import (
     FastLinear,
     Int8DynamicLinear,
@@ -29,6 +30,7 @@ from fastlm.linear import (
     PackedLinear,
 )
 
+log = logging.getLogger("fastlm")
 MODES = ("int8", "int8_dynamic")
 _CLASSES = {"int8": Int8Linear, "int8_dynamic": Int8DynamicLinear}
 # fastlm model names of the projections (GPT-2: h.N.attn.c_attn ...; BERT family: layer.N.attention.qkv ...)
@@ -68,6 +70,14 @@ def check_mode(mode: str | None, device: torch.device, dtype: torch.dtype) -> No
         raise ValueError(f"quantize={mode!r}: no int8 kernel for device {device}")
 
 
+def warn_if_slow(mode: str | None, device: torch.device) -> None:
+    """Log a warning when `mode` runs slower than float32 on this CPU (int8_dynamic without an
+    int8 dot-product instruction: fastlm.cpu_features), so that is never a silent surprise."""
+    slow = cpu_features.int8_gemm_slow() if mode == "int8_dynamic" and device.type == "cpu" else None
+    if slow:
+        log.warning("quantize='int8_dynamic': %s", slow)
+
+
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     for t in list(model.parameters()) + list(model.buffers()):
         if t.is_floating_point():
@@ -96,6 +106,7 @@ def quantize_(model: nn.Module, mode: str | None) -> nn.Module:
         return model
     device, dtype = _model_device_dtype(model)
     check_mode(mode, device, dtype)
+    warn_if_slow(mode, device)
     slots = projections(model)
     if not slots:
         raise ValueError(f"quantize: found no projection to quantize in {type(model).__name__}")
@@ -173,6 +184,7 @@ def quantize_hf_(model: nn.Module, mode: str) -> int:
 
     device, dtype = _model_device_dtype(model)
     check_mode(mode, device, dtype)
+    warn_if_slow(mode, device)
     cls = _CLASSES[mode]
     slots = []
     for name, mod in model.named_modules():

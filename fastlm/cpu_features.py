@@ -1,0 +1,56 @@
+"""What this CPU computes natively, read from its real flags (Linux /proc/cpuinfo).
+
+torch chooses its CPU int8 GEMM path (`torch._int_mm`, used by quantize="int8_dynamic") from its
+own CPU detection, which no environment variable changes: measured 2026-12-06, it ran 341-675
+GOP/s on an AMD Zen 4 (AVX-512 VNNI; also with ONEDNN_MAX_CPU_ISA=AVX2) and ~0.8 GOP/s on an AMD
+Zen 3 (AVX2, no VNNI), where int8_dynamic BERT-base was ~30x slower than float32
+(shared/FIELD_NOTES.md). So the decision whether int8_dynamic pays is made from the CPU's real
+flags, never from FASTLM_CPU_ISA or ONEDNN_MAX_CPU_ISA.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+
+# int8 dot-product instructions an int8 GEMM needs to beat float32: AVX-512 VNNI, AVX-VNNI (the
+# VEX form on Alder Lake / Zen 5 client parts), AMX-INT8 (Sapphire Rapids and later).
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux names them (/proc/cpuinfo), empty where unreadable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def summary() -> str:
+    """One line for `fastlm info`: the vector, int8 and bf16 features present, e.g.
+    "avx2 fma avx512f | int8: avx512_vnni | bf16: avx512_bf16"."""
+    flags = cpu_flags()
+    vec = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl") if f in flags] or [platform.machine()]
+    int8 = [f for f in INT8_DOT_FLAGS if f in flags] or ["none"]
+    bf16 = [f for f in BF16_FLAGS if f in flags] or ["none (emulated)"]
+    return f"{' '.join(vec)} | int8: {' '.join(int8)} | bf16: {' '.join(bf16)}"
+
+
+def int8_gemm_slow() -> str | None:
+    """Why quantize="int8_dynamic" runs slower than float32 on this CPU, or None where it pays
+    (the CPU has an int8 dot-product instruction: INT8_DOT_FLAGS). Only x86 is judged; other
+    machines give None (not measured here)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    flags = cpu_flags()
+    if not flags or any(f in flags for f in INT8_DOT_FLAGS):
+        return None
+    return ("this CPU has no int8 dot-product instruction (AVX-512 VNNI, AVX-VNNI or AMX-INT8), so torch's int8 "
+            "GEMM runs far slower than float32 here (measured ~30x on an AMD Zen 3): use quantize='int8' "
+            "(weight-only, fast on any CPU) or no quantization")

@@ -1,0 +1,87 @@
+"""int8_dynamic is never slower than float32 without the user being told (issue 19): the decision
+comes from the CPU's real flags (torch's int8 GEMM path cannot be forced by any variable), so it
+is tested here with the flags mocked, as on an AVX2-only CPU without VNNI."""
+
+import logging
+
+import pytest
+import torch
+import transformers as tf
+
+import fastlm
+from fastlm import cpu_features, info
+
+ZEN3 = frozenset("fpu sse sse2 avx avx2 fma bmi2 sha_ni".split())  # AVX2 + FMA, no VNNI: int8 GEMM ~30x slower
+ZEN4 = ZEN3 | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"}
+ALDER_LAKE = ZEN3 | {"avx_vnni"}
+SAPPHIRE_RAPIDS = ZEN4 | {"amx_int8", "amx_bf16", "amx_tile"}
+
+
+@pytest.fixture
+def flags(monkeypatch):
+    def set_flags(value, machine="x86_64"):
+        monkeypatch.setattr(cpu_features, "cpu_flags", lambda: value)
+        monkeypatch.setattr(cpu_features.platform, "machine", lambda: machine)
+    return set_flags
+
+
+@pytest.mark.parametrize("cpu, slow", [(ZEN3, True), (ZEN4, False), (ALDER_LAKE, False), (SAPPHIRE_RAPIDS, False)])
+def test_the_decision_follows_the_int8_dot_product_flags(flags, cpu, slow):
+    flags(cpu)
+    reason = cpu_features.int8_gemm_slow()
+    assert (reason is not None) == slow
+    if slow:
+        assert "VNNI" in reason and "quantize='int8'" in reason
+
+
+def test_unknown_flags_or_other_machines_are_not_judged(flags):
+    flags(frozenset())
+    assert cpu_features.int8_gemm_slow() is None
+    flags(ZEN3, machine="aarch64")
+    assert cpu_features.int8_gemm_slow() is None
+
+
+def test_the_real_flags_are_read():
+    real = cpu_features.cpu_flags.__wrapped__()
+    with open("/proc/cpuinfo") as f:
+        text = f.read()
+    assert real and all(f in text for f in real)
+    has_dot = any(f in real for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    assert has_dot == (cpu_features.int8_gemm_slow() is None)
+
+
+def tiny_bert():
+    return tf.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=32)
+
+
+def test_loading_int8_dynamic_on_a_cpu_without_vnni_warns(flags, caplog):
+    flags(ZEN3)
+    with caplog.at_level(logging.WARNING, logger="fastlm"):
+        model = fastlm.from_pretrained(tiny_bert(), quantize="int8_dynamic")
+    msgs = [r.getMessage() for r in caplog.records if "int8_dynamic" in r.getMessage()]
+    assert len(msgs) == 1 and "slower than float32" in msgs[0], msgs
+    ids = torch.randint(0, 97, (2, 9))
+    assert torch.isfinite(model(ids).last_hidden_state).all()  # still runs: a warning, not a refusal
+    rep = info.report()
+    assert rep["int8_dynamic on this CPU"].startswith("slower than float32")
+    assert "int8: none" in rep["CPU features"] and "avx2 fma" in rep["CPU features"]
+
+
+def test_no_warning_where_the_int8_gemm_pays(flags, caplog):
+    flags(ZEN4)
+    with caplog.at_level(logging.WARNING, logger="fastlm"):
+        fastlm.from_pretrained(tiny_bert(), quantize="int8_dynamic")
+        fastlm.from_pretrained(tiny_bert(), quantize="int8")
+    assert not [r for r in caplog.records if "slower than float32" in r.getMessage()]
+    rep = info.report()
+    assert rep["int8_dynamic on this CPU"] == "int8 GEMM (torch._int_mm)"
+    assert "int8: avx512_vnni" in rep["CPU features"] and "bf16: avx512_bf16" in rep["CPU features"]
+
+
+def test_optimize_with_int8_dynamic_on_a_cpu_without_vnni_warns(flags, caplog):
+    flags(ZEN3)
+    hf = tf.BertModel(tiny_bert()).eval()
+    with caplog.at_level(logging.WARNING, logger="fastlm"):
+        fastlm.optimize(hf, quantize="int8_dynamic")
+    assert len([r for r in caplog.records if "slower than float32" in r.getMessage()]) == 1
