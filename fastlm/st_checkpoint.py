@@ -9,7 +9,9 @@ ValueError naming the file and the key (or the module type). Nothing is dropped 
   any of Dense, LayerNorm, Dropout (identity at inference) and Normalize, each reading and writing the
   sentence embedding. A class outside sentence_transformers (custom code: sentence-transformers
   needs trust_remote_code) or any other module type (Router, CNN, LSTM, WordEmbeddings, ...) is
-  refused; so is a path leaving the directory, a missing Transformer or Pooling.
+  refused; so is a path leaving the directory, a missing Transformer or Pooling. A module's name,
+  idx and kwargs (the encode keyword arguments forwarded to it, e.g. a Router's task: Embedder.encode
+  forwards none) change nothing.
 - The Transformer's sentence_bert_config.json (or the legacy sentence_<family>_config.json names),
   read from the Transformer's own folder: max_seq_length (the tokenizer's model_max_length),
   do_lower_case (a Lowercase normalizer in front of the tokenizer's), tokenizer_args /
@@ -276,7 +278,6 @@ def _processing_kwargs(file: str, pk) -> dict:
         return {}
     if not isinstance(pk, dict):
         raise _refuse(file, "processing_kwargs", f"must be an object, got {type(pk).__name__}")
-    merged = {}
     for key, v in pk.items():
         if key in ("image", "audio", "video", "chat_template"):  # other inputs / the message modality
             continue
