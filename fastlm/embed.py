@@ -1,126 +1,52 @@
 """fastlm.Embedder: batch sentence embeddings with fastlm's encoders (the `fastlm embed` CLI's
 engine).
 
-It reads a checkpoint directory the way sentence-transformers does: `modules.json` names the
-Transformer module (its directory holds the model and tokenizer), the Pooling module (its
-`config.json`: cls / mean / max / mean_sqrt_len_tokens / weightedmean / lasttoken, several modes
-concatenated in that order, as sentence-transformers 6 does) and an optional Normalize module (L2);
-`sentence_bert_config.json` gives max_seq_length. A plain transformers directory (no modules.json)
-gets mean pooling and no normalisation. Texts are sorted by token length into batches (less
-padding), encoded, pooled, and returned in the input order.
+It reads a checkpoint directory the way sentence-transformers 6 does (fastlm/st_checkpoint.py):
+`modules.json` names the Transformer module (its directory holds the model, the tokenizer and
+sentence_bert_config.json: max_seq_length, do_lower_case, tokenizer arguments, ...), the Pooling
+module (its `config.json`: cls / mean / max / mean_sqrt_len_tokens / weightedmean / lasttoken,
+several modes concatenated in that order, include_prompt) and the modules after it (Dense,
+LayerNorm, Dropout, Normalize); config_sentence_transformers.json gives prompts, the default prompt
+name and truncate_dim. A setting fastlm cannot apply is refused with a ValueError naming the file and
+key. A plain transformers directory (no modules.json) gets mean pooling (lasttoken for a
+*ForCausalLM architecture) and no normalisation. Texts are sorted by token length into batches
+(less padding), encoded, pooled, and returned in the input order.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from fastlm.st_checkpoint import (  # noqa: F401  (re-exported: the reading is part of fastlm.embed's API)
+    DEFAULT_PROMPTS,
+    POOLING_MODES,
+    Pipeline,
+    Step,
+    pooling_modes,
+    read_pipeline,
+)
+
 log = logging.getLogger("fastlm")
 
-POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
-_LEGACY_POOLING = {  # sentence-transformers' pooling_mode_* keys, in its concatenation order
-    "pooling_mode_cls_token": "cls",
-    "pooling_mode_max_tokens": "max",
-    "pooling_mode_mean_tokens": "mean",
-    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
-    "pooling_mode_weightedmean_tokens": "weightedmean",
-    "pooling_mode_lasttoken": "lasttoken",
-}
-
-
 PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")  # sentence-transformers' encode(precision=)
-DEFAULT_PROMPTS = {"query": "", "document": ""}  # sentence-transformers' defaults (empty: no prompt)
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model",
                    "tokenizer.model")
 
 
-@dataclass
-class Pipeline:
-    """What a checkpoint directory asks for."""
-
-    model_dir: str
-    pooling: tuple[str, ...]
-    normalize: bool
-    max_seq_length: int | None
-    include_prompt: bool = True  # the Pooling config's include_prompt: False pools without the prompt's tokens
-    prompts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROMPTS))
-    default_prompt_name: str | None = None
-
-
-def _read_json(path: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"Embedder: cannot read {path}: {e}") from e
-
-
-def pooling_modes(cfg: dict) -> tuple[str, ...]:
-    """A sentence-transformers Pooling config -> its modes (legacy pooling_mode_* booleans or the
-    newer `pooling_mode` string / list); none set means mean, as sentence-transformers does."""
-    if "pooling_mode" in cfg:
-        mode = cfg["pooling_mode"]
-        modes = (mode,) if isinstance(mode, str) else tuple(mode)
-    else:
-        modes = tuple(m for k, m in _LEGACY_POOLING.items() if cfg.get(k, False)) or ("mean",)
-    bad = [m for m in modes if m not in POOLING_MODES]
-    if bad:
-        raise ValueError(f"Embedder: pooling mode {bad[0]!r} is not supported (supported: {', '.join(POOLING_MODES)})")
-    return modes
-
-
-def read_pipeline(path: str) -> Pipeline:
-    """The modules of a sentence-transformers directory, or mean pooling for a plain one."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"Embedder: {path} is not a directory (expected a checkpoint directory)")
-    modules_file = os.path.join(path, "modules.json")
-    model_dir, pooling, normalize, include_prompt = path, ("mean",), False, True
-    if os.path.isfile(modules_file):
-        pooling = None
-        for m in _read_json(modules_file):
-            kind = str(m.get("type", "")).rsplit(".", 1)[-1]
-            sub = os.path.join(path, m.get("path", ""))
-            if kind == "Transformer":
-                model_dir = sub
-            elif kind == "Pooling":
-                cfg_file = os.path.join(sub, "config.json")
-                cfg = _read_json(cfg_file) if os.path.isfile(cfg_file) else {}
-                pooling = pooling_modes(cfg)
-                include_prompt = cfg.get("include_prompt", True) is not False
-            elif kind == "Normalize":
-                normalize = True
-            else:
-                raise ValueError(f"Embedder: {modules_file} has a {kind!r} module, which fastlm does not run "
-                                 "(supported: Transformer, Pooling, Normalize)")
-        if pooling is None:
-            pooling = ("mean",)
-    max_seq = None
-    for d in (path, model_dir):
-        f = os.path.join(d, "sentence_bert_config.json")
-        if os.path.isfile(f):
-            max_seq = _read_json(f).get("max_seq_length")
-            break
-    prompts, default_prompt = dict(DEFAULT_PROMPTS), None
-    st_config = os.path.join(path, "config_sentence_transformers.json")
-    if os.path.isfile(st_config):  # saved prompts, as SentenceTransformer reads them
-        cfg = _read_json(st_config)
-        prompts.update({k: v for k, v in (cfg.get("prompts") or {}).items() if isinstance(v, str)})
-        default_prompt = cfg.get("default_prompt_name")
-    return Pipeline(model_dir, pooling, normalize, max_seq, include_prompt, prompts, default_prompt)
-
-
-def pool(h: Tensor, mask: Tensor, modes: Sequence[str]) -> Tensor:
+def pool(h: Tensor, mask: Tensor, modes: Sequence[str], *, full_mask: Tensor | None = None) -> Tensor:
     """sentence-transformers' pooling of token states h (B, S, C) under mask (B, S) -> (B, C * len(modes)),
-    computed in float32."""
+    computed in float32. full_mask: the attention mask before a prompt's tokens were taken out of
+    `mask` (include_prompt=False); weightedmean counts its position weights from full_mask's first
+    real token, as sentence-transformers does (default: mask)."""
     h, m = h.float(), mask.to(h.device)
+    fm = m if full_mask is None else full_mask.to(h.device)
     mf = m.unsqueeze(-1).float()  # (B, S, 1)
     out = []
     for mode in modes:
@@ -134,7 +60,7 @@ def pool(h: Tensor, mask: Tensor, modes: Sequence[str]) -> Tensor:
             out.append((h * mf).sum(1) / (n if mode == "mean" else n.sqrt()))
         elif mode == "weightedmean":
             w = torch.arange(1, h.shape[1] + 1, device=h.device, dtype=h.dtype).view(1, -1, 1)
-            w = w - m.int().argmax(1).view(-1, 1, 1)  # positions counted from the first real token
+            w = w - fm.int().argmax(1).view(-1, 1, 1)  # positions counted from the first real token
             wm = mf * w
             out.append((h * wm).sum(1) / wm.sum(1).clamp(min=1e-9))
         elif mode == "lasttoken":
@@ -208,6 +134,36 @@ def quantize_embeddings(emb: Tensor, precision: str) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(out))
 
 
+def _lowercase(tok) -> None:
+    """sentence_bert_config.json's do_lower_case, as sentence-transformers applies it: a Lowercase
+    normalizer in front of a fast tokenizer's own (unless it has one), or the slow tokenizer's flag."""
+    if getattr(tok, "is_fast", False):
+        from tokenizers.normalizers import Lowercase
+        from tokenizers.normalizers import Sequence as NormalizerSequence
+
+        normalizer = tok.backend_tokenizer.normalizer
+        has = isinstance(normalizer, Lowercase) or (isinstance(normalizer, NormalizerSequence)
+                                                    and any(isinstance(n, Lowercase) for n in normalizer))
+        if not has:
+            new = [Lowercase()]
+            if isinstance(normalizer, NormalizerSequence):
+                new += list(normalizer)
+            elif normalizer is not None:
+                new.append(normalizer)
+            tok.backend_tokenizer.normalizer = NormalizerSequence(new)
+    else:
+        try:
+            tok.do_lower_case = True
+        except AttributeError:
+            tok.basic_tokenizer.do_lower_case = True
+
+
+def _check_truncate_dim(fn: str, truncate_dim) -> None:
+    if truncate_dim is not None and (isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int)
+                                     or truncate_dim < 1):
+        raise ValueError(f"{fn}: truncate_dim must be a positive int or None, got {truncate_dim!r}")
+
+
 class Embedder:
     """Sentence embeddings from a checkpoint directory.
 
@@ -223,18 +179,28 @@ class Embedder:
       "fp16", "bf16", ...; "auto" or None: float16 on CUDA, else float32).
     - quantize: passed to fastlm.from_pretrained (ValueError where this build's from_pretrained
       has no quantize support).
-    - pooling: override the modes (see POOLING_MODES); normalize: override L2 normalisation.
-    - max_length: the longest text in tokens (default the checkpoint's max_seq_length, else the
-      model's positions); a longer text raises ValueError naming it, unless truncate=True, which
-      cuts it to max_length (as sentence-transformers always does).
+    - pooling: override the modes (see POOLING_MODES); normalize: override the final L2
+      normalisation (a Normalize module at the end of the checkpoint's modules).
+    - max_length: the longest text in tokens. Default: the limit sentence-transformers uses, from
+      (first found) the checkpoint's processing_kwargs max_length, its tokenizer arguments'
+      model_max_length or max_seq_length (sentence_bert_config.json), else the tokenizer's
+      model_max_length (tokenizer_config.json) capped at the model's positions; never more than the
+      model's positions (`max_length_source` names where it came from). A longer text raises
+      ValueError naming the limit and its source, unless truncate=True, which cuts it to max_length
+      (as sentence-transformers always does).
     - prompts / default_prompt_name: as SentenceTransformer's (merged over the saved ones).
+    - truncate_dim: as SentenceTransformer's (default: the saved one).
+    - dtype None also honours the checkpoint's model_kwargs dtype (sentence_bert_config.json).
+    Every setting of a sentence-transformers checkpoint is applied as sentence-transformers applies
+    it, or refused with ValueError naming the file and key (fastlm.st_checkpoint lists them).
     Raises FileNotFoundError / ValueError for a missing directory, tokenizer or unsupported module.
     """
 
     def __init__(self, src: str | os.PathLike, *, device=None, dtype: torch.dtype | str | None = None,
                  quantize: str | None = None, pooling: Sequence[str] | None = None,
                  normalize: bool | None = None, truncate: bool = False, max_length: int | None = None,
-                 prompts: dict[str, str] | None = None, default_prompt_name: str | None = None):
+                 prompts: dict[str, str] | None = None, default_prompt_name: str | None = None,
+                 truncate_dim: int | None = None):
         import fastlm
         from fastlm import _checks
 
@@ -244,25 +210,43 @@ class Embedder:
             pooling = (pooling,)
         if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)):
             raise TypeError(f"Embedder: max_length must be an int or None, got {type(max_length).__name__}")
+        _check_truncate_dim("Embedder", truncate_dim)
         path = os.fspath(src)
         self.pipeline = read_pipeline(path)
+        pipe = self.pipeline
         if pooling is not None:
-            self.pipeline.pooling = pooling_modes({"pooling_mode": list(pooling)})
+            modes = pooling_modes({"pooling_mode": list(pooling)})
+            if len(modes) != len(pipe.pooling) and any(s.kind in ("Dense", "LayerNorm") for s in pipe.steps):
+                raise ValueError(f"Embedder: pooling={list(pooling)} changes the pooled dimension, but the "
+                                 f"checkpoint's {pipe.steps[0].source} module expects the pooling of "
+                                 f"{'+'.join(pipe.pooling)}")
+            pipe.pooling = modes
         if normalize is not None:
-            self.pipeline.normalize = bool(normalize)
+            pipe.normalize = bool(normalize)
         if prompts is not None:
             if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
                 raise TypeError("Embedder: prompts must be a dict of name -> prompt str")
-            self.pipeline.prompts.update(prompts)
+            pipe.prompts.update(prompts)
         if default_prompt_name is not None:
-            self.pipeline.default_prompt_name = default_prompt_name
-        name = self.pipeline.default_prompt_name
-        if name is not None and name not in self.pipeline.prompts:
+            pipe.default_prompt_name = default_prompt_name
+        if truncate_dim is not None:
+            pipe.truncate_dim = truncate_dim
+        name = pipe.default_prompt_name
+        if name is not None and name not in pipe.prompts:
             raise ValueError(f"Embedder: default_prompt_name {name!r} is not one of the prompts "
-                             f"{sorted(self.pipeline.prompts)}")
+                             f"{sorted(pipe.prompts)}")
         if device is None:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if dtype is None:
+        source_dtype = False  # from_pretrained keeps the weights' dtype
+        if dtype is None and pipe.model_dtype is not None:  # the checkpoint's model_kwargs dtype
+            if pipe.model_dtype == "auto":
+                source_dtype = True
+            else:
+                try:
+                    dtype = _checks.model_dtype("Embedder", pipe.model_dtype)
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"Embedder: {pipe.sbert_config}: model_kwargs dtype: {e}") from None
+        if dtype is None and not source_dtype:
             dtype = torch.float16 if device.type == "cuda" else torch.float32
         kw = {}
         if quantize is not None:
@@ -270,59 +254,108 @@ class Embedder:
                 raise ValueError(f"Embedder: quantize={quantize!r} needs quantization support in "
                                  "fastlm.from_pretrained, which this build of fastlm does not have")
             kw["quantize"] = quantize
-        model_dir = self.pipeline.model_dir
-        self.tokenizer = self._tokenizer(model_dir)
+        model_dir = pipe.model_dir
         from fastlm.models.loading import _read_config
 
-        model_type = _read_config(model_dir).model_type
-        if model_type == "gpt2":
+        config = _read_config(model_dir)
+        self.tokenizer, st_limit, st_source = self._tokenizer(model_dir, pipe, config)
+        if config.model_type == "gpt2":
             log.info("Embedder: %s is a GPT-2 (decoder) checkpoint: its GPT2Model's last hidden states are pooled "
-                     "(%s), as sentence-transformers does", model_dir, "+".join(self.pipeline.pooling))
-        self.model = fastlm.from_pretrained(model_dir, dtype=dtype, device=device, head=_base_head(model_type), **kw)
+                     "(%s), as sentence-transformers does", model_dir, "+".join(pipe.pooling))
+        self.model = fastlm.from_pretrained(model_dir, dtype=dtype, device=device, head=_base_head(config.model_type),
+                                            **kw)
         limit = self.model.embeddings.max_tokens if hasattr(self.model, "embeddings") else self.model.config.n_positions
+        source = "the model's positions"
         if max_length is not None:
             if max_length < 1 or max_length > limit:
                 raise ValueError(f"Embedder: max_length must lie in [1, {limit}] (the model's positions), "
                                  f"got {max_length}")
-            limit = max_length
-        elif self.pipeline.max_seq_length:
-            limit = min(limit, int(self.pipeline.max_seq_length))
-        self.max_length, self.truncate, self.device = limit, truncate, device
+            limit, source = max_length, "max_length"
+        elif st_limit < limit:
+            limit, source = st_limit, st_source
+        # the limit, and the setting it comes from (named when a text is over it)
+        self.max_length, self.max_length_source = limit, source
+        self.truncate, self.device = truncate, device
+        self._steps = [s.module.to(device) if s.module is not None else None for s in pipe.steps]
 
     @staticmethod
-    def _tokenizer(model_dir: str):
+    def _tokenizer(model_dir: str, pipe: Pipeline, config):
+        """The tokenizer as sentence-transformers' Transformer builds it, and the sequence limit it
+        sets with the setting that set it: (tokenizer, limit, where the limit comes from)."""
         from transformers import AutoTokenizer
 
         # transformers 5 builds an empty tokenizer (special tokens only) from a directory without
         # vocabulary files: every text would become [UNK]s. Ask for the files first.
         if not any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
             raise ValueError(f"Embedder: no tokenizer in {model_dir} (looked for {', '.join(TOKENIZER_FILES)})")
+        kwargs = dict(pipe.tokenizer_kwargs)
+        if "model_max_length" in kwargs:
+            source = f"processor_kwargs model_max_length in {pipe.sbert_config}"
+        elif pipe.max_seq_length is not None:  # as Transformer(max_seq_length=) passes it on
+            kwargs["model_max_length"] = pipe.max_seq_length
+            source = f"max_seq_length in {pipe.sbert_config}"
+        else:
+            source = f"model_max_length in {os.path.join(model_dir, 'tokenizer_config.json')}"
         try:
-            return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, **kwargs)
         except Exception as e:  # transformers raises OSError / ValueError / others for a missing tokenizer
-            raise ValueError(f"Embedder: no usable tokenizer in {model_dir} ({type(e).__name__}: {e})") from e
+            where = (f" with processor_kwargs {pipe.tokenizer_kwargs} from {pipe.sbert_config}"
+                     if pipe.tokenizer_kwargs else "")
+            raise ValueError(f"Embedder: no usable tokenizer in {model_dir}{where} ({type(e).__name__}: {e})") from e
+        positions = getattr(config, "max_position_embeddings", None)
+        if "model_max_length" not in kwargs and isinstance(positions, int) and positions != -1 \
+                and positions < tok.model_max_length:  # sentence-transformers caps it at the model's positions
+            tok.model_max_length = positions
+            source = "the model's positions"
+        if pipe.do_lower_case:
+            _lowercase(tok)
+        limit = tok.model_max_length
+        if "max_length" in pipe.call_kwargs:
+            limit, source = pipe.call_kwargs["max_length"], f"processing_kwargs max_length in {pipe.sbert_config}"
+        return tok, int(limit), source
 
     @property
     def dim(self) -> int:
-        return self.model.config.hidden_size * len(self.pipeline.pooling)
+        """The embedding dimension encode returns (after Dense modules and truncate_dim)."""
+        d = self._pooled_dim
+        return min(d, self.pipeline.truncate_dim) if self.pipeline.truncate_dim else d
+
+    @property
+    def _pooled_dim(self) -> int:
+        d = self.model.config.hidden_size * len(self.pipeline.pooling)
+        for s in self.pipeline.steps:
+            d = s.out_dim or d
+        return d
 
     @property
     def prompts(self) -> dict[str, str]:
+        """The prompts by name (sentence-transformers' defaults, the saved ones, then the given ones)."""
         return self.pipeline.prompts
 
+    @property
+    def similarity_fn_name(self) -> str:
+        """The checkpoint's similarity function name (cosine when it names none), as sentence-transformers
+        reads it; encode does not use it."""
+        return self.pipeline.similarity_fn_name or "cosine"
+
+    def _call_kwargs(self, truncate: bool) -> dict:
+        add = self.pipeline.call_kwargs.get("add_special_tokens", True)
+        return dict(add_special_tokens=add, truncation=truncate, max_length=self.max_length if truncate else None)
+
     def tokenize(self, texts: Iterable[str]) -> list[list[int]]:
-        """Token ids of each text (special tokens added); raises TypeError for texts that are not
-        an iterable of str, ValueError for a text over max_length unless truncate, or for a text
-        with no token at all (an empty text under a tokenizer that adds no special token: GPT-2)."""
+        """Token ids of each text (special tokens added unless the checkpoint's processing_kwargs say
+        otherwise); raises TypeError for texts that are not an iterable of str, ValueError for a text
+        over max_length unless truncate (naming the limit and the setting it comes from), or for a
+        text with no token at all (an empty text under a tokenizer that adds no special token: GPT-2)."""
         texts = _texts("Embedder.encode", texts)
         if not texts:
             return []
-        enc = self.tokenizer(texts, add_special_tokens=True, truncation=self.truncate,
-                             max_length=self.max_length if self.truncate else None)["input_ids"]
+        enc = self.tokenizer(texts, **self._call_kwargs(self.truncate))["input_ids"]
         for i, ids in enumerate(enc):
             if not self.truncate and len(ids) > self.max_length:
                 raise ValueError(f"text {i + 1} has {len(ids)} tokens, more than the model's {self.max_length} "
-                                 "(pass truncate=True / --truncate to cut it)")
+                                 f"(the limit from {self.max_length_source}; pass truncate=True / --truncate to "
+                                 "cut it)")
             if not ids:
                 raise ValueError(f"text {i + 1} has no token to embed (an empty text, and this tokenizer adds no "
                                  "special token)")
@@ -345,7 +378,7 @@ class Embedder:
     def _prompt_length(self, prompt: str) -> int:
         """Tokens of the prompt alone, less a trailing special token (as sentence-transformers counts
         the prompt tokens that include_prompt=False leaves out of the pooling)."""
-        ids = self.tokenizer([prompt], add_special_tokens=True)["input_ids"][0]
+        ids = self.tokenizer([prompt], **self._call_kwargs(True))["input_ids"][0]  # truncated, as there
         if ids and ids[-1] in set(self.tokenizer.all_special_ids):
             return len(ids) - 1
         return len(ids)
@@ -354,7 +387,8 @@ class Embedder:
     def encode(self, texts: Iterable[str], batch_size: int = 32, *, progress: bool = False,
                show_progress_bar: bool | None = None, normalize_embeddings: bool = False,
                convert_to_tensor: bool | None = None, convert_to_numpy: bool | None = None,
-               prompt_name: str | None = None, prompt: str | None = None, precision: str = "float32"):
+               prompt_name: str | None = None, prompt: str | None = None, precision: str = "float32",
+               truncate_dim: int | None = None):
         """texts -> embeddings (N, d) in input order; by default a float32 Tensor on the CPU.
 
         texts: any iterable of str (a single str raises TypeError). An empty one gives an empty
@@ -374,13 +408,17 @@ class Embedder:
         - convert_to_tensor=True: one Tensor (N, d) (this is also the default, unlike
           sentence-transformers, whose default is numpy); convert_to_numpy=True: one numpy array
           (N, d); convert_to_tensor wins over convert_to_numpy, and both explicitly False gives a
-          list of N 1-D Tensors, as in sentence-transformers.
-        Raises TypeError (texts, prompt), ValueError (batch_size, precision, prompt_name, a text
-        too long or without tokens, non-finite embeddings)."""
+          list of N 1-D Tensors, as in sentence-transformers;
+        - truncate_dim: keep the first truncate_dim dimensions (default: the Embedder's, else the
+          checkpoint's config_sentence_transformers.json truncate_dim), after the checkpoint's
+          modules (Normalize included) and before normalize_embeddings, as sentence-transformers does.
+        Raises TypeError (texts, prompt), ValueError (batch_size, precision, prompt_name, truncate_dim,
+        a text too long or without tokens, non-finite embeddings)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"Embedder.encode: batch_size must be a positive int, got {batch_size!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"Embedder.encode: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        _check_truncate_dim("Embedder.encode", truncate_dim)
         texts = _texts("Embedder.encode", texts)
         prompt = self._prompt(prompt, prompt_name)
         skip = 0
@@ -389,7 +427,7 @@ class Embedder:
             if not self.pipeline.include_prompt:
                 skip = self._prompt_length(prompt)
         ids = self.tokenize(texts)
-        out = torch.empty(len(ids), self.dim, dtype=torch.float32)
+        out = torch.empty(len(ids), self._pooled_dim, dtype=torch.float32)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first: similar lengths share a batch
         bar = None
         if (show_progress_bar if show_progress_bar is not None else progress) and ids:
@@ -411,7 +449,12 @@ class Embedder:
             if skip:  # include_prompt=False: the prompt's tokens (first `skip` positions) are not pooled
                 pool_mask = mask.clone()
                 pool_mask[:, :skip] = 0
-            e = pool(h, pool_mask, self.pipeline.pooling)  # (b, d) float32
+            e = pool(h, pool_mask, self.pipeline.pooling, full_mask=mask)  # (b, d) float32
+            for step, module in zip(self.pipeline.steps, self._steps, strict=True):  # Dense, LayerNorm, ...
+                if module is not None:
+                    e = module(e)
+                elif step.kind == "Normalize":
+                    e = torch.nn.functional.normalize(e, p=2, dim=1)
             if self.pipeline.normalize:
                 e = torch.nn.functional.normalize(e, p=2, dim=1)
             out[torch.tensor(chunk)] = e.cpu()
@@ -421,6 +464,9 @@ class Embedder:
             bar.close()
         if out.numel() and not bool(torch.isfinite(out).all()):
             raise ValueError("Embedder.encode: the model produced non-finite embeddings (try dtype=torch.float32)")
+        dim = truncate_dim if truncate_dim is not None else self.pipeline.truncate_dim
+        if dim is not None:  # before normalize_embeddings, as sentence-transformers truncates
+            out = out[:, :dim].contiguous()
         if normalize_embeddings:
             out = torch.nn.functional.normalize(out, p=2, dim=1)
         out = quantize_embeddings(out, precision)
