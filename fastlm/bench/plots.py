@@ -10,6 +10,7 @@ rows (runner.ceiling_pct). Files are written atomically (fastlm.textio.write_ato
 from __future__ import annotations
 
 import os
+import textwrap
 
 from fastlm.bench.peers.registry import engines, providers
 from fastlm.bench.peers.workloads import LABELS, PEER_CASES, UNITS, WORKS, floor_ms
@@ -88,7 +89,9 @@ def case_figure(res: Result, case: str, rows: list[Row]):
             pts = [(shapes.index(r.label), r) for r in ok if r.provider == p]
             xs = [k + (i - (len(drawn) - 1) / 2) * width for k, _ in pts]
             err = list(zip(*(_spread(r, factor) for _, r in pts), strict=True))
-            ax.bar(xs, [r.value * factor for _, r in pts], width, yerr=err, capsize=3, color=colors[p], label=p)
+            bars = ax.bar(xs, [r.value * factor for _, r in pts], width, yerr=err, capsize=3, color=colors[p], label=p)
+            ax.bar_label(bars, [format_value(r.value * factor, shown) for _, r in pts], label_type="center",
+                         fontsize=7, color="white")
         ax.set_xticks(range(len(shapes)), shapes, fontsize=8)
         ax.set_xlabel("shape (one measured shape per provider)")
     else:
@@ -114,18 +117,19 @@ def case_figure(res: Result, case: str, rows: list[Row]):
         ceiling, what = (c.matmul_tflops, f"measured {c.matmul_dtype} matmul") if unit == "TFLOP/s" else \
             (c.copy_gbs, "measured DRAM copy")
         ax.axhline(ceiling * factor, color="k", ls="--", lw=1, label=f"{what}: {format_value(ceiling, unit)}")
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.15)  # from 0, and room for the legend
     better = {"ms": " (lower is better)", "ms/token": " (lower is better)"}.get(unit, " (higher is better)")
-    ax.set_ylabel(shown + better + "; bars: min to max of the calls")
+    ax.set_ylabel(shown + better + "; whiskers: min to max of the calls", fontsize=9)
     where = res.env.get("gpu") or f"CPU ({res.env.get('cpu_threads')} threads; small shapes)"
     dtype = rows[0].dtype or res.dtype
     ax.set_title(f"fastlm bench: {case}, {dtype}, {where}", fontsize=9)
-    not_run = [f"{r.provider}: {r.status}"[:90] for r in rows if r.value is None]
+    missing = list(dict.fromkeys(f"{r.provider} ({r.status})" for r in rows if r.value is None))
+    not_run = textwrap.wrap("not run: " + "; ".join(missing), 150) if missing else []
     if not_run:
-        fig.text(0.01, 0.005, "not run: " + "; ".join(dict.fromkeys(not_run)), fontsize=6, va="bottom")
-    ax.legend(fontsize=7)
+        fig.text(0.01, 0.005, "\n".join(not_run[:3]), fontsize=6, va="bottom")
+    ax.legend(fontsize=7, loc="best")
     ax.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout(rect=(0, 0.03 if not_run else 0, 1, 1))
+    fig.tight_layout(rect=(0, 0.025 * min(3, len(not_run)), 1, 1))
     return fig
 
 
