@@ -178,7 +178,7 @@ def peers_figure(rows: list[Row], read_gbs: float | None, title: str = "", skipp
         ax.barh([pretty[r.provider] for r in rs], [r.ms for r in rs], xerr=err, capsize=2,
                 color=[color[engine_of[r.provider]] for r in rs])
         for i, r in enumerate(rs):
-            ax.text(r.ms, i, f" {r.ms:.1f}", va="center", fontsize=8)
+            ax.text(max(r.ms, r.ms_max or r.ms), i, f" {r.ms:.1f}", va="center", fontsize=8)  # past the whisker
         if WORKS[case] == "gpt2":
             for prec, ls in (("fp32", "--"), ("int8", ":")):
                 fl = floor_ms(read_gbs, prec)

@@ -124,11 +124,13 @@ def peers_markdown(rows: list[Row], read_gbs: float | None) -> str:
             return "-"
         if r.ms is None:
             return r.status
-        pct = f" ({r.pct_of_ceiling:.0f}% of floor speed)" if r.pct_of_ceiling and r.pct_of_ceiling <= 100 else ""
-        pct = " (faster than the floor: the measured bandwidth does not bound it)" if r.pct_note else pct
+        notes = [f"slowest of {r.n} calls {r.ms_max:.1f}"] if r.ms_max is not None and r.n else []
+        if r.pct_of_ceiling and r.pct_of_ceiling <= 100:
+            notes.append(f"{r.pct_of_ceiling:.0f}% of floor speed")
+        elif r.pct_note:
+            notes.append("faster than the floor: the measured bandwidth does not bound it")
         cpu = f"; CPU {r.cpu_ms:.1f}" if r.cpu_ms is not None and r.cpu_ms != float("inf") else ""
-        calls = f" (slowest {r.ms_max:.1f} of {r.n} calls)" if r.ms_max is not None and r.n else ""
-        return f"{r.ms:.1f}{calls}{pct}{cpu}"
+        return f"{r.ms:.1f}" + (f" ({'; '.join(notes)})" if notes else "") + cpu
 
     bw = f"{read_gbs:.1f} GB/s" if read_gbs else "not measured"
     out = ["## fastlm and its peers on this CPU", "",
