@@ -56,12 +56,11 @@ def ceiling_pct(case: Case, provider: str, value: float, ceilings: Ceilings) -> 
         ceiling, what = ceilings.copy_gbs, "DRAM copy"
         nbytes = case.bytes_by.get(provider, case.bytes)
         if ceilings.cache_bytes and nbytes <= 2 * ceilings.cache_bytes:
-            return None, (f"working set {nbytes / 2**20:.1f} MiB is within 2x the {ceilings.cache_bytes / 2**20:.0f} "
-                          f"MiB last-level cache: the {what} bandwidth does not bound it")
+            return None, (f"working set within 2x the {ceilings.cache_bytes / 2**20:.0f} MiB last-level cache: "
+                          f"served from cache, so the {what} bandwidth does not bound it")
     pct = 100 * value / ceiling
-    if pct > 100:
-        return None, (f"{format_value(value, case.unit)} is above the measured {what} "
-                      f"({format_value(ceiling, case.unit)}): that ceiling does not bound this row")
+    if pct > 100:  # one note for every such row (no value in it): the footnotes group
+        return None, f"above the measured {what} ({format_value(ceiling, case.unit)}): that ceiling does not bound it"
     return pct, None
 
 
