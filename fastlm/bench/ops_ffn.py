@@ -87,7 +87,7 @@ def ffn_int8_cases(device: str, dtype: torch.dtype) -> list[Case]:
         cases.append(Case("ffn_decode_int8", "ops", f"M{M} d{d} d_ff{d_ff} int8", M,
                           {"fastlm_int8": int8_p, "fastlm": dense_p, "torch": lambda mk=mk: _torch_ffn(mk)},
                           bytes=2.0 * d * d_ff, bytes_by={"fastlm": dense_bytes, "torch": dense_bytes}, unit="GB/s",
-                          x_name="rows (M)", dtype=f"fastlm_int8: int8 weights, {dt} activations; others {dt}"))
+                          x_name="rows (M)", dtype=f"fastlm_int8: int8 weights, {dt} activations; the others {dt}"))
     return cases
 
 

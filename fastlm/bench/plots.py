@@ -113,7 +113,7 @@ def case_figure(res: Result, case: str, rows: list[Row]):
         ax.minorticks_off()
         ax.set_xlabel(rows[0].x_name or "x")
     c = res.ceilings
-    if any(r.pct_of_ceiling is not None for r in ok):  # a bound for these rows: draw it
+    if ok and all(r.pct_of_ceiling is not None for r in ok):  # a bound for every row: draw it
         ceiling, what = (c.matmul_tflops, f"measured {c.matmul_dtype} matmul") if unit == "TFLOP/s" else \
             (c.copy_gbs, "measured DRAM copy")
         ax.axhline(ceiling * factor, color="k", ls="--", lw=1, label=f"{what}: {format_value(ceiling, unit)}")
@@ -122,7 +122,7 @@ def case_figure(res: Result, case: str, rows: list[Row]):
     ax.set_ylabel(shown + better + "; whiskers: min to max of the calls", fontsize=9)
     where = res.env.get("gpu") or f"CPU ({res.env.get('cpu_threads')} threads; small shapes)"
     dtype = rows[0].dtype or res.dtype
-    ax.set_title(f"fastlm bench: {case}, {dtype}, {where}", fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(f"fastlm bench: {case}, {dtype}, {where}", 110)), fontsize=9)
     missing = list(dict.fromkeys(f"{r.provider} ({r.status})" for r in rows if r.value is None))
     not_run = textwrap.wrap("not run: " + "; ".join(missing), 150) if missing else []
     if not_run:
