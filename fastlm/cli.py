@@ -47,12 +47,14 @@ def cmd_info(args) -> int:
 
 def cmd_bench(args) -> int:
     import torch
+    from rich.markup import escape
     from rich.progress import Progress
     from rich.table import Table
 
-    from fastlm.bench import report, runner
+    from fastlm.bench import plots, report, runner
     from fastlm.bench.peers.suite import peer_cases
-    from fastlm.bench.result import save_json
+    from fastlm.bench.result import format_value, save_json
+    from fastlm.textio import write_atomic
 
     if args.compare:
         return _compare(*args.compare)
@@ -86,46 +88,49 @@ def cmd_bench(args) -> int:
         res = runner.run(device, dtype, args.suite, args.only, budget_s=args.budget, progress=step,
                          partial_json=os.path.join(args.out, f"bench-{device}-partial.json"), rounds=args.rounds,
                          calls=args.calls, threads=args.threads)
+    c = res.ceilings
     table = Table(title=f"fastlm bench: {res.env.get('gpu') or 'CPU (' + str(res.env['cpu_threads']) + ' threads)'}, "
-                        f"{dtype_name} | copy {res.ceilings.copy_gbs:.0f} GB/s, {res.ceilings.matmul_dtype} matmul "
-                        f"{res.ceilings.matmul_tflops:.1f} TFLOP/s")
-    for col in ("case", "shape", "provider", "ms", "value", "% ceiling", "vs fastlm"):
-        table.add_column(col, justify="right" if col in ("ms", "value", "% ceiling", "vs fastlm") else "left")
+                        f"{dtype_name} | DRAM copy {format_value(c.copy_gbs, 'GB/s')}, {c.matmul_dtype} matmul "
+                        f"{format_value(c.matmul_tflops, 'TFLOP/s')} (best calls)")
+    for col in ("case", "shape", "provider", "ms", "min / max ms", "value", "% ceiling", "vs fastlm"):
+        table.add_column(col, justify="left" if col in ("case", "shape", "provider") else "right")
     sp = report.speedups(res)
+    notes: list[str] = []
     for r in res.rows:
         if r.status != "ok":
-            table.add_row(r.case, r.label, r.provider, "-", "-", "-", f"[dim]{r.status}[/dim]")
+            table.add_row(r.case, r.label, r.provider, "-", "-", "-", "-", f"[dim]{escape(r.status)}[/dim]")
             continue
         rel = sp.get((r.case, r.label), {}).get(r.provider)
-        table.add_row(r.case, r.label, r.provider, f"{r.ms:.3f}", f"{r.value:,.1f} {r.unit}",
-                      f"{r.pct_of_ceiling:.0f}%" if r.pct_of_ceiling is not None else "-",
-                      f"fastlm {rel:.2f}x" if rel else "")
+        table.add_row(r.case, r.label, r.provider, f"{r.ms:.3f}", report.spread(r)[0], format_value(r.value, r.unit),
+                      escape(report.pct_cell(r, notes)), f"fastlm {rel:.2f}x" if rel else "")
     con.print(table)
+    for i, n in enumerate(notes, 1):  # escaped: "[peers]" and "[1]" are text, not rich markup
+        con.print(f"[dim]{escape(f'n/a [{i}]: {n}')}[/dim]", highlight=False)
+    for line in report.skipped_peers_lines(res.env):
+        con.print(f"[yellow]{escape(line)}[/yellow]", highlight=False)
     out_dir = args.out
     os.makedirs(out_dir, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     jpath = os.path.join(out_dir, f"bench-{device}-{stamp}.json")
-    save_json(res, jpath)
+    save_json(res, jpath)  # every file atomically: Ctrl-C leaves the old file or none, never half of one
+    md = report.markdown(res).encode()
+    write_atomic(os.path.join(out_dir, f"bench-{device}.md"), lambda f: f.write(md))
     if os.path.exists(os.path.join(out_dir, f"bench-{device}-partial.json")):
         os.remove(os.path.join(out_dir, f"bench-{device}-partial.json"))
-    with open(os.path.join(out_dir, f"bench-{device}.md"), "w") as f:
-        f.write(report.markdown(res))
-    pngs = [] if args.no_plots else report.plot(res, out_dir)
+    pngs = [] if args.no_plots else plots.plot(res, out_dir)
     con.print(f"wrote {jpath}" + (f" and {len(pngs)} plot(s) in {out_dir}" if pngs else ""))
     return 0
 
 
 def _compare(old_path: str, new_path: str) -> int:
+    """Two saved results side by side. A file that is missing, not JSON or not a bench result raises
+    (FileNotFoundError / ValueError from load_json): main() prints one line and exits 2."""
     from rich.table import Table
 
     from fastlm.bench.report import compare
     from fastlm.bench.result import load_json
 
-    try:
-        rows = compare(load_json(old_path), load_json(new_path))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"fastlm bench: {e}", file=sys.stderr)
-        return 2
+    rows = compare(load_json(old_path), load_json(new_path))
     t = Table(title=f"{old_path} -> {new_path}")
     for col in ("case", "shape", "provider", "old ms", "new ms", "new/old"):
         t.add_column(col)

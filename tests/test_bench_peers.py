@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastlm
-from fastlm.bench import report
+from fastlm.bench import plots, report
 from fastlm.bench.peers import ctranslate2_engine, suite, worker, workloads
 from fastlm.bench.peers.registry import providers
 from fastlm.bench.peers.workloads import PEER_CASES
@@ -103,7 +103,7 @@ def test_peers_suite_runs_every_engine_in_its_own_process(cache, tmp_path, monke
         assert (r.status == "ok" and r.ms > 0) or r.status.startswith("skipped: "), r
     md = report.peers_markdown(rows, read)
     assert "| CTranslate2 | int8 |" in md and "floor:" in md
-    png = report.peers_plot(rows, read, str(tmp_path / "peers.png"))
+    png = plots.peers_plot(rows, read, str(tmp_path / "peers.png"))
     assert png and os.path.getsize(png) > 1000
 
 

@@ -75,7 +75,7 @@ def generate_cases(device: str, dtype: torch.dtype) -> list[Case]:
                           {"fastlm": fastlm_p, "hf_generate": hf_p,
                            "hf_generate_optimized": lambda ids=ids, N=N, size=size: hf_p(ids, N, "optimized", size),
                            "hf_static_compile": hf_static},
-                          tokens=B * N, unit="tok/s"))
+                          tokens=B * N, unit="tok/s", x_name="prompt length (tokens)"))
     return cases
 
 

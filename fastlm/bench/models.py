@@ -74,7 +74,7 @@ def model_cases(device: str, dtype: torch.dtype) -> list[Case]:
         cases.append(Case(name, "models", f"{'BERT-base' if kind == 'bert' else 'GPT-2 small'} B{B} S{S}", S,
                           {"fastlm": fastlm_p, "hf_optimized": hf("optimized"), "hf_eager": hf("eager"),
                            "hf_sdpa": hf("sdpa"), "torch_compile": compiled},
-                          tokens=B * S, unit="tok/s"))
+                          tokens=B * S, unit="tok/s", x_name="sequence length"))
         if kind == "bert":
             cases.append(_bert_padded_case(models, B, S, device))
     return cases
@@ -102,7 +102,8 @@ def _bert_padded_case(models, B: int, S: int, device: str) -> Case:
 
     real = int(mask.sum())
     return Case("bert_padded", "models", f"BERT-base B{B} S{S} {100 * (1 - real / (B * S)):.0f}% padding", S,
-                {"fastlm": fastlm_p, "hf_eager": hf("eager"), "hf_sdpa": hf("sdpa")}, tokens=real, unit="tok/s")
+                {"fastlm": fastlm_p, "hf_eager": hf("eager"), "hf_sdpa": hf("sdpa")}, tokens=real, unit="tok/s",
+                x_name="sequence length")
 
 
 # Real-ish sentences of varied length (1 to ~60 tokens) for minilm_encode: 32 sentences, then 32
@@ -163,7 +164,7 @@ def minilm_cases(device: str, dtype: torch.dtype) -> list[Case]:
 
     return [Case("minilm_encode", "models", f"all-MiniLM-L6-v2 {len(MINILM_TEXTS)} texts B{B}", len(MINILM_TEXTS),
                  {"sentence_transformers": st(False), "sentence_transformers+optimize": st(True),
-                  "fastlm": embedder})]
+                  "fastlm": embedder}, x_name="texts")]
 
 
 

@@ -68,7 +68,7 @@ def attention_cases(device: str, dtype: torch.dtype) -> list[Case]:
             providers = {"fastlm": fastlm_p, "sdpa_math": sdpa("MATH"), "eager": eager}
         flops = 4 * B * H * S * S * D * (0.5 if causal else 1.0)
         cases.append(Case("attention", "ops", f"B{B} H{H} S{S} D{D}{' causal' if causal else ''}", S, providers,
-                          flops=flops, unit="TFLOP/s"))
+                          flops=flops, unit="TFLOP/s", x_name="sequence length (S)"))
     return cases
 
 
@@ -94,7 +94,7 @@ def bias_gelu_cases(device: str, dtype: torch.dtype) -> list[Case]:
             return lambda: F.gelu(x + b)
 
         cases.append(Case("bias_gelu", "ops", f"M{M} N{N}", M, {"fastlm": fastlm_p, "torch": torch_p},
-                          bytes=(2 * M * N + N) * torch.finfo(dtype).bits // 8, unit="GB/s"))
+                          bytes=(2 * M * N + N) * torch.finfo(dtype).bits // 8, unit="GB/s", x_name="rows (M)"))
     return cases
 
 
@@ -126,7 +126,8 @@ def softmax_cases(device: str, dtype: torch.dtype) -> list[Case]:
 
         cases.append(Case("softmax", "ops", f"R{R} N{N}", N, {"fastlm": fastlm_p, "torch": torch_p,
                                                              "torch_compile": compiled},
-                          bytes=2 * R * N * torch.finfo(dtype).bits // 8, unit="GB/s"))
+                          bytes=2 * R * N * torch.finfo(dtype).bits // 8, unit="GB/s",
+                          x_name="row length (N)"))
     return cases
 
 
@@ -157,7 +158,7 @@ def layer_norm_cases(device: str, dtype: torch.dtype) -> list[Case]:
 
         cases.append(Case("layer_norm", "ops", f"R{R} N{N} +residual", N,
                           {"fastlm": fastlm_p, "torch": torch_p, "torch_compile": compiled},
-                          bytes=4 * R * N * eb, unit="GB/s"))
+                          bytes=4 * R * N * eb, unit="GB/s", x_name="row length (N)"))
     return cases
 
 
@@ -180,7 +181,8 @@ def decode_attention_cases(device: str, dtype: torch.dtype) -> list[Case]:
             return lambda: F.scaled_dot_product_attention(q, kc, vc)
 
         cases.append(Case("decode_attention", "ops", f"B{B} H{H} ctx{C} D{D}", C, {"fastlm": fastlm_p, "sdpa": sdpa},
-                          bytes=2 * B * H * C * D * torch.finfo(dtype).bits // 8, unit="GB/s"))
+                          bytes=2 * B * H * C * D * torch.finfo(dtype).bits // 8, unit="GB/s",
+                          x_name="context length"))
     return cases
 
 

@@ -52,18 +52,19 @@ def ffn_cases(device: str, dtype: torch.dtype) -> list[Case]:
         cases.append(Case("ffn_decode" if decode else "ffn_prefill", "ops", f"M{M} d{d} d_ff{d_ff}", M,
                           {"fastlm": fastlm_p, "torch": lambda mk=mk: _torch_ffn(mk), "gemms_only": gemms},
                           flops=0.0 if decode else 4.0 * M * d * d_ff, bytes=wbytes if decode else 0.0,
-                          unit="GB/s" if decode else "TFLOP/s"))
+                          unit="GB/s" if decode else "TFLOP/s", x_name="rows (M)"))
     return cases
 
 
 def ffn_int8_cases(device: str, dtype: torch.dtype) -> list[Case]:
     """Decode FFN (d 768 / d_ff 3072, GPT-2 small's MLP) with int8 weight-only linears
     (fastlm.linear.Int8Linear: CPU AVX2 GEMV / CUDA int8 GEMV) against the same FFN on the model
-    dtype's GEMV (fastlm.ops.ffn; on CPU the packed fp32 linears) and torch. GB/s of the int8
-    weight bytes (the fp16/fp32 providers move 2-4x more bytes: compare their ms)."""
+    dtype's GEMV (fastlm.ops.ffn; on CPU the packed fp32 linears) and torch. GB/s of each provider's
+    own weight bytes: int8 for fastlm_int8, the model dtype's (2-4x more) for the others."""
     from fastlm.linear import Int8Linear, PackedLinear
 
     d, d_ff = (768, 3072)
+    dt, dense_bytes = str(dtype).replace("torch.", ""), 2.0 * d * d_ff * torch.finfo(dtype).bits // 8
     cases = []
     for M in [1, 4, 16]:
         def mk(M=M):
@@ -85,7 +86,8 @@ def ffn_int8_cases(device: str, dtype: torch.dtype) -> list[Case]:
 
         cases.append(Case("ffn_decode_int8", "ops", f"M{M} d{d} d_ff{d_ff} int8", M,
                           {"fastlm_int8": int8_p, "fastlm": dense_p, "torch": lambda mk=mk: _torch_ffn(mk)},
-                          bytes=2.0 * d * d_ff, unit="GB/s"))
+                          bytes=2.0 * d * d_ff, bytes_by={"fastlm": dense_bytes, "torch": dense_bytes}, unit="GB/s",
+                          x_name="rows (M)", dtype=f"fastlm_int8: int8 weights, {dt} activations; the others {dt}"))
     return cases
 
 
@@ -128,5 +130,5 @@ def linear_prefill_cases(device: str, dtype: torch.dtype) -> list[Case]:
 
         cases.append(Case("linear_prefill", "ops", f"M{M} {d}->{d_ff}", M,
                           {"fastlm": packed_p, "onednn_prepacked": onednn_p, "torch": torch_p},
-                          flops=2.0 * M * d * d_ff, unit="TFLOP/s"))
+                          flops=2.0 * M * d * d_ff, unit="TFLOP/s", x_name="rows (M)"))
     return cases

@@ -17,7 +17,7 @@ from fastlm.bench import generate, models, ops
 from fastlm.bench.peers.registry import engines
 from fastlm.bench.peers.suite import peer_cases, run_peers
 from fastlm.bench.peers.workloads import PEER_CASES
-from fastlm.bench.result import Case, Ceilings, Result, Row, Skip, measure_ceilings, save_json, time_ms
+from fastlm.bench.result import Case, Ceilings, Result, Row, Skip, format_value, measure_ceilings, save_json, timing
 
 SUITES = ("ops", "models", "all", "peers")
 OPS = ops.OPS
@@ -43,16 +43,38 @@ def build_cases(device: str, dtype: torch.dtype, suite: str, only: str | None) -
     return cases
 
 
+def ceiling_pct(case: Case, provider: str, value: float, ceilings: Ceilings) -> tuple[float | None, str | None]:
+    """`value` (the row's TFLOP/s or GB/s) as a % of the measured ceiling, or None and why not where
+    the ceiling is no upper bound for the row: a working set that the last-level cache holds (the
+    copy ceiling is DRAM bandwidth), math in another dtype than the measured matmul's, or a value
+    above the ceiling (then the ceiling is not what bounds this row: never printed as > 100%)."""
+    if case.unit == "TFLOP/s":
+        ceiling, what = ceilings.matmul_tflops, f"{ceilings.matmul_dtype} matmul"
+        if case.dtype:
+            return None, f"runs {case.dtype}; the ceiling is a {what}"
+    else:
+        ceiling, what = ceilings.copy_gbs, "DRAM copy"
+        nbytes = case.bytes_by.get(provider, case.bytes)
+        if ceilings.cache_bytes and nbytes <= 2 * ceilings.cache_bytes:
+            return None, (f"working set within 2x the {ceilings.cache_bytes / 2**20:.0f} MiB last-level cache: "
+                          f"served from cache, so the {what} bandwidth does not bound it")
+    pct = 100 * value / ceiling
+    if pct > 100:  # one note for every such row (no value in it): the footnotes group
+        return None, f"above the measured {what} ({format_value(ceiling, case.unit)}): that ceiling does not bound it"
+    return pct, None
+
+
 def run_case(case: Case, device: str, ceilings: Ceilings, budget_s: float) -> list[Row]:
-    """One row per provider of `case`: its time (time_ms, `budget_s` seconds) and headline value
-    against the ceiling; a provider that raises Skip, runs out of GPU memory or fails is a row with
-    that status, not a crash."""
+    """One row per provider of `case`: its times (timing, `budget_s` seconds: the median in `ms`, the
+    spread beside it) and headline value against the ceiling where one bounds it (ceiling_pct); a
+    provider that raises Skip, runs out of GPU memory or fails is a row with that status, not a crash."""
     rows = []
     for pname, factory in case.providers.items():
-        row = Row(case.name, case.label, pname, x=case.x, unit=case.unit)
+        row = Row(case.name, case.label, pname, x=case.x, unit=case.unit, x_name=case.x_name, dtype=case.dtype)
         try:
             fn = factory()
-            row.ms = time_ms(fn, device, budget_s)
+            t = timing(fn, device, budget_s)
+            row.ms, row.ms_min, row.ms_q1, row.ms_q3, row.ms_max, row.n = t.median, t.min, t.q1, t.q3, t.max, t.n
         except Skip as e:
             row.status = f"skipped: {e}"
         except torch.cuda.OutOfMemoryError:
@@ -63,18 +85,29 @@ def run_case(case: Case, device: str, ceilings: Ceilings, budget_s: float) -> li
             s = row.ms / 1e3
             if case.unit == "TFLOP/s":
                 row.value = case.flops / s / 1e12
-                row.pct_of_ceiling = 100 * row.value / ceilings.matmul_tflops
             elif case.unit == "GB/s":
-                row.value = case.bytes / s / 1e9
-                row.pct_of_ceiling = 100 * row.value / ceilings.copy_gbs
+                row.value = case.bytes_by.get(pname, case.bytes) / s / 1e9
             elif case.unit == "tok/s":
                 row.value = case.tokens / s
             else:
                 row.value = row.ms
+            if case.unit in ("TFLOP/s", "GB/s"):
+                row.pct_of_ceiling, row.pct_note = ceiling_pct(case, pname, row.value, ceilings)
         rows.append(row)
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def skipped_peers() -> list[dict]:
+    """The optional peer engines that cannot run here: their title, why, and the command that
+    installs them (recorded in the Result's env, so the report names them)."""
+    out = []
+    for e in engines().values():
+        why = e.optional and e.missing()
+        if why:
+            out.append({"engine": e.title, "why": why.replace(f" ({e.install})", ""), "install": e.install})
+    return out
 
 
 def cpu_model() -> str:
@@ -102,13 +135,17 @@ def run(device: str, dtype: torch.dtype, suite: str = "all", only: str | None = 
 
     cases = build_cases(device, dtype, suite, only)
     peers, why_not = peer_cases(device, suite, only)
-    ceilings = measure_ceilings(device)
+    ceilings = measure_ceilings(device, dtype)
     env = environment()
     for name, e in engines().items():  # the peer engines' versions (None: not installed)
         env.setdefault(name, e.version())
     env["cpu_model"], env["cpu_count"] = cpu_model(), os.cpu_count()
     if hasattr(os, "getloadavg"):  # other work on the machine while this ran (1-minute load average)
         env["loadavg_start"] = round(os.getloadavg()[0], 2)
+    if peers or why_not:  # the peers suite was asked for: name the engines it cannot run here
+        env["peers_skipped"] = skipped_peers()
+        if why_not:
+            env["peers_not_run"] = why_not
     res = Result(env=env, device=device, dtype=str(dtype).replace("torch.", ""), suite=suite, ceilings=ceilings)
     if peers:
         full = suite == "peers" or only is not None

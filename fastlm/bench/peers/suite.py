@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from fastlm.bench.peers.registry import engines, providers
 from fastlm.bench.peers.workloads import LABELS, PEER_CASES, UNITS, WORKS, cache_dir, floor_ms
-from fastlm.bench.result import Row
+from fastlm.bench.result import Row, Timing
 
 
 def peer_cases(device: str, suite: str, only: str | None) -> tuple[list[str], str | None]:
@@ -73,7 +73,7 @@ def run_peers(works: list[str], rounds: int = 2, calls: int = 3, threads: int = 
     rows_of = providers()
     why_not = {name: e.missing() for name, e in engines().items()}
     status: dict[tuple[str, str], str] = {}
-    best: dict[tuple[str, str], float] = {}
+    samples: dict[tuple[str, str], list[float]] = {}
     best_cpu: dict[tuple[str, str], float] = {}
     for case in works:
         say(f"{case}: preparing the random-weight model (once, in {cache})")
@@ -114,7 +114,7 @@ def run_peers(works: list[str], rounds: int = 2, calls: int = 3, threads: int = 
                 elif "error" in r:
                     status[key] = f"failed: {r['error']}"
                 else:
-                    best[key] = min(best.get(key, float("inf")), *r["ms"])
+                    samples.setdefault(key, []).extend(r["ms"])
                     best_cpu[key] = min(best_cpu.get(key, float("inf")), *r.get("cpu_ms", [float("inf")]))
     read = max(gbs) if gbs else None
     rows = []
@@ -122,11 +122,17 @@ def run_peers(works: list[str], rounds: int = 2, calls: int = 3, threads: int = 
         work = WORKS[case]
         for p, _, precision in rows_of:
             row = Row(case, LABELS[work], p, unit=UNITS[work], status=status.get((case, p), "ok"))
-            if (case, p) in best:
-                row.ms = row.value = best[(case, p)]
+            if samples.get((case, p)):
+                t = Timing.of(samples[(case, p)])  # the row is the best call; its spread beside it
+                row.ms = row.value = t.min
+                row.ms_min, row.ms_q1, row.ms_q3, row.ms_max, row.n = t.min, t.q1, t.q3, t.max, t.n
                 row.cpu_ms = best_cpu.get((case, p))
                 fl = floor_ms(read, precision) if work == "gpt2" and size == "base" else None
-                row.pct_of_ceiling = 100 * fl / row.ms if fl else None
+                if fl and fl <= row.ms:
+                    row.pct_of_ceiling = 100 * fl / row.ms
+                elif fl:  # faster than the floor: the measured bandwidth does not bound this engine
+                    row.pct_note = (f"faster than the {fl:.1f} ms floor of the measured {read:.1f} GB/s: that "
+                                    "bandwidth does not bound this row")
             elif row.status == "ok":
                 row.status = "failed: no measurement"
             rows.append(row)
