@@ -143,6 +143,27 @@ def test_embed_bad_output_fails_before_the_model_loads(tmp_path, out, match):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
 
 
+def test_embed_output_folder_that_takes_no_file_fails_before_the_model_loads(tmp_path, capsys):
+    """A folder where no file can be made (read-only for this user; as root, where os.access says
+    yes to everything, a procfs folder) fails at the --out check, naming --out, not after the model
+    has run with an error about fastlm's temporary file."""
+    src = tmp_path / "t.txt"
+    src.write_text("hello\n")
+    if os.geteuid() == 0:
+        if not os.path.isdir("/proc/self"):
+            pytest.skip("needs Linux procfs when run as root")
+        out = "/proc/v.npy"  # os.access(W_OK) is True for root here, yet no file can be made
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        out = str(ro / "v.npy")
+    assert cli.main(["embed", "--model", NO_MODEL, str(src), "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {out}: " in err and ".fastlm-" not in err, err
+    assert "cannot create a file in" in err or "is not writable" in err, err
+
+
 def test_embed_errors_one_line_no_traceback_no_file(tmp_path):
     src = tmp_path / "t.txt"
     src.write_text("hello\n")
