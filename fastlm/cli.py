@@ -201,14 +201,19 @@ def cmd_generate(args) -> int:
     tok = None
     if args.model:
         model = fastlm.from_pretrained(args.model, dtype=dtype, device=device, quantize=args.quantize)
-        try:
+        from fastlm.embed import TOKENIZER_FILES, has_tokenizer_files
+
+        try:  # without vocabulary files transformers 5 builds an empty tokenizer: ask for the files first
+            if not has_tokenizer_files(args.model):
+                raise FileNotFoundError(f"none of {', '.join(TOKENIZER_FILES)}")
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
         except Exception as e:  # no tokenizer files: token ids only
             if args.prompt is not None or prompts is not None:
                 what = "--prompt" if args.prompt is not None else "--prompts-file"
-                raise UsageError(f"no tokenizer in {args.model} ({type(e).__name__}) for {what}; "
+                why = str(e) if isinstance(e, FileNotFoundError) else type(e).__name__
+                raise UsageError(f"no tokenizer in {args.model} ({why}) for {what}; "
                                  "use --prompt-ids") from None
     else:
         from transformers import GPT2Config

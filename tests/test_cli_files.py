@@ -298,6 +298,28 @@ def test_generate_errors_one_line(tmp_path):
                              "device='cuda' asks for a CUDA GPU, but")
 
 
+def test_generate_checkpoint_without_tokenizer_files(tmp_path, capsys):
+    """A checkpoint directory without vocabulary files: transformers 5 still builds a tokenizer from
+    it, with an empty vocabulary (every text -> no ids, every id -> ""). --prompt / --prompts-file
+    must say there is no tokenizer (not "input_ids is empty" or "empty line?"), and --prompt-ids
+    must print the new token ids, not empty text."""
+    path, _ = gpt2_lm_checkpoint(tmp_path / "gpt2")
+    for name in os.listdir(path):  # the weights and config only
+        if name not in ("config.json", "generation_config.json", "model.safetensors"):
+            os.remove(os.path.join(path, name))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the man\n")
+    capsys.readouterr()
+    for args in (["--prompt", "the man"], ["--prompts-file", str(prompts)]):
+        assert cli.main(["generate", "--model", path, *args, "--max-new-tokens", "3", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"no tokenizer in {path}" in err and "--prompt-ids" in err, err
+    assert cli.main(["generate", "--model", path, "--prompt-ids", "2,3", "--max-new-tokens", "3",
+                     "--device", "cpu"]) == 0
+    first = capsys.readouterr().out.splitlines()[0].split()
+    assert first[0] == "0" and len(first) == 4 and all(t.isdigit() for t in first[1:]), first
+
+
 # -- the rest of the CLI --------------------------------------------------------------------------
 
 def test_version_and_usage_errors():
