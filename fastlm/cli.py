@@ -123,8 +123,10 @@ def cmd_bench(args) -> int:
 
 
 def _compare(old_path: str, new_path: str) -> int:
-    """Two saved results side by side. A file that is missing, not JSON or not a bench result raises
-    (FileNotFoundError / ValueError from load_json): main() prints one line and exits 2."""
+    """Two saved results side by side. A file that is missing, not JSON or not a bench result, or two
+    files with no row measured in both, raise (FileNotFoundError / ValueError from load_json /
+    compare): main() prints one line and exits 2. A row that failed in NEW counts as a regression."""
+    from rich.markup import escape
     from rich.table import Table
 
     from fastlm.bench.report import compare
@@ -136,11 +138,15 @@ def _compare(old_path: str, new_path: str) -> int:
         t.add_column(col)
     for r in rows:
         style = "red" if r["regression"] else ""
+        if r["new_ms"] is None:  # measured in OLD, failed in NEW
+            t.add_row(r["case"], r["label"], r["provider"], f"{r['old_ms']:.3f}", "-",
+                      f"[red]{escape(r['status'])}[/red]")
+            continue
         t.add_row(r["case"], r["label"], r["provider"], f"{r['old_ms']:.3f}", f"{r['new_ms']:.3f}",
                   f"[{style}]{r['ratio']:.2f}[/{style}]" if style else f"{r['ratio']:.2f}")
     _console().print(t)
     n = sum(r["regression"] for r in rows)
-    _console().print(f"{n} regression(s) over 5%" if n else "no regressions over 5%")
+    _console().print(f"{n} regression(s) (over 5% slower, or failed)" if n else "no regressions over 5%")
     return 1 if n else 0
 
 
@@ -195,14 +201,19 @@ def cmd_generate(args) -> int:
     tok = None
     if args.model:
         model = fastlm.from_pretrained(args.model, dtype=dtype, device=device, quantize=args.quantize)
-        try:
+        from fastlm.embed import TOKENIZER_FILES, has_tokenizer_files
+
+        try:  # without vocabulary files transformers 5 builds an empty tokenizer: ask for the files first
+            if not has_tokenizer_files(args.model):
+                raise FileNotFoundError(f"none of {', '.join(TOKENIZER_FILES)}")
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
         except Exception as e:  # no tokenizer files: token ids only
             if args.prompt is not None or prompts is not None:
                 what = "--prompt" if args.prompt is not None else "--prompts-file"
-                raise UsageError(f"no tokenizer in {args.model} ({type(e).__name__}) for {what}; "
+                why = str(e) if isinstance(e, FileNotFoundError) else type(e).__name__
+                raise UsageError(f"no tokenizer in {args.model} ({why}) for {what}; "
                                  "use --prompt-ids") from None
     else:
         from transformers import GPT2Config

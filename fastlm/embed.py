@@ -40,6 +40,14 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.b
                    "tokenizer.model")
 
 
+def has_tokenizer_files(model_dir: str) -> bool:
+    """Whether `model_dir` holds a tokenizer's vocabulary (one of TOKENIZER_FILES). transformers 5
+    builds a tokenizer from a directory without one all the same, with an empty vocabulary (special
+    tokens only: every text encodes to nothing or [UNK]s, every id decodes to ""), so callers ask
+    this first."""
+    return any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_FILES)
+
+
 def pool(h: Tensor, mask: Tensor, modes: Sequence[str], *, full_mask: Tensor | None = None) -> Tensor:
     """sentence-transformers' pooling of token states h (B, S, C) under mask (B, S) -> (B, C * len(modes)),
     computed in float32. full_mask: the attention mask before a prompt's tokens were taken out of
@@ -286,7 +294,7 @@ class Embedder:
 
         # transformers 5 builds an empty tokenizer (special tokens only) from a directory without
         # vocabulary files: every text would become [UNK]s. Ask for the files first.
-        if not any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
+        if not has_tokenizer_files(model_dir):
             raise ValueError(f"Embedder: no tokenizer in {model_dir} (looked for {', '.join(TOKENIZER_FILES)})")
         kwargs = dict(pipe.tokenizer_kwargs)
         if "model_max_length" in kwargs:

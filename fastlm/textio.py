@@ -121,8 +121,9 @@ def output_format(path: str | None, fmt: str | None, *, stdout_formats=("jsonl",
 
 
 def check_output_path(path: str) -> None:
-    """That `path` can be written, before any work: its folder exists and is writable, and it is
-    not a folder. Raises InputError naming it."""
+    """That `path` can be written, before any work: it is not a folder, its folder exists, and a
+    file can be made there (tried, as write_atomic will make its temporary file: os.access alone
+    says yes to root everywhere, e.g. on /proc). Raises InputError naming it."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise InputError(f"--out {path} is a directory; give a file name")
@@ -130,6 +131,12 @@ def check_output_path(path: str) -> None:
         raise InputError(f"--out {path}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise InputError(f"--out {path}: the folder {folder} is not writable")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fastlm-", suffix=".part")
+    except OSError as e:
+        raise InputError(f"--out {path}: cannot create a file in {folder} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def write_atomic(path: str, write: Callable) -> None:

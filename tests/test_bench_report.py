@@ -247,3 +247,38 @@ def test_ctrl_c_while_writing_leaves_no_half_written_file(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         plots.plot(res, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["bench-cpu.md"]
+
+
+def _bench_file(path, rows):
+    path.write_text(json.dumps({"env": {}, "rows": rows}))
+    return str(path)
+
+
+def test_compare_counts_a_case_that_now_fails_as_a_regression(tmp_path, capsys):
+    """A row measured in OLD whose provider fails in NEW (status "failed: ...", no ms) is the worst
+    regression: --compare must say so and exit 1, not drop the row and report "no regressions"."""
+    ok = {"case": "attention", "label": "S64", "provider": "fastlm", "ms": 1.0, "status": "ok"}
+    old = _bench_file(tmp_path / "old.json", [ok, {**ok, "provider": "torch"}])
+    new = _bench_file(tmp_path / "new.json", [{**ok, "ms": None, "status": "failed: RuntimeError: boom"},
+                                              {**ok, "provider": "torch"}])
+    assert main(["bench", "--compare", old, new]) == 1
+    out = capsys.readouterr().out
+    assert "failed: RuntimeError: boom" in out and "1 regression" in out
+    rows = report.compare(load_json(old), load_json(new))
+    assert [(r["provider"], r["regression"]) for r in rows] == [("fastlm", True), ("torch", False)]
+
+
+def test_compare_with_no_row_in_common_is_an_error_not_a_pass(tmp_path, capsys):
+    """Two results that share no (case, shape, provider) (a CPU file against a GPU one, another
+    suite) compare nothing: one line and exit 2, not an empty table and "no regressions"."""
+    old = _bench_file(tmp_path / "old.json", [{"case": "attention", "label": "S64", "provider": "fastlm", "ms": 1.0}])
+    new = _bench_file(tmp_path / "new.json", [{"case": "softmax", "label": "R4", "provider": "fastlm", "ms": 9.0}])
+    assert main(["bench", "--compare", old, new]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no (case, shape, provider) measured in both" in err
+
+
+def test_compare_refuses_a_non_finite_time(tmp_path):
+    bad = _bench_file(tmp_path / "nan.json", [{"case": "a", "label": "b", "provider": "c", "ms": float("nan")}])
+    with pytest.raises(ValueError, match="not a fastlm bench result: row 0's \"ms\" is nan"):
+        load_json(bad)

@@ -143,6 +143,27 @@ def test_embed_bad_output_fails_before_the_model_loads(tmp_path, out, match):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.txt"]
 
 
+def test_embed_output_folder_that_takes_no_file_fails_before_the_model_loads(tmp_path, capsys):
+    """A folder where no file can be made (read-only for this user; as root, where os.access says
+    yes to everything, a procfs folder) fails at the --out check, naming --out, not after the model
+    has run with an error about fastlm's temporary file."""
+    src = tmp_path / "t.txt"
+    src.write_text("hello\n")
+    if os.geteuid() == 0:
+        if not os.path.isdir("/proc/self"):
+            pytest.skip("needs Linux procfs when run as root")
+        out = "/proc/v.npy"  # os.access(W_OK) is True for root here, yet no file can be made
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        out = str(ro / "v.npy")
+    assert cli.main(["embed", "--model", NO_MODEL, str(src), "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {out}: " in err and ".fastlm-" not in err, err
+    assert "cannot create a file in" in err or "is not writable" in err, err
+
+
 def test_embed_errors_one_line_no_traceback_no_file(tmp_path):
     src = tmp_path / "t.txt"
     src.write_text("hello\n")
@@ -275,6 +296,28 @@ def test_generate_errors_one_line(tmp_path):
     if not torch.cuda.is_available():
         assert_clean_failure(run("generate", "--config", "gpt2-tiny", "--device", "cuda"),
                              "device='cuda' asks for a CUDA GPU, but")
+
+
+def test_generate_checkpoint_without_tokenizer_files(tmp_path, capsys):
+    """A checkpoint directory without vocabulary files: transformers 5 still builds a tokenizer from
+    it, with an empty vocabulary (every text -> no ids, every id -> ""). --prompt / --prompts-file
+    must say there is no tokenizer (not "input_ids is empty" or "empty line?"), and --prompt-ids
+    must print the new token ids, not empty text."""
+    path, _ = gpt2_lm_checkpoint(tmp_path / "gpt2")
+    for name in os.listdir(path):  # the weights and config only
+        if name not in ("config.json", "generation_config.json", "model.safetensors"):
+            os.remove(os.path.join(path, name))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the man\n")
+    capsys.readouterr()
+    for args in (["--prompt", "the man"], ["--prompts-file", str(prompts)]):
+        assert cli.main(["generate", "--model", path, *args, "--max-new-tokens", "3", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"no tokenizer in {path}" in err and "--prompt-ids" in err, err
+    assert cli.main(["generate", "--model", path, "--prompt-ids", "2,3", "--max-new-tokens", "3",
+                     "--device", "cpu"]) == 0
+    first = capsys.readouterr().out.splitlines()[0].split()
+    assert first[0] == "0" and len(first) == 4 and all(t.isdigit() for t in first[1:]), first
 
 
 # -- the rest of the CLI --------------------------------------------------------------------------

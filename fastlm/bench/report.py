@@ -26,16 +26,25 @@ def speedups(res: Result) -> dict[tuple[str, str], dict[str, float]]:
 
 
 def compare(old: dict, new: dict, threshold: float = 0.05) -> list[dict]:
-    """Rows present in both runs with their time ratio new/old; regressions have ratio > 1 + threshold."""
+    """Rows measured in OLD that NEW ran, with their time ratio new/old; regressions have ratio >
+    1 + threshold. A row measured in OLD whose provider failed in NEW (status "failed: ...") is a
+    regression with new_ms and ratio None and its status; rows NEW skipped or did not run are left
+    out. Raises ValueError when no (case, shape, provider) was measured in both (nothing compared)."""
     idx = {(r["case"], r["label"], r["provider"]): r for r in old["rows"] if r.get("ms")}
     out = []
     for r in new["rows"]:
         o = idx.get((r["case"], r["label"], r["provider"]))
-        if o is None or not r.get("ms"):
+        if o is None:
             continue
-        ratio = r["ms"] / o["ms"]
-        out.append({"case": r["case"], "label": r["label"], "provider": r["provider"], "old_ms": o["ms"],
-                    "new_ms": r["ms"], "ratio": ratio, "regression": ratio > 1 + threshold})
+        row = {"case": r["case"], "label": r["label"], "provider": r["provider"], "old_ms": o["ms"]}
+        if r.get("ms"):
+            ratio = r["ms"] / o["ms"]
+            out.append({**row, "new_ms": r["ms"], "ratio": ratio, "regression": ratio > 1 + threshold})
+        elif str(r.get("status", "")).startswith("failed"):  # measured before, broken now
+            out.append({**row, "new_ms": None, "ratio": None, "regression": True, "status": r["status"]})
+    if not out:
+        raise ValueError("--compare: no (case, shape, provider) measured in both files: nothing to compare "
+                         "(another suite, device or dtype?)")
     return out
 
 

@@ -11,6 +11,7 @@ crash. No correctness checks here: they live in tests/.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -231,7 +232,7 @@ ROW_KEYS = ("case", "label", "provider")
 
 def load_json(path: str) -> dict:
     """A saved Result as plain JSON, checked to be one: an object with a "rows" list whose rows are
-    objects with "case", "label" and "provider" and a numeric or null "ms" (the spread fields of
+    objects with "case", "label" and "provider" and a finite number or null as "ms" (the spread fields of
     newer files are optional). Raises FileNotFoundError, or ValueError naming `--compare`, the path
     and what is wrong."""
     def bad(why: str) -> ValueError:
@@ -255,6 +256,6 @@ def load_json(path: str) -> dict:
         if missing:
             raise bad(f"row {i} has no {', '.join(repr(k) for k in missing)}")
         ms = r.get("ms")
-        if ms is not None and (isinstance(ms, bool) or not isinstance(ms, (int, float))):
+        if ms is not None and (isinstance(ms, bool) or not isinstance(ms, (int, float)) or not math.isfinite(ms)):
             raise bad(f"row {i}'s \"ms\" is {ms!r}, not a number")
     return data
