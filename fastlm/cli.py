@@ -357,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-field", default="text", help='--prompts-file JSON lines field (default "text")')
     g.add_argument("--stream", action="store_true", help="print the text as it is generated (one sequence)")
     g.add_argument("--prompt-len", type=int, default=16, help="random prompt length when no prompt is given")
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: the checkpoint's max_new_tokens / max_length, else 20 new tokens (transformers)")
     g.add_argument("--batch", type=int, default=1)
     g.add_argument("--dtype", default=None, choices=sorted(DTYPES))
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

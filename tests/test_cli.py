@@ -95,3 +95,16 @@ def test_pytest_benchmark_suite_runs_on_cpu():
                          env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert " passed" in res.stdout and "failed" not in res.stdout
+
+
+def test_generate_takes_its_length_from_the_checkpoint(tmp_path, capsys):
+    # No --max-new-tokens: the checkpoint's generation_config.json decides (as every other option
+    # left unset), not a CLI default of its own.
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=97, n_positions=64)).save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"max_new_tokens": 7, "eos_token_id": None}))
+    assert main(["generate", "--model", str(tmp_path), "--prompt-ids", "1,2,3", "--device", "cpu"]) == 0
+    assert " 7 new tokens" in capsys.readouterr().out
