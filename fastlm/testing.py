@@ -4,11 +4,14 @@
   reference may be at most 2x plain torch's error in the same dtype, plus a floor.
 - `nvcc_compile`: compile one plain-CUDA source with `-Xptxas -v` and read back
   registers, stack and spill bytes per kernel.
+- `accuracy_texts`: a deterministic set of texts (one-word to ~100 tokens) for embedding accuracy
+  checks of quantized models.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -114,3 +117,78 @@ def nvcc_compile(src: str, arch: str, include_dirs: tuple[str, ...] = ()) -> lis
         if m and reports and reports[-1].registers == -1:
             reports[-1].registers = int(m.group(1))
     return reports
+
+
+# -- texts for accuracy checks (quantization) ------------------------------------------------
+SHORT_TEXTS = [  # one-word, punctuation and symbol texts: the hardest for int8_dynamic
+          "Hi", "Thanks!", "x", "hello", "Hello", "hi", "Thanks", "thanks", "ok", "OK", "Yes", "no", "No.", "?", "!",
+          ".", "...", "!!!", "?!", ",", "-", ":)", ":(", "a", "I", "the", "Bye", "bye!", "Cheers", "Wow", "wow!",
+          "Sorry", "Please", "Help", "help!", "Why?", "What?", "Sure", "Great", "Nice", "cool", "lol", "42", "0",
+          "2024", "3.14", "#1", "@home", "$5", "100%", "e-mail", "U.S.", "café", "naïve", "Tokyo", "Paris",
+          "Python", "BERT", "GPU", "DNA", "COVID-19", "Mr.", "etc.", "ASAP", "FYI", "Hmm", "Ugh", "Oops", "Yay",
+          "Congrats!", "Welcome", "Goodbye", "Good", "Bad", "maybe", "never", "always", "dog", "cat", "car",
+          "love", "hate", "food", "water", "fire", "money", "time", "music", "Monday", "tomorrow", "yesterday",
+          "breakfast", "unbelievable", "antidisestablishmentarianism", "zzz", "qwerty", "xyz", "abc",
+          "The", "and", "of", "Z", "k", "é", "🙂", "—", "(", ")", "[CLS]", "'", '"', "#", "%", "&", "*"]
+NOUNS = ["cat", "dog", "man", "woman", "child", "teacher", "doctor", "car", "house", "city", "river", "computer",
+         "phone", "book", "movie", "song", "team", "market", "government", "company", "student", "garden", "train",
+         "restaurant", "coffee", "pizza", "guitar", "violin", "ball", "mountain", "beach", "weather", "storm",
+         "election", "vaccine", "network", "model", "password", "invoice", "meeting", "flight", "hotel", "bank"]
+ADJS = ["big", "small", "red", "quick", "lazy", "happy", "sad", "new", "old", "expensive", "cheap", "beautiful",
+        "broken", "noisy", "quiet", "strange", "famous", "local", "late", "early", "bright", "dark", "fast"]
+VERBS = ["eats", "sees", "likes", "buys", "sells", "fixes", "plays", "reads", "writes", "visits", "builds",
+         "watches", "finds", "loses", "cleans", "opens", "closes", "follows", "calls", "needs"]
+PLACES = ["in the park", "at home", "on the train", "near the river", "in Paris", "at the office", "after lunch",
+          "before dawn", "during the storm", "on Monday", "in 2019", "at the airport", "under the bridge"]
+PHRASES = ["Thank you!", "Good morning", "See you soon", "How are you?", "Not bad", "I agree", "No way!",
+           "Happy birthday!", "Well done.", "Call me", "Let's go", "What time is it?", "Order #1234", "Error 404",
+           "Top 10 tips", "Meh.", "Good night!", "Of course", "I'm fine, thanks.", "Where is it?"]
+TEMPLATES = [
+    "The {a} {n} {v} the {n2}.",
+    "A {n} {v} a {a} {n2} {p}.",
+    "Why does the {n} {v2} the {n2}?",
+    "My {n} is {a}.",
+    "{N} {v} {n2}s {p}, but the {n3} is {a}.",
+    "I think the {a} {n} {v} every {n2} {p}.",
+    "Is the {n} {a}?",
+    "How do I get a {a} {n} {p}?",
+    "The {n} and the {n2} {v2} together {p}, while a {a} {n3} {v} the {n4} and nobody notices.",
+    "{N}!",
+    "{A} {n}",
+    "{N}s {v2} {n2}s.",
+]
+
+
+def accuracy_texts(n: int = 1000, seed: int = 0) -> list[str]:
+    """`n` distinct texts, deterministic for a seed and made without downloads: every one-word /
+    punctuation text of SHORT_TEXTS first (\"Hi\", \"Thanks!\", \"x\", \"?\", ...), then PHRASES, then seeded
+    words, short phrases and sentences of 1 to 6 templated clauses (a few tokens to ~100). The
+    measuring stick of int8_dynamic's accuracy (bench/int8dyn_accuracy.py, tests/test_quantize.py)."""
+    rng = random.Random(seed)
+    out = list(dict.fromkeys(SHORT_TEXTS + PHRASES))
+    seen = set(out)
+    while len(out) < n:
+        k = rng.random()
+        if k < 0.1:  # short phrase from words
+            out.append(" ".join(rng.choice(NOUNS + ADJS + VERBS) for _ in range(rng.randint(2, 4))))
+        elif k < 0.15:  # single word from the lists, cased or punctuated
+            w = rng.choice(NOUNS + ADJS + VERBS)
+            out.append(rng.choice([w, w.capitalize(), w + "!", w + "?", w.upper()]))
+        else:
+            t = rng.choice(TEMPLATES)
+            s = t.format(n=rng.choice(NOUNS), n2=rng.choice(NOUNS), n3=rng.choice(NOUNS), n4=rng.choice(NOUNS),
+                         N=rng.choice(NOUNS).capitalize(), a=rng.choice(ADJS), A=rng.choice(ADJS).capitalize(),
+                         v=rng.choice(VERBS), v2=rng.choice(VERBS).rstrip("s"), p=rng.choice(PLACES))
+            reps = rng.choice([1, 1, 1, 2, 3, 6])
+            if reps > 1:
+                s = " ".join([s] + [t.format(n=rng.choice(NOUNS), n2=rng.choice(NOUNS), n3=rng.choice(NOUNS),
+                                             n4=rng.choice(NOUNS), N=rng.choice(NOUNS).capitalize(),
+                                             a=rng.choice(ADJS), A=rng.choice(ADJS).capitalize(),
+                                             v=rng.choice(VERBS), v2=rng.choice(VERBS).rstrip("s"),
+                                             p=rng.choice(PLACES)) for _ in range(reps - 1)])
+            out.append(s)
+        if out[-1] in seen:
+            out.pop()
+        else:
+            seen.add(out[-1])
+    return out[:n]

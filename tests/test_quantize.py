@@ -332,3 +332,89 @@ def test_optimize_bad_mode_changes_nothing():
         fastlm.optimize(hf.half(), quantize="int8")
     assert not fastlm.integrations.is_optimized(hf)
     assert type(hf.transformer.h[0].mlp.c_fc).__name__ == "Conv1D"
+
+
+# -- int8_dynamic accuracy on real weights (issue 23.3) ---------------------------------------------
+def accuracy_subset() -> list[str]:
+    """200 texts of fastlm.testing.accuracy_texts: every one-word / punctuation text and phrase
+    (the hardest for per-token activations) and the first sentences after them."""
+    from fastlm.testing import PHRASES, SHORT_TEXTS, accuracy_texts
+
+    texts = accuracy_texts(1000)
+    short = len(dict.fromkeys(SHORT_TEXTS + PHRASES))
+    assert texts[:short] == list(dict.fromkeys(SHORT_TEXTS + PHRASES))
+    return texts[:200]
+
+
+@pytest.fixture(scope="module")
+def minilm_short_embeddings():
+    """fp32 / int8 / int8_dynamic Embedder embeddings of accuracy_subset() on the real MiniLM."""
+    path = minilm_dir()
+    texts = accuracy_subset()
+    out = {mode: fastlm.Embedder(path, device="cpu", quantize=mode).encode(texts, batch_size=64)
+           for mode in (None, "int8", "int8_dynamic")}
+    return texts, out
+
+
+def test_accuracy_texts_are_deterministic_and_cover_one_word_texts():
+    from fastlm.testing import accuracy_texts
+
+    a, b = accuracy_texts(1000), accuracy_texts(1000)
+    assert a == b and len(set(a)) == 1000
+    assert {"Hi", "Thanks!", "x", "hello", "?"} <= set(a[:150])
+    assert accuracy_texts(1000, seed=1) != a
+    assert max(len(t.split()) for t in a) >= 60  # long sentences too
+
+
+def test_minilm_int8_dynamic_equals_fake_quant_reference():
+    """The int8_dynamic model is its scheme: transformers' BertModel with every projection's input
+    rounded per token and its weight per output channel (pure torch, float32, one text at a time)
+    loses the same cosine to fp32 as fastlm on the texts int8_dynamic hurts most. Rounding is
+    discontinuous (a value on a rounding boundary goes either way under another float32 order of
+    summation, and 6 layers amplify it), so the two are compared by their loss, not bit for bit."""
+    path = minilm_dir()
+    texts = ["Thanks!", "Hi", "Thank you!", "x", "?", "The cat sat on the mat."]
+    tok = tf.AutoTokenizer.from_pretrained(path)
+    fp32 = tf.AutoModel.from_pretrained(path).eval()
+    hf = dequantize_hf_bert_(tf.AutoModel.from_pretrained(path).eval())
+
+    def fake_quant(mod, args):
+        x = args[0]
+        s = x.abs().amax(-1, keepdim=True) / 127
+        return (torch.round(x / torch.where(s > 0, s, torch.ones_like(s))).clamp(-127, 127) * s,)
+
+    for layer in hf.encoder.layer:
+        for lin in (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value,
+                    layer.attention.output.dense, layer.intermediate.dense, layer.output.dense):
+            lin.register_forward_pre_hook(fake_quant)
+    with torch.no_grad():
+        expect, ref = (torch.cat([m(**tok([t], return_tensors="pt")).last_hidden_state.mean(1) for t in texts])
+                       for m in (hf, fp32))
+    got = fastlm.Embedder(path, device="cpu", quantize="int8_dynamic").encode(texts, batch_size=1)
+    cos = torch.nn.functional.cosine_similarity
+    loss_got, loss_expect = 1 - cos(got, ref, dim=-1), 1 - cos(expect, ref, dim=-1)
+    assert loss_expect.max() > 0.03, loss_expect  # the scheme's own loss on "Thank you!" (issue 23.3)
+    assert ((loss_got - loss_expect).abs() <= 0.2 * loss_expect + 5e-4).all(), (loss_got, loss_expect)
+    assert cos(got, expect, dim=-1).min() >= 0.997
+
+
+def test_minilm_one_word_texts_cosine_floors(minilm_short_embeddings):
+    """Regression floors measured on the 200-text subset (all one-word texts): weight-only int8
+    >= 0.994 everywhere; int8_dynamic (per-token activations) >= 0.955 (it was 0.9611 at worst,
+    "Thank you!", when issue 23.3 was measured) and >= 0.99 at the median (0.9923 then)."""
+    texts, emb = minilm_short_embeddings
+    ref = emb[None]
+    cos8 = torch.nn.functional.cosine_similarity(emb["int8"], ref, dim=-1)
+    cosd = torch.nn.functional.cosine_similarity(emb["int8_dynamic"], ref, dim=-1)
+    assert cos8.min() >= 0.994, (texts[int(cos8.argmin())], cos8.min())
+    assert cosd.min() >= 0.955, (texts[int(cosd.argmin())], cosd.min())
+    assert cosd.median() >= 0.99, cosd.median()
+
+
+@pytest.mark.xfail(strict=True, reason="issue 23.3 is open: per-token int8 activations give 0.961 at worst "
+                                       "(weight-only int8 0.994); no measured scheme reaches 0.995 within 10% "
+                                       "of int8_dynamic's speed (docs/design.md, quantization)")
+def test_minilm_int8_dynamic_cosine_target_every_text(minilm_short_embeddings):
+    texts, emb = minilm_short_embeddings
+    cos = torch.nn.functional.cosine_similarity(emb["int8_dynamic"], emb[None], dim=-1)
+    assert cos.min() >= 0.995, (texts[int(cos.argmin())], cos.min())
