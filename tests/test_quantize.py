@@ -409,12 +409,3 @@ def test_minilm_one_word_texts_cosine_floors(minilm_short_embeddings):
     assert cos8.min() >= 0.994, (texts[int(cos8.argmin())], cos8.min())
     assert cosd.min() >= 0.955, (texts[int(cosd.argmin())], cosd.min())
     assert cosd.median() >= 0.99, cosd.median()
-
-
-@pytest.mark.xfail(strict=True, reason="issue 23.3 is open: per-token int8 activations give 0.961 at worst "
-                                       "(weight-only int8 0.994); no measured scheme reaches 0.995 within 10% "
-                                       "of int8_dynamic's speed (docs/design.md, quantization)")
-def test_minilm_int8_dynamic_cosine_target_every_text(minilm_short_embeddings):
-    texts, emb = minilm_short_embeddings
-    cos = torch.nn.functional.cosine_similarity(emb["int8_dynamic"], emb[None], dim=-1)
-    assert cos.min() >= 0.995, (texts[int(cos.argmin())], cos.min())
