@@ -200,14 +200,16 @@ def test_ctrl_c_one_line_status_130_no_partial_file(tmp_path, command):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-m", "fastlm", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
-    timer = threading.Timer(120, proc.kill)  # never hang the suite
+    # Only a guard against a hang, never a time limit on the command: on a loaded 2-core machine
+    # its start (torch import, model load) took over 120 s once, so the guard is generous.
+    timer = threading.Timer(600, proc.kill)
     timer.start()
     try:
         with open(fifo, "w") as w:  # blocks until the command opens its input
             w.write("a first line\n")
             w.flush()
             proc.send_signal(signal.SIGINT)
-            _, err = proc.communicate(timeout=120)
+            _, err = proc.communicate(timeout=600)
     finally:
         timer.cancel()
     assert proc.returncode == 130, err
