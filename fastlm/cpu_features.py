@@ -11,7 +11,12 @@ flags, never from FASTLM_CPU_ISA or ONEDNN_MAX_CPU_ISA.
 from __future__ import annotations
 
 import functools
+import logging
 import platform
+
+import torch
+
+log = logging.getLogger("fastlm")
 
 # int8 dot-product instructions an int8 GEMM needs to beat float32: AVX-512 VNNI, AVX-VNNI (the
 # VEX form on Alder Lake / Zen 5 client parts), AMX-INT8 (Sapphire Rapids and later).
@@ -42,10 +47,38 @@ def summary() -> str:
     return f"{' '.join(vec)} | int8: {' '.join(int8)} | bf16: {' '.join(bf16)}"
 
 
+@functools.cache
+def int8_gemm_exact() -> bool:
+    """Whether torch._int_mm returns exact int32 sums on this CPU, probed once per process.
+
+    oneDNN's int8 GEMM without VNNI (its AVX2 path, e.g. under ONEDNN_MAX_CPU_ISA=AVX2, measured
+    2026-12-06 on a Zen 4) multiplies u8-shifted activations by s8 weights with vpmaddubsw, whose
+    int16 pair sums saturate (255 * 127 * 2 > 32767): results off by up to ~1e5. The probe uses
+    the extreme values that saturate there and random ones, against a float64 product (exact for
+    these sizes). Logs a warning when inexact."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (17, 256), dtype=torch.int8, generator=g)
+    a[:8] = 127
+    a[8:12] = -127
+    b = torch.randint(-127, 128, (256, 24), dtype=torch.int8, generator=g)
+    b[:, :8] = 127
+    b[:, 8:12] = -127
+    exact = torch.equal(torch._int_mm(a, b), (a.double() @ b.double()).to(torch.int32))
+    if not exact:
+        log.warning("torch._int_mm gives inexact int8 sums on this CPU (oneDNN's int8 GEMM without VNNI saturates "
+                    "int16 pair sums): quantize='int8_dynamic' computes its GEMMs exactly in float64 instead, "
+                    "slower than float32")
+    return exact
+
+
 def int8_gemm_slow() -> str | None:
     """Why quantize="int8_dynamic" runs slower than float32 on this CPU, or None where it pays
-    (the CPU has an int8 dot-product instruction: INT8_DOT_FLAGS). Only x86 is judged; other
-    machines give None (not measured here)."""
+    (torch._int_mm is exact here and the CPU has an int8 dot-product instruction: INT8_DOT_FLAGS).
+    The flags are judged on x86 only; other machines give None there (not measured here)."""
+    if not int8_gemm_exact():
+        return ("torch's int8 GEMM gives inexact sums on this CPU (oneDNN without VNNI saturates int16 pair sums), so "
+                "fastlm computes it exactly in float64, slower than float32: use quantize='int8' (weight-only) or "
+                "no quantization")
     if platform.machine() not in ("x86_64", "AMD64"):
         return None
     flags = cpu_flags()

@@ -24,9 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastlm import _ext
+from fastlm import _ext, cpu_features
 
 log = logging.getLogger("fastlm")
+
+
+def int_mm(a: Tensor, b: Tensor) -> Tensor:
+    """a (M, K) int8 @ b (K, N) int8 -> (M, N) int32, exact: torch._int_mm where it is exact
+    (probed once per process: fastlm.cpu_features.int8_gemm_exact), else a float64 product, which
+    is exact for |sums| < 2^53 (here < 127 * 127 * K)."""
+    if a.device.type != "cpu" or cpu_features.int8_gemm_exact():
+        return torch._int_mm(a, b)
+    return (a.double() @ b.double()).to(torch.int32)
 
 PANEL = 16  # output channels per CPU panel (csrc/gemv.cpp kNR)
 ACTIVATIONS = (None, "gelu", "gelu_tanh")
@@ -271,7 +280,7 @@ class Int8DynamicLinear(FastLinear):
         xs = x2.abs().amax(dim=1, keepdim=True) / 127.0  # (M, 1) per-token scale
         xs = torch.where(xs > 0, xs, torch.ones_like(xs))
         xq = torch.round(x2 / xs).clamp_(-127, 127).to(torch.int8)
-        acc = torch._int_mm(xq, self.qweight.t())  # (M, N) int32
+        acc = int_mm(xq, self.qweight.t())  # (M, N) int32
         y = acc.float().mul_(xs).mul_(self.scale)
         if self.bias is not None:
             y.add_(self.bias)
@@ -282,7 +291,7 @@ class Int8DynamicLinear(FastLinear):
                      residual: Tensor | None = None) -> Tensor:
         """The GEMM and epilogue on activations already quantized per token: xq (M, K) int8,
         xs (M,) float32 -> act(xq W^T * xs * scale + b) + residual, (M, N) float32. Needs fastlm._C."""
-        acc = torch._int_mm(xq, self.qweight.t())  # (M, N) int32
+        acc = int_mm(xq, self.qweight.t())  # (M, N) int32
         torch.ops.fastlm.int8_linear_epilogue_(acc, xs, self.scale, self.bias, _act_name(activation), residual)
         return acc.view(torch.float32)  # the epilogue's result, written over acc
 
@@ -294,7 +303,7 @@ class Int8DynamicLinear(FastLinear):
         self._check(x)
         if xq is None:
             xq = Int8Rows(*torch.ops.fastlm.quantize_rows_int8(x.reshape(-1, self.in_features)))
-        acc = torch._int_mm(xq.q, self.qweight.t())  # (M, N) int32
+        acc = int_mm(xq.q, self.qweight.t())  # (M, N) int32
         return torch.ops.fastlm.int8_linear_epilogue_quant(acc, xq.scale, self.scale, self.bias, _act_name(activation))
 
     def forward_add_layer_norm(self, xq: Int8Rows, residual: Tensor, ln_weight: Tensor, ln_bias: Tensor,
@@ -304,7 +313,7 @@ class Int8DynamicLinear(FastLinear):
         (fastlm._C int8_linear_epilogue_ln_quant_: the arithmetic of int8_linear_epilogue, then
         add_layer_norm_ext, then quantize_rows_int8, bit for bit). xq: (M, K) int8 rows, residual
         (M, N) float32 -> (h (M, N) float32, Int8Rows of h). Needs fastlm._C."""
-        acc = torch._int_mm(xq.q, self.qweight.t())  # (M, N) int32
+        acc = int_mm(xq.q, self.qweight.t())  # (M, N) int32
         hq, hs = torch.ops.fastlm.int8_linear_epilogue_ln_quant_(acc, xq.scale, self.scale, self.bias, residual,
                                                                  ln_weight, ln_bias, float(eps))
         return acc.view(torch.float32), Int8Rows(hq, hs)  # h written over acc

@@ -3,6 +3,9 @@ comes from the CPU's real flags (torch's int8 GEMM path cannot be forced by any 
 is tested here with the flags mocked, as on an AVX2-only CPU without VNNI."""
 
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,6 +23,7 @@ SAPPHIRE_RAPIDS = ZEN4 | {"amx_int8", "amx_bf16", "amx_tile"}
 @pytest.fixture
 def flags(monkeypatch):
     def set_flags(value, machine="x86_64"):
+        monkeypatch.setattr(cpu_features, "int8_gemm_exact", lambda: True)  # the flags alone decide here
         monkeypatch.setattr(cpu_features, "cpu_flags", lambda: value)
         monkeypatch.setattr(cpu_features.platform, "machine", lambda: machine)
     return set_flags
@@ -47,7 +51,11 @@ def test_the_real_flags_are_read():
         text = f.read()
     assert real and all(f in text for f in real)
     has_dot = any(f in real for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
-    assert has_dot == (cpu_features.int8_gemm_slow() is None)
+    slow = cpu_features.int8_gemm_slow()
+    if cpu_features.int8_gemm_exact():
+        assert has_dot == (slow is None)
+    else:  # e.g. the AVX2 subset of CI: ONEDNN_MAX_CPU_ISA=AVX2 makes torch._int_mm saturate
+        assert "inexact" in slow
 
 
 def tiny_bert():
@@ -85,3 +93,46 @@ def test_optimize_with_int8_dynamic_on_a_cpu_without_vnni_warns(flags, caplog):
     with caplog.at_level(logging.WARNING, logger="fastlm"):
         fastlm.optimize(hf, quantize="int8_dynamic")
     assert len([r for r in caplog.records if "slower than float32" in r.getMessage()]) == 1
+
+
+def test_the_exactness_probe_agrees_with_a_thorough_check():
+    # In fresh processes, with oneDNN free and capped at AVX2 (where its int8 GEMM, without VNNI,
+    # saturates int16 pair sums): the one-shot probe says what 20 random products of many shapes say.
+    code = """
+import torch
+from fastlm import cpu_features
+g = torch.Generator().manual_seed(1)
+ok = True
+for M, K, N in [(1, 64, 64), (17, 768, 96), (64, 3072, 32), (5, 33, 7)] * 5:
+    a = torch.randint(-127, 128, (M, K), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (K, N), dtype=torch.int8, generator=g)
+    ok &= torch.equal(torch._int_mm(a, b), (a.double() @ b.double()).to(torch.int32))
+print(cpu_features.int8_gemm_exact(), ok)
+"""
+    for cap in (None, "AVX2"):
+        env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}
+        if cap:
+            env["ONEDNN_MAX_CPU_ISA"] = cap
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        probe, thorough = r.stdout.split()
+        assert probe == thorough, (cap, r.stdout)
+
+
+def test_without_an_exact_int8_gemm_int8_dynamic_stays_exact(monkeypatch, caplog):
+    from fastlm.linear import Int8DynamicLinear, int_mm
+
+    torch.manual_seed(0)
+    a = torch.randint(-127, 128, (9, 300), dtype=torch.int8)
+    b = torch.randint(-127, 128, (300, 40), dtype=torch.int8)
+    exact = (a.double() @ b.double()).to(torch.int32)
+    lin = Int8DynamicLinear.from_linear(torch.nn.Linear(300, 40))
+    x = torch.randn(3, 7, 300)
+    expect = lin(x)
+    monkeypatch.setattr(cpu_features, "int8_gemm_exact", lambda: False)
+    assert torch.equal(int_mm(a, b), exact)
+    assert torch.equal(lin(x), expect)  # the fallback's sums are the exact ones: the same bits
+    assert "inexact" in cpu_features.int8_gemm_slow()
+    with caplog.at_level(logging.WARNING, logger="fastlm"):
+        fastlm.from_pretrained(tiny_bert(), quantize="int8_dynamic")
+    assert any("inexact" in r.getMessage() for r in caplog.records)
