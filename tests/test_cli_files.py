@@ -209,7 +209,10 @@ def test_ctrl_c_one_line_status_130_no_partial_file(tmp_path, command):
             w.write("a first line\n")
             w.flush()
             proc.send_signal(signal.SIGINT)
-            _, err = proc.communicate(timeout=600)
+        # The writer is closed before waiting: the signal may land on another thread of the command
+        # (torch's), leaving its main thread blocked in read(); EOF wakes it, and the pending
+        # KeyboardInterrupt is raised there at once. Waiting with the FIFO open deadlocked (seen in 2 of 4 full runs).
+        _, err = proc.communicate(timeout=600)
     finally:
         timer.cancel()
     assert proc.returncode == 130, err
