@@ -9,7 +9,12 @@ import json
 import os
 import sys
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# `python -m fastlm` has imported the package (and torch) already: these cost nothing here.
+from fastlm._checks import model_dtype
+from fastlm.embed import PRECISIONS
+from fastlm.textio import INPUT_FORMATS, OUTPUT_SUFFIXES
+
+DTYPE_CHOICES = ("bf16", "fp16", "fp32")  # the short forms of _checks.DTYPE_NAMES the CLI offers
 
 
 def _console():
@@ -66,7 +71,7 @@ def cmd_bench(args) -> int:
         print("fastlm bench: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     dtype_name = args.dtype or ("fp16" if device == "cuda" else "fp32")
-    dtype = getattr(torch, DTYPES[dtype_name])
+    dtype = model_dtype("fastlm bench", dtype_name)
     try:
         cases = runner.build_cases(device, dtype, args.suite, args.only)
     except ValueError as e:
@@ -197,7 +202,7 @@ def cmd_generate(args) -> int:
         raise UsageError(f"--stream prints one sequence as it is made; got {n_seq} ("
                          + ("one per prompt in --prompts-file" if prompts is not None else "--batch") + ")")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if device == "cuda" else "fp32")])
+    dtype = model_dtype("fastlm generate", args.dtype or ("fp16" if device == "cuda" else "fp32"))
     tok = None
     if args.model:
         model = fastlm.from_pretrained(args.model, dtype=dtype, device=device, quantize=args.quantize)
@@ -336,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--calls", type=int, default=None, help="peers: timed calls per engine process (default 3 / 2)")
     b.add_argument("--threads", type=int, default=2, help="peers: threads per engine (default 2)")
     b.add_argument("--only", default=None, help="one case by name (e.g. attention, bert_fwd)")
-    b.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default fp16 on GPU, fp32 on CPU")
+    b.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="default fp16 on GPU, fp32 on CPU")
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     b.add_argument("--budget", type=float, default=0.5, help="seconds of timing per provider (default 0.5)")
     b.add_argument("--out", default="bench-results", help="folder for the JSON, markdown and PNGs")
@@ -352,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--prompt-ids", help="comma-separated token ids")
     pr.add_argument("--prompts-file", help="one prompt per line (split at \\n only, a trailing \\r removed), or "
                     'JSON lines with a "text" field (*.jsonl): one sequence per prompt, printed in order')
-    g.add_argument("--input-format", default="auto", choices=["auto", "lines", "jsonl"],
+    g.add_argument("--input-format", default="auto", choices=INPUT_FORMATS,
                    help="--prompts-file format (auto: jsonl for *.jsonl, else one prompt per line)")
     g.add_argument("--text-field", default="text", help='--prompts-file JSON lines field (default "text")')
     g.add_argument("--stream", action="store_true", help="print the text as it is generated (one sequence)")
@@ -360,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=None,
                    help="default: the checkpoint's max_new_tokens / max_length, else 20 new tokens (transformers)")
     g.add_argument("--batch", type=int, default=1)
-    g.add_argument("--dtype", default=None, choices=sorted(DTYPES))
+    g.add_argument("--dtype", default=None, choices=DTYPE_CHOICES)
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--do-sample", action="store_true", default=None, help="sample (default: the checkpoint's "
                    "generation config, else greedy)")
@@ -384,9 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="checkpoint directory (sentence-transformers or transformers)")
     e.add_argument("--out", help="output file: .npy, .json (one array of rows) or .jsonl (one array per line); "
                    "checked before the model loads (default: JSON lines on standard output)")
-    e.add_argument("--format", default=None, choices=["npy", "json", "jsonl"], help="output format (default: from "
-                   "the --out suffix; jsonl on standard output)")
-    e.add_argument("--input-format", default="auto", choices=["auto", "lines", "jsonl"], help="auto (default): "
+    e.add_argument("--format", default=None, choices=sorted(set(OUTPUT_SUFFIXES.values())),
+                   help="output format (default: from the --out suffix; jsonl on standard output)")
+    e.add_argument("--input-format", default="auto", choices=INPUT_FORMATS, help="auto (default): "
                    "jsonl for *.jsonl files, else one text per line")
     e.add_argument("--text-field", default="text", help='the JSON lines field holding the text (default "text")')
     e.add_argument("--batch-size", type=int, default=32)
@@ -398,9 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint's max_seq_length, else the model's positions)")
     e.add_argument("--prompt", default=None, help="text prepended to every input (sentence-transformers' prompt)")
     e.add_argument("--prompt-name", default=None, help="one of the checkpoint's saved prompts, by name")
-    e.add_argument("--precision", default="float32", choices=["float32", "int8", "uint8", "binary", "ubinary"],
+    e.add_argument("--precision", default="float32", choices=PRECISIONS,
                    help="output precision, as sentence-transformers' quantize_embeddings (default float32)")
-    e.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default fp16 on GPU, fp32 on CPU")
+    e.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="default fp16 on GPU, fp32 on CPU")
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     e.add_argument("--quantize", default=None, help="passed to fastlm.from_pretrained")
     e.add_argument("--truncate", action="store_true", help="cut texts longer than --max-length "
