@@ -152,7 +152,9 @@ def peers_markdown(rows: list[Row], read_gbs: float | None) -> str:
            "| engine | precision | GPT-2 small decode ms/token | BERT-base B8 S128 ms |", "|---|---|---|---|"]
     for p, name, prec in providers():
         e = engines()[name]
-        out.append(f"| {e.label(prec)} | {e.math(prec)} | {cell('peers_gpt2_decode', p)} | "
+        # the math the engine said it ran (Row.dtype, e.g. OpenVINO's bf16 default), else what it is set up for
+        ran = list(dict.fromkeys(r.dtype for r in rows if r.provider == p and r.dtype))
+        out.append(f"| {e.label(prec)} | {' / '.join(ran) or e.math(prec)} | {cell('peers_gpt2_decode', p)} | "
                    f"{cell('peers_bert_fwd', p)} |")
     for prec in ("fp32", "int8"):
         fl = floor_ms(read_gbs, prec)
