@@ -4,6 +4,7 @@ bf16 math and int8 within their own error), the GPT-2 floor counts the bytes a d
 and the suite runs end to end on tiny models (each engine in its own process). Timing itself is not
 asserted. onnxruntime, onnx, openvino and nncf are in the dev extra: their tests do not skip."""
 
+import importlib.util
 import os
 
 import numpy as np
@@ -214,6 +215,84 @@ def test_worker_times_onnxruntime_and_openvino_and_names_their_math(cache, capsy
         assert out["ms"][0] > 0 and out["math"].startswith(math), out
     worker.main(["time", "--work", "gpt2", "--engine", "onnxruntime", "--cache", cache, "--size", "tiny"])
     assert "ONNX Runtime runs the BERT row only" in capsys.readouterr().out
+
+
+def _gpt2_logits_from_gguf(t: dict, ids: list[int], eps: float, heads: int) -> np.ndarray:
+    """GPT-2 as llama.cpp's graph computes it, in numpy, from GGUF tensors (name -> (out, in) array):
+    the logits of the last position."""
+    def ln(x, name):
+        return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * t[name + ".weight"] \
+            + t[name + ".bias"]
+
+    def lin(x, name):
+        return x @ t[name + ".weight"].T + t[name + ".bias"]
+
+    x = t["token_embd.weight"][ids] + t["position_embd.weight"][: len(ids)]
+    n, d = x.shape
+    hd = d // heads
+    causal = np.triu(np.full((n, n), -np.inf), 1)
+    for i in range(sum(name.endswith("attn_qkv.weight") for name in t)):
+        q, k, v = np.split(lin(ln(x, f"blk.{i}.attn_norm"), f"blk.{i}.attn_qkv"), 3, axis=-1)
+        q, k, v = (a.reshape(n, heads, hd).transpose(1, 0, 2) for a in (q, k, v))
+        s = q @ k.transpose(0, 2, 1) / np.sqrt(hd) + causal
+        p = np.exp(s - s.max(-1, keepdims=True))
+        a = (p / p.sum(-1, keepdims=True)) @ v
+        x = x + lin(a.transpose(1, 0, 2).reshape(n, d), f"blk.{i}.attn_output")
+        h = lin(ln(x, f"blk.{i}.ffn_norm"), f"blk.{i}.ffn_up")
+        h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))  # gelu_new
+        x = x + lin(h, f"blk.{i}.ffn_down")
+    return ln(x, "output_norm")[-1] @ t["token_embd.weight"].T  # the head tied to token_embd
+
+
+def test_llamacpp_gguf_files_hold_gpt2_as_llamacpp_reads_it(cache):
+    """The GGUF files prepare() writes (llama.cpp itself is not installed here: it builds from
+    source) are the saved GPT-2: a numpy forward in llama.cpp's tensor names and layouts gives
+    transformers' logits from the F32 file, and within Q8_0's error from the Q8_0 file, whose
+    weights are Q8_0 and whose 1-D tensors and position table stay F32."""
+    import gguf
+
+    from fastlm.bench.peers import llamacpp_engine
+
+    d = worker.prepare(cache, "gpt2", "tiny")
+    llamacpp_engine.ENGINE.prepare("gpt2", d)
+    ref = tf.GPT2LMHeadModel.from_pretrained(d).eval()
+    ids = torch.randint(0, 999, (1, 23), generator=torch.Generator().manual_seed(3))
+    want = ref(ids).logits[0, -1].detach().numpy()
+    assert want.std() > 0.5
+    got = {}
+    for precision, f in llamacpp_engine.FILES.items():
+        r = gguf.GGUFReader(os.path.join(llamacpp_engine.converted_dir(d), f))
+        assert r.fields["general.architecture"].contents() == "gpt2"
+        assert r.fields["gpt2.block_count"].contents() == 2 and r.fields["gpt2.context_length"].contents() == 128
+        types = {t.name: t.tensor_type.name for t in r.tensors}
+        assert len(types) == 4 + 2 * 12, types  # wte, wpe, ln_f (2); 12 per block; the head tied
+        if precision == "int8":
+            assert types["blk.1.ffn_down.weight"] == types["token_embd.weight"] == "Q8_0"
+            assert types["position_embd.weight"] == types["blk.1.ffn_down.bias"] == "F32"
+        else:
+            assert set(types.values()) == {"F32"}
+        t = {x.name: gguf.quants.dequantize(x.data, x.tensor_type).astype(np.float64) for x in r.tensors}
+        got[precision] = _gpt2_logits_from_gguf(t, ids[0].tolist(), ref.config.layer_norm_epsilon, ref.config.n_head)
+    np.testing.assert_allclose(got["fp32"], want, atol=1e-4 * want.std(), rtol=1e-4)
+    err = np.abs(got["int8"] - want).max() / want.std()
+    assert 1e-4 < err < 0.3, err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                    reason="llama-cpp-python is not installed (it builds llama.cpp from source, ~25 min)")
+def test_llamacpp_greedy_tokens_equal_transformers(cache):
+    from llama_cpp import Llama
+
+    from fastlm.bench.peers import llamacpp_engine
+
+    d = worker.prepare(cache, "gpt2", "tiny", "llamacpp")
+    llm = Llama(model_path=os.path.join(llamacpp_engine.converted_dir(d), llamacpp_engine.FILES["fp32"]),
+                n_ctx=64, n_threads=1, verbose=False)
+    ref = tf.GPT2LMHeadModel.from_pretrained(d).eval()
+    for seed in (0, 1):
+        ids = torch.randint(0, 999, (1, 16), generator=torch.Generator().manual_seed(seed))
+        want = ref.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)[0, 16:]
+        assert llamacpp_engine.greedy(llm, ids[0].tolist(), 24) == want.tolist()
 
 
 def test_the_math_an_engine_reports_reaches_the_row_the_table_and_the_plot(monkeypatch, tmp_path):

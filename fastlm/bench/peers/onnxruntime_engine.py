@@ -26,7 +26,7 @@ OPSET = 17  # LayerNormalization is an ONNX op from 17 on, so the exporter emits
 
 
 def converted_dir(model_dir: str) -> str:
-    """Where prepare() leaves model.onnx (the export), model_opt.onnx, model_opt_int8.onnx, fusion.json."""
+    """Where prepare() leaves model_opt.onnx (the optimized export), model_opt_int8.onnx, fusion.json."""
     import onnxruntime
 
     return os.path.join(model_dir, f"ort-{onnxruntime.__version__}")
@@ -61,6 +61,7 @@ def export_bert(model_dir: str, out: str) -> dict:
     quantize_dynamic(os.path.join(out, "model_opt_shaped.onnx"), os.path.join(out, "model_opt_int8.onnx"),
                      weight_type=QuantType.QInt8)
     os.remove(os.path.join(out, "model_opt_shaped.onnx"))
+    os.remove(os.path.join(out, "model.onnx"))  # the optimized graphs are what runs (BERT-base: 418 MB less)
     fused["layers"] = c.num_hidden_layers
     with open(os.path.join(out, "fusion.json"), "w") as f:
         json.dump(fused, f)
