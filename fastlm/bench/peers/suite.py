@@ -1,10 +1,11 @@
 """`fastlm bench --suite peers`: fastlm against the CPU engines people already run.
 
 The workloads (fastlm/bench/peers/workloads.py: GPT-2 small decode, BERT-base forward) run on every
-registered engine (fastlm/bench/peers/registry.py: fastlm, CTranslate2 and transformers today), fp32
-and int8. Each engine runs in a process of its own (fastlm.bench.peers.worker) with the same number
-of threads, the engines alternating within a round; a row is the best call over all rounds. An
-engine that is missing, or cannot prepare or run a workload, gives skipped rows with the reason.
+registered engine (fastlm/bench/peers/registry.py: fastlm, CTranslate2, transformers, ONNX Runtime,
+OpenVINO, llama.cpp), fp32 and int8. Each engine runs in a process of its own
+(fastlm.bench.peers.worker) with the same number of threads, the engines alternating within a
+round; a row is the best call over all rounds. An engine that is missing, or cannot prepare or run
+a workload, gives skipped rows with the reason.
 Each round also measures the machine's read bandwidth (a 384 MB buffer on transparent huge pages
 summed by the same threads: fastlm's packed weights live on huge pages too, and on 4 KiB pages the
 same sum reads slower than fastlm's decode GEMV does), and the GPT-2 floor is the weight bytes a
