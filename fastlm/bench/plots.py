@@ -138,7 +138,11 @@ def plot(res: Result, out_dir: str) -> list[str]:
     plt = _pyplot()
     paths = []
     env = res.env
-    versions = ", ".join(f"{name} {env.get(name)}" for name, e in engines().items() if e.optional)
+    first = {}
+    for name, e in engines().items():
+        first.setdefault(e.module, name)
+    versions = ", ".join(f"{name} {env.get(name)}" for name, e in engines().items()
+                         if e.optional and name == first[e.module])  # an engine run twice (OpenVINO), once
     title = (f"{env.get('cpu_model', 'CPU')}, {env.get('cpu_count')} cores; torch {env.get('torch')}, "
              f"transformers {env.get('transformers')}, {versions}")
     p = peers_plot([r for r in res.rows if r.case in PEER_CASES], res.ceilings.read_gbs,
