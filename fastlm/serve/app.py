@@ -488,7 +488,7 @@ def build_app(cfg: ServeConfig, state: State | None = None) -> FastAPI:
         cap = e.max_model_len
         sampling = (body.temperature if body.temperature is not None else 1.0) > 0
         plans = []
-        for i, row in enumerate(ids):
+        for row in ids:
             max_tokens = body.max_tokens if body.max_tokens is not None else cap - len(row)
             if len(row) + max_tokens > cap:
                 raise APIError(400, f"This model's maximum context length is {cap} tokens. However, you requested "

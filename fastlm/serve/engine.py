@@ -369,9 +369,10 @@ class GenerationEngine(_Base):
         self._abort = threading.Event()
 
     def load(self):
+        from transformers import AutoTokenizer
+
         import fastlm
         from fastlm.cache import SlotKVCache
-        from transformers import AutoTokenizer
 
         self.model = fastlm.from_pretrained(self.model_dir, dtype=self.dtype, device=self.device,
                                             quantize=self.quantize)
