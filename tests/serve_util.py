@@ -53,9 +53,14 @@ class Server:
         self.stop()
         raise RuntimeError(f"fastlm serve did not become healthy in {timeout} s:\n{self.logs()[-3000:]}")
 
-    def stop(self) -> int:
+    def terminate(self) -> None:
+        """SIGTERM without waiting (stop() then waits): several servers shut down side by side."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.terminate()
             try:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:

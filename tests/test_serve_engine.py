@@ -86,7 +86,7 @@ def test_continuous_batching_equals_generate(engine, ckpt):
     kws = [dict(max_new_tokens=n, do_sample=False, eos_token_id=[]) for n in news]
     got = run(engine, prompts, kws)
     for p, n, (toks, fin) in zip(prompts, news, got, strict=True):
-        ref = model.generate(torch.tensor([p]), max_new_tokens=n, eos_token_id=None)[0, len(p):].tolist()
+        ref = model.generate(torch.tensor([p]), max_new_tokens=n, eos_token_id=[])[0, len(p):].tolist()
         assert toks == ref and fin == ("length",)
     # sampled, seeded, with a repetition penalty and eos: each equals generate with the same seed
     kws = [dict(max_new_tokens=n, do_sample=True, temperature=0.9, top_k=0, top_p=0.95, repetition_penalty=1.2)
@@ -107,7 +107,7 @@ def test_cancel_frees_slot_and_rows_move(engine, ckpt):
     got = run(engine, prompts, kws, cancel_after={0: 3, 1: 5})
     assert got[0][1] == ("abort",) and got[1][1] == ("abort",)
     for p, (toks, fin) in list(zip(prompts, got, strict=True))[2:]:
-        ref = model.generate(torch.tensor([p]), max_new_tokens=30, eos_token_id=None)[0, len(p):].tolist()
+        ref = model.generate(torch.tensor([p]), max_new_tokens=30, eos_token_id=[])[0, len(p):].tolist()
         assert toks == ref and fin == ("length",)
     assert engine.active == [] and not engine.waiting
 
@@ -126,7 +126,7 @@ def test_one_faulty_request_fails_alone(engine, ckpt, monkeypatch):
     got = run(engine, prompts, [dict(max_new_tokens=5, do_sample=False, eos_token_id=[])] * 3)
     assert got[1][1][0] == 500 and "poisoned prompt" in got[1][1][1]
     for i in (0, 2):
-        ref = model.generate(torch.tensor([prompts[i]]), max_new_tokens=5, eos_token_id=None)[0, -5:].tolist()
+        ref = model.generate(torch.tensor([prompts[i]]), max_new_tokens=5, eos_token_id=[])[0, -5:].tolist()
         assert got[i] == (ref, ("length",))
     assert engine.healthy()
 

@@ -204,6 +204,9 @@ class EncoderEngine(_Base):
             tmax = self.tokenizer.model_max_length
             self.max_length = min(limit, tmax) if isinstance(tmax, int) and tmax > 0 else limit
             self.max_length_source = "the model's positions"
+            import inspect
+
+            self._takes_type_ids = "token_type_ids" in inspect.signature(self.model.forward).parameters
             self.id2label = {int(k): v for k, v in (getattr(config, "id2label", None) or {}).items()}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.vocab_size = self.model.config.vocab_size
@@ -316,7 +319,7 @@ class EncoderEngine(_Base):
         x, mask = x.to(dev), mask.to(dev)
         if self.embedder is None:
             kw = {}
-            if tt is not None and "token_type_ids" in self.model.forward.__code__.co_varnames:
+            if tt is not None and self._takes_type_ids:
                 kw["token_type_ids"] = tt.to(dev)
             return self.model(x, mask, **kw).logits.float().cpu()
         e = self.embedder
