@@ -138,3 +138,18 @@ def test_detect_task(tmp_path, ckpt):
     assert detect_task(str(MODEL_DIR)) == "embed"
     assert detect_task(bert_classifier_checkpoint(tmp_path / "ce", num_labels=1)) == "rerank"
     assert detect_task(bert_classifier_checkpoint(tmp_path / "cls", num_labels=3)) == "classify"
+
+
+def test_deadline_ends_request_with_timeout(engine):
+    s = engine.settings(2, max_new_tokens=50, do_sample=False, eos_token_id=[])
+    events, done = [], threading.Event()
+
+    def emit(ev):
+        events.append(ev)
+        if ev[0] in ("done", "error"):
+            done.set()
+
+    engine.submit(GenRequest(ids=[2, 3], settings=s, seed=None, logprobs=None, prompt_logprobs=False, emit=emit,
+                             deadline=time.perf_counter() - 1))
+    assert done.wait(60)
+    assert events[-1] == ("done", "timeout") and len(events) < 50

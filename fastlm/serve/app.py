@@ -156,6 +156,7 @@ class Gate:
                                     f"(--max-concurrent-requests {st.cfg.max_concurrent_requests}); retry later",
                                     "overloaded", {"Retry-After": "1"})
             st.in_flight += 1
+            m.in_flight.inc()
         status = [500]
         t0 = time.perf_counter()
 
@@ -169,6 +170,7 @@ class Gate:
         finally:
             if counted:
                 st.in_flight -= 1
+                m.in_flight.dec()
                 m.e2e.labels(route).observe(time.perf_counter() - t0)
             s = status[0]
             if s < 400:

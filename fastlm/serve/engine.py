@@ -393,6 +393,20 @@ class GenerationEngine(_Base):
                                  self.model.dtype, self.model.device)
         log.info("fastlm serve: KV cache of %d slots x %d positions (%.1f MiB)", self.slots, cap,
                  self.cache.nbytes() / 2**20)
+        self._warm()
+
+    def _warm(self):
+        """A prefill and decode steps of one and of two sequences before /health says ready, so the first
+        request does not pay the first calls' costs (thread pools, packed weights, allocator)."""
+        dev = self.model.device
+        with torch.inference_mode():
+            n = min(2, self.slots)
+            for b in range(n):
+                self.model.prefill(torch.tensor([[0, 0]], device=dev), None, self.cache.slot(b))
+            for k in range(1, n + 1):
+                for _ in range(2):
+                    self.model.decode_step(torch.zeros(k, dtype=torch.long, device=dev),
+                                           torch.full((k,), 2, dtype=torch.int32, device=dev), self.cache.view(k), 3)
 
     # -- requests (called from the event loop) --
     def settings(self, prompt_len: int, **kw):

@@ -16,6 +16,8 @@ class Metrics:
         self.failure = Counter("fastlm_request_failure", "requests failed, by route and reason "
                                "(validation, too_large, overloaded, unauthorized, timeout, aborted, disconnected, "
                                "backend, unavailable)", ["route", "reason"], registry=r)
+        self.in_flight = Gauge("fastlm_requests_in_flight", "model-route requests being served (the bound of "
+                               "--max-concurrent-requests)", registry=r)
         self.queue_size = Gauge("fastlm_queue_size", "requests waiting for the engine", registry=r)
         self.running = Gauge("fastlm_running", "requests (sequences) in the running batch", registry=r)
         self.batch_size = Histogram("fastlm_batch_size", "sequences per model call",
