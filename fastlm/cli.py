@@ -459,9 +459,12 @@ def cmd_serve(args) -> int:
                  "max_num_seqs", "max_prefill_tokens", "payload_limit", "tokenization_workers"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    import torch
+
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     cfg = ServeConfig(model=args.model, task=args.task, served_model_name=args.served_model_name, host=args.host,
-                      port=args.port, device=None if args.device == "auto" else args.device,
+                      port=args.port, device=device,
                       dtype=None if args.dtype is None else model_dtype("fastlm serve", args.dtype),
                       quantize=args.quantize, max_concurrent_requests=args.max_concurrent_requests,
                       max_batch_tokens=args.max_batch_tokens, max_batch_requests=args.max_batch_requests,
