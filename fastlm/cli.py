@@ -63,6 +63,15 @@ def cmd_bench(args) -> int:
 
     if args.compare:
         return _compare(*args.compare)
+    if args.suite == "serve":  # servers in their own processes under a load generator: its own table
+        from rich.markdown import Markdown
+
+        from fastlm.bench import serve as serve_bench
+
+        _, md = serve_bench.run(args.out, threads=args.threads, quick=args.quick)
+        _console().print(Markdown(md))
+        print(f"wrote {os.path.join(args.out, 'serve-bench.json')} and serve-bench.md")
+        return 0
     if args.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     else:
@@ -335,7 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time fastlm against its baselines on this machine")
     b.add_argument("--suite", default="all",
                    help="ops, models, peers (fastlm vs CTranslate2 and transformers on CPU, each engine in its own "
-                        "process) or all (default; includes peers on CPU when ctranslate2 is installed)")
+                        "process), all (default; includes peers on CPU when ctranslate2 is installed) or serve "
+                        "(fastlm serve under load vs sentence-transformers behind FastAPI; docs/serve.md)")
+    b.add_argument("--quick", action="store_true", help="serve: a short run (smaller loads)")
     b.add_argument("--rounds", type=int, default=None,
                    help="peers: rounds over all engines (default 2 with --suite peers, 1 in all)")
     b.add_argument("--calls", type=int, default=None, help="peers: timed calls per engine process (default 3 / 2)")
