@@ -153,3 +153,15 @@ def test_deadline_ends_request_with_timeout(engine):
                              deadline=time.perf_counter() - 1))
     assert done.wait(60)
     assert events[-1] == ("done", "timeout") and len(events) < 50
+
+
+def test_serve_bench_markdown():
+    from fastlm.bench.serve import markdown
+
+    rows = [{"case": "gpt2_small_stream", "provider": "fastlm serve", "concurrency": 8, "requests": 8, "failed": 0,
+             "req_per_s": 1.25, "tok_per_s": 80.5, "ttft_s_p50": 0.1234, "ttft_s_p90": 0.2, "ttft_s_p99": 0.3,
+             "tpot_s_p50": 0.05, "itl_s_p99": 0.09},
+            {"case": "minilm_open_loop", "provider": "infinity-emb", "skipped": "not installed"}]
+    md = markdown(rows).splitlines()
+    assert md[2] == "| gpt2_small_stream | fastlm serve | 8 streams | 1.25 | 80.5 | 123, 200, 300 | 50 | 90 | 0 |"
+    assert md[3].startswith("| minilm_open_loop | infinity-emb | - | - | - | skipped: not installed")

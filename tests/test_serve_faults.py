@@ -26,7 +26,7 @@ def servers(tmp_path_factory):
     d = gpt2_checkpoint(tmp_path_factory.mktemp("gpt2big"), n_layer=6, n_embd=512, n_head=8, n_positions=1024)
     s = {"main": Server(d, "--max-num-seqs", "2", "--request-timeout", "2.5", "--api-key", KEY,
                         "--cors-allow-origin", "http://example.com", "--payload-limit", "4000"),
-         "drain": Server(d, "--max-num-seqs", "2", "--max-concurrent-requests", "4", "--shutdown-timeout", "1.5",
+         "drain": Server(d, "--max-num-seqs", "2", "--max-concurrent-requests", "4", "--shutdown-timeout", "4",
                          "--api-key", KEY)}
     try:
         for v in s.values():
@@ -119,7 +119,7 @@ def test_429_when_full(servers):
 
 
 def test_disconnect_frees_slots(servers):
-    url = servers["main"].url
+    url = servers["drain"].url  # no --request-timeout there: slow machines stay correct
 
     async def main():
         async with httpx.AsyncClient(timeout=60) as ac:
@@ -166,6 +166,20 @@ def test_request_timeout(servers):
     asyncio.run(main())
 
 
+def test_disconnect_non_streaming_frees_slot(servers):
+    url = servers["main"].url
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 0.3 s and closes the connection
+        httpx.post(url + "/v1/completions", json={"prompt": [2, 3], "max_tokens": LONG, "ignore_eos": True},
+                   headers=AUTH, timeout=httpx.Timeout(10, read=0.3))
+    end = time.monotonic() + 20
+    while metric(url, "fastlm_running") > 0 and time.monotonic() < end:
+        time.sleep(0.02)
+    assert metric(url, "fastlm_running") == 0 and metric(url, "fastlm_requests_in_flight") == 0
+    made = metric(url, "fastlm_generation_tokens_total")
+    time.sleep(0.3)
+    assert metric(url, "fastlm_generation_tokens_total") == made  # no token made for the gone client
+
+
 def test_sigterm_drains_under_load(servers):
     srv = servers["drain"]
     url = srv.url
@@ -173,7 +187,7 @@ def test_sigterm_drains_under_load(servers):
     async def main():
         async with httpx.AsyncClient(timeout=60) as ac:
             starts = [asyncio.Event() for _ in range(2)]  # --max-num-seqs 2: both run from the start
-            short = [asyncio.ensure_future(_stream(ac, url, 30, starts[0]))]
+            short = [asyncio.ensure_future(_stream(ac, url, 10, starts[0]))]
             long = [asyncio.ensure_future(_stream(ac, url, LONG, starts[1]))]
             await asyncio.wait_for(asyncio.gather(*(s.wait() for s in starts)), 60)
             srv.proc.send_signal(signal.SIGTERM)
