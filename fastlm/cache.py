@@ -56,14 +56,16 @@ class StaticKVCache:
 
 
 class SlotKVCache:
-    """A static KV cache of `slots` sequences for continuous batching (fastlm serve): the storage is
-    slot-major, (slots, n_layer, H, capacity, D) for K and for V, so that
+    """A static KV cache of `slots` sequences for continuous batching (fastlm serve), laid out as a
+    StaticKVCache, (n_layer, slots, H, capacity, D) for K and for V (contiguous), so that
 
-    - `view(n)` is a StaticKVCache over the first n slots, in the (n_layer, n, H, capacity, D) layout
-      the models' prefill / decode_step read (a strided view; contiguous for n == 1, which the
-      one-call CPU decode of a single sequence needs);
-    - `slot(b)` is the StaticKVCache of slot b alone (batch 1, contiguous), for a prompt's prefill
-      into that slot while the others keep their rows;
+    - `full()` is the whole cache as one contiguous StaticKVCache: the one-call CPU decode steps
+      (gpt2_decode_cpu for one sequence, the batched one for B sequences) read batch rows [0, B) of
+      a contiguous cache with at least B rows;
+    - `view(n)` is a StaticKVCache over the first n slots, (n_layer, n, H, capacity, D), a strided
+      view, for the op-by-op decode step, whose batch must equal the cache's;
+    - `slot(b)` is the StaticKVCache of slot b alone (batch 1, a strided view), for a prompt's
+      prefill into that slot while the others keep their rows;
     - `move(src, dst, rows)` copies the first `rows` rows of every layer of slot src into slot dst,
       which keeps the running sequences packed in slots [0, n) when one in the middle leaves.
 
@@ -71,35 +73,38 @@ class SlotKVCache:
 
     def __init__(self, n_layer: int, slots: int, n_head: int, head_dim: int, capacity: int,
                  dtype: torch.dtype, device: torch.device):
-        shape = (slots, n_layer, n_head, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._full = StaticKVCache(n_layer, slots, n_head, head_dim, capacity, dtype, device)
+        self.k, self.v = self._full.k, self._full.v
 
     @property
     def slots(self) -> int:
-        return self.k.shape[0]
+        return self.k.shape[1]
 
     @property
     def capacity(self) -> int:
         return self.k.shape[3]
 
+    def full(self) -> StaticKVCache:
+        """Every slot, (n_layer, slots, H, capacity, D), contiguous."""
+        return self._full
+
     def view(self, n: int) -> StaticKVCache:
         """The first n slots as one StaticKVCache (n_layer, n, H, capacity, D); 1 <= n <= slots."""
         if not 1 <= n <= self.slots:
             raise ValueError(f"SlotKVCache.view: n must lie in [1, {self.slots}], got {n}")
-        return StaticKVCache.from_tensors(self.k[:n].transpose(0, 1), self.v[:n].transpose(0, 1))
+        return StaticKVCache.from_tensors(self.k[:, :n], self.v[:, :n])
 
     def slot(self, b: int) -> StaticKVCache:
-        """Slot b alone, (n_layer, 1, H, capacity, D), contiguous."""
+        """Slot b alone, (n_layer, 1, H, capacity, D)."""
         if not 0 <= b < self.slots:
             raise ValueError(f"SlotKVCache.slot: b must lie in [0, {self.slots}), got {b}")
-        return StaticKVCache.from_tensors(self.k[b:b + 1].transpose(0, 1), self.v[b:b + 1].transpose(0, 1))
+        return StaticKVCache.from_tensors(self.k[:, b:b + 1], self.v[:, b:b + 1])
 
     def move(self, src: int, dst: int, rows: int) -> None:
         """Copy rows [0, rows) of every layer and head of slot src into slot dst."""
         if src != dst and rows > 0:
-            self.k[dst, :, :, :rows].copy_(self.k[src, :, :, :rows])
-            self.v[dst, :, :, :rows].copy_(self.v[src, :, :, :rows])
+            self.k[:, dst, :, :rows].copy_(self.k[:, src, :, :rows])
+            self.v[:, dst, :, :rows].copy_(self.v[:, src, :, :rows])
 
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()

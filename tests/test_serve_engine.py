@@ -67,12 +67,13 @@ def test_slot_cache_views_and_move():
     c = SlotKVCache(3, 4, 2, 8, 16, torch.float32, torch.device("cpu"))
     c.k.normal_()
     c.v.normal_()
-    assert c.slot(2).k.is_contiguous() and c.slot(2).k.shape == (3, 1, 2, 16, 8)
-    assert torch.equal(c.view(3).k[1, 2], c.k[2, 1]) and torch.equal(c.slot(3).v[2, 0], c.v[3, 2])
-    before = c.k[3].clone()
+    assert c.full().k.is_contiguous() and c.full().k.shape == (3, 4, 2, 16, 8)
+    assert c.slot(2).k.shape == (3, 1, 2, 16, 8) and c.view(3).k.shape == (3, 3, 2, 16, 8)
+    assert torch.equal(c.view(3).k[1, 2], c.k[1, 2]) and torch.equal(c.slot(3).v[2, 0], c.v[2, 3])
+    before = c.k[:, 3].clone()
     c.move(3, 1, 5)
-    assert torch.equal(c.k[1, :, :, :5], before[:, :, :5]) and torch.equal(c.v[1, :, :, :5], c.v[3, :, :, :5])
-    assert not torch.equal(c.k[1, :, :, 5:], before[:, :, 5:])  # rows past `rows` are left alone
+    assert torch.equal(c.k[:, 1, :, :5], before[:, :, :5]) and torch.equal(c.v[:, 1, :, :5], c.v[:, 3, :, :5])
+    assert not torch.equal(c.k[:, 1, :, 5:], before[:, :, 5:])  # rows past `rows` are left alone
     with pytest.raises(ValueError, match="n must lie in"):
         c.view(5)
 

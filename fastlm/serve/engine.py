@@ -393,6 +393,7 @@ class GenerationEngine(_Base):
                                  self.model.dtype, self.model.device)
         log.info("fastlm serve: KV cache of %d slots x %d positions (%.1f MiB)", self.slots, cap,
                  self.cache.nbytes() / 2**20)
+        self._batched_op = self.model.device.type == "cpu" and _has_op("gpt2_decode_batch_cpu")
         self._warm()
 
     def _warm(self):
@@ -405,8 +406,23 @@ class GenerationEngine(_Base):
                 self.model.prefill(torch.tensor([[0, 0]], device=dev), None, self.cache.slot(b))
             for k in range(1, n + 1):
                 for _ in range(2):
-                    self.model.decode_step(torch.zeros(k, dtype=torch.long, device=dev),
-                                           torch.full((k,), 2, dtype=torch.int32, device=dev), self.cache.view(k), 3)
+                    self._step(torch.zeros(k, dtype=torch.long, device=dev),
+                               torch.full((k,), 2, dtype=torch.int32, device=dev), k, 3)
+
+    def _step(self, tokens, pos, n: int, kv_len: int):
+        """model.decode_step for the sequences in slots [0, n): one sequence, or a batch where the model has
+        the one-call batched CPU step, reads the whole contiguous cache (its rows [0, n)); a batch
+        elsewhere (op by op, on GPU) reads the strided view of the first n slots."""
+        if n == 1 or self._batched_op:
+            try:
+                return self.model.decode_step(tokens, pos, self.cache.full(), kv_len)
+            except Exception as e:  # noqa: BLE001 - this model's steps run op by op: use the view from now on
+                if n == 1:
+                    raise
+                log.info("fastlm serve: the batched decode step on the whole cache failed (%s: %s); decoding "
+                         "op by op on the view of the running slots", type(e).__name__, e)
+                self._batched_op = False
+        return self.model.decode_step(tokens, pos, self.cache.view(n), kv_len)
 
     # -- requests (called from the event loop) --
     def settings(self, prompt_len: int, **kw):
@@ -590,16 +606,19 @@ class GenerationEngine(_Base):
         pos = torch.tensor([r.pos for r in self.active], dtype=torch.int32, device=dev)
         t0 = time.perf_counter()
         try:
-            logits = self.model.decode_step(tokens, pos, self.cache.view(n), int(pos.max()) + 1)  # (n, V)
+            logits = self._step(tokens, pos, n, int(pos.max()) + 1)  # (n, V)
             rows = [logits[i] for i in range(n)]
         except Exception as e:  # noqa: BLE001 - rerun one sequence at a time: only the faulty ones fail
             log.warning("fastlm serve: a batched decode step failed (%s: %s); retrying one by one",
                         type(e).__name__, e)
+            from fastlm import backend
+
             rows = []
             for i, r in enumerate(self.active):
-                try:
-                    rows.append(self.model.decode_step(tokens[i:i + 1], pos[i:i + 1], self.cache.slot(i),
-                                                       r.pos + 1)[0])
+                try:  # the reference path: it reads a strided one-slot view
+                    with backend.use_backend("torch"):
+                        rows.append(self.model.decode_step(tokens[i:i + 1], pos[i:i + 1], self.cache.slot(i),
+                                                           r.pos + 1)[0])
                 except Exception as e1:  # noqa: BLE001
                     rows.append(e1)
         self.metrics.inference.labels("decode").observe(time.perf_counter() - t0)
@@ -626,6 +645,14 @@ class GenerationEngine(_Base):
             if self._after(r, tok):
                 done.append(i)
         self._remove(done)
+
+
+def _has_op(name: str) -> bool:
+    try:
+        getattr(torch.ops.fastlm, name)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _top(logp: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
