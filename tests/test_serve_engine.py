@@ -25,7 +25,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(ckpt):
-    e = GenerationEngine(ckpt, Metrics(), max_num_seqs=4, max_prefill_tokens=40)
+    e = GenerationEngine(ckpt, Metrics(), max_num_seqs=4, max_prefill_tokens=8)  # prompts up to 30: chunked
     e.start()
     end = time.monotonic() + 120
     while not e.ready and e.fatal is None and time.monotonic() < end:
@@ -166,3 +166,27 @@ def test_serve_bench_markdown():
     md = markdown(rows).splitlines()
     assert md[2] == "| gpt2_small_stream | fastlm serve | 8 streams | 1.25 | 80.5 | 123, 200, 300 | 50 | 90 | 0 |"
     assert md[3].startswith("| minilm_open_loop | infinity-emb | - | - | - | skipped: not installed")
+
+
+@pytest.mark.parametrize("T,cuts", [(17, (5,)), (29, (1, 13, 20)), (9, (8,))])
+def test_prefill_chunk_equals_prefill(ckpt, T, cuts):
+    from fastlm.cache import StaticKVCache
+
+    model = fastlm.from_pretrained(ckpt)
+    cfg = model.config
+    g = torch.Generator().manual_seed(T)
+    ids = torch.randint(0, cfg.vocab_size, (1, T), generator=g)
+    whole = StaticKVCache(cfg.n_layer, 1, cfg.n_head, cfg.n_embd // cfg.n_head, 64, torch.float32, torch.device("cpu"))
+    ref = model.prefill(ids, None, whole)
+    chunked = SlotKVCache(cfg.n_layer, 3, cfg.n_head, cfg.n_embd // cfg.n_head, 64, torch.float32,
+                          torch.device("cpu"))
+    chunked.k.normal_()  # stale rows of an earlier sequence: must not be read
+    chunked.v.normal_()
+    bounds = (0, *cuts, T)
+    pieces = [model.prefill_chunk(ids[:, a:b], a, chunked.slot(1)) for a, b in zip(bounds, bounds[1:], strict=False)]
+    out = torch.cat(pieces, 1)
+    assert (out - ref).abs().max() < 1e-4
+    assert (chunked.k[:, 1, :, :T] - whole.k[:, 0, :, :T]).abs().max() < 1e-4
+    assert (chunked.v[:, 1, :, :T] - whole.v[:, 0, :, :T]).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="prefill_chunk: rows"):
+        model.prefill_chunk(ids, 60, chunked.slot(1))

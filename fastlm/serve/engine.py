@@ -357,6 +357,8 @@ class GenRequest:
     gen: torch.Generator | None = None
     plain: bool = False  # greedy with no logits processor: the argmax of the raw logits
     t_last: float = 0.0
+    slot: int = 0  # while prefilling: the cache slot its rows are in
+    plp: list = field(default_factory=list)  # prompt logprobs gathered chunk by chunk
 
 
 class GenerationEngine(_Base):
@@ -369,6 +371,7 @@ class GenerationEngine(_Base):
         self.slots, self.max_model_len, self.max_prefill_tokens = max_num_seqs, max_model_len, max_prefill_tokens
         self.waiting: collections.deque[GenRequest] = collections.deque()
         self.active: list[GenRequest] = []
+        self.prefilling: GenRequest | None = None  # a long prompt being prefilled chunk by chunk
         self._abort = threading.Event()
 
     def load(self):
@@ -445,10 +448,11 @@ class GenerationEngine(_Base):
         self.inbox.put(None)
 
     def in_flight(self) -> int:
-        return len(self.active) + len(self.waiting) + self.inbox.qsize()
+        return len(self.active) + len(self.waiting) + self.inbox.qsize() + (self.prefilling is not None)
 
     def fail_all(self, e: EngineError):
-        reqs = list(self.active) + list(self.waiting)
+        reqs = list(self.active) + list(self.waiting) + ([self.prefilling] if self.prefilling else [])
+        self.prefilling = None
         while True:
             try:
                 r = self.inbox.get_nowait()
@@ -463,11 +467,11 @@ class GenerationEngine(_Base):
     # -- the loop (engine thread) --
     def loop(self):
         while not self._stop.is_set():
-            self._drain_inbox(block=not self.active and not self.waiting)
+            self._drain_inbox(block=not self.active and not self.waiting and self.prefilling is None)
             if self._abort.is_set():
-                for r in list(self.active) + list(self.waiting):
+                for r in list(self.active) + list(self.waiting) + ([self.prefilling] if self.prefilling else []):
                     r.emit(("done", "abort"))
-                self.active, self.waiting = [], collections.deque()
+                self.active, self.waiting, self.prefilling = [], collections.deque(), None
                 self.metrics.running.set(0)
                 continue
             self._reap()
@@ -518,44 +522,87 @@ class GenerationEngine(_Base):
             self.active.pop()
 
     def _admit(self):
-        from fastlm.generation import State
-
+        """Between two decode steps: prompt tokens up to --max-prefill-tokens. A prompt longer than
+        that is prefilled in chunks over several steps (chunked prefill) in the slot after the
+        running ones, and nothing else joins until it is done."""
         budget = self.max_prefill_tokens
-        while self.waiting and len(self.active) < self.slots and (budget > 0 or not self.active):
+        if self.prefilling is not None:
+            budget -= self._prefill_more(self.prefilling, budget)
+        while (self.prefilling is None and self.waiting and len(self.active) < self.slots
+               and (budget > 0 or not self.active)):
             r = self.waiting.popleft()
             if r.cancelled:
                 r.emit(("done", "abort"))
                 continue
-            b = len(self.active)
-            t0 = time.perf_counter()
-            self.metrics.queue_time.observe(t0 - r.arrived)
+            self.metrics.queue_time.observe(time.perf_counter() - r.arrived)
             try:
-                s = r.settings
-                ids = torch.tensor([r.ids], dtype=torch.long, device=self.model.device)
-                r.state = State(s, ids, torch.ones_like(ids, dtype=torch.bool), self.vocab_size)
-                if r.seed is not None:
-                    r.gen = torch.Generator(device=self.model.device).manual_seed(int(r.seed))
-                r.plain = _plain(s, r.state)
-                logits = self.model.prefill(ids, None, self.cache.slot(b))[0]  # (T, V)
-                if r.prompt_logprobs:
-                    lp = torch.log_softmax(logits[:-1].float(), -1)
-                    got = lp.gather(1, ids[0, 1:, None])[:, 0].tolist()
-                    top = _top(lp, r.logprobs or 0)
-                    r.emit(("prompt_logprobs", [(None, None)] + list(zip(got, top, strict=True))))
-                r.pos = len(r.ids)
-                self.metrics.inference.labels("prefill").observe(time.perf_counter() - t0)
-                self.metrics.prompt_tokens.inc(len(r.ids))
-                budget -= len(r.ids)
-                self.active.append(r)
-                tok = self._pick(r, logits[-1], None)
+                self._start(r)
             except Exception as e:  # noqa: BLE001 - this request fails alone
-                log.warning("fastlm serve: a request failed in prefill: %s: %s", type(e).__name__, e)
-                if len(self.active) > b:
-                    self.active.pop()
-                r.emit(("error", 500, f"generation failed: {type(e).__name__}: {e}"))
+                self._fail_prefill(r, e)
                 continue
-            if self._after(r, tok):
-                self._remove([len(self.active) - 1])
+            budget -= self._prefill_more(r, max(budget, 1))
+
+    def _start(self, r: GenRequest):
+        from fastlm.generation import State
+
+        s = r.settings
+        ids = torch.tensor([r.ids], dtype=torch.long, device=self.model.device)
+        r.state = State(s, ids, torch.ones_like(ids, dtype=torch.bool), self.vocab_size)
+        if r.seed is not None:
+            r.gen = torch.Generator(device=self.model.device).manual_seed(int(r.seed))
+        r.plain = _plain(s, r.state)
+        r.slot, r.pos, r.plp = len(self.active), 0, []
+        self.prefilling = r
+
+    def _fail_prefill(self, r: GenRequest, e: BaseException):
+        log.warning("fastlm serve: a request failed in prefill: %s: %s", type(e).__name__, e)
+        if self.prefilling is r:
+            self.prefilling = None
+        r.emit(("error", 500, f"generation failed: {type(e).__name__}: {e}"))
+
+    def _prefill_more(self, r: GenRequest, budget: int) -> int:
+        """Prefills up to `budget` more prompt tokens of r (its next chunk); when the prompt is all in
+        the cache, samples its first token and r joins the running batch. Returns the tokens done."""
+        if r.cancelled:
+            self.prefilling = None
+            r.emit(("done", "abort"))
+            return 0
+        if r.deadline is not None and time.perf_counter() > r.deadline:
+            self.prefilling = None
+            r.emit(("done", "timeout"))
+            return 0
+        try:
+            if r.slot != len(self.active):  # running ones left meanwhile: the rows follow the packed slots
+                self.cache.move(r.slot, len(self.active), r.pos)
+                r.slot = len(self.active)
+            t0 = time.perf_counter()
+            T = len(r.ids)
+            n = min(T - r.pos, max(1, budget))
+            ids = torch.tensor([r.ids[r.pos:r.pos + n]], dtype=torch.long, device=self.model.device)
+            logits = self.model.prefill_chunk(ids, r.pos, self.cache.slot(r.slot))[0]  # (n, V)
+            if r.prompt_logprobs:
+                nxt = torch.tensor(r.ids[r.pos + 1:r.pos + n + 1], dtype=torch.long, device=logits.device)
+                lp = torch.log_softmax(logits[:len(nxt)].float(), -1)
+                got = lp.gather(1, nxt[:, None])[:, 0].tolist()
+                r.plp += list(zip(got, _top(lp, r.logprobs or 0), strict=True))
+            r.pos += n
+            self.metrics.inference.labels("prefill").observe(time.perf_counter() - t0)
+            self.metrics.prompt_tokens.inc(n)
+            if r.pos < T:
+                return n
+            self.prefilling = None
+            if r.prompt_logprobs:
+                r.emit(("prompt_logprobs", [(None, None)] + r.plp))
+            self.active.append(r)
+            tok = self._pick(r, logits[-1], None)
+        except Exception as e:  # noqa: BLE001 - this request fails alone
+            if self.active and self.active[-1] is r:
+                self.active.pop()
+            self._fail_prefill(r, e)
+            return 0
+        if self._after(r, tok):
+            self._remove([len(self.active) - 1])
+        return n
 
     def _pick(self, r: GenRequest, logits: torch.Tensor, argmax: int | None) -> int:
         """The next token of r from its raw logits (V,), with its processors and generator."""
