@@ -11,7 +11,8 @@ the loop with `loop.call_soon_threadsafe`.
 - `GenerationEngine` (GPT-2): continuous batching on a `SlotKVCache`. Running sequences sit packed
   in slots [0, n); between two decode steps finished / cancelled / timed-out ones leave (the last
   slot's rows move into the hole) and waiting ones join: their prompt is prefilled into their own
-  slot (within a token budget per step), their first token sampled from it. One decode step then
+  slot (at most max_prefill_tokens per step: a longer prompt in chunks over several steps), their
+  first token sampled from it. One decode step then
   serves every running sequence (model.decode_step over the first n slots); each sequence keeps its
   own sampling settings, logits processors and seeded generator (fastlm.generation's resolve /
   State / process / choose), so a request's tokens equal model.generate's for the same prompt and
