@@ -91,9 +91,11 @@ std::string bf16_gemv_path(c10::string_view path) {
 struct Ep {
   const float* bias;      // (N,) or null
   const float* residual;  // (M, N) or null
-  float* y;               // (M, N)
+  float* y;               // (M, N) fp32 output, or null when yb is set
   int64_t N;
   int act;
+  const uint16_t* rb = nullptr;  // (M, N) bf16 residual (instead of residual), or null
+  uint16_t* yb = nullptr;        // (M, N) bf16 output (rounded to nearest even), or null
 };
 
 // acc (mr, 16) -> y rows r0.., channels n0..n0+nv: + bias, activation, + residual
@@ -109,9 +111,15 @@ inline void finish(const float* acc, int mr, const Ep& e, int64_t r0, int64_t n0
     } else if (e.act == 2) {
       for (int64_t j = 0; j < kNR; ++j) v[j] = fm::gelu_tanh(v[j]);
     }
-    float* yr = e.y + (r0 + r) * e.N + n0;
-    const float* rr = e.residual != nullptr ? e.residual + (r0 + r) * e.N + n0 : nullptr;
-    for (int64_t j = 0; j < nv; ++j) yr[j] = rr != nullptr ? v[j] + rr[j] : v[j];
+    const int64_t o = (r0 + r) * e.N + n0;
+    if (e.residual != nullptr)
+      for (int64_t j = 0; j < nv; ++j) v[j] += e.residual[o + j];
+    else if (e.rb != nullptr)
+      for (int64_t j = 0; j < nv; ++j) v[j] += cpu::bf16_to_f32(e.rb[o + j]);
+    if (e.yb != nullptr)
+      for (int64_t j = 0; j < nv; ++j) e.yb[o + j] = cpu::f32_to_bf16(v[j]);
+    else
+      for (int64_t j = 0; j < nv; ++j) e.y[o + j] = v[j];
   }
 }
 
@@ -289,6 +297,59 @@ void tile(int mr, int path, const XRows& xr, int64_t K2, const uint16_t* p, cons
 
 int max_rows(int path) { return path == cpu::kBf16Avx2 ? 2 : (path == cpu::kBf16Portable ? 4 : 6); }
 
+// y = act(x (M, K) fp32 @ W^T + bias) + residual into e's output (see cpu::packed_gemm_bf16)
+void gemm(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, const Ep& e) {
+  const int path = cpu::bf16_path();
+  const int64_t K2 = (K + 1) / 2, NB = (N + kNR - 1) / kNR;
+  XRows xr{x, K, nullptr, nullptr};
+  std::vector<float> xpad;
+  std::vector<uint32_t> hl;
+  if (path == cpu::kBf16Avx512Bf16) {  // x -> bf16 pairs hi = bf16(x), lo = bf16(x - hi); zero past K
+    hl.assign(2 * M * K2, 0u);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = x[m * K + k];
+        const uint16_t h = cpu::f32_to_bf16(v);
+        const uint16_t l = cpu::f32_to_bf16(v - cpu::bf16_to_f32(h));
+        const int shift = (k & 1) * 16;
+        hl[m * K2 + k / 2] |= static_cast<uint32_t>(h) << shift;
+        hl[(M + m) * K2 + k / 2] |= static_cast<uint32_t>(l) << shift;
+      }
+    xr.hi = hl.data();
+    xr.lo = hl.data() + M * K2;
+  } else if (K & 1) {  // rows padded to 2 * K2 with a zero
+    xpad.assign(M * 2 * K2, 0.0f);
+    for (int64_t m = 0; m < M; ++m) std::memcpy(xpad.data() + m * 2 * K2, x + m * K, K * sizeof(float));
+    xr.x = xpad.data();
+    xr.ldx = 2 * K2;
+  }
+  const int64_t panel_elems = K2 * kRow;
+  // chunks as gemv.cpp's packed_gemm: ~512 KB of panels each, a multiple of the threads, at
+  // least one per thread once there is 64 KB per thread
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t mr_max = max_rows(path);
+  const int64_t work = NB * panel_elems * 2 * std::max<int64_t>(1, M / mr_max);
+  int64_t want = std::max<int64_t>(1, work / (int64_t{512} << 10));
+  if (work >= threads * (int64_t{64} << 10)) want = std::max(want, threads);
+  if (want >= threads) want = (want + threads / 2) / threads * threads;
+  const int64_t grain = std::max<int64_t>(1, (NB + want - 1) / want);
+  const int64_t chunks = (NB + grain - 1) / grain;
+  SharePool::get().run(chunks, [&](int64_t c) {
+    const int64_t b0 = c * grain, b1 = std::min(NB, b0 + grain);
+    for (int64_t nb = b0; nb < b1; ++nb) {
+      const uint16_t* panel = w + nb * panel_elems;
+      const int64_t n0 = nb * kNR, nv = std::min(kNR, N - n0);
+      for (int64_t r0 = 0; r0 < M; r0 += mr_max) {
+        const int mr = static_cast<int>(std::min<int64_t>(mr_max, M - r0));
+        const XRows t{xr.x + r0 * xr.ldx, xr.ldx, xr.hi != nullptr ? xr.hi + r0 * K2 : nullptr,
+                      xr.lo != nullptr ? xr.lo + r0 * K2 : nullptr};
+        tile(mr, path, t, K2, panel, e, r0, n0, nv);
+      }
+    }
+  });
+}
+
+
 int parse_act(c10::string_view a) {
   TORCH_CHECK_VALUE(a == "none" || a == "gelu" || a == "gelu_tanh",
                     "packed_linear_bf16: activation must be \"none\", \"gelu\" or \"gelu_tanh\", got \"", a, "\"");
@@ -313,13 +374,25 @@ at::Tensor packed_linear_bf16_cpu(const at::Tensor& x_in, const at::Tensor& w, i
                     NB, ", ", K2, ", 32) for n = ", n, " and K = x.shape[-1] = ", K, ", got ", w.sizes());
   std::vector<int64_t> out(x_in.sizes().begin(), x_in.sizes().end());
   out.back() = n;
+  // conversions on the calling thread, no ATen op between the GEMVs (an OpenMP region next to
+  // the pool's spinning helpers stalls for a time slice on a busy machine)
+  std::vector<float> bf;
   at::Tensor bi, r;
+  const float* bias_p = nullptr;
   if (bias.has_value()) {
     TORCH_CHECK_TYPE(bias->scalar_type() == at::kFloat || bias->scalar_type() == at::kBFloat16,
                      "packed_linear_bf16: bias must be float32 or bfloat16, got ", bias->scalar_type());
     TORCH_CHECK_VALUE(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == n,
                       "packed_linear_bf16: bias must be a CPU tensor of shape (", n, ",), got ", bias->sizes());
-    bi = bias->to(at::kFloat).contiguous();
+    bi = bias->contiguous();
+    if (bi.scalar_type() == at::kFloat) {
+      bias_p = bi.const_data_ptr<float>();
+    } else {
+      const auto* b16 = reinterpret_cast<const uint16_t*>(bi.const_data_ptr<at::BFloat16>());
+      bf.resize(n);
+      for (int64_t i = 0; i < n; ++i) bf[i] = cpu::bf16_to_f32(b16[i]);
+      bias_p = bf.data();
+    }
   }
   if (residual.has_value()) {
     TORCH_CHECK_TYPE(residual->scalar_type() == x_in.scalar_type(), "packed_linear_bf16: residual has dtype ",
@@ -327,15 +400,32 @@ at::Tensor packed_linear_bf16_cpu(const at::Tensor& x_in, const at::Tensor& w, i
     TORCH_CHECK_VALUE(residual->device().is_cpu() && residual->sizes() == at::IntArrayRef(out),
                       "packed_linear_bf16: residual must be a CPU tensor of shape ", at::IntArrayRef(out), ", got ",
                       residual->sizes());
-    r = residual->to(at::kFloat).contiguous();
+    r = residual->contiguous();
   }
-  const at::Tensor x = x_in.reshape({-1, K}).to(at::kFloat).contiguous();
-  at::Tensor y = at::empty(out, x.options());
-  cpu::packed_gemm_bf16(x.const_data_ptr<float>(), x.size(0), K,
-                        reinterpret_cast<const uint16_t*>(w.const_data_ptr<at::BFloat16>()), n,
-                        bias.has_value() ? bi.const_data_ptr<float>() : nullptr,
-                        residual.has_value() ? r.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<float>(), act);
-  return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
+  const bool b16 = x_in.scalar_type() == at::kBFloat16;
+  const at::Tensor xc = x_in.reshape({-1, K}).contiguous();
+  const int64_t M = xc.size(0);
+  std::vector<float> xf;
+  const float* xp = nullptr;
+  if (b16) {
+    const auto* s = reinterpret_cast<const uint16_t*>(xc.const_data_ptr<at::BFloat16>());
+    xf.resize(M * K);
+    for (int64_t i = 0; i < M * K; ++i) xf[i] = cpu::bf16_to_f32(s[i]);
+    xp = xf.data();
+  } else {
+    xp = xc.const_data_ptr<float>();
+  }
+  at::Tensor y = at::empty(out, x_in.options());
+  Ep e{bias_p, nullptr, nullptr, n, act};
+  if (b16) {
+    e.yb = reinterpret_cast<uint16_t*>(y.mutable_data_ptr<at::BFloat16>());
+    if (residual.has_value()) e.rb = reinterpret_cast<const uint16_t*>(r.const_data_ptr<at::BFloat16>());
+  } else {
+    e.y = y.mutable_data_ptr<float>();
+    if (residual.has_value()) e.residual = r.const_data_ptr<float>();
+  }
+  gemm(xp, M, K, reinterpret_cast<const uint16_t*>(w.const_data_ptr<at::BFloat16>()), n, e);
+  return y;
 }
 
 }  // namespace
@@ -349,55 +439,7 @@ int bf16_path() {
 
 void packed_gemm_bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, const float* bias,
                       const float* residual, float* y, int act) {
-  const int path = bf16_path();
-  const int64_t K2 = (K + 1) / 2, NB = (N + kNR - 1) / kNR;
-  XRows xr{x, K, nullptr, nullptr};
-  std::vector<float> xpad;
-  std::vector<uint32_t> hl;
-  if (path == kBf16Avx512Bf16) {  // x -> bf16 pairs hi = bf16(x), lo = bf16(x - hi); zero past K
-    hl.assign(2 * M * K2, 0u);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) {
-        const float v = x[m * K + k];
-        const uint16_t h = f32_to_bf16(v);
-        const uint16_t l = f32_to_bf16(v - bf16_to_f32(h));
-        const int shift = (k & 1) * 16;
-        hl[m * K2 + k / 2] |= static_cast<uint32_t>(h) << shift;
-        hl[(M + m) * K2 + k / 2] |= static_cast<uint32_t>(l) << shift;
-      }
-    xr.hi = hl.data();
-    xr.lo = hl.data() + M * K2;
-  } else if (K & 1) {  // rows padded to 2 * K2 with a zero
-    xpad.assign(M * 2 * K2, 0.0f);
-    for (int64_t m = 0; m < M; ++m) std::memcpy(xpad.data() + m * 2 * K2, x + m * K, K * sizeof(float));
-    xr.x = xpad.data();
-    xr.ldx = 2 * K2;
-  }
-  const int64_t panel_elems = K2 * kRow;
-  // chunks as gemv.cpp's packed_gemm: ~512 KB of panels each, a multiple of the threads, at
-  // least one per thread once there is 64 KB per thread
-  const int64_t threads = std::max(1, at::get_num_threads());
-  const int64_t mr_max = max_rows(path);
-  const int64_t work = NB * panel_elems * 2 * std::max<int64_t>(1, M / mr_max);
-  int64_t want = std::max<int64_t>(1, work / (int64_t{512} << 10));
-  if (work >= threads * (int64_t{64} << 10)) want = std::max(want, threads);
-  if (want >= threads) want = (want + threads / 2) / threads * threads;
-  const int64_t grain = std::max<int64_t>(1, (NB + want - 1) / want);
-  const int64_t chunks = (NB + grain - 1) / grain;
-  const Ep e{bias, residual, y, N, act};
-  SharePool::get().run(chunks, [&](int64_t c) {
-    const int64_t b0 = c * grain, b1 = std::min(NB, b0 + grain);
-    for (int64_t nb = b0; nb < b1; ++nb) {
-      const uint16_t* panel = w + nb * panel_elems;
-      const int64_t n0 = nb * kNR, nv = std::min(kNR, N - n0);
-      for (int64_t r0 = 0; r0 < M; r0 += mr_max) {
-        const int mr = static_cast<int>(std::min<int64_t>(mr_max, M - r0));
-        const XRows t{xr.x + r0 * xr.ldx, xr.ldx, xr.hi != nullptr ? xr.hi + r0 * K2 : nullptr,
-                      xr.lo != nullptr ? xr.lo + r0 * K2 : nullptr};
-        tile(mr, path, t, K2, panel, e, r0, n0, nv);
-      }
-    }
-  });
+  gemm(x, M, K, w, N, Ep{bias, residual, y, N, act});
 }
 
 }  // namespace cpu

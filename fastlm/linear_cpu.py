@@ -42,9 +42,9 @@ class CPULinear(nn.Linear):
     """nn.Linear(in_features, out_features, bias); forward(x, *, activation=None | "gelu" |
     "gelu_tanh", residual=None) = act(x @ W^T + b) + residual, x (..., in) -> (..., out). On CPU
     tensors with fastlm._C loaded and autograd off: torch.ops.fastlm.linear_ext (oneDNN on the
-    packed weight for fp32 or bf16 (oneDNN's bf16 matmul, fp32 accumulation) with >= 32 rows, the activation / residual fused into the GEMM's output
-    pass; else ATen's addmm); elsewhere F.linear. A residual with an activation is refused
-    (ValueError): no model needs it."""
+    packed weight for fp32 or bf16 (oneDNN's bf16 matmul, fp32 accumulation) with >= 32 rows, the
+    activation / residual fused into the GEMM's output pass; else ATen's addmm); elsewhere F.linear.
+    A residual with an activation is refused (ValueError): no model needs it."""
 
     _packed: Tensor | None = None
     _packed_key: tuple | None = None

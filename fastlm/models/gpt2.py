@@ -370,8 +370,9 @@ class GPT2LMHeadModel(GPT2Model):
     def decode_layout_(self, pack: bool | None = None) -> None:
         """Lay the decode projections out for this device: on CPU in float32 or bfloat16 (with
         fastlm._C) each becomes a PackedLinear, the panels the CPU GEMV streams (fp32 panels or bf16
-        pair panels; the tied head gets its own packed copy; the embedding keeps wte). Elsewhere they are plain nn.Linear again (the tied head
-        shares wte) in the layout of common.decode_layout_. Quantized projections lay themselves out."""
+        pair panels; the tied head gets its own packed copy; the embedding keeps wte). Elsewhere they
+        are plain nn.Linear again (the tied head shares wte) in the layout of common.decode_layout_.
+        Quantized projections lay themselves out."""
         if any(p.is_meta for p in self.wpe.parameters()):
             return
         packed = (self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16) and _ext.available()
