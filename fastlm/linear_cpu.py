@@ -14,6 +14,8 @@ its in-place updates cannot be seen: it is never packed (oneDNN reorders it on e
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,6 +29,20 @@ def onednn_packable() -> bool:
     """Whether this torch can pack fp32 linear weights for oneDNN (built with oneDNN, enabled)."""
     return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+@functools.cache
+def onednn_bf16_ok() -> bool:
+    """Whether oneDNN runs a bf16 linear in this process, probed once: it has no bf16 inner product
+    below AVX-512 (an AVX2 CPU, or ONEDNN_MAX_CPU_ISA=AVX2), where bf16 linears run ATen's addmm."""
+    if not onednn_packable():
+        return False
+    try:
+        x, w = torch.ones(32, 16, dtype=torch.bfloat16), torch.ones(8, 16, dtype=torch.bfloat16)
+        torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        return True
+    except RuntimeError:
+        return False
 
 
 def _version(w: Tensor) -> int | None:
@@ -56,6 +72,8 @@ class CPULinear(nn.Linear):
         w = self.weight
         if (w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16) or w.dim() != 2
                 or not onednn_packable()):
+            return None
+        if w.dtype == torch.bfloat16 and not onednn_bf16_ok():
             return None
         version = _version(w)
         if version is None:  # no way to tell an in-place update: no packed copy (oneDNN reorders per call)
