@@ -174,3 +174,29 @@ def test_fp32_model_is_not_routed_to_bf16():
     assert model._cpu_decode_params(torch.zeros(1, 1, cfg.n_embd, dtype=torch.bfloat16), bf_cache) is None
     model.to(torch.bfloat16)  # fp32 panels re-laid out as bf16 pair panels
     assert model._cpu_decode_params(torch.zeros(1, 1, cfg.n_embd, dtype=torch.bfloat16), bf_cache) is not None
+
+
+@pytest.mark.parametrize("head", ["BertModel", "BertForSequenceClassification"])
+def test_bert_bf16_within_2x_of_transformers_bf16_error(head):
+    """Encoders in bf16 (oneDNN bf16 GEMMs with fused epilogues: 4 x 40 = 160 rows, past the oneDNN
+    threshold): output error against transformers fp32 <= 2x transformers' own bf16 error."""
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=211, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=300, max_position_embeddings=64, num_labels=3)
+    hf = getattr(tf, head)(cfg).eval()
+    ids = torch.randint(0, 211, (4, 40))
+    mask = torch.ones_like(ids)
+    mask[1, 29:] = 0
+    hb = getattr(tf, head)(cfg).eval()
+    hb.load_state_dict(hf.state_dict())
+    hb = hb.to(torch.bfloat16)
+    model = fastlm.from_pretrained(hf, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        out = (lambda o: o[0])
+        ref = out(hf(ids, attention_mask=mask)).double()
+        ref_bf16 = out(hb(ids, attention_mask=mask)).double()
+        got = out(model(ids, attention_mask=mask)).double()
+    keep = mask.bool() if ref.dim() == 3 else torch.ones(ref.shape[0], dtype=torch.bool)  # padded rows undefined
+    err, hf_err = (got - ref)[keep].abs().max().item(), (ref_bf16 - ref)[keep].abs().max().item()
+    assert torch.isfinite(got).all() and hf_err > 0
+    assert err <= 2 * hf_err, f"fastlm bf16 max err {err:.3g} > 2x transformers bf16 {hf_err:.3g}"
