@@ -59,7 +59,7 @@ def bf16(*shape):
     return torch.randn(*shape).to(torch.bfloat16)
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 7, 17])
+@pytest.mark.parametrize("M", [1, 2, 7, 17])
 @pytest.mark.parametrize("N,K", [(1, 1), (1, 17), (17, 97), (97, 129), (129, 768), (768, 3072), (3072, 64)])
 def test_shapes(path, M, N, K):
     x, w, b, r = torch.randn(M, K), bf16(N, K), torch.randn(N), torch.randn(M, N)
