@@ -567,6 +567,7 @@ at::Tensor hugepage_copy(const at::Tensor& src) {
 
 namespace cpu {
 bool avx512_allowed() { return current_isa() == kAvx512; }
+int isa_level() { return current_isa(); }
 
 void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, bool int8, int64_t N, const float* scale,
                  const float* bias, const float* residual, float* y, int act) {

@@ -11,6 +11,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <vector>
 
 namespace fastlm {
@@ -40,6 +41,19 @@ bool onednn_linear_ok(const at::Tensor& x2d, const at::Tensor& w) {
   return at::hasMKLDNN() && at::globalContext().userEnabledMkldnn() && pointwise_op().has_value() &&
          binary_op().has_value() && x2d.dim() == 2 && x2d.size(0) >= kOneDnnMinRows &&
          x2d.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && x2d.is_contiguous() &&
+         w.is_contiguous() && x2d.device().is_cpu();
+}
+
+// bf16 x and w (the encoders in bfloat16): oneDNN's bf16 matmul (AVX512_BF16 / AMX where the CPU
+// has them) with the same fused post-ops; fp32 accumulation inside oneDNN.
+// oneDNN without a bf16 inner product for this CPU (e.g. ONEDNN_MAX_CPU_ISA=AVX2, or a CPU below
+// AVX-512) fails to create the primitive: the first failure turns the bf16 branch off for the process.
+std::atomic<bool> g_bf16_onednn_failed{false};
+
+bool onednn_linear_bf16_ok(const at::Tensor& x2d, const at::Tensor& w) {
+  return !g_bf16_onednn_failed.load(std::memory_order_relaxed) && at::hasMKLDNN() && at::globalContext().userEnabledMkldnn() && pointwise_op().has_value() &&
+         binary_op().has_value() && x2d.dim() == 2 && x2d.size(0) >= kOneDnnMinRows &&
+         x2d.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && x2d.is_contiguous() &&
          w.is_contiguous() && x2d.device().is_cpu();
 }
 
@@ -87,20 +101,28 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optio
     TORCH_CHECK_VALUE(activation == "none", "linear: a residual add after an activation is not supported");
   }
   if (packed.has_value()) {
-    TORCH_CHECK_VALUE(packed->is_mkldnn() && packed->scalar_type() == at::kFloat && packed->dim() == 2 &&
+    TORCH_CHECK_VALUE(packed->is_mkldnn() && packed->scalar_type() == x.scalar_type() && packed->dim() == 2 &&
                           packed->size(0) == N && packed->size(1) == K,
-                      "linear: packed must be w reordered by oneDNN (torch.ops.mkldnn._reorder_linear_weight), a "
-                      "float32 mkldnn tensor of shape (", N, ", ", K, "); got ", packed->sizes(), " ",
+                      "linear: packed must be w reordered by oneDNN (torch.ops.mkldnn._reorder_linear_weight), an "
+                      "mkldnn tensor of x's dtype and shape (", N, ", ", K, "); got ", packed->sizes(), " ",
                       packed->scalar_type(), packed->is_mkldnn() ? " (mkldnn)" : " (not mkldnn)");
   }
   const at::Tensor x2d = x.reshape({-1, K}).contiguous();
   const c10::string_view algo = activation == "gelu_tanh" ? "tanh" : "none";
-  if (onednn_linear_ok(x2d, w)) {  // oneDNN, on the weight packed once at load when there is one
+  const bool bf16 = onednn_linear_bf16_ok(x2d, w);
+  if (onednn_linear_ok(x2d, w) || bf16) {  // oneDNN, on the weight packed once at load when there is one
     const at::Tensor& wk = packed.has_value() ? *packed : w;
     const at::Tensor bias = b.has_value() ? *b : at::zeros({N}, x.options());
-    if (residual.has_value()) return onednn_linear_add(x2d, wk, bias, residual->reshape({-1, N})).view(out_shape);
-    return onednn_linear(x2d, wk, bias, activation == "none" ? "none" : "gelu", activation == "none" ? "" : algo)
-        .view(out_shape);
+    try {
+      if (residual.has_value()) return onednn_linear_add(x2d, wk, bias, residual->reshape({-1, N})).view(out_shape);
+      return onednn_linear(x2d, wk, bias, activation == "none" ? "none" : "gelu", activation == "none" ? "" : algo)
+          .view(out_shape);
+    } catch (const std::exception&) {  // c10::Error or oneDNN's dnnl::error
+      if (!bf16) throw;
+      g_bf16_onednn_failed.store(true);  // no bf16 primitive here: ATen from now on
+      TORCH_CHECK_VALUE(!packed.has_value(), "linear: oneDNN has no bf16 inner product on this CPU; pass the plain "
+                        "weight (packed=None)");
+    }
   }
   at::Tensor y = b.has_value() ? at::addmm(*b, x2d, w.t()) : at::mm(x2d, w.t());
   if (activation != "none") at::gelu_(y, algo);

@@ -97,6 +97,16 @@ if _C is not None:
     def _gpt2_decode_cpu_fake(h, params, k_cache, v_cache, kv_len, scales, vocab, eps, activation):
         return h.new_empty((1, vocab))
 
+    if hasattr(torch.ops.fastlm, "packed_linear_bf16"):  # csrc/gemv_bf16.cpp, csrc/decode_bf16.cpp
+
+        @torch.library.register_fake("fastlm::packed_linear_bf16")
+        def _packed_linear_bf16_fake(x, w, n, bias=None, residual=None, activation="none"):
+            return x.new_empty((*x.shape[:-1], n))
+
+        @torch.library.register_fake("fastlm::gpt2_decode_cpu_bf16")
+        def _gpt2_decode_cpu_bf16_fake(h, params, k_cache, v_cache, kv_len, scales, vocab, eps, activation):
+            return h.new_empty((1, vocab), dtype=torch.float32)
+
 
 # fastlm._C ops that have a CUDA kernel (the rest are CPU twins only; on GPU tensors they
 # run Triton or the reference instead).

@@ -39,12 +39,42 @@ def cpu_flags() -> frozenset[str]:
 
 def summary() -> str:
     """One line for `fastlm info`: the vector, int8 and bf16 features present, e.g.
-    "avx2 fma avx512f | int8: avx512_vnni | bf16: avx512_bf16"."""
+    "avx2 fma avx512f | int8: avx512_vnni | bf16: avx512_bf16 | amx: none"."""
     flags = cpu_flags()
     vec = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl") if f in flags] or [platform.machine()]
     int8 = [f for f in INT8_DOT_FLAGS if f in flags] or ["none"]
     bf16 = [f for f in BF16_FLAGS if f in flags] or ["none (emulated)"]
-    return f"{' '.join(vec)} | int8: {' '.join(int8)} | bf16: {' '.join(bf16)}"
+    amx = [f for f in ("amx_tile", "amx_bf16", "amx_int8") if f in flags] or ["none"]
+    return f"{' '.join(vec)} | int8: {' '.join(int8)} | bf16: {' '.join(bf16)} | amx: {' '.join(amx)}"
+
+
+def bf16_native() -> bool:
+    """Whether this CPU computes bf16 products natively (AVX512_BF16 or AMX-BF16): where it does,
+    oneDNN's bf16 GEMMs (the encoders in bfloat16) run at up to twice float32's rate and the bf16
+    decode GEMV uses vdpbf16ps. Read from the real flags, never from FASTLM_CPU_ISA (x86 only;
+    other machines count as native: not measured here)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return True
+    flags = cpu_flags()
+    return not flags or any(f in flags for f in BF16_FLAGS)
+
+
+def bf16_note() -> str:
+    """One line for `fastlm info` on what dtype=torch.bfloat16 runs on this CPU."""
+    if bf16_native():
+        return ("native: GPT-2 decode streams bf16 weights (half of float32's bytes); encoder GEMMs run oneDNN's "
+                "bf16 matmul")
+    return ("emulated (no AVX512_BF16 / AMX-BF16): GPT-2 decode still streams bf16 weights (half the bytes, faster "
+            "than float32), but encoder GEMMs convert to float32 inside oneDNN and run no faster than float32: "
+            "keep encoders in float32 here")
+
+
+def warn_if_bf16_emulated(model_kind: str) -> None:
+    """Log a warning when an encoder (`model_kind`) is loaded in bfloat16 on a CPU without native
+    bf16 (bf16_native): its GEMMs run no faster than float32 there."""
+    if not bf16_native():
+        log.warning("%s in bfloat16 on a CPU without native bf16 (AVX512_BF16 / AMX-BF16): bf16 is emulated here "
+                    "and runs no faster than float32; load it in float32", model_kind)
 
 
 @functools.cache

@@ -63,10 +63,10 @@ SMALL_ATTENTION = 16 * 1024
 SMALL_QUERIES = 16
 
 
-def _small_attention_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
+def _small_attention_ok(q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype = torch.float32) -> bool:
     from fastlm import _ext
 
-    return (_ext.available() and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32
+    return (_ext.available() and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == dtype
             and k.shape[-1] == v.shape[-1] and q.shape[-2] <= SMALL_QUERIES
             and q.shape[-2] * k.shape[-2] <= SMALL_ATTENTION
             and k.shape[-2] > 0 and not torch.compiler.is_compiling())
@@ -120,6 +120,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, key_padding
     if (key_padding_mask is None and q.dim() == 4 and (not causal or q.shape[-2] <= k.shape[-2])
             and _small_attention_ok(q, k, v)):
         return torch.ops.fastlm.attention_decode(q, k, v, float(scale), bool(causal))
+    if (key_padding_mask is None and q.dim() == 4 and (not causal or q.shape[-2] <= k.shape[-2])
+            and _small_attention_ok(q, k, v, torch.bfloat16)):
+        # bf16 GPT-2 prompts: the fp32 kernel on fp32 copies (small: a few hundred KB), fp32 softmax
+        # and accumulation, without an OpenMP region (SDPA's) between the pool-run GEMVs
+        y = torch.ops.fastlm.attention_decode(q.float(), k.float(), v.float(), float(scale), bool(causal))
+        return y.to(torch.bfloat16)
     if key_padding_mask is None and not causal and _blocked_attention_ok(q, k, v):
         return torch.ops.fastlm.attention_blocked(q, k, v, float(scale))
     s_q, s_k = q.shape[-2], k.shape[-2]

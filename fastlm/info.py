@@ -65,7 +65,10 @@ def report() -> dict:
     )
     if _ext.available():  # the ISA of the CPU packed GEMV (csrc/gemv.cpp; FASTLM_CPU_ISA caps it)
         env["fastlm._C CPU GEMV ISA"] = torch.ops.fastlm.cpu_isa("")
+        if hasattr(torch.ops.fastlm, "bf16_gemv_path"):  # csrc/gemv_bf16.cpp
+            env["fastlm._C bf16 GEMV path"] = torch.ops.fastlm.bf16_gemv_path("")
     env["CPU features"] = cpu_features.summary()
+    env["bfloat16 on this CPU"] = cpu_features.bf16_note()
     slow = cpu_features.int8_gemm_slow()
     env["int8_dynamic on this CPU"] = f"slower than float32: {slow}" if slow else "int8 GEMM (torch._int_mm)"
     env["backend"] = backend.current()

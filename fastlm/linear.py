@@ -7,7 +7,9 @@ act(x @ W^T + b) + residual.
 
 Layouts (made once, when the module is built or moved; .to() / .cuda() / .half() re-lay out):
 - CPU: panels of 16 output channels, (ceil(N / 16), K, 16), zero-padded past N. The CPU kernel
-  streams them contiguously (csrc/gemv.cpp).
+  streams them contiguously (csrc/gemv.cpp). bfloat16 weights: "pair panels"
+  (ceil(N / 16), ceil(K / 2), 32), two k's of 16 channels per 64-byte row, the operand layout of
+  vdpbf16ps (csrc/gemv_bf16.cpp, pack_bf16_panels).
 - CUDA and anything else: plain (N, K) row-major, as nn.Linear.
 
 int8 quantization (fastlm.quantize): per output channel, symmetric, scale = absmax / 127,
@@ -60,6 +62,33 @@ def pack_panels(w: Tensor) -> Tensor:
     return packed.contiguous()
 
 
+def _hugepage(packed: Tensor) -> Tensor:
+    big = packed.numel() * packed.element_size() >= HUGEPAGE_MIN_BYTES
+    if big and packed.device.type == "cpu" and _ext.available():
+        return torch.ops.fastlm.hugepage_copy(packed)
+    return packed.contiguous()
+
+
+def pack_bf16_panels(w: Tensor) -> Tensor:
+    """(N, K) bfloat16 -> pair panels (ceil(N / 16), ceil(K / 2), 32) bfloat16, contiguous:
+    element [p, kk, 2j + t] = w[16p + j, 2kk + t], zeros past N and K (the layout of
+    csrc/gemv_bf16.cpp; huge-page memory from 2 MiB up, as pack_panels)."""
+    if w.dtype != torch.bfloat16 or w.dim() != 2:
+        raise ValueError(f"pack_bf16_panels: w must be 2-D bfloat16, got {w.dtype} of shape {tuple(w.shape)}")
+    N, K = w.shape
+    nb, k2 = -(-N // PANEL), -(-K // 2)
+    wp = w.new_zeros(nb * PANEL, 2 * k2)
+    wp[:N, :K] = w
+    packed = wp.view(nb, PANEL, k2, 2).permute(0, 2, 1, 3)  # (nb, k2, 16, 2)
+    return _hugepage(packed).view(nb, k2, 2 * PANEL)
+
+
+def unpack_bf16_panels(p: Tensor, n: int, k: int) -> Tensor:
+    """Inverse of pack_bf16_panels: (nb, ceil(k / 2), 32) -> (n, k) contiguous."""
+    nb, k2, _ = p.shape
+    return p.view(nb, k2, PANEL, 2).permute(0, 2, 1, 3).reshape(nb * PANEL, 2 * k2)[:n, :k].contiguous()
+
+
 def unpack_panels(p: Tensor, n: int) -> Tensor:
     """Inverse of pack_panels: (nb, K, 16) -> (n, K) contiguous."""
     nb, K, _ = p.shape
@@ -109,10 +138,15 @@ class FastLinear(nn.Module):
         raise NotImplementedError
 
 
+def _cpu_bf16_ok(x: Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32) and _ext.available()
+
+
 class PackedLinear(FastLinear):
-    """An fp32 nn.Linear packed for the CPU decode kernel. On CPU in float32 the weight lives only
-    as panels (`packed`); on other devices / dtypes only as the plain (N, K) `weight`, so the
-    model's usual GPU paths read it as an nn.Linear."""
+    """An fp32 or bf16 nn.Linear packed for the CPU decode kernels. On CPU in float32 the weight
+    lives only as panels (`packed`, csrc/gemv.cpp); in bfloat16 only as pair panels (csrc/gemv_bf16.cpp:
+    bf16 weights, fp32 accumulation; x float32 or bfloat16, y in x's dtype); on other devices /
+    dtypes only as the plain (N, K) `weight`, so the model's usual GPU paths read it as an nn.Linear."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None):
         super().__init__()
@@ -130,27 +164,40 @@ class PackedLinear(FastLinear):
 
     def _relayout(self) -> None:
         t = self.packed if self.packed is not None else self.weight
-        want = t.device.type == "cpu" and t.dtype == torch.float32 and _ext.available()
+        want = t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) and _ext.available()
         with torch.no_grad():
             if want and self.packed is None:
-                self.packed, self.weight = pack_panels(self.weight), None
+                w = self.weight
+                self.packed = pack_bf16_panels(w) if w.dtype == torch.bfloat16 else pack_panels(w)
+                self.weight = None
             elif not want and self.packed is not None:
-                self.weight, self.packed = unpack_panels(self.packed, self.out_features), None
+                self.weight, self.packed = self.dense_weight(), None
 
     def _apply(self, fn, recurse=True):
+        if self.packed is not None:  # fn (.to(dtype) / .cuda() ...) sees the plain (N, K) weight, never panels
+            with torch.no_grad():
+                self.weight, self.packed = self.dense_weight(), None
         super()._apply(fn, recurse)
         self._relayout()
         return self
 
     def fused_ready(self, x: Tensor) -> bool:
-        return self.packed is not None and _cpu_kernel_ok(x)
+        if self.packed is None:
+            return False
+        return _cpu_bf16_ok(x) if self.packed.dtype == torch.bfloat16 else _cpu_kernel_ok(x)
 
     def dense_weight(self) -> Tensor:
         """The (N, K) weight (a copy when packed)."""
-        return self.weight if self.weight is not None else unpack_panels(self.packed, self.out_features)
+        if self.weight is not None:
+            return self.weight
+        if self.packed.dtype == torch.bfloat16:
+            return unpack_bf16_panels(self.packed, self.out_features, self.in_features)
+        return unpack_panels(self.packed, self.out_features)
 
     def forward(self, x: Tensor, *, activation: str | None = None, residual: Tensor | None = None) -> Tensor:
         act = _act_name(activation)
+        if self.packed is not None and self.packed.dtype == torch.bfloat16 and _cpu_bf16_ok(x):
+            return torch.ops.fastlm.packed_linear_bf16(x, self.packed, self.out_features, self.bias, residual, act)
         if self.packed is not None and _cpu_kernel_ok(x):
             return torch.ops.fastlm.packed_linear(x, self.packed, self.out_features, None, self.bias, residual, act)
         return _epilogue(F.linear(x, self.dense_weight(), self.bias), activation, residual)

@@ -3,7 +3,7 @@ encoder rows, see csrc/linear_cpu.cpp), for BERT's projections (fused QKV, atten
 both FFN linears). Parameters, state_dict and `.to()` are nn.Linear's own: only the forward
 differs, and on other devices or without fastlm._C it is nn.Linear's forward.
 
-On CPU in float32 the weight is also reordered once into oneDNN's blocked layout (mkldnn tensor,
+On CPU in float32 or bfloat16 the weight is also reordered once into oneDNN's blocked layout (mkldnn tensor,
 `torch.ops.mkldnn._reorder_linear_weight`, as inductor's CPU freezing does) the first time the
 layer runs, and reused by every later call: oneDNN otherwise reorders the plain (N, K) weight on
 each call (measured: BERT-base B8 S128 447 -> 425 ms). The packed copy is rebuilt when the weight
@@ -13,6 +13,8 @@ its in-place updates cannot be seen: it is never packed (oneDNN reorders it on e
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,20 @@ def onednn_packable() -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
+@functools.cache
+def onednn_bf16_ok() -> bool:
+    """Whether oneDNN runs a bf16 linear in this process, probed once: it has no bf16 inner product
+    below AVX-512 (an AVX2 CPU, or ONEDNN_MAX_CPU_ISA=AVX2), where bf16 linears run ATen's addmm."""
+    if not onednn_packable():
+        return False
+    try:
+        x, w = torch.ones(32, 16, dtype=torch.bfloat16), torch.ones(8, 16, dtype=torch.bfloat16)
+        torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        return True
+    except RuntimeError:
+        return False
+
+
 def _version(w: Tensor) -> int | None:
     """w's version counter, or None for an inference tensor, which has none: updated in place
     inside torch.inference_mode (e.g. load_state_dict there) it changes unseen."""
@@ -42,18 +58,22 @@ class CPULinear(nn.Linear):
     """nn.Linear(in_features, out_features, bias); forward(x, *, activation=None | "gelu" |
     "gelu_tanh", residual=None) = act(x @ W^T + b) + residual, x (..., in) -> (..., out). On CPU
     tensors with fastlm._C loaded and autograd off: torch.ops.fastlm.linear_ext (oneDNN on the
-    packed weight for fp32 with >= 32 rows, the activation / residual fused into the GEMM's output
-    pass; else ATen's addmm); elsewhere F.linear. A residual with an activation is refused
-    (ValueError): no model needs it."""
+    packed weight for fp32 or bf16 (oneDNN's bf16 matmul, fp32 accumulation) with >= 32 rows, the
+    activation / residual fused into the GEMM's output pass; else ATen's addmm); elsewhere F.linear.
+    A residual with an activation is refused (ValueError): no model needs it."""
 
     _packed: Tensor | None = None
     _packed_key: tuple | None = None
 
     def onednn_weight(self) -> Tensor | None:
-        """The weight reordered for oneDNN (a float32 mkldnn tensor), built on first use and kept
-        while the weight is unchanged; None where it cannot run (not CPU float32, no oneDNN)."""
+        """The weight reordered for oneDNN (a float32 or bfloat16 mkldnn tensor, the weight's dtype),
+        built on first use and kept while the weight is unchanged; None where it cannot run (not CPU
+        float32 / bfloat16, no oneDNN)."""
         w = self.weight
-        if w.device.type != "cpu" or w.dtype != torch.float32 or w.dim() != 2 or not onednn_packable():
+        if (w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16) or w.dim() != 2
+                or not onednn_packable()):
+            return None
+        if w.dtype == torch.bfloat16 and not onednn_bf16_ok():
             return None
         version = _version(w)
         if version is None:  # no way to tell an in-place update: no packed copy (oneDNN reorders per call)
@@ -77,7 +97,7 @@ class CPULinear(nn.Linear):
             raise ValueError("CPULinear: a residual add after an activation is not supported")
         if self.fused_ready(x):
             packed = None  # under torch.compile the plain weight (oneDNN reorders it per call)
-            if x.dtype == torch.float32 and not torch.compiler.is_compiling():
+            if x.dtype == self.weight.dtype and not torch.compiler.is_compiling():
                 packed = self.onednn_weight()
             return torch.ops.fastlm.linear_ext(x, self.weight, self.bias, packed, activation or "none", residual)
         y = F.linear(x, self.weight, self.bias)

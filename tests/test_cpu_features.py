@@ -136,3 +136,25 @@ def test_without_an_exact_int8_gemm_int8_dynamic_stays_exact(monkeypatch, caplog
     with caplog.at_level(logging.WARNING, logger="fastlm"):
         fastlm.from_pretrained(tiny_bert(), quantize="int8_dynamic")
     assert any("inexact" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("cpu, native", [(ZEN3, False), (ALDER_LAKE, False), (ZEN4, True), (SAPPHIRE_RAPIDS, True)])
+def test_bf16_encoder_on_a_cpu_without_native_bf16_warns(flags, caplog, cpu, native):
+    """issue 25: an encoder in bfloat16 where bf16 is emulated (no AVX512_BF16 / AMX-BF16) warns at
+    load and `fastlm info` says so; GPT-2 (decode streams half the bytes, faster anyway) does not warn."""
+    flags(cpu)
+    assert cpu_features.bf16_native() == native
+    with caplog.at_level(logging.WARNING, logger="fastlm"):
+        model = fastlm.from_pretrained(tiny_bert(), dtype="bf16")
+        fastlm.from_pretrained(tf.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=97, n_positions=32),
+                               dtype="bf16")
+    msgs = [r.getMessage() for r in caplog.records if "bfloat16" in r.getMessage()]
+    assert len(msgs) == (0 if native else 1), msgs
+    if not native:
+        assert "BertModel" in msgs[0] and "emulated" in msgs[0]
+    ids = torch.randint(0, 97, (2, 9))
+    assert torch.isfinite(model(ids).last_hidden_state.float()).all()
+    rep = info.report()
+    assert rep["bfloat16 on this CPU"].startswith("native" if native else "emulated")
+    assert ("bf16: none (emulated)" in rep["CPU features"]) != native
+    assert ("amx: amx_tile amx_bf16 amx_int8" in rep["CPU features"]) == (cpu is SAPPHIRE_RAPIDS)

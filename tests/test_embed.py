@@ -353,3 +353,13 @@ def test_embedder_device_and_dtype_arguments():
     assert emb.model.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="Embedder: dtype 'int8' is not supported"):
         fastlm.Embedder(MODEL, device="cpu", dtype="int8")
+
+
+def test_bf16_embeddings_cosine_to_fp32(reference):
+    """issue 25's accuracy contract: the real all-MiniLM-L6-v2 in bfloat16 (oneDNN bf16 GEMMs, fp32
+    accumulation) gives embeddings with cosine >= 0.999 to the fp32 reference, text by text."""
+    emb = fastlm.Embedder(MODEL, device="cpu", dtype="bf16")
+    got = torch.as_tensor(emb.encode(TEXTS + TEXTS[:1] * 40)).float()[: len(TEXTS)]  # 48 rows: the oneDNN branch
+    cos = torch.nn.functional.cosine_similarity(got, reference.float(), dim=-1)
+    assert cos.min() >= 0.999, cos
+    assert cos.min() < 1 - 1e-7  # bf16 really ran: not the fp32 path

@@ -310,9 +310,10 @@ class GPT2LMHeadModel(GPT2Model):
         if kv_len is not None and tokens.shape[0] == 1:
             params = self._cpu_decode_params(h, cache)
             if params is not None:  # one sequence on CPU: the whole step in one C++ call
-                return torch.ops.fastlm.gpt2_decode_cpu(h, params, cache.k, cache.v, kv_len, self._attn_scales,
-                                                        self.config.vocab_size, self.ln_f.eps,
-                                                        self.h[0].mlp.activation)  # (1, vocab)
+                op = (torch.ops.fastlm.gpt2_decode_cpu_bf16 if cache.k.dtype == torch.bfloat16
+                      else torch.ops.fastlm.gpt2_decode_cpu)  # bf16: float32 logits, see csrc/decode_bf16.cpp
+                return op(h, params, cache.k, cache.v, kv_len, self._attn_scales, self.config.vocab_size,
+                          self.ln_f.eps, self.h[0].mlp.activation)  # (1, vocab)
         for i, block in enumerate(self.h):
             h = block(h, None, KVStep(cache, i, pos, lens, kv_len))
         h = ops.layer_norm(h, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
@@ -320,15 +321,18 @@ class GPT2LMHeadModel(GPT2Model):
 
     def _cpu_decode_params(self, h: Tensor, cache: StaticKVCache) -> list[Tensor | None] | None:
         """The flat parameter list of torch.ops.fastlm.gpt2_decode_cpu (see csrc/decode_cpu.cpp),
-        or None when this step cannot run there: not CPU float32, fastlm._C missing, a projection
-        not in packed CPU panels (PackedLinear / Int8Linear), a LayerNorm that is not a plain
+        or of its bfloat16 twin gpt2_decode_cpu_bf16 (csrc/decode_bf16.cpp) for a bf16 cache, whose
+        projections are all bf16 PackedLinear pair panels; None when this step cannot run there: not
+        CPU float32 / bfloat16, fastlm._C missing, a projection not in packed CPU panels of the
+        cache's dtype (PackedLinear / Int8Linear for float32), a LayerNorm that is not a plain
         nn.LayerNorm with weight, bias and ln_f's eps (the op takes one eps), layers with different
         activations, or a backend other than auto / cuda asked for (use_backend("torch") /
         ("triton") run the step op by op on those). Sets self._attn_scales. Gathered afresh every
         step from the modules' own parameter and buffer dicts (no Module.__getattr__), so a swapped
         module, a reassigned bias or a changed attention scale is read at once: a list cached by the
         weights alone kept the old LayerNorms and biases."""
-        if h.device.type != "cpu" or h.dtype != torch.float32 or cache.k.dtype != torch.float32:
+        dt = cache.k.dtype
+        if h.device.type != "cpu" or h.dtype != dt or dt not in (torch.float32, torch.bfloat16):
             return None
         if backend.current() not in ("auto", "cuda") or not _ext.available():
             return None
@@ -346,10 +350,12 @@ class GPT2LMHeadModel(GPT2Model):
             fc, pr = _cpu_proj(mm["c_fc"]), _cpu_proj(mm["c_proj"])
             if None in (ln1, ln2, qkv, o, fc, pr) or mlp.activation != act:
                 return None
+            if any((p[0].dtype == torch.bfloat16) != (dt == torch.bfloat16) for p in (qkv, o, fc, pr)):
+                return None
             params += [*ln1, *qkv, *o, *ln2, *fc, *pr]
             scales.append(float(attn.scale))
         lnf, head = _cpu_ln(ln_f, eps), _cpu_proj(self._modules["lm_head"])
-        if lnf is None or head is None:
+        if lnf is None or head is None or (head[0].dtype == torch.bfloat16) != (dt == torch.bfloat16):
             return None
         self._attn_scales = scales
         return params + [*lnf, *head]
@@ -389,13 +395,15 @@ class GPT2LMHeadModel(GPT2Model):
         return (self, "wte", lambda: self.lm_head) if self.tied else None
 
     def decode_layout_(self, pack: bool | None = None) -> None:
-        """Lay the decode projections out for this device: on CPU in float32 (with fastlm._C) each
-        becomes a PackedLinear, the panels the CPU GEMV streams (the tied head gets its own packed
-        copy; the embedding keeps wte). Elsewhere they are plain nn.Linear again (the tied head
-        shares wte) in the layout of common.decode_layout_. Quantized projections lay themselves out."""
+        """Lay the decode projections out for this device: on CPU in float32 or bfloat16 (with
+        fastlm._C) each becomes a PackedLinear, the panels the CPU GEMV streams (fp32 panels or bf16
+        pair panels; the tied head gets its own packed copy; the embedding keeps wte). Elsewhere they
+        are plain nn.Linear again (the tied head shares wte) in the layout of common.decode_layout_.
+        Quantized projections lay themselves out."""
         if any(p.is_meta for p in self.wpe.parameters()):
             return
-        packed = self.device.type == "cpu" and self.dtype == torch.float32 and _ext.available() and pack is not False
+        packed = (self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16) and _ext.available()
+                  and pack is not False)
         with torch.no_grad():
             for parent, name in self.projections():
                 lin = getattr(parent, name)

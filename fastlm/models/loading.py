@@ -389,6 +389,10 @@ def from_pretrained(
     model = quantize_(_build(cls, config, state, source, dtype, device), quantize)
     if isinstance(model, GPT2LMHeadModel):
         model.generation_config = _generation_config(src, config)
+    elif model.dtype == torch.bfloat16 and model.device.type == "cpu":  # encoders: GEMM-bound
+        from fastlm import cpu_features
+
+        cpu_features.warn_if_bf16_emulated(cls.__name__)
     return model
 
 

@@ -1,0 +1,261 @@
+// GPT-2 decode step on the CPU for one sequence in bf16, in one call: the bf16 twin of
+// decode_cpu.cpp's gpt2_decode_cpu (same per-layer math, same params schema).
+//
+// Weights: bf16 pair panels (gemv_bf16.cpp) streamed by the bf16 GEMV; KV cache: bf16
+// (n_layer, B, H, capacity, D), the new row rounded to nearest even. Everything else in fp32:
+// the residual stream h, LayerNorm (cpu::layer_norm of ffn.cpp), q, the attention scores, softmax
+// and the weighted sum of values, every GEMV accumulation, and the logits (float32). LayerNorm
+// weights and biases may be bf16 or fp32 (converted once per call, ~40K values at GPT-2 small).
+//
+// Per layer, h (1, C) fp32 (transformers' GPT2Block, pre-LN):
+//   x = ln_1(h); qkv = x @ Wqkv^T + b;  k_cache[kv_len - 1], v_cache[kv_len - 1] = bf16(k, v)
+//   a = softmax(scale * q . k_cache[:kv_len]) @ v_cache   (per head)
+//   h = h + a @ Wo^T + b;  x = ln_2(h);  h = h + gelu(x @ Wfc^T + b) @ Wproj^T + b
+// then logits = ln_f(h) @ Whead^T (+ b).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "cpu_kernels.h"
+#include "cpu_pool.h"
+#include "gemv_bf16.h"
+
+namespace fastlm {
+namespace {
+
+constexpr int64_t kPanel = 16;
+constexpr int64_t kPerLayer = 16;
+constexpr int64_t kPerHead = 5;
+
+// A small fp32 vector (LayerNorm weight / bias, projection bias) read from a bf16 or fp32 tensor.
+struct Vec {
+  std::vector<float> v;
+  const float* p = nullptr;
+};
+
+void load_vec(const c10::optional<at::Tensor>& t, int64_t n, const char* what, bool required, Vec& out) {
+  if (!t.has_value() || !t->defined()) {
+    TORCH_CHECK_VALUE(!required, "gpt2_decode_cpu_bf16: ", what, " is missing");
+    return;
+  }
+  TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16, "gpt2_decode_cpu_bf16: ", what,
+                   " must be float32 or bfloat16, got ", t->scalar_type());
+  TORCH_CHECK_VALUE(t->device().is_cpu() && t->is_contiguous() && t->numel() == n, "gpt2_decode_cpu_bf16: ", what,
+                    " must be a contiguous CPU tensor of ", n, " elements, got shape ", t->sizes());
+  if (t->scalar_type() == at::kFloat) {
+    out.p = t->const_data_ptr<float>();
+    return;
+  }
+  const auto* s = reinterpret_cast<const uint16_t*>(t->const_data_ptr<at::BFloat16>());
+  out.v.resize(n);
+  for (int64_t i = 0; i < n; ++i) out.v[i] = cpu::bf16_to_f32(s[i]);
+  out.p = out.v.data();
+}
+
+struct Proj {
+  const uint16_t* w = nullptr;
+  Vec bias;
+  int64_t n = 0, k = 0;
+};
+
+void load_proj(const c10::List<c10::optional<at::Tensor>>& p, int64_t i, int64_t n, int64_t k, const char* what,
+               Proj& r) {
+  const c10::optional<at::Tensor> w = p.get(i);
+  TORCH_CHECK_VALUE(w.has_value() && w->defined(), "gpt2_decode_cpu_bf16: ", what, " weight is missing");
+  TORCH_CHECK_TYPE(w->scalar_type() == at::kBFloat16, "gpt2_decode_cpu_bf16: ", what,
+                   " weight must be bfloat16 pair panels, got ", w->scalar_type());
+  const int64_t nb = (n + kPanel - 1) / kPanel, k2 = (k + 1) / 2;
+  TORCH_CHECK_VALUE(w->device().is_cpu() && w->is_contiguous() && w->dim() == 3 && w->size(0) == nb &&
+                        w->size(1) == k2 && w->size(2) == 2 * kPanel,
+                    "gpt2_decode_cpu_bf16: ", what, " weight must be contiguous CPU pair panels (", nb, ", ", k2,
+                    ", 32), got ", w->sizes());
+  const c10::optional<at::Tensor> sc = p.get(i + 1);
+  TORCH_CHECK_VALUE(!sc.has_value() || !sc->defined(), "gpt2_decode_cpu_bf16: ", what,
+                    " has a scale: bf16 weights take none");
+  r.w = reinterpret_cast<const uint16_t*>(w->const_data_ptr<at::BFloat16>());
+  load_vec(p.get(i + 2), n, what, false, r.bias);
+  r.n = n;
+  r.k = k;
+}
+
+void run(const Proj& p, const float* x, float* y, const float* residual, int act) {
+  cpu::packed_gemm_bf16(x, 1, p.k, p.w, p.n, p.bias.p, residual, y, act);
+}
+
+// One query row against S bf16 key / value rows (rows D apart): out = softmax(scale * q . k) @ v,
+// fp32 throughout; s is a scratch of S floats. Written for the compiler to vectorise (8 partial
+// sums, bf16 -> fp32 as a shift); compiled twice, for AVX2 and for the baseline.
+__attribute__((always_inline)) inline void attend_bf16_body(const float* q, const uint16_t* k, const uint16_t* v,
+                                                            int64_t S, int64_t D, float scale, float* out, float* s) {
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < S; ++j) {
+    const uint16_t* kj = k + j * D;
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t t = 0;
+    for (; t + 8 <= D; t += 8)
+      for (int l = 0; l < 8; ++l) acc[l] += q[t + l] * cpu::bf16_to_f32(kj[t + l]);
+    float d = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; t < D; ++t) d += q[t] * cpu::bf16_to_f32(kj[t]);
+    s[j] = d * scale;
+    mx = std::max(mx, s[j]);
+  }
+  float sum = 0.0f;
+  for (int64_t j = 0; j < S; ++j) {
+    s[j] = std::exp(s[j] - mx);
+    sum += s[j];
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t t = 0; t < D; ++t) out[t] = 0.0f;
+  for (int64_t j = 0; j < S; ++j) {
+    const float pj = s[j] * inv;
+    const uint16_t* vj = v + j * D;
+    for (int64_t t = 0; t < D; ++t) out[t] += pj * cpu::bf16_to_f32(vj[t]);
+  }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("avx2,fma"))) void attend_bf16_avx2(const float* q, const uint16_t* k, const uint16_t* v,
+                                                           int64_t S, int64_t D, float scale, float* out, float* s) {
+  attend_bf16_body(q, k, v, S, D, scale, out, s);
+}
+#endif
+
+void attend_bf16_base(const float* q, const uint16_t* k, const uint16_t* v, int64_t S, int64_t D, float scale,
+                      float* out, float* s) {
+  attend_bf16_body(q, k, v, S, D, scale, out, s);
+}
+
+// h (1, 1, C) float32 or bfloat16 -> logits (1, vocab) float32. params as gpt2_decode_cpu's (per
+// layer [ln_1 w, ln_1 b, c_attn (panels, scale, bias), attn.c_proj (3), ln_2 w, ln_2 b, c_fc (3),
+// mlp.c_proj (3)], then [ln_f w, ln_f b, lm_head (3)]) with bf16 pair panels and no scales.
+// k_cache / v_cache bf16 (n_layer, B, H, capacity, D): batch row 0 written at kv_len - 1, read
+// over [0, kv_len).
+at::Tensor gpt2_decode_cpu_bf16(const at::Tensor& h_in, const c10::List<c10::optional<at::Tensor>>& params,
+                                const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t kv_len,
+                                at::ArrayRef<double> scales, int64_t vocab, double eps, c10::string_view activation) {
+  TORCH_CHECK_TYPE(h_in.scalar_type() == at::kFloat || h_in.scalar_type() == at::kBFloat16,
+                   "gpt2_decode_cpu_bf16: h must be float32 or bfloat16, got ", h_in.scalar_type());
+  TORCH_CHECK_VALUE(h_in.device().is_cpu() && h_in.dim() >= 1 && h_in.numel() == h_in.size(-1) && h_in.numel() >= 1,
+                    "gpt2_decode_cpu_bf16: h must be one CPU row (1, 1, C) with C >= 1, got shape ", h_in.sizes());
+  TORCH_CHECK_VALUE(activation == "gelu" || activation == "gelu_tanh",
+                    "gpt2_decode_cpu_bf16: activation must be \"gelu\" or \"gelu_tanh\", got \"", activation, "\"");
+  TORCH_CHECK_VALUE(vocab >= 1, "gpt2_decode_cpu_bf16: vocab must be >= 1, got ", vocab);
+  const int act = activation == "gelu" ? 1 : 2;
+  const int64_t C = h_in.size(-1);
+  const int64_t L = static_cast<int64_t>(scales.size());
+  TORCH_CHECK_VALUE(L >= 1, "gpt2_decode_cpu_bf16: scales must hold one attention scale per layer (n_layer >= 1)");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(params.size()) == L * kPerLayer + kPerHead, "gpt2_decode_cpu_bf16: params must "
+                    "hold ", kPerLayer, " entries per layer and ", kPerHead, " for the head (", L * kPerLayer + kPerHead,
+                    " for ", L, " layers), got ", params.size());
+  for (const at::Tensor* c : {&k_cache, &v_cache}) {
+    TORCH_CHECK_TYPE(c->scalar_type() == at::kBFloat16, "gpt2_decode_cpu_bf16: the KV cache must be bfloat16, got ",
+                     c->scalar_type());
+    TORCH_CHECK_VALUE(c->device().is_cpu() && c->is_contiguous() && c->dim() == 5 && c->size(0) == L &&
+                          c->size(1) >= 1 && c->size(2) * c->size(4) == C,
+                      "gpt2_decode_cpu_bf16: the KV cache must be contiguous (n_layer = ", L, ", B, H, capacity, D) "
+                      "with H * D = ", C, ", got ", c->sizes());
+  }
+  TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), "gpt2_decode_cpu_bf16: k_cache and v_cache differ in shape");
+  const int64_t H = k_cache.size(2), cap = k_cache.size(3), D = k_cache.size(4);
+  TORCH_CHECK_VALUE(kv_len >= 1 && kv_len <= cap, "gpt2_decode_cpu_bf16: kv_len must be in [1, ", cap, "], got ",
+                    kv_len);
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "gpt2_decode_cpu_bf16: eps must be finite and >= 0, got ", eps);
+  for (const double s : scales)
+    TORCH_CHECK_VALUE(std::isfinite(s), "gpt2_decode_cpu_bf16: scales must be finite, got ", s);
+  const c10::optional<at::Tensor> w2 = params.get(13);
+  TORCH_CHECK_VALUE(w2.has_value() && w2->defined() && w2->dim() == 3 && w2->size(1) > 0,
+                    "gpt2_decode_cpu_bf16: mlp.c_proj weight must be 3-D pair panels (ceil(C / 16), ceil(d_ff / 2), "
+                    "32), got ", w2.has_value() && w2->defined() ? w2->sizes() : at::IntArrayRef{});
+  // d_ff from layer 0's mlp.c_fc (its panels hold ceil(d_ff / 16) * 16 channels; the exact d_ff is
+  // the c_proj K, which pair panels round up to even): take it from c_fc's bias / scale-free shape
+  const int64_t d_ff_pairs = w2->size(1);
+  const c10::optional<at::Tensor> w1 = params.get(10);
+  TORCH_CHECK_VALUE(w1.has_value() && w1->defined() && w1->dim() == 3, "gpt2_decode_cpu_bf16: c_fc weight is missing");
+  const c10::optional<at::Tensor> b1 = params.get(12);
+  // d_ff: c_fc's bias length when present, else 2 * pairs (an odd d_ff needs the bias to say so)
+  const int64_t d_ff = b1.has_value() && b1->defined() ? b1->numel() : 2 * d_ff_pairs;
+  TORCH_CHECK_VALUE((d_ff + 1) / 2 == d_ff_pairs, "gpt2_decode_cpu_bf16: c_fc bias has ", d_ff,
+                    " elements but mlp.c_proj's panels hold ", d_ff_pairs, " pairs of inputs");
+
+  // every check first: no half-written cache on bad input
+  struct Layer {
+    Vec ln1w, ln1b, ln2w, ln2b;
+    Proj qkv, o, fc, proj;
+  };
+  std::vector<Layer> layers(L);
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t b = l * kPerLayer;
+    Layer& y = layers[l];
+    load_vec(params.get(b + 0), C, "ln_1 weight", true, y.ln1w);
+    load_vec(params.get(b + 1), C, "ln_1 bias", true, y.ln1b);
+    load_proj(params, b + 2, 3 * C, C, "c_attn", y.qkv);
+    load_proj(params, b + 5, C, C, "attn.c_proj", y.o);
+    load_vec(params.get(b + 8), C, "ln_2 weight", true, y.ln2w);
+    load_vec(params.get(b + 9), C, "ln_2 bias", true, y.ln2b);
+    load_proj(params, b + 10, d_ff, C, "c_fc", y.fc);
+    load_proj(params, b + 13, C, d_ff, "mlp.c_proj", y.proj);
+  }
+  const int64_t hb = L * kPerLayer;
+  Vec lnfw, lnfb;
+  load_vec(params.get(hb + 0), C, "ln_f weight", true, lnfw);
+  load_vec(params.get(hb + 1), C, "ln_f bias", true, lnfb);
+  Proj head;
+  load_proj(params, hb + 2, vocab, C, "lm_head", head);
+
+  at::Tensor h = h_in.reshape({1, C}).to(at::kFloat).clone();  // the fp32 residual stream, updated in place
+  at::Tensor logits = at::empty({1, vocab}, h.options());
+  std::vector<float> x(C), qkv(3 * C), att(C), f(d_ff);
+  float* hp = h.mutable_data_ptr<float>();
+  auto* kc = reinterpret_cast<uint16_t*>(k_cache.mutable_data_ptr<at::BFloat16>());
+  auto* vc = reinterpret_cast<uint16_t*>(v_cache.mutable_data_ptr<at::BFloat16>());
+  const int64_t layer_stride = k_cache.stride(0), head_stride = cap * D;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  const auto attend = cpu::isa_level() >= 1 ? &attend_bf16_avx2 : &attend_bf16_base;
+#else
+  const auto attend = &attend_bf16_base;
+#endif
+  const float fe = static_cast<float>(eps);
+  for (int64_t l = 0; l < L; ++l) {
+    const Layer& y = layers[l];
+    cpu::layer_norm(hp, nullptr, y.ln1w.p, y.ln1b.p, x.data(), nullptr, 1, C, fe);
+    run(y.qkv, x.data(), qkv.data(), nullptr, 0);
+    uint16_t* kl = kc + l * layer_stride;
+    uint16_t* vl = vc + l * layer_stride;
+    for (int64_t hd = 0; hd < H; ++hd)
+      for (int64_t t = 0; t < D; ++t) {
+        kl[hd * head_stride + (kv_len - 1) * D + t] = cpu::f32_to_bf16(qkv[C + hd * D + t]);
+        vl[hd * head_stride + (kv_len - 1) * D + t] = cpu::f32_to_bf16(qkv[2 * C + hd * D + t]);
+      }
+    const float sc = static_cast<float>(scales[l]);
+    // heads shared with the pool once a head reads ~1 MB of cache (long contexts)
+    const int64_t per_head = std::max<int64_t>(1, 2 * kv_len * D * 2 + kv_len * D * 8);
+    const int64_t grain = std::max<int64_t>(1, (1 << 20) / per_head);
+    SharePool::get().run((H + grain - 1) / grain, [&](int64_t c) {
+      std::vector<float> s(kv_len);
+      for (int64_t hd = c * grain; hd < std::min(H, (c + 1) * grain); ++hd)
+        attend(qkv.data() + hd * D, kl + hd * head_stride, vl + hd * head_stride, kv_len, D, sc, att.data() + hd * D,
+               s.data());
+    });
+    run(y.o, att.data(), hp, hp, 0);  // h += attn
+    cpu::layer_norm(hp, nullptr, y.ln2w.p, y.ln2b.p, x.data(), nullptr, 1, C, fe);
+    run(y.fc, x.data(), f.data(), nullptr, act);
+    run(y.proj, f.data(), hp, hp, 0);  // h += mlp
+  }
+  cpu::layer_norm(hp, nullptr, lnfw.p, lnfb.p, x.data(), nullptr, 1, C, fe);
+  run(head, x.data(), logits.mutable_data_ptr<float>(), nullptr, 0);
+  return logits;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastlm, m) {
+  m.def("gpt2_decode_cpu_bf16(Tensor h, Tensor?[] params, Tensor(a!) k_cache, Tensor(b!) v_cache, int kv_len, "
+        "float[] scales, int vocab, float eps, str activation) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastlm, CPU, m) { m.impl("gpt2_decode_cpu_bf16", &gpt2_decode_cpu_bf16); }
+
+}  // namespace fastlm
