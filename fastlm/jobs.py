@@ -206,13 +206,14 @@ def _run_ray(kind, fn_kwargs, table, text_field, id_column, blocks: _Blocks, tod
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False  # fastlm's bar counts rows; Ray's per-operator bars would interleave
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
         if workers is None:
             workers = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
         cols = [ROW, text_field] + ([id_column] if id_column in table.column_names and id_column != text_field else [])
         pieces = [table.slice(i * blocks.block_rows, blocks.size(i)).select(cols) for i in todo]
         ds = ray.data.from_arrow(pieces)
         ds = ds.map_batches(_callable(kind), fn_constructor_kwargs={**fn_kwargs, "num_threads": None},
-                            batch_size=CALL_ROWS, concurrency=workers, num_cpus=threads)
+                            batch_size=CALL_ROWS, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=threads)
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 blocks.add(batch[ROW].tolist(), batch)

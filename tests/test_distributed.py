@@ -109,9 +109,9 @@ def pool(n):
 # -- through Ray Data -----------------------------------------------------------------------------
 
 def test_embed_on_ray_equals_embedder_in_order(cluster):
-    texts = accuracy_texts(97, seed=int(torch.randint(0, 1000, ()).item()))
-    ds = ray.data.from_items([{"id": i, "text": t, "keep": i * 3} for i, t in enumerate(texts)], override_num_blocks=5)
-    assert ds.num_blocks() == 5
+    texts = accuracy_texts(41, seed=int(torch.randint(0, 1000, ()).item()))
+    ds = ray.data.from_items([{"id": i, "text": t, "keep": i * 3} for i, t in enumerate(texts)], override_num_blocks=4)
+    assert ds.num_blocks() == 4
     ds = ds.map_batches(Embed, fn_constructor_kwargs={"model": MODEL, "batch_size": 8}, batch_size=16,
                         compute=pool(2), num_cpus=1)
     rows = ds.take_all()
@@ -119,7 +119,7 @@ def test_embed_on_ray_equals_embedder_in_order(cluster):
     assert [r["text"] for r in rows] == texts and [r["keep"] for r in rows] == [i * 3 for i in range(len(texts))]
     got = np.stack([r["embedding"] for r in rows])
     ref = fastlm.Embedder(MODEL).encode(texts, batch_size=8, convert_to_numpy=True)
-    assert got.dtype == np.float32 and got.shape == (97, 384)
+    assert got.dtype == np.float32 and got.shape == (41, 384)
     assert np.abs(got - ref).max() <= TOL
     assert np.abs(got[1:] - ref[:-1]).max() > 0.1  # a shifted row would not pass
 
@@ -127,15 +127,15 @@ def test_embed_on_ray_equals_embedder_in_order(cluster):
 def test_classify_and_greedy_generate_on_ray_equal_transformers(cluster, classifier, gpt2):
     cpath, ctok, cmodel = classifier
     gpath, gtok, gmodel = gpt2
-    texts, prompts = sentences(41, 1), sentences(41, 2)
+    texts, prompts = sentences(23, 1), sentences(23, 2)
     items = [{"id": i, "text": t, "prompt": p} for i, (t, p) in enumerate(zip(texts, prompts, strict=True))]
     ds = ray.data.from_items(items, override_num_blocks=4)
     ds = ds.map_batches(Classify, fn_constructor_kwargs={"model": cpath, "batch_size": 5, "scores_column": "scores"},
-                        batch_size=12, compute=pool(1), num_cpus=1)
+                        batch_size=7, compute=pool(1), num_cpus=1)
     gen = {"model": gpath, "text_column": "prompt", "batch_size": 4, "max_new_tokens": 7}
-    ds = ds.map_batches(Generate, fn_constructor_kwargs=gen, batch_size=10, compute=pool(1), num_cpus=1)
+    ds = ds.map_batches(Generate, fn_constructor_kwargs=gen, batch_size=6, compute=pool(1), num_cpus=1)
     rows = ds.take_all()
-    assert [r["id"] for r in rows] == list(range(41))
+    assert [r["id"] for r in rows] == list(range(23))
     with torch.no_grad():
         enc = ctok(texts, padding=True, return_tensors="pt")
         probs = torch.softmax(cmodel(**enc).logits, -1).numpy()
