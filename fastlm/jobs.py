@@ -146,7 +146,8 @@ class _Blocks:
                 col = np.stack(vals)  # (rows, d) -> fixed-size lists
             else:
                 col = np.empty(len(vals), dtype=object)
-                col[:] = vals
+                for j, v in enumerate(vals):  # one by one: equal-length arrays must not become a 2-D array
+                    col[j] = v
                 if not isinstance(first, (str, np.ndarray)):
                     col = np.asarray(vals)
             block = block.append_column(name, to_arrow(col))
@@ -175,17 +176,18 @@ def _run_local(fn, table, text_field, id_column, blocks: _Blocks, todo: list[int
 
 
 def _user_error(e: BaseException) -> BaseException | None:
-    """The ValueError / TypeError a callable raised inside a Ray worker, found in the chain Ray
-    wraps it in (RayTaskError, UserCodeException, ...)."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, (ValueError, TypeError)) and "fastlm.distributed" in str(e):
-            msg = str(e)
-            k = msg.find("fastlm.distributed")
-            return type(e)(msg[k:].strip().splitlines()[0]) if isinstance(e, ValueError) else TypeError(msg[k:])
-        e = e.__cause__ or e.__context__
-    return None
+    """The ValueError / TypeError a fastlm.distributed callable raised inside a Ray worker, rebuilt
+    from the error Ray hands the driver (a RayTaskError / UserCodeException whose text holds the
+    worker's traceback), or None when there is none."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    found = list(re.finditer(r"(ValueError|TypeError): (fastlm\.distributed\.\w+: .*?)(?=\s+The above exception|\n|$)",
+                             text, re.S))
+    if not found:
+        return None
+    kind, msg = found[-1].group(1), " ".join(found[-1].group(2).split())
+    return ValueError(msg) if kind == "ValueError" else TypeError(msg)
 
 
 def _run_ray(kind, fn_kwargs, table, text_field, id_column, blocks: _Blocks, todo: list[int], *, address: str,
@@ -206,9 +208,11 @@ def _run_ray(kind, fn_kwargs, table, text_field, id_column, blocks: _Blocks, tod
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False  # fastlm's bar counts rows; Ray's per-operator bars would interleave
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # the callable's errors come back as exceptions (one line from the CLI), not Ray Data's log lines
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
         if workers is None:
             workers = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
+        workers = min(workers, len(todo))  # an actor per block at most: each block is one input of the pool
         cols = [ROW, text_field] + ([id_column] if id_column in table.column_names and id_column != text_field else [])
         pieces = [table.slice(i * blocks.block_rows, blocks.size(i)).select(cols) for i in todo]
         ds = ray.data.from_arrow(pieces)
@@ -260,9 +264,13 @@ def run(kind: str, input_path: str, output: str, fn_kwargs: dict, *, input_forma
     parts = output + ".parts"
     manifest = _manifest(input_path, kind, {k: v for k, v in fn_kwargs.items()}, block_rows, n, text_field)
     mpath = os.path.join(parts, "manifest.json")
-    if os.path.isdir(parts) and os.path.exists(mpath):
-        with open(mpath) as f:
-            old = json.load(f)
+    has_parts = os.path.isdir(parts) and any(f.startswith("part-") for f in os.listdir(parts))
+    if has_parts:  # resume only the same job: same input (path, size, time), options and blocks
+        try:
+            with open(mpath) as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            old = {}
         if old != manifest:
             diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
             raise InputError(f"{parts} holds the blocks of a different job ({', '.join(diff)} differ); delete it to "
