@@ -6,9 +6,10 @@ large embedding job with. One line to rerun on a quiet machine:
 Each mode runs in its own process (fresh torch, fresh Ray), one after another, over the same texts
 (fastlm.testing.accuracy_texts: short phrases to ~100-token sentences). Two rates per mode:
 "rows/s" end to end (Ray: actor start and model load included; in-process: from the loaded
-model), and "steady rows/s", summed over workers, each worker's rows over the span from the start
-of its first call to the end of its last (TimedEmbed): everything between calls counts (Ray's
-scheduling, serialisation, waiting for input), the one-time start does not. Modes:
+model), and "steady rows/s" while every worker is running (TimedEmbed stamps each call: the window from the
+latest first-call start to the earliest last-call end, each call's rows counted in proportion to
+its time inside it): everything between calls counts (Ray's scheduling, serialisation, waiting for
+input), the one-time start does not. Modes:
 
 - inproc-2x1: two plain processes, 1 thread each, half the texts each (the same compute as Ray's
   2 workers x 1 CPU, no engine): the baseline for Ray's overhead;
@@ -63,9 +64,7 @@ def model_dir(name: str) -> str:
 
 class TimedEmbed:
     """Embed, plus per-row columns naming the worker (_pid) and the wall-clock span of its call
-    (_t0, _t1, time.time()): the steady rate of each worker is its rows over the span from the
-    start of its first call to the end of its last, which counts everything between calls (the
-    engine's scheduling, serialisation, waiting for input) but not the actor start and model load."""
+    (_t0, _t1, time.time()), for `steady`."""
 
     def __init__(self, **kw):
         from fastlm.distributed import Embed
@@ -85,15 +84,23 @@ class TimedEmbed:
 
 
 def steady(pids, t0s, t1s) -> float:
-    """Sum over workers of rows / (last call end - first call start)."""
+    """Rows per second while every worker is running: the window from the latest first-call start
+    to the earliest last-call end over the workers; each call's rows count in proportion to the
+    part of its span inside the window. (A sum of per-worker rates would overstate a pool whose
+    workers start at different times: one running alone while another loads its model.)"""
     import numpy as np
 
     pids, t0s, t1s = np.asarray(pids), np.asarray(t0s), np.asarray(t1s)
-    total = 0.0
-    for p in np.unique(pids):
-        m = pids == p
-        total += m.sum() / max(t1s[m].max() - t0s[m].min(), 1e-9)
-    return float(total)
+    workers = np.unique(pids)
+    lo = max(t0s[pids == p].min() for p in workers)
+    hi = min(t1s[pids == p].max() for p in workers)
+    if hi <= lo:
+        return float("nan")
+    calls = {}
+    for p, a, b in zip(pids.tolist(), t0s.tolist(), t1s.tolist(), strict=True):
+        calls[(p, a, b)] = calls.get((p, a, b), 0) + 1  # rows per call
+    rows = sum(n * max(0.0, min(b, hi) - max(a, lo)) / max(b - a, 1e-9) for (_, a, b), n in calls.items())
+    return rows / (hi - lo)
 
 
 def _inproc_worker(texts, model, quantize, threads, barrier, q):
