@@ -32,3 +32,13 @@ __all__ = [
     "__version__",
 ]
 __all__ += models.__all__  # the model classes, ARCHITECTURES, WeightError, from_pretrained
+
+
+def __getattr__(name):
+    """fastlm.distributed / fastlm.jobs on first use (`import fastlm` alone reads neither; neither
+    imports Ray)."""
+    if name in ("distributed", "jobs"):
+        import importlib
+
+        return importlib.import_module(f"fastlm.{name}")
+    raise AttributeError(f"module 'fastlm' has no attribute {name!r}")

@@ -1,5 +1,7 @@
-"""fastlm's command line: `fastlm info`, `fastlm bench`, `fastlm generate`, `fastlm embed`, `fastlm serve` (also
-`python -m fastlm`)."""
+"""fastlm's command line: `fastlm info`, `fastlm bench`, `fastlm generate`, `fastlm embed`,
+`fastlm classify`, `fastlm serve` (also `python -m fastlm`). embed / classify / generate also run
+row-table jobs over Parquet or JSON lines files (`--output`), in-process or on Ray Data (`--ray`):
+fastlm.jobs."""
 
 from __future__ import annotations
 
@@ -201,6 +203,17 @@ def cmd_generate(args) -> int:
 
     if args.prompts_file is not None and args.model is None:
         raise UsageError("--prompts-file needs --model DIR with the checkpoint's tokenizer files")
+    if args.output is not None or args.ray is not None:
+        if args.prompts_file is None:
+            raise UsageError("--output / --ray run a row-table job over --prompts-file")
+        if args.stream or args.batch != 1:
+            raise UsageError("--stream and --batch are not options of a row-table job (--output)")
+        fn_kwargs = dict(model=args.model, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                         do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         min_new_tokens=args.min_new_tokens, repetition_penalty=args.repetition_penalty,
+                         seed=args.seed, quantize=args.quantize, device=_device(args), dtype=args.dtype,
+                         truncate=args.truncate)
+        return _run_job("generate", args, args.prompts_file, fn_kwargs)
     if args.prompts_file is not None and args.batch != 1:
         raise UsageError("--batch repeats one prompt; with --prompts-file the batch is one row per prompt")
     prompts = None
@@ -290,9 +303,72 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _add_job_args(p, what: str) -> None:
+    """The row-table job options (fastlm.jobs) of embed / classify / generate."""
+    j = p.add_argument_group("row-table jobs (Parquet / JSON lines in and out, resumable, in-process or on Ray)")
+    j.add_argument("--output", default=None, help="write a row table (.parquet or .jsonl): every input row once, in "
+                   "order, with its columns, an id column and " + what + "; finished blocks are kept in OUTPUT.parts "
+                   "and a rerun of the same command resumes from them")
+    j.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run the job on Ray Data: a local Ray when no ADDRESS is given, else ray.init(address=ADDRESS) "
+                   "(e.g. auto, ray://head:10001); needs --output and pip install 'fastlm[ray]'")
+    j.add_argument("--workers", type=int, default=None, help="--ray: model actors (default: the cluster's CPUs / "
+                   "--threads)")
+    j.add_argument("--threads", type=int, default=None, help="CPU threads per worker (--ray: the actor's num_cpus, "
+                   "default 1; in-process: default torch's)")
+    j.add_argument("--block-rows", type=int, default=10_000, help="rows per resumable block (default 10000)")
+    j.add_argument("--id-column", default="id", help='the id column (default "id"; added as the 0-based row index '
+                   "when the input has none)")
+
+
+def _run_job(kind: str, args, src: str, fn_kwargs: dict) -> int:
+    import time
+
+    from fastlm import jobs
+
+    if args.ray is not None and args.output is None:
+        raise UsageError("--ray runs a row-table job: give --output FILE.parquet or FILE.jsonl")
+    if args.workers is not None and args.ray is None:
+        raise UsageError("--workers is the number of Ray actors: it needs --ray")
+    t0 = time.perf_counter()
+    res = jobs.run(kind, src, args.output, fn_kwargs, input_format=args.input_format, text_field=args.text_field,
+                   id_column=args.id_column, block_rows=args.block_rows, ray_address=args.ray, workers=args.workers,
+                   threads=args.threads, progress=not args.no_progress)
+    dt = time.perf_counter() - t0
+    ran = res["rows"] if not res["skipped"] else None
+    print(f"fastlm {kind}: {res['rows']} rows in {res['blocks']} blocks"
+          + (f" ({res['skipped']} found done)" if res["skipped"] else "")
+          + f" -> {res['output']} in {dt:.1f} s" + (f" ({ran / dt:.1f} rows/s)" if ran else "")
+          + (f" on Ray ({args.ray})" if args.ray else ""), file=sys.stderr)
+    return 0
+
+
+def _device(args):
+    return None if args.device == "auto" else args.device
+
+
+def cmd_classify(args) -> int:
+    if args.output is None:
+        raise UsageError("classify writes a row table: give --output FILE.parquet or FILE.jsonl")
+    fn_kwargs = dict(model=args.model, batch_size=args.batch_size, quantize=args.quantize, device=_device(args),
+                     dtype=args.dtype, truncate=args.truncate, max_length=args.max_length,
+                     scores_column="scores" if args.all_scores else None)
+    return _run_job("classify", args, args.input, fn_kwargs)
+
+
 def cmd_embed(args) -> int:
     import fastlm
     from fastlm import textio
+
+    if args.output is not None or args.ray is not None:
+        if args.out is not None or args.format is not None:
+            raise UsageError("--out / --format write vectors only; --output writes the row table: give one of them")
+        if args.pooling is not None or args.precision != "float32":
+            raise UsageError("--pooling and --precision are not options of a row-table job (--output)")
+        fn_kwargs = dict(model=args.model, batch_size=args.batch_size, quantize=args.quantize, device=_device(args),
+                         dtype=args.dtype, truncate=args.truncate, normalize=args.normalize,
+                         max_length=args.max_length, prompt=args.prompt, prompt_name=args.prompt_name)
+        return _run_job("embed", args, args.input, fn_kwargs)
 
     # everything about the files first: a bad output path or input fails before the model loads
     if args.out:
@@ -389,6 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--quantize", default=None, help="passed to fastlm.from_pretrained (int8: weight-only int8 "
                    "decode; int8_dynamic)")
+    g.add_argument("--batch-size", type=int, default=16, help="--output: prompts per generate call (default 16)")
+    g.add_argument("--truncate", action="store_true", help="--output: keep the last tokens of a prompt too long for "
+                   "the model's positions (default: such a prompt is an error)")
+    g.add_argument("--no-progress", action="store_true", help="--output: no progress bar on standard error")
+    _add_job_args(g, "the generated text and token ids (generated_text, generated_token_ids)")
     g.set_defaults(func=cmd_generate)
     e = sub.add_parser("embed", help="sentence embeddings of one text per line (the checkpoint's pooling)",
                        description="Sentence embeddings, one row per input text, in input order. Input: one text "
@@ -422,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--truncate", action="store_true", help="cut texts longer than --max-length "
                    "(default: such a text is an error)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
+    _add_job_args(e, "the vector (an embedding column of float32 lists)")
     e.set_defaults(func=cmd_embed)
     s = sub.add_parser("serve", help="serve one model over HTTP: OpenAI /v1 routes, TEI routes, /health /metrics "
                        "(docs/serve.md; needs fastlm[serve])")
@@ -454,6 +536,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cors-allow-origin", action="append", default=[], help="allow this origin (repeatable; * for any)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(func=cmd_serve)
+    c = sub.add_parser("classify", help="label and score of each text with a *ForSequenceClassification checkpoint",
+                       description="Sequence classification of each row's text, written as a row table (--output "
+                       "FILE.parquet or FILE.jsonl): the input's columns, an id column, label (config.id2label) and "
+                       "score (its probability: softmax, or sigmoid for multi-label / single-logit models). Input: "
+                       "Parquet, JSON lines or one text per line. In-process, or on Ray Data with --ray.")
+    c.add_argument("input", help="input file: .parquet, .jsonl, or one text per line")
+    c.add_argument("--model", required=True, help="checkpoint directory (*ForSequenceClassification, with tokenizer)")
+    c.add_argument("--input-format", default="auto", choices=INPUT_FORMATS, help="auto (default): from the suffix")
+    c.add_argument("--text-field", default="text", help='the column holding the text (default "text")')
+    c.add_argument("--batch-size", type=int, default=32, help="texts per forward (default 32)")
+    c.add_argument("--max-length", type=int, default=None, help="the longest text in tokens (default: the "
+                   "tokenizer's, capped at the model's positions)")
+    c.add_argument("--truncate", action="store_true", help="cut texts longer than --max-length (default: an error)")
+    c.add_argument("--all-scores", action="store_true", help="also write every class's probability (scores)")
+    c.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="default fp16 on GPU, fp32 on CPU")
+    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    c.add_argument("--quantize", default=None, help="passed to fastlm.from_pretrained")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
+    _add_job_args(c, "label and score")
+    c.set_defaults(func=cmd_classify)
     return p
 
 

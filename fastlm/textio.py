@@ -9,6 +9,12 @@ Input, one text per record:
   U+0085 or \\x1c inside a line does not split it: row i of the output is line i of the input.
 - jsonl (*.jsonl, or --input-format jsonl): one JSON object per non-blank line with a string field
   (`text` by default), or a bare JSON string. The robust choice for texts that hold line breaks.
+- parquet (*.parquet, or --input-format parquet): a string column (`text` by default) of a Parquet
+  file (read with pyarrow, `pip install 'fastlm[ray]'`).
+
+Tables (`read_table`, for the row-table jobs of fastlm.jobs): the same three formats read as a
+pyarrow Table with every column of the input (a lines file gives one column), the text column
+checked (present, strings, no nulls) before any work.
 
 Output, chosen from the file's suffix: .npy (numpy, the embeddings' own dtype), .json (one JSON
 array of rows), .jsonl (one JSON array per line, in input order). Another suffix is refused
@@ -24,7 +30,7 @@ import tempfile
 from collections.abc import Callable
 
 OUTPUT_SUFFIXES = {".npy": "npy", ".json": "json", ".jsonl": "jsonl"}
-INPUT_FORMATS = ("auto", "lines", "jsonl")
+INPUT_FORMATS = ("auto", "lines", "jsonl", "parquet")
 
 
 class InputError(ValueError):
@@ -53,7 +59,11 @@ def input_format(src: str, fmt: str = "auto") -> str:
         raise InputError(f"input format must be one of {', '.join(INPUT_FORMATS)}, got {fmt!r}")
     if fmt != "auto":
         return fmt
-    return "jsonl" if src != "-" and src.lower().endswith(".jsonl") else "lines"
+    if src != "-" and src.lower().endswith(".jsonl"):
+        return "jsonl"
+    if src != "-" and src.lower().endswith(".parquet"):
+        return "parquet"
+    return "lines"
 
 
 def read_texts(src: str, *, fmt: str = "auto", field: str = "text", stdin=None) -> list[str]:
@@ -62,6 +72,8 @@ def read_texts(src: str, *, fmt: str = "auto", field: str = "text", stdin=None) 
     Raises InputError (a ValueError) naming the file (and line) for an empty input, text that is
     not UTF-8, or a JSON line without the field; OSError for a file that cannot be opened."""
     fmt = input_format(src, fmt)
+    if fmt == "parquet":
+        return read_table(src, fmt=fmt, field=field).column(field).to_pylist()
     if src == "-":
         import sys
 
@@ -96,6 +108,84 @@ def read_texts(src: str, *, fmt: str = "auto", field: str = "text", stdin=None) 
         raise InputError(f"{_name(src)} is empty: no text to read ("
                          + ("one text per line)" if fmt == "lines" else f'one JSON object with "{field}" per line)'))
     return texts
+
+
+def _pyarrow(what: str):
+    try:
+        import pyarrow
+    except ImportError:
+        raise InputError(f"{what} needs pyarrow: pip install 'fastlm[ray]' (or pyarrow)") from None
+    return pyarrow
+
+
+def read_table(src: str, *, fmt: str = "auto", field: str = "text", stdin=None):
+    """The rows of a file as a pyarrow Table: parquet as stored; jsonl one row per non-blank line
+    (a JSON object's fields are the columns; a bare JSON string fills `field`); lines one column
+    `field`. Raises InputError (a ValueError) naming the file for an empty input, a missing
+    `field` column, a `field` that is not a string column, or a null in it (naming its row), so no
+    row is dropped silently; OSError for a file that cannot be opened."""
+    pa = _pyarrow("reading a table")
+    fmt = input_format(src, fmt)
+    if fmt == "parquet":
+        if src == "-":
+            raise InputError("Parquet input must be a file, not standard input")
+        if os.path.isdir(src):
+            raise InputError(f"{src} is a directory, not a Parquet file")
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(src)
+        except pa.ArrowInvalid as e:
+            raise InputError(f"{src} is not a Parquet file ({e})") from None
+    elif fmt == "lines":
+        table = pa.table({field: pa.array(read_texts(src, fmt="lines", stdin=stdin), pa.string())})
+    else:
+        if src == "-":
+            import sys
+
+            raw = (stdin or sys.stdin.buffer).read()
+        else:
+            if os.path.isdir(src):
+                raise InputError(f"{src} is a directory, not a text file")
+            with open(src, "rb") as f:
+                raw = f.read()
+        try:
+            data = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError as e:
+            raise InputError(f"{_name(src)} is not UTF-8 text (byte {e.start})") from None
+        rows = []
+        for i, line in enumerate(split_lines(data), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{_name(src)} line {i}: not JSON ({e.msg}); JSON lines input needs one object "
+                                 f'per line, like {{"{field}": "..."}}') from None
+            if isinstance(rec, str):
+                rec = {field: rec}
+            if not isinstance(rec, dict):
+                raise InputError(f"{_name(src)} line {i}: expected a JSON object or string, got {line[:60]!r}")
+            rows.append(rec)
+        try:
+            table = pa.Table.from_pylist(rows)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise InputError(f"{_name(src)}: the JSON lines do not form a table ({e})") from None
+    if table.num_rows == 0:
+        raise InputError(f"{_name(src)} is empty: no row to read")
+    if field not in table.column_names:
+        raise InputError(f"{_name(src)} has no column {field!r} (columns: {', '.join(table.column_names)}); "
+                         "name the text column with --text-field")
+    col = table.column(field)
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        raise InputError(f"{_name(src)}: column {field!r} holds {col.type}, not strings")
+    if col.null_count:
+        import pyarrow.compute as pc
+
+        row = pc.index(pc.is_null(col), True).as_py()
+        raise InputError(f"{_name(src)}: row {row} has a null {field!r} ({col.null_count} null rows in all); null "
+                         "rows are not dropped silently: remove or fill them")
+    return table
 
 
 def output_format(path: str | None, fmt: str | None, *, stdout_formats=("jsonl", "json")) -> str:
