@@ -420,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time fastlm against its baselines on this machine")
     b.add_argument("--suite", default="all",
                    help="ops, models, peers (fastlm vs CTranslate2 and transformers on CPU, each engine in its own "
-                        "process), all (default; includes peers on CPU when ctranslate2 is installed) or serve "
+                        "process), all (default: ops and models; the peers run apart with --suite peers) or serve "
                         "(fastlm serve under load vs sentence-transformers behind FastAPI; docs/serve.md)")
     b.add_argument("--quick", action="store_true", help="serve: a short run (smaller loads)")
     b.add_argument("--rounds", type=int, default=None,

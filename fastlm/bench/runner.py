@@ -130,7 +130,7 @@ def run(device: str, dtype: torch.dtype, suite: str = "all", only: str | None = 
     """Every case of the suite, one after the other. With `partial_json`, the results so far are
     rewritten there after each case, so a run cut short by a time limit still leaves its rows.
     The peers cases (fastlm.bench.peers) run first, `rounds` x `calls` per engine (default
-    2 x 3 for --suite peers, 1 x 2 inside `all`), each engine in its own process with `threads`."""
+    2 x 3), each engine in its own process with `threads`."""
     from fastlm.info import environment
 
     cases = build_cases(device, dtype, suite, only)

@@ -27,8 +27,10 @@ from fastlm.bench.result import Row, Timing
 
 def peer_cases(device: str, suite: str, only: str | None) -> tuple[list[str], str | None]:
     """The peers cases this run times, and why none run where that is the case. `--suite peers`
-    runs them always (a missing engine's rows skip with the reason); `all` runs them on CPU when an
-    optional engine (CTranslate2, ...) is installed, so a plain `fastlm bench` stays short elsewhere."""
+    (or `--only` naming a peers case) runs them (a missing engine's rows skip with the reason);
+    `all`, the plain `fastlm bench`, does not: converting BERT-base and GPT-2 for every installed
+    engine (CTranslate2, ONNX Runtime, OpenVINO, ...) takes minutes on 2 cores before any timing,
+    so the plain run stays short and names the command instead."""
     if only is not None and only not in PEER_CASES:
         return [], None
     if suite not in ("peers", "all") and only is None:
@@ -36,9 +38,9 @@ def peer_cases(device: str, suite: str, only: str | None) -> tuple[list[str], st
     if device != "cpu":
         return [], "the peers suite compares CPU engines: run it with --device cpu"
     if suite == "all" and only is None:
-        why = [e.missing() for e in engines().values() if e.optional]
-        if why and all(why):
-            return [], "; ".join(why) + "; --suite peers runs the rest"
+        have = [n for n, e in engines().items() if not e.optional or not e.missing()]
+        return [], ("they run apart, each engine in its own process: fastlm bench --suite peers "
+                    f"(installed here: {', '.join(have)})")
     return [only] if only else list(PEER_CASES), None
 
 
