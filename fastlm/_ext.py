@@ -89,6 +89,10 @@ if _C is not None:
     def _gpt2_decode_cpu_fake(h, params, k_cache, v_cache, kv_len, scales, vocab, eps, activation):
         return h.new_empty((1, vocab))
 
+    @torch.library.register_fake("fastlm::gpt2_decode_batch_cpu")
+    def _gpt2_decode_batch_cpu_fake(h, params, k_cache, v_cache, pos, kv_len, scales, vocab, eps, activation):
+        return h.new_empty((h.shape[0], vocab))
+
 
 # fastlm._C ops that have a CUDA kernel (the rest are CPU twins only; on GPU tensors they
 # run Triton or the reference instead).
