@@ -134,7 +134,16 @@ def schemes(model: str, texts: list[str]) -> None:
         print(f"{name:44s} {summary((embed() * ref).sum(-1), texts)}", flush=True)
 
     keys = list(lins)
-    score("w8a8 per token (int8_dynamic)", {k: {"a": True} for k in keys})
+    from fastlm.quantize import _calibrate_hf, choose_outliers
+
+    cfg.clear()  # quantize_'s rule: calibration on seeded random ids, pooled per input width
+    absmax = _calibrate_hf(hf, [lins[k] for k in keys])
+    sets = choose_outliers(absmax)
+    print("outlier channels per input width:", {w: s.tolist() for w, s in sets.items()})
+    none = torch.zeros(0, dtype=torch.long)
+    score("int8_dynamic: static outlier channels",
+          {k: {"outliers": sets.get(lins[k].in_features, none)} for k in keys})
+    score("w8a8 per token (int8_dynamic before 23.3)", {k: {"a": True} for k in keys})
     score("w8 weight-only (int8)", {k: {} for k in keys})
     for kind in ("q", "k", "v", "o", "fc1", "fc2"):
         score(f"w8a8 on {kind} only", {k: {"a": True} for k in keys if k[1] == kind})

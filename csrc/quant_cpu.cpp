@@ -3,25 +3,32 @@
 // data instead of the 5-8 torch ops it replaces (abs, amax, div, round, clamp, cast; cast, two muls,
 // bias add, GELU, residual add).
 //
-//   quantize_rows_int8(x (M, K) f32) -> (q int8 (M, K), scale f32 (M,))
+//   quantize_rows_int8(x (M, K) f32, outliers (n_o,) int64?) -> (q int8 (M, K), scale f32 (M,))
 //     scale[m] = absmax(x[m]) / 127 (1 where the row is all zero), q = round_half_even(x / scale)
-//     clamped to [-127, 127]: torch.round(x / scale).clamp(-127, 127), bit for bit.
-//   int8_linear_epilogue(acc int32 (M, N), x_scale (M,), w_scale (N,), bias (N,)?, activation, residual (M, N)?)
-//     y = act(acc * x_scale[m] * w_scale[n] + bias[n]) + residual, f32 (M, N); GELU on fast_math.h's
-//     erf / tanh (max abs error of erf 4.2e-7).
-//   int8_linear_epilogue_quant(acc, x_scale, w_scale, bias?, activation) -> (q int8 (M, N), scale f32 (M,))
-//     the epilogue (no residual) followed by quantize_rows_int8 of its output, row by row in a
+//     clamped to [-127, 127]: torch.round(x / scale).clamp(-127, 127), bit for bit. `outliers`: input
+//     channels left out of the int8 rows (LLM.int8()-style decomposition, fastlm.linear.Int8DynamicLinear):
+//     they count as 0 in absmax and get q = 0; the caller computes them in float32 (x_out / w_out below).
+//   int8_linear_epilogue(acc int32 (M, N), x_scale (M,), w_scale (N,), bias (N,)?, activation, residual (M, N)?,
+//                        x_out (M, n_o)?, w_out (n_o, N)?)
+//     y = act(acc * x_scale[m] * w_scale[n] + (x_out @ w_out)[m, n] + bias[n]) + residual, f32 (M, N);
+//     GELU on fast_math.h's erf / tanh (max abs error of erf 4.2e-7). x_out @ w_out is the float32
+//     product of the outlier channels (none when both are None; one without the other is an error).
+//   int8_linear_epilogue_quant(acc, x_scale, w_scale, bias?, activation, x_out?, w_out?, outliers?)
+//       -> (q int8 (M, N), scale f32 (M,), y_out f32 (M, n_o))
+//     the epilogue (no residual) followed by quantize_rows_int8(y, outliers), row by row in a
 //     per-thread scratch row: the FFN's d_ff activation goes from the first int8 GEMM to the second
-//     as int8 without an fp32 round trip through memory (4x fewer bytes written and read).
-//   int8_linear_epilogue_(acc!, x_scale, w_scale, bias?, activation, residual?) -> ()
+//     as int8 without an fp32 round trip through memory (4x fewer bytes written and read); y_out =
+//     y[:, outliers] in float32 for the next linear ((M, 0) without outliers).
+//   int8_linear_epilogue_(acc!, x_scale, w_scale, bias?, activation, residual?, x_out?, w_out?) -> ()
 //     int8_linear_epilogue in place: acc's storage receives y (float32 and int32 have the same
 //     size; read it as acc.view(torch.float32)), so the GEMM's output buffer is the only one.
 //   int8_linear_epilogue_ln_quant_(acc!, x_scale, w_scale, bias?, residual (M, N), ln_weight (N,), ln_bias (N,),
-//                                  eps) -> (q int8 (M, N), scale f32 (M,))
+//                                  eps, x_out?, w_out?, outliers?) -> (q int8 (M, N), scale f32 (M,), h_out (M, n_o))
 //     BERT's residual LayerNorm after a projection, and the next int8 linear's quantization, in one pass
-//     per row: h = LayerNorm((acc * x_scale * w_scale + bias) + residual) written over acc (as above),
-//     then (q, scale) = quantize_rows_int8(h). Bit for bit int8_linear_epilogue, add_layer_norm_ext
-//     (ffn.cpp's LayerNorm rows, called here) and quantize_rows_int8 in sequence.
+//     per row: h = LayerNorm((acc * x_scale * w_scale + x_out @ w_out + bias) + residual) written over acc
+//     (as above), then (q, scale) = quantize_rows_int8(h, outliers), h_out = h[:, outliers]. Bit for bit
+//     int8_linear_epilogue, add_layer_norm_ext (ffn.cpp's LayerNorm rows, called here) and
+//     quantize_rows_int8 in sequence.
 // In place, each row is read into a per-thread scratch row before its slot is written.
 // The loops are plain C++ that gcc vectorises, cloned per ISA (AVX-512, AVX2, baseline) and picked at
 // load time, as in ffn.cpp.
@@ -67,11 +74,56 @@ FASTLM_QUANT_CLONES void row_quantize(const float* x, int8_t* q, int64_t n, floa
   }
 }
 
+// absmax / quantize of x * keep (keep[j] is 1, or 0 on an outlier channel: exact, so the other
+// channels round as in the unmasked row).
+FASTLM_QUANT_CLONES float row_absmax_masked(const float* x, const float* keep, int64_t n) {
+  float acc[16] = {0.f};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    for (int l = 0; l < 16; ++l) acc[l] = std::max(acc[l], std::fabs(x[j + l] * keep[j + l]));
+  float m = 0.f;
+  for (int l = 0; l < 16; ++l) m = std::max(m, acc[l]);
+  for (; j < n; ++j) m = std::max(m, std::fabs(x[j] * keep[j]));
+  return m;
+}
+
+FASTLM_QUANT_CLONES void row_quantize_masked(const float* x, const float* keep, int8_t* q, int64_t n, float scale) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = std::nearbyint((x[j] * keep[j]) / scale);
+    q[j] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, v)));
+  }
+}
+
+// z[j] = sum_t xo[t] * wo[t, j] (t in order), the float32 product of a row's outlier channels.
+FASTLM_QUANT_CLONES void row_outlier_product(const float* xo, const float* wo, int64_t n_o, float* z, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) z[j] = 0.f;
+  for (int64_t t = 0; t < n_o; ++t) {
+    const float a = xo[t];
+    const float* w = wo + t * n;
+    for (int64_t j = 0; j < n; ++j) z[j] += a * w[j];
+  }
+}
+
+// One row of quantize_rows_int8(x, outliers): scale, q, and the outlier channels' values.
+void quantize_row(const float* x, const float* keep, const int64_t* idx, int64_t n_o, int8_t* q, float* sp,
+                  float* xo, int64_t n) {
+  float s = (keep != nullptr ? row_absmax_masked(x, keep, n) : row_absmax(x, n)) / 127.0f;
+  if (!(s > 0.0f)) s = 1.0f;  // an all-zero row, as the torch path
+  *sp = s;
+  if (keep != nullptr) {
+    row_quantize_masked(x, keep, q, n, s);
+    for (int64_t t = 0; t < n_o; ++t) xo[t] = x[idx[t]];
+  } else {
+    row_quantize(x, q, n, s);
+  }
+}
+
 template <int kAct, bool kBias, bool kRes>
 FASTLM_QUANT_CLONES void row_epilogue(const int32_t* acc, float xs, const float* ws, const float* b, const float* r,
-                                      float* y, int64_t n) {
+                                      const float* z, float* y, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     float v = static_cast<float>(acc[j]) * xs * ws[j];
+    if (z != nullptr) v += z[j];
     if constexpr (kBias) v += b[j];
     if constexpr (kAct == 1) v = fm::gelu_erf(v);
     if constexpr (kAct == 2) v = fm::gelu_tanh(v);
@@ -80,7 +132,8 @@ FASTLM_QUANT_CLONES void row_epilogue(const int32_t* acc, float xs, const float*
   }
 }
 
-using RowFn = void (*)(const int32_t*, float, const float*, const float*, const float*, float*, int64_t);
+using RowFn = void (*)(const int32_t*, float, const float*, const float*, const float*, const float*, float*,
+                       int64_t);
 
 template <int kAct>
 RowFn pick_row(bool bias, bool res) {
@@ -99,9 +152,38 @@ void check_cpu(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
 }
 
+// Outlier channels of a (rows, n) tensor being quantized: the indices (int64, contiguous) and the
+// keep mask (n,) float32 (1, 0 on an outlier). Undefined tensors when `outliers` is None.
+struct Outliers {
+  at::Tensor idx, keep;
+  int64_t n_o = 0;
+  const float* keep_ptr() const { return keep.defined() ? keep.const_data_ptr<float>() : nullptr; }
+  const int64_t* idx_ptr() const { return idx.defined() ? idx.const_data_ptr<int64_t>() : nullptr; }
+};
+
+Outliers check_outliers(const char* op, const c10::optional<at::Tensor>& outliers, int64_t n) {
+  Outliers o;
+  if (!outliers.has_value()) return o;
+  TORCH_CHECK_TYPE(outliers->scalar_type() == at::kLong, op, ": outliers must be int64, got ",
+                   outliers->scalar_type());
+  TORCH_CHECK_VALUE(outliers->dim() == 1, op, ": outliers must be 1-D (n_o,), got shape ", outliers->sizes());
+  check_cpu(*outliers, op, "outliers");
+  o.idx = outliers->contiguous();
+  o.n_o = o.idx.size(0);
+  const int64_t* ip = o.idx.const_data_ptr<int64_t>();
+  o.keep = at::ones({n}, o.idx.options().dtype(at::kFloat));
+  float* kp = o.keep.mutable_data_ptr<float>();
+  for (int64_t t = 0; t < o.n_o; ++t) {
+    TORCH_CHECK_VALUE(ip[t] >= 0 && ip[t] < n, op, ": outliers must be channel indices in [0, ", n, "), got ", ip[t]);
+    kp[ip[t]] = 0.f;
+  }
+  return o;
+}
+
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> quantize_rows_int8_cpu(const at::Tensor& x_in) {
+std::tuple<at::Tensor, at::Tensor> quantize_rows_int8_cpu(const at::Tensor& x_in,
+                                                          const c10::optional<at::Tensor>& outliers) {
   TORCH_CHECK_TYPE(x_in.scalar_type() == at::kFloat, "quantize_rows_int8: x must be float32, got ",
                    x_in.scalar_type());
   check_cpu(x_in, "quantize_rows_int8", "x");
@@ -109,18 +191,15 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_int8_cpu(const at::Tensor& x_in
                     "tensor, got shape ", x_in.sizes());
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1);
+  const Outliers o = check_outliers("quantize_rows_int8", outliers, K);
   at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
   at::Tensor scale = at::empty({M}, x.options());
   const float* xp = x.const_data_ptr<float>();
+  const float* kp = o.keep_ptr();
   int8_t* qp = q.mutable_data_ptr<int8_t>();
   float* sp = scale.mutable_data_ptr<float>();
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t r0, int64_t r1) {
-    for (int64_t m = r0; m < r1; ++m) {
-      float s = row_absmax(xp + m * K, K) / 127.0f;
-      if (!(s > 0.0f)) s = 1.0f;  // an all-zero row, as the torch path
-      sp[m] = s;
-      row_quantize(xp + m * K, qp + m * K, K, s);
-    }
+    for (int64_t m = r0; m < r1; ++m) quantize_row(xp + m * K, kp, nullptr, 0, qp + m * K, sp + m, nullptr, K);
   });
   return {q, scale};
 }
@@ -130,13 +209,20 @@ namespace {
 // Checks shared by the two epilogues; returns the activation code and contiguous operands.
 struct EpilogueArgs {
   int act;
-  int64_t M, N;
-  at::Tensor acc, xs, ws, b, r;
+  int64_t M, N, n_o = 0;
+  at::Tensor acc, xs, ws, b, r, xo, wo;  // xo (M, n_o) / wo (n_o, N): the outlier channels' float32 product
+  // z row = xo[m] @ wo into `scratch` (N floats), or nullptr without outlier channels
+  const float* outlier_row(int64_t m, float* scratch) const {
+    if (!xo.defined()) return nullptr;
+    row_outlier_product(xo.const_data_ptr<float>() + m * n_o, wo.const_data_ptr<float>(), n_o, scratch, N);
+    return scratch;
+  }
 };
 
 EpilogueArgs check_epilogue(const char* op, const at::Tensor& acc_in, const at::Tensor& xs_in,
                             const at::Tensor& ws_in, const c10::optional<at::Tensor>& bias,
-                            c10::string_view activation, const c10::optional<at::Tensor>& residual) {
+                            c10::string_view activation, const c10::optional<at::Tensor>& residual,
+                            const c10::optional<at::Tensor>& x_out, const c10::optional<at::Tensor>& w_out) {
   EpilogueArgs a;
   a.act = parse_act(activation);
   TORCH_CHECK_TYPE(acc_in.scalar_type() == at::kInt, op, ": acc must be int32, got ", acc_in.scalar_type());
@@ -168,6 +254,20 @@ EpilogueArgs check_epilogue(const char* op, const at::Tensor& acc_in, const at::
     check_cpu(*residual, op, "residual");
     a.r = residual->contiguous();
   }
+  TORCH_CHECK_VALUE(x_out.has_value() == w_out.has_value(), op, ": x_out and w_out go together (both or neither)");
+  if (x_out.has_value()) {
+    TORCH_CHECK_TYPE(x_out->scalar_type() == at::kFloat && w_out->scalar_type() == at::kFloat, op,
+                     ": x_out and w_out must be float32, got ", x_out->scalar_type(), " and ", w_out->scalar_type());
+    TORCH_CHECK_VALUE(x_out->dim() == 2 && x_out->size(0) == a.M, op, ": x_out must have shape (", a.M,
+                      ", n_o), got ", x_out->sizes());
+    a.n_o = x_out->size(1);
+    TORCH_CHECK_VALUE(w_out->dim() == 2 && w_out->size(0) == a.n_o && w_out->size(1) == a.N, op,
+                      ": w_out must have shape (", a.n_o, ", ", a.N, "), got ", w_out->sizes());
+    check_cpu(*x_out, op, "x_out");
+    check_cpu(*w_out, op, "w_out");
+    a.xo = x_out->contiguous();
+    a.wo = w_out->contiguous();
+  }
   a.acc = acc_in.contiguous();
   a.xs = xs_in.contiguous();
   a.ws = ws_in.contiguous();
@@ -184,8 +284,10 @@ RowFn pick(const EpilogueArgs& a) {
 
 at::Tensor int8_linear_epilogue_cpu(const at::Tensor& acc_in, const at::Tensor& xs_in, const at::Tensor& ws_in,
                                     const c10::optional<at::Tensor>& bias, c10::string_view activation,
-                                    const c10::optional<at::Tensor>& residual) {
-  const EpilogueArgs a = check_epilogue("int8_linear_epilogue", acc_in, xs_in, ws_in, bias, activation, residual);
+                                    const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& x_out,
+                                    const c10::optional<at::Tensor>& w_out) {
+  const EpilogueArgs a =
+      check_epilogue("int8_linear_epilogue", acc_in, xs_in, ws_in, bias, activation, residual, x_out, w_out);
   const int64_t N = a.N;
   at::Tensor y = at::empty({a.M, N}, a.acc.options().dtype(at::kFloat));
   const RowFn fn = pick(a);
@@ -196,8 +298,10 @@ at::Tensor int8_linear_epilogue_cpu(const at::Tensor& acc_in, const at::Tensor& 
   const float* rp = a.r.defined() ? a.r.const_data_ptr<float>() : nullptr;
   float* yp = y.mutable_data_ptr<float>();
   at::parallel_for(0, a.M, std::max<int64_t>(1, 16384 / N), [&](int64_t r0, int64_t r1) {
+    std::vector<float> z(a.xo.defined() ? N : 0);
     for (int64_t m = r0; m < r1; ++m)
-      fn(ap + m * N, xsp[m], wsp, bp, rp != nullptr ? rp + m * N : nullptr, yp + m * N, N);
+      fn(ap + m * N, xsp[m], wsp, bp, rp != nullptr ? rp + m * N : nullptr, a.outlier_row(m, z.data()), yp + m * N,
+         N);
   });
   return y;
 }
@@ -207,9 +311,10 @@ at::Tensor int8_linear_epilogue_cpu(const at::Tensor& acc_in, const at::Tensor& 
 // slot is overwritten.
 void int8_linear_epilogue_inplace_cpu(at::Tensor& acc, const at::Tensor& xs_in, const at::Tensor& ws_in,
                                       const c10::optional<at::Tensor>& bias, c10::string_view activation,
-                                      const c10::optional<at::Tensor>& residual) {
+                                      const c10::optional<at::Tensor>& residual,
+                                      const c10::optional<at::Tensor>& x_out, const c10::optional<at::Tensor>& w_out) {
   const char* op = "int8_linear_epilogue_";
-  const EpilogueArgs a = check_epilogue(op, acc, xs_in, ws_in, bias, activation, residual);
+  const EpilogueArgs a = check_epilogue(op, acc, xs_in, ws_in, bias, activation, residual, x_out, w_out);
   TORCH_CHECK_VALUE(acc.is_contiguous(), op, ": acc must be contiguous (it is overwritten in place)");
   const int64_t N = a.N;
   const RowFn fn = pick(a);
@@ -219,24 +324,29 @@ void int8_linear_epilogue_inplace_cpu(at::Tensor& acc, const at::Tensor& xs_in, 
   const float* rp = a.r.defined() ? a.r.const_data_ptr<float>() : nullptr;
   void* base = acc.mutable_data_ptr();
   at::parallel_for(0, a.M, std::max<int64_t>(1, 16384 / N), [&](int64_t r0, int64_t r1) {
-    std::vector<float> row(N);
+    std::vector<float> row(a.xo.defined() ? 2 * N : N);  // the result row, then the outlier product's
     for (int64_t m = r0; m < r1; ++m) {
       const int32_t* am = static_cast<const int32_t*>(base) + m * N;
-      fn(am, xsp[m], wsp, bp, rp != nullptr ? rp + m * N : nullptr, row.data(), N);
-      std::copy(row.begin(), row.end(), static_cast<float*>(base) + m * N);
+      fn(am, xsp[m], wsp, bp, rp != nullptr ? rp + m * N : nullptr, a.outlier_row(m, row.data() + N), row.data(), N);
+      std::copy(row.begin(), row.begin() + N, static_cast<float*>(base) + m * N);
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> int8_linear_epilogue_quant_cpu(const at::Tensor& acc_in, const at::Tensor& xs_in,
-                                                                  const at::Tensor& ws_in,
-                                                                  const c10::optional<at::Tensor>& bias,
-                                                                  c10::string_view activation) {
-  const EpilogueArgs a =
-      check_epilogue("int8_linear_epilogue_quant", acc_in, xs_in, ws_in, bias, activation, c10::nullopt);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear_epilogue_quant_cpu(
+    const at::Tensor& acc_in, const at::Tensor& xs_in, const at::Tensor& ws_in, const c10::optional<at::Tensor>& bias,
+    c10::string_view activation, const c10::optional<at::Tensor>& x_out, const c10::optional<at::Tensor>& w_out,
+    const c10::optional<at::Tensor>& outliers) {
+  const char* op = "int8_linear_epilogue_quant";
+  const EpilogueArgs a = check_epilogue(op, acc_in, xs_in, ws_in, bias, activation, c10::nullopt, x_out, w_out);
   const int64_t N = a.N;
+  const Outliers o = check_outliers(op, outliers, N);
   at::Tensor q = at::empty({a.M, N}, a.acc.options().dtype(at::kChar));
   at::Tensor scale = at::empty({a.M}, a.acc.options().dtype(at::kFloat));
+  at::Tensor y_out = at::empty({a.M, o.n_o}, a.acc.options().dtype(at::kFloat));
+  float* yop = y_out.mutable_data_ptr<float>();
+  const float* kp = o.keep_ptr();
+  const int64_t* ip = o.idx_ptr();
   const RowFn fn = pick(a);
   const int32_t* ap = a.acc.const_data_ptr<int32_t>();
   const float* xsp = a.xs.const_data_ptr<float>();
@@ -245,16 +355,13 @@ std::tuple<at::Tensor, at::Tensor> int8_linear_epilogue_quant_cpu(const at::Tens
   int8_t* qp = q.mutable_data_ptr<int8_t>();
   float* sp = scale.mutable_data_ptr<float>();
   at::parallel_for(0, a.M, std::max<int64_t>(1, 16384 / N), [&](int64_t r0, int64_t r1) {
-    std::vector<float> row(N);  // one output row, L1/L2 resident between the passes
+    std::vector<float> row(2 * N);  // one output row, L1/L2 resident between the passes, and the outlier product's
     for (int64_t m = r0; m < r1; ++m) {
-      fn(ap + m * N, xsp[m], wsp, bp, nullptr, row.data(), N);
-      float s = row_absmax(row.data(), N) / 127.0f;
-      if (!(s > 0.0f)) s = 1.0f;
-      sp[m] = s;
-      row_quantize(row.data(), qp + m * N, N, s);
+      fn(ap + m * N, xsp[m], wsp, bp, nullptr, a.outlier_row(m, row.data() + N), row.data(), N);
+      quantize_row(row.data(), kp, ip, o.n_o, qp + m * N, sp + m, yop + m * o.n_o, N);
     }
   });
-  return {q, scale};
+  return {q, scale, y_out};
 }
 
 namespace {
@@ -262,8 +369,8 @@ namespace {
 // y = LN((acc * x_scale * w_scale + bias) + residual) * ln_weight + ln_bias row by row, then y
 // quantized per token into q / scale. y may be acc's own storage (each acc row is read into a
 // scratch row before its y row is written).
-void epilogue_ln_quant(const EpilogueArgs& a, const at::Tensor& lw, const at::Tensor& lb, float eps,
-                       const int32_t* ap, float* yp, int8_t* qp, float* sp) {
+void epilogue_ln_quant(const EpilogueArgs& a, const Outliers& o, const at::Tensor& lw, const at::Tensor& lb, float eps,
+                       const int32_t* ap, float* yp, int8_t* qp, float* sp, float* yop) {
   const int64_t N = a.N;
   const RowFn fn = pick_row<0>(a.b.defined(), false);  // the residual joins in the LayerNorm row
   const float* xsp = a.xs.const_data_ptr<float>();
@@ -273,23 +380,24 @@ void epilogue_ln_quant(const EpilogueArgs& a, const at::Tensor& lw, const at::Te
   const float* lwp = lw.const_data_ptr<float>();
   const float* lbp = lb.const_data_ptr<float>();
   at::parallel_for(0, a.M, std::max<int64_t>(1, 16384 / N), [&](int64_t r0, int64_t r1) {
-    std::vector<float> row(2 * N);  // the epilogue's row and LayerNorm's scratch row, L1 resident
+    std::vector<float> row(2 * N);  // the epilogue's row and LayerNorm's (or the outlier product's) scratch row
+    const float* kp = o.keep_ptr();
+    const int64_t* ip = o.idx_ptr();
     for (int64_t m = r0; m < r1; ++m) {
       float* ym = yp + m * N;
-      fn(ap + m * N, xsp[m], wsp, bp, nullptr, row.data(), N);  // acc * x_scale * w_scale + bias
+      // acc * x_scale * w_scale (+ outlier product) + bias
+      fn(ap + m * N, xsp[m], wsp, bp, nullptr, a.outlier_row(m, row.data() + N), row.data(), N);
       cpu::add_layer_norm_row(row.data(), rp + m * N, lwp, lbp, ym, row.data() + N, N, eps);  // LN(. + residual)
-      float s = row_absmax(ym, N) / 127.0f;
-      if (!(s > 0.0f)) s = 1.0f;
-      sp[m] = s;
-      row_quantize(ym, qp + m * N, N, s);
+      quantize_row(ym, kp, ip, o.n_o, qp + m * N, sp + m, yop + m * o.n_o, N);
     }
   });
 }
 
 EpilogueArgs check_ln_quant(const char* op, const at::Tensor& acc, const at::Tensor& xs, const at::Tensor& ws,
                             const c10::optional<at::Tensor>& bias, const at::Tensor& residual,
-                            const at::Tensor& ln_weight, const at::Tensor& ln_bias, double eps) {
-  EpilogueArgs a = check_epilogue(op, acc, xs, ws, bias, "none", residual);
+                            const at::Tensor& ln_weight, const at::Tensor& ln_bias, double eps,
+                            const c10::optional<at::Tensor>& x_out, const c10::optional<at::Tensor>& w_out) {
+  EpilogueArgs a = check_epilogue(op, acc, xs, ws, bias, "none", residual, x_out, w_out);
   const std::pair<const char*, const at::Tensor*> ln[] = {{"ln_weight", &ln_weight}, {"ln_bias", &ln_bias}};
   for (const auto& [name, t] : ln) {
     TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t->scalar_type());
@@ -303,31 +411,37 @@ EpilogueArgs check_ln_quant(const char* op, const at::Tensor& acc, const at::Ten
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> int8_linear_epilogue_ln_quant_inplace_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear_epilogue_ln_quant_inplace_cpu(
     at::Tensor& acc, const at::Tensor& xs, const at::Tensor& ws, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& residual, const at::Tensor& ln_weight, const at::Tensor& ln_bias, double eps) {
+    const at::Tensor& residual, const at::Tensor& ln_weight, const at::Tensor& ln_bias, double eps,
+    const c10::optional<at::Tensor>& x_out, const c10::optional<at::Tensor>& w_out,
+    const c10::optional<at::Tensor>& outliers) {
   const char* op = "int8_linear_epilogue_ln_quant_";
-  const EpilogueArgs a = check_ln_quant(op, acc, xs, ws, bias, residual, ln_weight, ln_bias, eps);
+  const EpilogueArgs a = check_ln_quant(op, acc, xs, ws, bias, residual, ln_weight, ln_bias, eps, x_out, w_out);
   TORCH_CHECK_VALUE(acc.is_contiguous(), op, ": acc must be contiguous (it is overwritten in place)");
+  const Outliers o = check_outliers(op, outliers, a.N);
   at::Tensor q = at::empty({a.M, a.N}, acc.options().dtype(at::kChar));
   at::Tensor scale = at::empty({a.M}, acc.options().dtype(at::kFloat));
+  at::Tensor h_out = at::empty({a.M, o.n_o}, acc.options().dtype(at::kFloat));
   void* base = acc.mutable_data_ptr();
-  epilogue_ln_quant(a, ln_weight.contiguous(), ln_bias.contiguous(), static_cast<float>(eps),
+  epilogue_ln_quant(a, o, ln_weight.contiguous(), ln_bias.contiguous(), static_cast<float>(eps),
                     static_cast<const int32_t*>(base), static_cast<float*>(base), q.mutable_data_ptr<int8_t>(),
-                    scale.mutable_data_ptr<float>());
-  return {q, scale};
+                    scale.mutable_data_ptr<float>(), h_out.mutable_data_ptr<float>());
+  return {q, scale, h_out};
 }
 
 TORCH_LIBRARY_FRAGMENT(fastlm, m) {
-  m.def("quantize_rows_int8(Tensor x) -> (Tensor, Tensor)");
+  m.def("quantize_rows_int8(Tensor x, Tensor? outliers=None) -> (Tensor, Tensor)");
   m.def("int8_linear_epilogue(Tensor acc, Tensor x_scale, Tensor w_scale, Tensor? bias=None, str activation='none', "
-        "Tensor? residual=None) -> Tensor");
+        "Tensor? residual=None, Tensor? x_out=None, Tensor? w_out=None) -> Tensor");
   m.def("int8_linear_epilogue_quant(Tensor acc, Tensor x_scale, Tensor w_scale, Tensor? bias=None, "
-        "str activation='none') -> (Tensor, Tensor)");
+        "str activation='none', Tensor? x_out=None, Tensor? w_out=None, Tensor? outliers=None) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("int8_linear_epilogue_(Tensor(a!) acc, Tensor x_scale, Tensor w_scale, Tensor? bias=None, "
-        "str activation='none', Tensor? residual=None) -> ()");
+        "str activation='none', Tensor? residual=None, Tensor? x_out=None, Tensor? w_out=None) -> ()");
   m.def("int8_linear_epilogue_ln_quant_(Tensor(a!) acc, Tensor x_scale, Tensor w_scale, Tensor? bias, "
-        "Tensor residual, Tensor ln_weight, Tensor ln_bias, float eps) -> (Tensor, Tensor)");
+        "Tensor residual, Tensor ln_weight, Tensor ln_bias, float eps, Tensor? x_out=None, Tensor? w_out=None, "
+        "Tensor? outliers=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) {

@@ -53,24 +53,32 @@ if _C is not None:
         return x.new_empty((*x.shape[:-1], n))
 
     @torch.library.register_fake("fastlm::quantize_rows_int8")
-    def _quantize_rows_int8_fake(x):
+    def _quantize_rows_int8_fake(x, outliers=None):
         return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:1])
 
     @torch.library.register_fake("fastlm::int8_linear_epilogue")
-    def _int8_linear_epilogue_fake(acc, x_scale, w_scale, bias=None, activation="none", residual=None):
+    def _int8_linear_epilogue_fake(acc, x_scale, w_scale, bias=None, activation="none", residual=None, x_out=None,
+                                   w_out=None):
         return acc.new_empty(acc.shape, dtype=torch.float32)
 
     @torch.library.register_fake("fastlm::int8_linear_epilogue_quant")
-    def _int8_linear_epilogue_quant_fake(acc, x_scale, w_scale, bias=None, activation="none"):
-        return acc.new_empty(acc.shape, dtype=torch.int8), acc.new_empty(acc.shape[:1], dtype=torch.float32)
+    def _int8_linear_epilogue_quant_fake(acc, x_scale, w_scale, bias=None, activation="none", x_out=None, w_out=None,
+                                         outliers=None):
+        n_o = 0 if outliers is None else outliers.shape[0]
+        return (acc.new_empty(acc.shape, dtype=torch.int8), acc.new_empty(acc.shape[:1], dtype=torch.float32),
+                acc.new_empty((acc.shape[0], n_o), dtype=torch.float32))
 
     @torch.library.register_fake("fastlm::int8_linear_epilogue_")
-    def _int8_linear_epilogue_inplace_fake(acc, x_scale, w_scale, bias=None, activation="none", residual=None):
+    def _int8_linear_epilogue_inplace_fake(acc, x_scale, w_scale, bias=None, activation="none", residual=None,
+                                           x_out=None, w_out=None):
         return None  # writes its float32 result over acc
 
     @torch.library.register_fake("fastlm::int8_linear_epilogue_ln_quant_")
-    def _int8_linear_epilogue_ln_quant_fake(acc, x_scale, w_scale, bias, residual, ln_weight, ln_bias, eps):
-        return acc.new_empty(acc.shape, dtype=torch.int8), acc.new_empty(acc.shape[:1], dtype=torch.float32)
+    def _int8_linear_epilogue_ln_quant_fake(acc, x_scale, w_scale, bias, residual, ln_weight, ln_bias, eps, x_out=None,
+                                            w_out=None, outliers=None):
+        n_o = 0 if outliers is None else outliers.shape[0]
+        return (acc.new_empty(acc.shape, dtype=torch.int8), acc.new_empty(acc.shape[:1], dtype=torch.float32),
+                acc.new_empty((acc.shape[0], n_o), dtype=torch.float32))
 
     @torch.library.register_fake("fastlm::attention_blocked")
     def _attention_blocked_fake(q, k, v, scale, portable=False):

@@ -1,4 +1,4 @@
-"""fastlm's command line: `fastlm info`, `fastlm bench`, `fastlm generate`, `fastlm embed` (also
+"""fastlm's command line: `fastlm info`, `fastlm bench`, `fastlm generate`, `fastlm embed`, `fastlm serve` (also
 `python -m fastlm`)."""
 
 from __future__ import annotations
@@ -63,6 +63,15 @@ def cmd_bench(args) -> int:
 
     if args.compare:
         return _compare(*args.compare)
+    if args.suite == "serve":  # servers in their own processes under a load generator: its own table
+        from rich.markdown import Markdown
+
+        from fastlm.bench import serve as serve_bench
+
+        _, md = serve_bench.run(args.out, threads=args.threads, quick=args.quick)
+        _console().print(Markdown(md))
+        print(f"wrote {os.path.join(args.out, 'serve-bench.json')} and serve-bench.md")
+        return 0
     if args.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     else:
@@ -335,7 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time fastlm against its baselines on this machine")
     b.add_argument("--suite", default="all",
                    help="ops, models, peers (fastlm vs CTranslate2 and transformers on CPU, each engine in its own "
-                        "process) or all (default; includes peers on CPU when ctranslate2 is installed)")
+                        "process), all (default; includes peers on CPU when ctranslate2 is installed) or serve "
+                        "(fastlm serve under load vs sentence-transformers behind FastAPI; docs/serve.md)")
+    b.add_argument("--quick", action="store_true", help="serve: a short run (smaller loads)")
     b.add_argument("--rounds", type=int, default=None,
                    help="peers: rounds over all engines (default 2 with --suite peers, 1 in all)")
     b.add_argument("--calls", type=int, default=None, help="peers: timed calls per engine process (default 3 / 2)")
@@ -412,7 +423,69 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: such a text is an error)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar on standard error")
     e.set_defaults(func=cmd_embed)
+    s = sub.add_parser("serve", help="serve one model over HTTP: OpenAI /v1 routes, TEI routes, /health /metrics "
+                       "(docs/serve.md; needs fastlm[serve])")
+    s.add_argument("--model", required=True, help="checkpoint directory (its task comes from config.architectures / "
+                   "the sentence-transformers files)")
+    s.add_argument("--task", default=None, choices=["embed", "classify", "rerank", "generate"],
+                   help="override the task read from the checkpoint")
+    s.add_argument("--served-model-name", default=None, help="the model name of /v1 routes (default: --model)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="default fp16 on GPU, fp32 on CPU")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--quantize", default=None, help="passed to fastlm.from_pretrained (int8, int8_dynamic)")
+    s.add_argument("--max-concurrent-requests", type=int, default=512, help="requests in flight before 429")
+    s.add_argument("--max-batch-tokens", type=int, default=16384, help="encoders: padded tokens per batch")
+    s.add_argument("--max-batch-requests", type=int, default=64, help="encoders: sequences per batch")
+    s.add_argument("--max-client-batch-size", type=int, default=32, help="inputs in one request (more: 413)")
+    s.add_argument("--max-num-seqs", type=int, default=32, help="generation: sequences decoded together (KV slots)")
+    s.add_argument("--max-model-len", type=int, default=None, help="generation: KV cache positions per slot "
+                   "(default: the model's positions)")
+    s.add_argument("--max-prefill-tokens", type=int, default=2048, help="generation: prompt tokens prefilled "
+                   "between two decode steps")
+    s.add_argument("--payload-limit", type=int, default=2_000_000, help="largest request body in bytes (more: 413)")
+    s.add_argument("--tokenization-workers", type=int, default=2)
+    s.add_argument("--request-timeout", type=float, default=None, help="seconds before a request fails with 408")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests in "
+                   "flight before aborting them")
+    s.add_argument("--api-key", default=os.environ.get("FASTLM_API_KEY"), help="require 'Authorization: Bearer "
+                   "KEY' on every route but /health (default: $FASTLM_API_KEY)")
+    s.add_argument("--cors-allow-origin", action="append", default=[], help="allow this origin (repeatable; * for any)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=cmd_serve)
     return p
+
+
+def cmd_serve(args) -> int:
+    import logging
+
+    try:
+        from fastlm.serve.app import ServeConfig, serve
+    except ImportError as e:
+        raise UsageError(f"needs the serve extra: pip install 'fastlm[serve]' ({e})") from None
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"--model {args.model}: no such directory")
+    for flag in ("max_concurrent_requests", "max_batch_tokens", "max_batch_requests", "max_client_batch_size",
+                 "max_num_seqs", "max_prefill_tokens", "payload_limit", "tokenization_workers"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    import torch
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = ServeConfig(model=args.model, task=args.task, served_model_name=args.served_model_name, host=args.host,
+                      port=args.port, device=device,
+                      dtype=None if args.dtype is None else model_dtype("fastlm serve", args.dtype),
+                      quantize=args.quantize, max_concurrent_requests=args.max_concurrent_requests,
+                      max_batch_tokens=args.max_batch_tokens, max_batch_requests=args.max_batch_requests,
+                      max_client_batch_size=args.max_client_batch_size, max_num_seqs=args.max_num_seqs,
+                      max_model_len=args.max_model_len, max_prefill_tokens=args.max_prefill_tokens,
+                      payload_limit=args.payload_limit, tokenization_workers=args.tokenization_workers,
+                      request_timeout=args.request_timeout, shutdown_timeout=args.shutdown_timeout,
+                      api_key=args.api_key, cors_allow_origin=tuple(args.cors_allow_origin),
+                      log_level=args.log_level)
+    return serve(cfg)
 
 
 def _one_line(msg: str) -> str:

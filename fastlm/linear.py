@@ -218,54 +218,115 @@ class Int8Linear(FastLinear):
 
 class Int8Rows(NamedTuple):
     """Activations quantized per token for an Int8DynamicLinear: q (M, K) int8, scale (M,) float32,
-    x[m] ~ q[m] * scale[m] (scale = absmax(x[m]) / 127, 1 for an all-zero row)."""
+    x[m] ~ q[m] * scale[m] (scale = absmax(x[m]) / 127, 1 for an all-zero row). With outlier
+    channels (`outliers`, int64 (n_o,), see Int8DynamicLinear) the absmax leaves them out, q is 0
+    there and xo (M, n_o) float32 holds their values; without, xo and outliers are None."""
 
     q: Tensor
     scale: Tensor
+    xo: Tensor | None = None
+    outliers: Tensor | None = None
+
+
+def same_channels(a: Tensor | None, b: Tensor | None) -> bool:
+    """Whether two outlier channel sets (int64 (n_o,) or None) are the same."""
+    if a is None or b is None:
+        return a is None and b is None
+    return a is b or (a.shape == b.shape and torch.equal(a, b))
 
 
 class Int8DynamicLinear(FastLinear):
     """int8 weights (as Int8Linear) with dynamic per-token int8 activations:
     x_scale[m] = absmax(x[m]) / 127, xq = round(x / x_scale) in [-127, 127], then torch's int8 GEMM
     (torch._int_mm, oneDNN VNNI on CPU) with int32 accumulation, y = acc * x_scale[m] * scale[n] + b.
-    `qweight` is (N, K) viewed from (K, N) row-major memory, the layout torch._int_mm reads without a
-    per-call transpose. With fastlm._C the quantization and the epilogue (scales, bias, GELU,
-    residual) are one fused pass each (csrc/quant_cpu.cpp), the epilogue writing its float32 result
-    over the GEMM's int32 output (same size: no second buffer); without it, torch ops compute the
-    same. CPU float32 only."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None):
+    Outlier channels (`outliers`: int64 (n_o,) input channels, or None; chosen by fastlm.quantize_
+    at quantization time): an LLM.int8()-style decomposition (Dettmers et al. 2022,
+    arXiv:2208.07339) with a static channel set. Those channels stay out of the int8 rows (not in
+    x_scale's absmax, q = 0 there) and out of the int8 weight (its columns are zero before the
+    per-channel quantization), and their product is float32:
+    y = acc * x_scale[m] * scale[n] + x[:, outliers] @ w_out + b, w_out (n_o, N) float32 the
+    original columns. The int8 weight stays the only copy of the others.
+
+    `qweight` is (N, K) viewed from (K, N) row-major memory, the layout torch._int_mm reads without a
+    per-call transpose. With fastlm._C the quantization and the epilogue (scales, outlier product,
+    bias, GELU, residual) are one fused pass each (csrc/quant_cpu.cpp), the epilogue writing its
+    float32 result over the GEMM's int32 output (same size: no second buffer); without it, torch
+    ops compute the same. `next_outliers`: the outlier set of the int8 linear this one's LayerNorm'd
+    output feeds (forward_add_layer_norm), set by fastlm.quantize_. CPU float32 only."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, outliers: Tensor | None = None):
         super().__init__()
         if weight.dim() != 2:
             raise ValueError(f"Int8DynamicLinear: weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
+        w_out = None
+        if outliers is not None:
+            outliers = torch.as_tensor(outliers, dtype=torch.int64, device=weight.device).flatten()
+            if outliers.numel() == 0:
+                outliers = None
+            elif (outliers.min() < 0 or outliers.max() >= self.in_features
+                  or outliers.unique().numel() != outliers.numel()):
+                raise ValueError(f"Int8DynamicLinear: outliers must be distinct input channels in "
+                                 f"[0, {self.in_features}), got {outliers.tolist()}")
+        if outliers is not None:
+            wf = weight.detach().float()
+            w_out = wf[:, outliers].t().contiguous()  # (n_o, N) float32
+            weight = wf.clone()
+            weight[:, outliers] = 0
         q, scale = quantize_int8(weight)
         self.register_buffer("qweight", q.t().contiguous().t())  # (N, K) view of (K, N) memory
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach())
+        self.register_buffer("outliers", outliers)
+        self.register_buffer("w_out", w_out)
+        self.register_buffer("next_outliers", None)
 
     @classmethod
-    def from_linear(cls, lin: nn.Module) -> Int8DynamicLinear:
+    def from_linear(cls, lin: nn.Module, outliers: Tensor | None = None) -> Int8DynamicLinear:
         w = lin.dense_weight() if isinstance(lin, PackedLinear) else lin.weight
-        return cls(w, lin.bias)
+        return cls(w, lin.bias, outliers)
+
+    def extra_repr(self) -> str:
+        n_o = 0 if self.outliers is None else self.outliers.numel()
+        return f"{super().extra_repr()}, outlier_channels={n_o}"
 
     def _apply(self, fn, recurse=True):
-        scale = self.scale
+        scale, w_out = self.scale, self.w_out  # float32 whatever the model dtype
         super()._apply(fn, recurse)
         self.scale = scale.to(self.qweight.device)
+        if w_out is not None:
+            self.w_out = w_out.to(self.qweight.device)
         if not self.qweight.t().is_contiguous():
             self.qweight = self.qweight.t().contiguous().t()
         return self
 
     def dequantized(self) -> Tensor:
-        return self.qweight.float() * self.scale[:, None]
+        """The (N, K) float32 weight the layer computes with: q * scale, and the float32 columns
+        of the outlier channels."""
+        w = self.qweight.float() * self.scale[:, None]
+        if self.outliers is not None:
+            w[:, self.outliers] = self.w_out.t()
+        return w
 
     def fused_ready(self, x: Tensor) -> bool:
         return _cpu_kernel_ok(x)  # quantization and epilogue in fastlm._C
 
+    def takes(self, xq: Int8Rows) -> bool:
+        """Whether `xq` was quantized for this layer (the same outlier channels)."""
+        return same_channels(xq.outliers, self.outliers)
+
     def _check(self, x: Tensor) -> None:
         if x.device.type != "cpu" or x.dtype != torch.float32:
             raise ValueError(f"Int8DynamicLinear: runs on CPU float32 activations, got {x.dtype} on {x.device}")
+
+    def quantize_input(self, x: Tensor) -> Int8Rows:
+        """x (..., K) float32 quantized per token for this layer (its outlier channels left out and
+        returned in float32). Needs fastlm._C."""
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        q, s = torch.ops.fastlm.quantize_rows_int8(x2, self.outliers)
+        xo = None if self.outliers is None else x2.index_select(1, self.outliers)  # (M, n_o)
+        return Int8Rows(q, s, xo, self.outliers)
 
     def forward(self, x: Tensor, *, activation: str | None = None, residual: Tensor | None = None) -> Tensor:
         _act_name(activation)
@@ -274,49 +335,71 @@ class Int8DynamicLinear(FastLinear):
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         r2 = None if residual is None else residual.reshape(-1, self.out_features)  # (M, N)
         if _ext.available():
-            xq, xs = torch.ops.fastlm.quantize_rows_int8(x2)  # (M, K) int8, (M,) per-token scales
-            y = self.forward_int8(xq, xs, activation=activation, residual=r2)
+            xq = self.quantize_input(x2)
+            y = self.forward_int8(xq.q, xq.scale, activation=activation, residual=r2, xo=xq.xo)
             return y.view(*shape[:-1], self.out_features)
-        xs = x2.abs().amax(dim=1, keepdim=True) / 127.0  # (M, 1) per-token scale
+        xm = x2
+        if self.outliers is not None:
+            xm = x2.clone()
+            xm[:, self.outliers] = 0
+        xs = xm.abs().amax(dim=1, keepdim=True) / 127.0  # (M, 1) per-token scale
         xs = torch.where(xs > 0, xs, torch.ones_like(xs))
-        xq = torch.round(x2 / xs).clamp_(-127, 127).to(torch.int8)
+        xq = torch.round(xm / xs).clamp_(-127, 127).to(torch.int8)
         acc = int_mm(xq, self.qweight.t())  # (M, N) int32
         y = acc.float().mul_(xs).mul_(self.scale)
+        if self.outliers is not None:
+            y.add_(x2[:, self.outliers] @ self.w_out)  # (M, n_o) @ (n_o, N), float32
         if self.bias is not None:
             y.add_(self.bias)
         y = _epilogue(y, activation, r2)
         return y.view(*shape[:-1], self.out_features)
 
+    def _outlier_args(self, xo: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        if self.outliers is None:
+            return None, None
+        if xo is None:
+            raise ValueError("Int8DynamicLinear: this layer has outlier channels: pass their float32 values (xo)")
+        return xo, self.w_out
+
     def forward_int8(self, xq: Tensor, xs: Tensor, *, activation: str | None = None,
-                     residual: Tensor | None = None) -> Tensor:
+                     residual: Tensor | None = None, xo: Tensor | None = None) -> Tensor:
         """The GEMM and epilogue on activations already quantized per token: xq (M, K) int8,
-        xs (M,) float32 -> act(xq W^T * xs * scale + b) + residual, (M, N) float32. Needs fastlm._C."""
+        xs (M,) float32, xo (M, n_o) float32 the outlier channels (required when the layer has
+        them) -> act(xq W^T * xs * scale + xo @ w_out + b) + residual, (M, N) float32. Needs fastlm._C."""
+        x_out, w_out = self._outlier_args(xo)
         acc = int_mm(xq, self.qweight.t())  # (M, N) int32
-        torch.ops.fastlm.int8_linear_epilogue_(acc, xs, self.scale, self.bias, _act_name(activation), residual)
+        torch.ops.fastlm.int8_linear_epilogue_(acc, xs, self.scale, self.bias, _act_name(activation), residual,
+                                               x_out, w_out)
         return acc.view(torch.float32)  # the epilogue's result, written over acc
 
-    def forward_to_int8(self, x: Tensor, *, activation: str | None = None,
-                        xq: Int8Rows | None = None) -> tuple[Tensor, Tensor]:
-        """act(x W^T + b) quantized per token for the next int8 linear, without an fp32 copy in
-        memory: x (..., K) -> (q (M, N) int8, scale (M,) float32), M = x.numel() // K. `xq`: x
-        already quantized per token (Int8Rows), read instead of quantizing x. Needs fastlm._C."""
+    def forward_to_int8(self, x: Tensor, *, activation: str | None = None, xq: Int8Rows | None = None,
+                        outliers: Tensor | None = None) -> Int8Rows:
+        """act(x W^T + b) quantized per token for the next int8 linear (whose outlier channels are
+        `outliers`), without an fp32 copy in memory: x (..., K) -> Int8Rows (q (M, N) int8, scale
+        (M,), xo (M, n_o) or None, outliers), M = x.numel() // K. `xq`: x already quantized for this
+        layer (Int8Rows), read instead of quantizing x. Needs fastlm._C."""
         self._check(x)
-        if xq is None:
-            xq = Int8Rows(*torch.ops.fastlm.quantize_rows_int8(x.reshape(-1, self.in_features)))
+        if xq is None or not self.takes(xq):
+            xq = self.quantize_input(x)
+        x_out, w_out = self._outlier_args(xq.xo)
         acc = int_mm(xq.q, self.qweight.t())  # (M, N) int32
-        return torch.ops.fastlm.int8_linear_epilogue_quant(acc, xq.scale, self.scale, self.bias, _act_name(activation))
+        q, s, yo = torch.ops.fastlm.int8_linear_epilogue_quant(acc, xq.scale, self.scale, self.bias,
+                                                               _act_name(activation), x_out, w_out, outliers)
+        return Int8Rows(q, s, None if outliers is None else yo, outliers)
 
     def forward_add_layer_norm(self, xq: Int8Rows, residual: Tensor, ln_weight: Tensor, ln_bias: Tensor,
-                               eps: float) -> tuple[Tensor, Int8Rows]:
-        """h = LayerNorm(residual + (xq W^T * xs * scale + b)) with (ln_weight, ln_bias, eps), and h
-        quantized per token for the next int8 linear, in one pass over the rows
-        (fastlm._C int8_linear_epilogue_ln_quant_: the arithmetic of int8_linear_epilogue, then
-        add_layer_norm_ext, then quantize_rows_int8, bit for bit). xq: (M, K) int8 rows, residual
-        (M, N) float32 -> (h (M, N) float32, Int8Rows of h). Needs fastlm._C."""
+                               eps: float, outliers: Tensor | None = None) -> tuple[Tensor, Int8Rows]:
+        """h = LayerNorm(residual + (xq W^T * xs * scale + xo @ w_out + b)) with (ln_weight, ln_bias,
+        eps), and h quantized per token for the next int8 linear (whose outlier channels are
+        `outliers`), in one pass over the rows (fastlm._C int8_linear_epilogue_ln_quant_: the
+        arithmetic of int8_linear_epilogue, then add_layer_norm_ext, then quantize_rows_int8, bit
+        for bit). xq: Int8Rows for this layer, residual (M, N) float32 -> (h (M, N) float32,
+        Int8Rows of h). Needs fastlm._C."""
+        x_out, w_out = self._outlier_args(xq.xo)
         acc = int_mm(xq.q, self.qweight.t())  # (M, N) int32
-        hq, hs = torch.ops.fastlm.int8_linear_epilogue_ln_quant_(acc, xq.scale, self.scale, self.bias, residual,
-                                                                 ln_weight, ln_bias, float(eps))
-        return acc.view(torch.float32), Int8Rows(hq, hs)  # h written over acc
+        hq, hs, ho = torch.ops.fastlm.int8_linear_epilogue_ln_quant_(
+            acc, xq.scale, self.scale, self.bias, residual, ln_weight, ln_bias, float(eps), x_out, w_out, outliers)
+        return acc.view(torch.float32), Int8Rows(hq, hs, None if outliers is None else ho, outliers)  # h over acc
 
 
 class Int8TiedEmbedding(nn.Module):

@@ -207,10 +207,10 @@ def test_int8_linear_epilogue_quant_equals_epilogue_then_quantize(M, N, act, bia
     acc, xs, ws, b = _gemm_out(M, N, bias)
     if M > 1:
         acc[M // 2] = 0  # a row that is all zero (without a bias): scale 1
-    q, s = torch.ops.fastlm.int8_linear_epilogue_quant(acc, xs, ws, b, act)
+    q, s, yo = torch.ops.fastlm.int8_linear_epilogue_quant(acc, xs, ws, b, act)
     y = torch.ops.fastlm.int8_linear_epilogue(acc, xs, ws, b, act)
     q_ref, s_ref = _quant_ref(y)
-    assert q.dtype == torch.int8 and q.shape == (M, N) and s.shape == (M,)
+    assert q.dtype == torch.int8 and q.shape == (M, N) and s.shape == (M,) and yo.shape == (M, 0)
     assert torch.equal(s, s_ref) and torch.equal(q, q_ref)
 
 
@@ -298,8 +298,9 @@ def test_int8_linear_epilogue_ln_quant_equals_unfused(M, N, bias):
     q_ref, s_ref = torch.ops.fastlm.quantize_rows_int8(h_ref)
     f64 = F.layer_norm(_epilogue_ref(acc, xs, ws, b, "none", r), (N,), lw.double(), lb.double(), eps)
     _poison_allocator((M, N), torch.float32)
-    q, s = torch.ops.fastlm.int8_linear_epilogue_ln_quant_(acc, xs, ws, b, r, lw, lb, eps)
+    q, s, ho = torch.ops.fastlm.int8_linear_epilogue_ln_quant_(acc, xs, ws, b, r, lw, lb, eps)
     h = acc.view(torch.float32)
+    assert ho.shape == (M, 0)
     assert q.dtype == torch.int8 and q.shape == (M, N) and s.dtype == torch.float32 and s.shape == (M,)
     assert torch.equal(h, h_ref) and torch.equal(q, q_ref) and torch.equal(s, s_ref)
     assert (h.double() - f64).abs().max().item() <= 1e-4, "LayerNorm of the epilogue drifted from float64"
@@ -402,3 +403,141 @@ def test_seam_add_layer_norm_on_float_linears_is_the_plain_path():
         h, hq = common.ffn_add_layer_norm(fc, proj, a, "gelu", ln)
         f = common.ffn(fc, proj, a, "gelu")
         assert hq is None and torch.equal(h, ops.layer_norm(f, ln.weight, ln.bias, ln.eps, residual=a)[0])
+
+
+# -- outlier channels (LLM.int8()-style static decomposition, issue 23.3) ---------------------------
+
+
+def _outlier_idx(K, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(K, generator=g)[:n].sort().values
+
+
+def _masked_quant_ref(x, idx):
+    xm = x.clone()
+    xm[:, idx] = 0
+    return _quant_ref(xm)
+
+
+@pytest.mark.parametrize("M", ROWS)
+@pytest.mark.parametrize("K,n_o", [(17, 1), (97, 3), (768, 16)])
+def test_quantize_rows_int8_with_outliers(M, K, n_o):
+    """Outlier channels are left out of each row's absmax and quantized as 0: bit for bit torch's
+    quantization of x with those channels zeroed; they carry the rows' largest values here, so a
+    scale that still saw them would differ."""
+    x = torch.randn(M, K)
+    idx = _outlier_idx(K, n_o, M * K)
+    x[:, idx] *= 40.0
+    q, s = torch.ops.fastlm.quantize_rows_int8(x, idx)
+    q_ref, s_ref = _masked_quant_ref(x, idx)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    assert (q[:, idx] == 0).all() and not torch.equal(s, _quant_ref(x)[1])
+
+
+@pytest.mark.parametrize("M", ROWS)
+@pytest.mark.parametrize("N", [1, 17, 129])
+@pytest.mark.parametrize("act", ["none", "gelu"])
+@pytest.mark.parametrize("residual", [True, False])
+def test_int8_linear_epilogue_outlier_product(M, N, act, residual):
+    """y = act(acc * xs * ws + x_out @ w_out + b) + r against float64, out of place and in place."""
+    acc, xs, ws, b = _gemm_out(M, N, True)
+    n_o = 5
+    xo, wo = torch.randn(M, n_o) * 10, torch.randn(n_o, N) * 0.1
+    r = torch.randn(M, N) if residual else None
+    pre = acc.double() * xs.double()[:, None] * ws.double() + xo.double() @ wo.double() + b.double()
+    ref = F.gelu(pre) if act == "gelu" else pre
+    ref = ref + r.double() if residual else ref
+    _poison_allocator((M, N), torch.float32)
+    y = torch.ops.fastlm.int8_linear_epilogue(acc, xs, ws, b, act, r, xo, wo)
+    tol = 1e-5 * ref.abs().max().item() + 1e-5
+    assert (y.double() - ref).abs().max().item() <= tol
+    acc2 = acc.clone()
+    torch.ops.fastlm.int8_linear_epilogue_(acc2, xs, ws, b, act, r, xo, wo)
+    assert torch.equal(acc2.view(torch.float32), y)
+    assert not torch.allclose(y, torch.ops.fastlm.int8_linear_epilogue(acc, xs, ws, b, act, r), atol=1e-3)
+
+
+@pytest.mark.parametrize("M", ROWS)
+@pytest.mark.parametrize("N", [17, 300])
+def test_int8_linear_epilogue_quant_with_outliers(M, N):
+    """The epilogue (with its own input's outlier product) then quantize_rows_int8(y, outliers);
+    y_out = y[:, outliers] in float32."""
+    acc, xs, ws, b = _gemm_out(M, N, True)
+    xo, wo = torch.randn(M, 3), torch.randn(3, N)
+    idx = _outlier_idx(N, 4, N)
+    q, s, yo = torch.ops.fastlm.int8_linear_epilogue_quant(acc, xs, ws, b, "gelu", xo, wo, idx)
+    y = torch.ops.fastlm.int8_linear_epilogue(acc, xs, ws, b, "gelu", None, xo, wo)
+    q_ref, s_ref = torch.ops.fastlm.quantize_rows_int8(y, idx)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref) and torch.equal(yo, y[:, idx])
+
+
+@pytest.mark.parametrize("M", ROWS)
+def test_int8_linear_epilogue_ln_quant_with_outliers(M):
+    acc, xs, ws, b, r, lw, lb = _ln_quant_inputs(M, 129, True)
+    xo, wo = torch.randn(M, 2), torch.randn(2, 129)
+    idx = _outlier_idx(129, 3, M)
+    dense = torch.ops.fastlm.int8_linear_epilogue(acc, xs, ws, b, "none", None, xo, wo)
+    h_ref = torch.ops.fastlm.add_layer_norm_ext(dense, r, lw, lb, 1e-12)[0]
+    q_ref, s_ref = torch.ops.fastlm.quantize_rows_int8(h_ref, idx)
+    q, s, ho = torch.ops.fastlm.int8_linear_epilogue_ln_quant_(acc, xs, ws, b, r, lw, lb, 1e-12, xo, wo, idx)
+    h = acc.view(torch.float32)
+    assert torch.equal(h, h_ref) and torch.equal(q, q_ref) and torch.equal(s, s_ref) and torch.equal(ho, h[:, idx])
+
+
+def test_outlier_arguments_bad_input_names_the_argument():
+    acc, xs, ws, b = _gemm_out(4, 8, True)
+    f = torch.ops.fastlm.int8_linear_epilogue
+    with pytest.raises(ValueError, match="x_out and w_out go together"):
+        f(acc, xs, ws, b, "none", None, torch.randn(4, 2))
+    with pytest.raises(ValueError, match="w_out must have shape"):
+        f(acc, xs, ws, b, "none", None, torch.randn(4, 2), torch.randn(3, 8))
+    with pytest.raises(ValueError, match="x_out must have shape"):
+        f(acc, xs, ws, b, "none", None, torch.randn(5, 2), torch.randn(2, 8))
+    with pytest.raises(TypeError, match="x_out and w_out must be float32"):
+        f(acc, xs, ws, b, "none", None, torch.randn(4, 2).double(), torch.randn(2, 8))
+    with pytest.raises(ValueError, match=r"outliers must be channel indices in \[0, 8\)"):
+        torch.ops.fastlm.quantize_rows_int8(torch.randn(4, 8), torch.tensor([1, 8]))
+    with pytest.raises(TypeError, match="outliers must be int64"):
+        torch.ops.fastlm.quantize_rows_int8(torch.randn(4, 8), torch.tensor([1, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match="outliers must be channel indices"):
+        torch.ops.fastlm.int8_linear_epilogue_quant(acc, xs, ws, b, "none", None, None, torch.tensor([-1]))
+    idx = torch.tensor([0, 5])
+    torch.library.opcheck(torch.ops.fastlm.quantize_rows_int8, (torch.randn(17, 97), idx))
+    torch.library.opcheck(torch.ops.fastlm.int8_linear_epilogue_quant,
+                          (acc, xs, ws, b, "gelu", torch.randn(4, 2), torch.randn(2, 8), idx))
+    acc2, xs2, ws2, b2, r2, lw, lb = _ln_quant_inputs(17, 33, True)
+    torch.library.opcheck(torch.ops.fastlm.int8_linear_epilogue_ln_quant_,
+                          (acc2, xs2, ws2, b2, r2, lw, lb, 1e-5, torch.randn(17, 2), torch.randn(2, 33), idx))
+
+
+@pytest.mark.parametrize("M", ROWS)
+def test_int8_seam_with_outlier_channels_equals_unfused(M, monkeypatch):
+    """The seam with outlier channels on every linear (each LayerNorm'd output quantized for the
+    outlier set of the linear it feeds): the fused chain equals the unfused one (each linear's own
+    forward, fastlm._C's LayerNorm), and the torch path without fastlm._C computes the same."""
+    from fastlm.models import common
+
+    g = torch.Generator().manual_seed(M)
+
+    def lin(n_in, n_out, n_o):
+        return Int8DynamicLinear.from_linear(torch.nn.Linear(n_in, n_out),
+                                             torch.randperm(n_in, generator=g)[:n_o])
+
+    dense, proj, nxt = lin(97, 129, 2), lin(300, 129, 4), lin(129, 33, 3)
+    fc = Int8DynamicLinear.from_linear(torch.nn.Linear(129, 300), nxt.outliers.clone())  # the 129-wide stream's set
+    dense.next_outliers, proj.next_outliers = fc.outliers, nxt.outliers
+    ln1, ln2 = _ln(129), _ln(129)
+    y, x = torch.randn(2, M, 97), torch.randn(2, M, 129)
+    y[..., dense.outliers] *= 30.0
+    a, aq = common.linear_add_layer_norm(dense, y, x, ln1)
+    expect_a = torch.ops.fastlm.add_layer_norm_ext(dense(y), x, ln1.weight, ln1.bias, ln1.eps)[0]
+    assert torch.equal(a, expect_a) and fc.takes(aq) and torch.equal(aq.xo, a.reshape(-1, 129)[:, fc.outliers])
+    h, hq = common.ffn_add_layer_norm(fc, proj, a, "gelu", ln2, xq=aq)
+    f = common.ffn(fc, proj, a, "gelu")  # quantizes a itself
+    assert torch.equal(h, torch.ops.fastlm.add_layer_norm_ext(f, a, ln2.weight, ln2.bias, ln2.eps)[0])
+    fused = common.linear(nxt, h, xq=hq)
+    assert nxt.takes(hq) and torch.equal(fused, nxt(h))
+    dense_fused = dense(y)
+    monkeypatch.setattr(flinear._ext, "available", lambda: False)
+    torch.testing.assert_close(nxt(h), fused, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dense(y), dense_fused, rtol=1e-5, atol=1e-5)

@@ -11,7 +11,8 @@ from conftest import randomize_
 
 import fastlm
 from fastlm import _ext
-from fastlm.linear import Int8DynamicLinear, Int8Linear, Int8TiedEmbedding, PackedLinear
+from fastlm import linear as flinear
+from fastlm.linear import Int8DynamicLinear, Int8Linear, Int8Rows, Int8TiedEmbedding, PackedLinear
 from fastlm.quantize import check_mode, model_bytes, quantize_
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"fastlm._C not built: {_ext.LOAD_ERROR}")
@@ -348,11 +349,15 @@ def accuracy_subset() -> list[str]:
 
 @pytest.fixture(scope="module")
 def minilm_short_embeddings():
-    """fp32 / int8 / int8_dynamic Embedder embeddings of accuracy_subset() on the real MiniLM."""
+    """fp32 / int8 / int8_dynamic Embedder embeddings of accuracy_subset() on the real MiniLM, and
+    sentence-transformers' fp32 ones ("st")."""
     path = minilm_dir()
     texts = accuracy_subset()
+    from sentence_transformers import SentenceTransformer
+
     out = {mode: fastlm.Embedder(path, device="cpu", quantize=mode).encode(texts, batch_size=64)
            for mode in (None, "int8", "int8_dynamic")}
+    out["st"] = SentenceTransformer(path, device="cpu").encode(texts, batch_size=64, convert_to_tensor=True)
     return texts, out
 
 
@@ -366,46 +371,176 @@ def test_accuracy_texts_are_deterministic_and_cover_one_word_texts():
     assert max(len(t.split()) for t in a) >= 60  # long sentences too
 
 
+def scheme_fake_quant_(lin: torch.nn.Linear, outliers: torch.Tensor | None) -> None:
+    """Replace lin's forward by int8_dynamic's scheme written independently in pure torch: the
+    outlier input channels (int64 or None) in float32 with the original weight columns; the other
+    channels quantized per token (scale = absmax over them / 127) against the per-output-channel
+    int8 round trip of the weight with the outlier columns zeroed."""
+    w = lin.weight.detach().clone()
+    o = torch.zeros(0, dtype=torch.long) if outliers is None else outliers
+    w_in = w.clone()
+    w_in[:, o] = 0
+    w_q = int8_roundtrip(w_in)
+
+    def forward(x):
+        xm = x.clone()
+        xm[..., o] = 0
+        s = xm.abs().amax(-1, keepdim=True) / 127
+        xq = torch.round(xm / torch.where(s > 0, s, torch.ones_like(s))).clamp(-127, 127) * s
+        return torch.nn.functional.linear(xq, w_q, lin.bias) + x[..., o] @ w[:, o].t()
+
+    lin.forward = forward
+
+
+@pytest.mark.parametrize("M,K,N,n_o", [(1, 97, 129, 1), (17, 384, 33, 4), (129, 300, 97, 16)])
+def test_int8_dynamic_outlier_channels_equal_fake_quant_reference(M, K, N, n_o, monkeypatch):
+    """Int8DynamicLinear with outlier channels, on fresh random inputs whose outlier channels are
+    30-60x the others (as BERT's [CLS] rows): equal to the scheme's pure-torch fake quantization
+    (same roundings, float32), with fastlm._C and without; and much closer to float32 than plain
+    per-token int8, which is the point of the scheme."""
+    lin = torch.nn.Linear(K, N)
+    o = torch.randperm(K)[:n_o].sort().values
+    x = torch.randn(2, M, K)
+    x[..., o] *= torch.empty(n_o).uniform_(30, 60)
+    ref_lin = torch.nn.Linear(K, N)
+    ref_lin.load_state_dict(lin.state_dict())
+    scheme_fake_quant_(ref_lin, o)
+    q = Int8DynamicLinear.from_linear(lin, o)
+    with torch.no_grad():
+        expect, exact = ref_lin(x), lin(x)
+    got = q(x)
+    assert got.shape == (2, M, N)
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4 * expect.abs().max().item())
+    torch.testing.assert_close(q.dequantized()[:, o], lin.weight.detach()[:, o], rtol=0, atol=0)
+    plain = Int8DynamicLinear.from_linear(lin)(x)
+    assert (got - exact).norm() * 3 < (plain - exact).norm()
+    monkeypatch.setattr(flinear._ext, "available", lambda: False)  # the torch path: same scheme
+    torch.testing.assert_close(q(x), expect, rtol=1e-4, atol=1e-4 * expect.abs().max().item())
+
+
+def test_int8_dynamic_outliers_bad_input():
+    w = torch.randn(8, 6)
+    with pytest.raises(ValueError, match=r"outliers must be distinct input channels in \[0, 6\)"):
+        Int8DynamicLinear(w, None, torch.tensor([6]))
+    with pytest.raises(ValueError, match="outliers must be distinct"):
+        Int8DynamicLinear(w, None, torch.tensor([1, 1]))
+    assert Int8DynamicLinear(w, None, torch.tensor([], dtype=torch.long)).outliers is None
+    q = Int8DynamicLinear(w, None, torch.tensor([2]))
+    xq = Int8Rows(*torch.ops.fastlm.quantize_rows_int8(torch.randn(3, 6), q.outliers))
+    with pytest.raises(ValueError, match="pass their float32 values"):
+        q.forward_int8(xq.q, xq.scale)
+
+
+def test_choose_outliers_rule():
+    """OUTLIER_RATIO x the median channel, pooled per input width, largest ratio first, at most
+    MAX_OUTLIERS, deterministic."""
+    from fastlm.quantize import MAX_OUTLIERS, OUTLIER_RATIO, choose_outliers
+
+    a = torch.ones(64)
+    a[[3, 40]] = OUTLIER_RATIO * 2
+    a[7] = OUTLIER_RATIO * 0.99  # below the ratio
+    b = torch.ones(64)
+    b[50] = OUTLIER_RATIO * 3
+    c = torch.ones(100)
+    c[: MAX_OUTLIERS + 4] = torch.arange(MAX_OUTLIERS + 4, dtype=torch.float32) + 10  # more than the cap
+    got = choose_outliers([a, b, c])
+    assert got[64].tolist() == [3, 40, 50]
+    assert got[100].tolist() == list(range(4, MAX_OUTLIERS + 4))  # the largest ratios
+    assert choose_outliers([torch.ones(64)]) == {}
+    assert choose_outliers([a, b, c])[64].tolist() == got[64].tolist()
+
+
+def _planted_outlier_bert():
+    """A small random BERT whose LayerNorms put a massive value on hidden channel 5 (as BERT's
+    [CLS] rows carry one): quantize_ must find it."""
+    cfg = tf.BertConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=128, intermediate_size=300,
+                        vocab_size=1500)
+    hf = randomize_(tf.BertModel(cfg).eval(), std=0.05)
+    with torch.no_grad():
+        for ln in [hf.embeddings.LayerNorm] + [m for layer in hf.encoder.layer for m in
+                                               (layer.attention.output.LayerNorm, layer.output.LayerNorm)]:
+            ln.bias[5] = 25.0
+    return hf
+
+
+def test_quantize_int8_dynamic_chooses_outliers_and_chains_them():
+    """fastlm's BERT under int8_dynamic: calibration finds the planted channel, every LayerNorm'd
+    output is quantized for the outlier set of the linear it feeds (so the fused hand-over is
+    taken, not re-quantized), the choice is deterministic, and the model is closer to fp32 than
+    without outlier channels."""
+    from fastlm import quantize as fq
+
+    hf = _planted_outlier_bert()
+    model = fastlm.from_pretrained(hf, quantize="int8_dynamic")
+    layers = model.encoder.layer
+    sets = [(lay.attention.qkv, lay.attention.output.dense, lay.intermediate.dense, lay.output.dense)
+            for lay in layers]
+    for i, (qkv, out, fc1, fc2) in enumerate(sets):
+        assert 5 in qkv.outliers.tolist() and 5 in fc1.outliers.tolist()
+        assert out.next_outliers is not None and torch.equal(out.next_outliers, fc1.outliers)
+        if i + 1 < len(sets):
+            assert torch.equal(fc2.next_outliers, sets[i + 1][0].outliers)
+    again = fastlm.from_pretrained(hf, quantize="int8_dynamic")
+    assert torch.equal(again.encoder.layer[1].attention.qkv.outliers, layers[1].attention.qkv.outliers)
+    ids = torch.randint(0, 1500, (3, 29))
+    fp32 = fastlm.from_pretrained(hf)
+    with torch.no_grad():
+        ref = fp32(ids).last_hidden_state
+        got = model(ids).last_hidden_state
+    orig = fq.OUTLIER_RATIO
+    try:
+        fq.OUTLIER_RATIO = float("inf")  # no outlier channels: plain per-token int8
+        plain = fastlm.from_pretrained(hf, quantize="int8_dynamic")
+    finally:
+        fq.OUTLIER_RATIO = orig
+    assert plain.encoder.layer[0].attention.qkv.outliers is None
+    with torch.no_grad():
+        err_plain = (plain(ids).last_hidden_state - ref).norm()
+    assert (got - ref).norm() * 2 < err_plain
+
+
 def test_minilm_int8_dynamic_equals_fake_quant_reference():
-    """The int8_dynamic model is its scheme: transformers' BertModel with every projection's input
-    rounded per token and its weight per output channel (pure torch, float32, one text at a time)
-    loses the same cosine to fp32 as fastlm on the texts int8_dynamic hurts most. Rounding is
-    discontinuous (a value on a rounding boundary goes either way under another float32 order of
-    summation, and 6 layers amplify it), so the two are compared by their loss, not bit for bit."""
+    """The int8_dynamic model is its scheme: transformers' BertModel with every projection replaced
+    by the scheme's pure-torch fake quantization (scheme_fake_quant_, float32, one text at a time,
+    with the outlier channels fastlm chose) loses the same cosine to fp32 as fastlm on the texts
+    int8_dynamic hurt most. Rounding is discontinuous (a value on a rounding boundary goes either
+    way under another float32 order of summation, and 6 layers amplify it), so the two are compared
+    by their loss, not bit for bit."""
     path = minilm_dir()
     texts = ["Thanks!", "Hi", "Thank you!", "x", "?", "The cat sat on the mat."]
     tok = tf.AutoTokenizer.from_pretrained(path)
     fp32 = tf.AutoModel.from_pretrained(path).eval()
-    hf = dequantize_hf_bert_(tf.AutoModel.from_pretrained(path).eval())
-
-    def fake_quant(mod, args):
-        x = args[0]
-        s = x.abs().amax(-1, keepdim=True) / 127
-        return (torch.round(x / torch.where(s > 0, s, torch.ones_like(s))).clamp(-127, 127) * s,)
-
-    for layer in hf.encoder.layer:
-        for lin in (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value,
-                    layer.attention.output.dense, layer.intermediate.dense, layer.output.dense):
-            lin.register_forward_pre_hook(fake_quant)
+    hf = tf.AutoModel.from_pretrained(path).eval()
+    ours = fastlm.from_pretrained(path, quantize="int8_dynamic")
+    n_out = 0
+    for layer, mine in zip(hf.encoder.layer, ours.encoder.layer, strict=True):
+        qkv_o = mine.attention.qkv.outliers
+        for lin, o in ((layer.attention.self.query, qkv_o), (layer.attention.self.key, qkv_o),
+                       (layer.attention.self.value, qkv_o), (layer.attention.output.dense,
+                                                             mine.attention.output.dense.outliers),
+                       (layer.intermediate.dense, mine.intermediate.dense.outliers),
+                       (layer.output.dense, mine.output.dense.outliers)):
+            scheme_fake_quant_(lin, o)
+            n_out += 0 if o is None else o.numel()
+    assert n_out > 0
     with torch.no_grad():
         expect, ref = (torch.cat([m(**tok([t], return_tensors="pt")).last_hidden_state.mean(1) for t in texts])
                        for m in (hf, fp32))
     got = fastlm.Embedder(path, device="cpu", quantize="int8_dynamic").encode(texts, batch_size=1)
     cos = torch.nn.functional.cosine_similarity
     loss_got, loss_expect = 1 - cos(got, ref, dim=-1), 1 - cos(expect, ref, dim=-1)
-    assert loss_expect.max() > 0.03, loss_expect  # the scheme's own loss on "Thank you!" (issue 23.3)
-    assert ((loss_got - loss_expect).abs() <= 0.2 * loss_expect + 5e-4).all(), (loss_got, loss_expect)
-    assert cos(got, expect, dim=-1).min() >= 0.997
+    assert loss_expect.max() > 1e-3, loss_expect  # the scheme still loses something: the test can fail
+    assert ((loss_got - loss_expect).abs() <= 0.25 * loss_expect + 5e-4).all(), (loss_got, loss_expect)
+    assert cos(got, expect, dim=-1).min() >= 0.998
 
 
 def test_minilm_one_word_texts_cosine_floors(minilm_short_embeddings):
-    """Regression floors measured on the 200-text subset (all one-word texts): weight-only int8
-    >= 0.994 everywhere; int8_dynamic (per-token activations) >= 0.955 (it was 0.9611 at worst,
-    "Thank you!", when issue 23.3 was measured) and >= 0.99 at the median (0.9923 then)."""
+    """On the 200-text subset (every one-word text): int8_dynamic >= 0.995 cosine to
+    sentence-transformers' fp32 embedding on every text (issue 23.3's target; it was 0.9611 at
+    worst, "Thank you!", before the outlier channels), weight-only int8 >= 0.994 to fastlm fp32."""
     texts, emb = minilm_short_embeddings
-    ref = emb[None]
-    cos8 = torch.nn.functional.cosine_similarity(emb["int8"], ref, dim=-1)
-    cosd = torch.nn.functional.cosine_similarity(emb["int8_dynamic"], ref, dim=-1)
+    cos8 = torch.nn.functional.cosine_similarity(emb["int8"], emb[None], dim=-1)
+    cosd = torch.nn.functional.cosine_similarity(emb["int8_dynamic"], emb["st"], dim=-1)
+    assert torch.nn.functional.cosine_similarity(emb[None], emb["st"], dim=-1).min() >= 0.9999
     assert cos8.min() >= 0.994, (texts[int(cos8.argmin())], cos8.min())
-    assert cosd.min() >= 0.955, (texts[int(cosd.argmin())], cosd.min())
-    assert cosd.median() >= 0.99, cosd.median()
+    assert cosd.min() >= 0.995, (texts[int(cosd.argmin())], cosd.min())

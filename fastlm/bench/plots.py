@@ -138,7 +138,11 @@ def plot(res: Result, out_dir: str) -> list[str]:
     plt = _pyplot()
     paths = []
     env = res.env
-    versions = ", ".join(f"{name} {env.get(name)}" for name, e in engines().items() if e.optional)
+    first = {}
+    for name, e in engines().items():
+        first.setdefault(e.module, name)
+    versions = ", ".join(f"{name} {env.get(name)}" for name, e in engines().items()
+                         if e.optional and name == first[e.module])  # an engine run twice (OpenVINO), once
     title = (f"{env.get('cpu_model', 'CPU')}, {env.get('cpu_count')} cores; torch {env.get('torch')}, "
              f"transformers {env.get('transformers')}, {versions}")
     p = peers_plot([r for r in res.rows if r.case in PEER_CASES], res.ceilings.read_gbs,
@@ -166,6 +170,7 @@ def peers_figure(rows: list[Row], read_gbs: float | None, title: str = "", skipp
     if not cases:
         return None
     engine_of = {p: name for p, name, _ in providers()}
+    prec_of = {p: prec for p, _, prec in providers()}
     # the bar's name: the engine's label and its math up to any " (...)" detail
     pretty = {p: f"{engines()[name].label(prec)} {engines()[name].math(prec).split(' (')[0]}"
               for p, name, prec in providers()}
@@ -179,7 +184,9 @@ def peers_figure(rows: list[Row], read_gbs: float | None, title: str = "", skipp
         slow = [1e3 / (r.ms_max or r.ms) if rate else (r.ms_max or r.ms) for r in rs]
         err = ([[max(0.0, v - s) for v, s in zip(vals, slow, strict=True)], [0.0] * len(rs)] if rate else
                [[0.0] * len(rs), [max(0.0, s - v) for v, s in zip(vals, slow, strict=True)]])
-        ax.barh([pretty[r.provider] for r in rs], vals, xerr=err, capsize=2,
+        names = [f"{engines()[engine_of[r.provider]].label(prec_of[r.provider])} {r.dtype.split(' (')[0]}" if r.dtype
+                 else pretty[r.provider] for r in rs]  # the math the engine said it ran, where it did
+        ax.barh(names, vals, xerr=err, capsize=2,
                 color=[color[engine_of[r.provider]] for r in rs])
         for i, v in enumerate(vals):
             ax.text(v if rate else max(v, slow[i]), i, f" {v:.1f}", va="center", fontsize=8)  # past the whisker

@@ -50,7 +50,11 @@ def compare(old: dict, new: dict, threshold: float = 0.05) -> list[dict]:
 
 def _peer_versions(env: dict) -> str:
     """ "ctranslate2 4.8.5": the optional peer engines' versions as recorded in env."""
-    return ", ".join(f"{name} {env.get(name)}" for name, e in engines().items() if e.optional)
+    first = {}
+    for name, e in engines().items():
+        first.setdefault(e.module, name)
+    return ", ".join(f"{name} {env.get(name)}" for name, e in engines().items()
+                     if e.optional and name == first[e.module])  # an engine run twice (OpenVINO), once
 
 
 def _ms(v: float | None) -> str:
@@ -152,7 +156,9 @@ def peers_markdown(rows: list[Row], read_gbs: float | None) -> str:
            "| engine | precision | GPT-2 small decode ms/token | BERT-base B8 S128 ms |", "|---|---|---|---|"]
     for p, name, prec in providers():
         e = engines()[name]
-        out.append(f"| {e.label(prec)} | {e.math(prec)} | {cell('peers_gpt2_decode', p)} | "
+        # the math the engine said it ran (Row.dtype, e.g. OpenVINO's bf16 default), else what it is set up for
+        ran = list(dict.fromkeys(r.dtype for r in rows if r.provider == p and r.dtype))
+        out.append(f"| {e.label(prec)} | {' / '.join(ran) or e.math(prec)} | {cell('peers_gpt2_decode', p)} | "
                    f"{cell('peers_bert_fwd', p)} |")
     for prec in ("fp32", "int8"):
         fl = floor_ms(read_gbs, prec)

@@ -148,9 +148,9 @@ def linear(lin: nn.Module, x: Tensor, *, activation: str | None = None, residual
     add into its kernel. x (..., in) -> (..., out). `xq`: x quantized per token (from
     linear_add_layer_norm / ffn_add_layer_norm), which an int8_dynamic linear reads instead of
     quantizing x; other linears ignore it."""
-    if xq is not None and _int8_ready(lin, x):
+    if xq is not None and _int8_ready(lin, x) and lin.takes(xq):
         r = None if residual is None else residual.reshape(-1, lin.out_features)  # (M, out)
-        y = lin.forward_int8(xq.q, xq.scale, activation=activation, residual=r)  # (M, out)
+        y = lin.forward_int8(xq.q, xq.scale, activation=activation, residual=r, xo=xq.xo)  # (M, out)
         return y.view(*x.shape[:-1], lin.out_features)
     if isinstance(lin, (FastLinear, CPULinear)):
         return lin(x, activation=activation, residual=residual)
@@ -165,12 +165,13 @@ def linear_add_layer_norm(lin: nn.Module, x: Tensor, residual: Tensor, ln: nn.La
     """h = ln(residual + lin(x)) -> (h, hq). x (..., in), residual and h (..., out). An int8_dynamic
     `lin` runs its epilogue, the residual add, the LayerNorm and the per-token quantization of h
     for the next int8 linear as one pass over the rows (hq: Int8Rows of h); other linears give
-    hq None. `xq` as in linear()."""
+    hq None. `xq` as in linear(). hq is quantized for lin.next_outliers (the outlier channels of
+    the int8 linear h feeds, fastlm.quantize_)."""
     if _int8_ready(lin, x):
-        if xq is None:
-            xq = Int8Rows(*torch.ops.fastlm.quantize_rows_int8(x.reshape(-1, lin.in_features)))  # (M, in)
+        if xq is None or not lin.takes(xq):
+            xq = lin.quantize_input(x)  # (M, in) int8 rows, outlier channels in float32
         r = residual.reshape(-1, lin.out_features)  # (M, out)
-        h, hq = lin.forward_add_layer_norm(xq, r, ln.weight, ln.bias, ln.eps)  # (M, out), Int8Rows
+        h, hq = lin.forward_add_layer_norm(xq, r, ln.weight, ln.bias, ln.eps, lin.next_outliers)  # (M, out), Int8Rows
         return h.view(residual.shape), hq
     y = linear(lin, x)  # (..., out)
     return ops.layer_norm(y, ln.weight, ln.bias, ln.eps, residual=residual)[0], None
@@ -183,9 +184,10 @@ def ffn(fc: nn.Module, proj: nn.Module, x: Tensor, activation: str, residual: Te
     linears run their kernels with the activation and residual fused into the epilogues; plain
     weights go to fastlm.ops.ffn. `xq` as in linear()."""
     if _int8_ready(fc, x) and isinstance(proj, Int8DynamicLinear):
-        hq, hs = fc.forward_to_int8(x, activation=activation, xq=xq)  # (M, d_ff) int8 + per-token scales
+        hq = fc.forward_to_int8(x, activation=activation, xq=xq, outliers=proj.outliers)  # (M, d_ff) Int8Rows
         r = None if residual is None else residual.reshape(-1, proj.out_features)
-        return proj.forward_int8(hq, hs, residual=r).view(*x.shape[:-1], proj.out_features)  # (..., d_model)
+        y = proj.forward_int8(hq.q, hq.scale, residual=r, xo=hq.xo)  # (M, d_model)
+        return y.view(*x.shape[:-1], proj.out_features)
     cpu = all(isinstance(m, CPULinear) and m.fused_ready(x) for m in (fc, proj))  # oneDNN, packed weights
     if cpu or not all(isinstance(getattr(m, "weight", None), Tensor) for m in (fc, proj)):  # packed / int8
         h = linear(fc, x, activation=activation, xq=xq)  # (..., d_ff)
@@ -199,9 +201,9 @@ def ffn_add_layer_norm(fc: nn.Module, proj: nn.Module, x: Tensor, activation: st
     int8_dynamic linears keep the d_ff activation int8 and end in linear_add_layer_norm's fused
     pass (hq: Int8Rows of h for the next int8 linear); otherwise hq is None. `xq` as in linear()."""
     if _int8_ready(fc, x) and _int8_ready(proj, x):
-        hq, hs = fc.forward_to_int8(x, activation=activation, xq=xq)  # (M, d_ff) int8 + per-token scales
-        h, out_q = proj.forward_add_layer_norm(Int8Rows(hq, hs), x.reshape(-1, proj.out_features), ln.weight,
-                                               ln.bias, ln.eps)  # (M, d_model), Int8Rows
+        hq = fc.forward_to_int8(x, activation=activation, xq=xq, outliers=proj.outliers)  # (M, d_ff) Int8Rows
+        h, out_q = proj.forward_add_layer_norm(hq, x.reshape(-1, proj.out_features), ln.weight, ln.bias, ln.eps,
+                                               proj.next_outliers)  # (M, d_model), Int8Rows
         return h.view(x.shape), out_q
     f = ffn(fc, proj, x, activation, xq=xq)  # (..., d_model)
     return ops.layer_norm(f, ln.weight, ln.bias, ln.eps, residual=x)[0], None

@@ -39,6 +39,7 @@ class KVStep:
     pos: Tensor | None = None
     lens: Tensor | None = None
     kv_len: int | None = None  # host-known bound on lens, for the eager path (exact for B == 1)
+    start: int = 0  # prefill: the block's first cache row (> 0 for a later chunk of a prompt)
 
 
 class GPT2Attention(nn.Module):
@@ -73,6 +74,12 @@ class GPT2Attention(nn.Module):
             if kv.kv_len is not None:  # eager path: read only the rows in use
                 kc, vc = kc[:, :, : kv.kv_len], vc[:, :, : kv.kv_len]
             y = ops.decode_attention_checked(q, kc, vc, kv.lens, self.scale)  # (B, H, 1, D); lens in range
+        elif kv is not None and kv.start:  # a later chunk of a prompt: rows [start, start + S), attending to all before
+            end = kv.start + S
+            kc, vc = kv.cache.k[kv.layer, :B], kv.cache.v[kv.layer, :B]  # (B, H, capacity, D)
+            kc[:, :, kv.start:end].copy_(k)
+            vc[:, :, kv.start:end].copy_(v)
+            y = ops.attention(q, kc[:, :, :end], vc[:, :, :end], causal=True, scale=self.scale)  # block at the end
         else:
             if kv is not None:  # prefill: the prompt's keys and values go into rows [0, S)
                 kv.cache.prefill(kv.layer, k, v)
@@ -270,6 +277,26 @@ class GPT2LMHeadModel(GPT2Model):
         h = self.wte(input_ids) + self.wpe(pos)  # (B, T, C)
         for i, block in enumerate(self.h):
             h = block(h, key_padding_mask, KVStep(cache, i))
+        h = ops.layer_norm(h, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
+        return linear(self.lm_head, h)
+
+    def prefill_chunk(self, input_ids: Tensor, start: int, cache: StaticKVCache) -> Tensor:
+        """A later block of unpadded prompts (chunked prefill): input_ids (B, T) are the tokens at
+        positions [start, start + T), whose earlier rows [0, start) are in the cache already ->
+        logits (B, T, vocab); their keys and values fill cache rows [start, start + T). prefill(ids[:, :s])
+        then prefill_chunk(ids[:, s:], s) gives prefill(ids)'s logits and cache rows. start 0 is prefill.
+        Raises ValueError when start + T passes the model's positions or the cache's capacity."""
+        B, T = input_ids.shape
+        end = start + T
+        if start < 0 or end > min(self.config.n_positions, cache.capacity):
+            raise ValueError(f"prefill_chunk: rows [{start}, {end}) must lie within the model's "
+                             f"{self.config.n_positions} positions and the cache's {cache.capacity} rows")
+        if start == 0:
+            return self.prefill(input_ids, None, cache)
+        pos = torch.arange(start, end, device=input_ids.device)[None]  # (1, T)
+        h = self.wte(input_ids) + self.wpe(pos)  # (B, T, C)
+        for i, block in enumerate(self.h):
+            h = block(h, None, KVStep(cache, i, start=start))
         h = ops.layer_norm(h, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
         return linear(self.lm_head, h)
 

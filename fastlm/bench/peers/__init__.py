@@ -6,7 +6,9 @@
     base.py        Engine: the interface every engine implements
     registry.py    the registered engines, one line each
     worker.py      python -m fastlm.bench.peers.worker: one engine, one workload, in its own process
-    <name>_engine.py   one module per engine (fastlm, transformers, CTranslate2)
+    export.py      the transformers models as traceable modules (ONNX Runtime's and OpenVINO's exporters)
+    <name>_engine.py   one module per engine (fastlm, transformers, CTranslate2, ONNX Runtime, OpenVINO
+                   with its default math and with f32 math, llama.cpp)
 
 This file imports nothing (see fastlm/bench/__init__.py).
 """

@@ -56,6 +56,13 @@ class Engine:
         before " (". """
         return precision
 
+    def ran_math(self) -> str | None:
+        """The math the model set up by the last runner() call runs, as the engine itself reports it
+        (OpenVINO: the compiled model's INFERENCE_PRECISION_HINT, bf16 by default on a CPU with
+        AVX512_BF16 or AMX), in math()'s form; None when math(precision) says it all. The worker
+        sends it back and the table shows it in place of math(precision)."""
+        return getattr(self, "_ran_math", None)
+
     def prepare(self, work: str, model_dir: str) -> None:
         """Convert / export / quantize the saved transformers model in `model_dir` for `work`
         ("gpt2" | "bert"), once: keep the result under `model_dir` and return at once when it is

