@@ -1,5 +1,5 @@
 // A work-sharing pool for the CPU decode kernels: the calling thread never waits for a helper
-// to wake up.
+// to wake up, and stops sharing work while the machine is too busy for it to pay.
 //
 // at::parallel_for (OpenMP) splits the range statically and ends in a barrier, so a call returns
 // only after every pool thread has been scheduled and has run its share. On a busy machine a
@@ -8,16 +8,34 @@
 // Here the range is cut into chunks claimed from one atomic counter: the caller claims chunks
 // itself from the start, a helper that is awake claims the next ones, and the caller waits only
 // for chunks a helper has already claimed (a running thread). A helper that wakes late finds
-// nothing left and goes back to waiting. Helpers spin for FASTLM_POOL_SPIN_US microseconds
-// (default 100: consecutive ops of a decode step) and then sleep on a condition variable.
+// nothing left and goes back to waiting.
 //
-// Threads: at::get_num_threads() - 1 helpers at most (created on first use, detached, never
-// destroyed). A call from inside a parallel region, from a second thread while a call is in
-// flight, or after fork() runs its chunks serially on the calling thread.
+// Waiting, bounded spin then sleep (the scheme of OpenMP runtimes: KMP_BLOCKTIME, GOMP_SPINCOUNT):
+// - a helper spins FASTLM_POOL_SPIN_US microseconds (default 100: the gap between consecutive ops
+//   of a decode step) for the next job, then sleeps on a condition variable (futex) until one is
+//   posted;
+// - the caller, done with its own chunks, spins ~20 us for the helpers' last chunks, then sleeps on
+//   a condition variable that the helper finishing the job signals.
+// Contention back-off: a helper descheduled while it holds a claimed chunk (another process wants
+// the core) makes the caller wait a scheduler time slice (~1-4 ms) for it, every few jobs; two
+// threads then run slower than one (seen: decode time doubled with one competing process on a
+// 2-core machine). When the caller waits longer than FASTLM_POOL_STALL_US (default 1000 us) and 4x
+// its own time per chunk, the pool runs every job on the calling thread alone for a back-off
+// window (10 ms, doubling up to 320 ms while stalls recur right after a window; back to 10 ms after
+// 256 jobs without one), then shares work again. Idle cores never stall, so nothing changes there;
+// under load the step runs as fast as one thread, plus one stall per window.
+// FASTLM_POOL_STALL_US=0 turns the back-off off.
+//
+// Threads: at::get_num_threads() - 1 helpers, read at every call, so torch.set_num_threads and
+// OMP_NUM_THREADS / MKL_NUM_THREADS (which torch reads at start-up, and Ray and Spark set) size it
+// (helpers are created on first use, detached, never destroyed; spare ones sleep). A call from
+// inside a parallel region, from a second thread while a call is in flight, or after fork() runs
+// its chunks serially on the calling thread.
 #pragma once
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -38,7 +56,19 @@
 
 namespace fastlm {
 
+// What the pool did (torch.ops.fastlm.cpu_pool_stats): for tests, docs and benchmarks.
+struct PoolStats {
+  int64_t threads = 0;        // at::get_num_threads() at the last call: the caller + helpers allowed
+  int64_t helper_chunks = 0;  // chunks the helpers ran in the last shared job
+  int64_t helpers_started = 0;
+  int64_t shared_jobs = 0;    // jobs shared with helpers
+  int64_t stalls = 0;         // shared jobs whose caller waited past the stall bound
+  int64_t backoff_jobs = 0;   // jobs run on the caller alone during a back-off window
+};
+
 class SharePool {
+  using Clock = std::chrono::steady_clock;
+
  public:
   static SharePool& get() {
     static SharePool* p = new SharePool();  // leaked on purpose: detached helpers may outlive exit
@@ -49,9 +79,17 @@ class SharePool {
   // at::get_num_threads() - 1 helpers. fn must not throw.
   void run(int64_t n, const std::function<void(int64_t)>& fn) {
     if (n <= 0) return;
-    const int helpers = std::max(0, at::get_num_threads() - 1);
+    const int threads = at::get_num_threads();
+    const int helpers = std::max(0, threads - 1);
+    threads_.store(threads, std::memory_order_relaxed);
     std::unique_lock<std::mutex> busy(run_mutex_, std::try_to_lock);
     if (n == 1 || helpers == 0 || !busy.owns_lock() || at::in_parallel_region() || getpid() != pid_) {
+      for (int64_t c = 0; c < n; ++c) fn(c);
+      return;
+    }
+    const auto t0 = Clock::now();
+    if (t0 < serial_until_) {  // back-off window: the machine is too busy for helpers to pay
+      backoff_jobs_.fetch_add(1, std::memory_order_relaxed);
       for (int64_t c = 0; c < n; ++c) fn(c);
       return;
     }
@@ -68,23 +106,65 @@ class SharePool {
     }
     wake_cv_.notify_all();
     const int64_t mine = work(gen);
-    // chunks claimed by helpers are being run by threads that are running: wait for them
-    int64_t spins = 0;
-    while (done_.load(std::memory_order_acquire) + mine < n) {
-      if (++spins < 4096) FASTLM_POOL_PAUSE();
-      else std::this_thread::yield();
+    const auto t1 = Clock::now();
+    // chunks claimed by helpers are being run by threads that were running: spin briefly, then sleep
+    bool waited = false;
+    if (done_.load(std::memory_order_acquire) + mine < n) {
+      waited = true;
+      for (int i = 0; i < 2048 && done_.load(std::memory_order_acquire) + mine < n; ++i) FASTLM_POOL_PAUSE();
+      if (done_.load(std::memory_order_acquire) + mine < n) {
+        std::unique_lock<std::mutex> l(done_mutex_);
+        waiting_.store(true, std::memory_order_seq_cst);
+        // a helper adds to done_ (seq_cst) and then reads waiting_: it sees true, or we see its chunks
+        while (done_.load(std::memory_order_seq_cst) + mine < n) done_cv_.wait_for(l, std::chrono::milliseconds(2));
+        waiting_.store(false, std::memory_order_relaxed);
+      }
     }
+    shared_jobs_.fetch_add(1, std::memory_order_relaxed);
+    helper_chunks_.store(n - mine, std::memory_order_relaxed);
+    if (waited && stall_us_ > 0) judge(t0, t1, Clock::now(), mine);
+    else ++clean_jobs_;
+  }
+
+  PoolStats stats() const {
+    PoolStats s;
+    s.threads = threads_.load(std::memory_order_relaxed);
+    s.helper_chunks = helper_chunks_.load(std::memory_order_relaxed);
+    s.helpers_started = started_.load(std::memory_order_relaxed);
+    s.shared_jobs = shared_jobs_.load(std::memory_order_relaxed);
+    s.stalls = stalls_.load(std::memory_order_relaxed);
+    s.backoff_jobs = backoff_jobs_.load(std::memory_order_relaxed);
+    return s;
   }
 
  private:
+  static constexpr std::chrono::milliseconds kBackoffMin{10}, kBackoffMax{320};
+  static constexpr int64_t kCleanJobs = 256;  // shared jobs without a stall that reset the back-off
+
   SharePool() : pid_(getpid()) {
     const char* env = std::getenv("FASTLM_POOL_SPIN_US");
     spin_us_ = env != nullptr ? std::max(0, std::atoi(env)) : 100;
+    env = std::getenv("FASTLM_POOL_STALL_US");
+    stall_us_ = env != nullptr ? std::max(0, std::atoi(env)) : 1000;
+  }
+
+  // Called with run_mutex_ held after a job whose caller had to wait for helpers (t1 .. t2).
+  void judge(Clock::time_point t0, Clock::time_point t1, Clock::time_point t2, int64_t mine) {
+    const auto wait = t2 - t1;
+    const auto own = mine > 0 ? (t1 - t0) / mine : Clock::duration::zero();  // the caller's time per chunk
+    if (wait <= std::chrono::microseconds(stall_us_) || wait <= 4 * own) {
+      ++clean_jobs_;
+      return;
+    }
+    stalls_.fetch_add(1, std::memory_order_relaxed);
+    backoff_ = clean_jobs_ < kCleanJobs ? std::min<Clock::duration>(2 * backoff_, kBackoffMax) : Clock::duration(kBackoffMin);
+    clean_jobs_ = 0;
+    serial_until_ = t2 + backoff_;
   }
 
   void ensure_helpers(int helpers) {
-    while (started_ < helpers) {
-      const int idx = started_++;
+    while (started_.load(std::memory_order_relaxed) < helpers) {
+      const int idx = started_.fetch_add(1, std::memory_order_relaxed);
       std::thread([this, idx] { helper_loop(idx); }).detach();
     }
   }
@@ -114,12 +194,12 @@ class SharePool {
     for (;;) {
       uint32_t g = gen_.load(std::memory_order_acquire);
       if (g == seen) {
-        const auto t0 = std::chrono::steady_clock::now();
+        const auto t0 = Clock::now();
         const auto spin = std::chrono::microseconds(spin_us_);
         int i = 0;
         while ((g = gen_.load(std::memory_order_acquire)) == seen) {
           FASTLM_POOL_PAUSE();
-          if ((++i & 255) == 0 && std::chrono::steady_clock::now() - t0 > spin) break;
+          if ((++i & 255) == 0 && Clock::now() - t0 > spin) break;
         }
         if (g == seen) {
           std::unique_lock<std::mutex> l(wake_mutex_);
@@ -131,16 +211,26 @@ class SharePool {
       const uint64_t v = counter_.load(std::memory_order_acquire);
       if (static_cast<uint32_t>(v >> 32) != g) continue;  // that job is over
       const int64_t ran = work(v >> 32);
-      if (ran > 0) done_.fetch_add(ran, std::memory_order_acq_rel);
+      if (ran > 0) {
+        done_.fetch_add(ran, std::memory_order_seq_cst);
+        if (waiting_.load(std::memory_order_seq_cst)) {  // the caller sleeps (or is about to): wake it
+          std::lock_guard<std::mutex> l(done_mutex_);
+          done_cv_.notify_one();
+        }
+      }
     }
   }
 
   const pid_t pid_;
   int spin_us_ = 100;
-  int started_ = 0;  // helpers started (guarded by run_mutex_)
+  int stall_us_ = 1000;
+  std::atomic<int> started_{0};  // helpers started (written under run_mutex_)
   std::mutex run_mutex_;
   std::mutex wake_mutex_;
   std::condition_variable wake_cv_;
+  std::mutex done_mutex_;
+  std::condition_variable done_cv_;
+  std::atomic<bool> waiting_{false};  // the caller sleeps on done_cv_
   std::atomic<uint32_t> gen_{0};
   std::atomic<uint64_t> counter_{0};  // generation << 32 | next chunk
   std::atomic<int64_t> done_{0};      // chunks finished by helpers in the current job
@@ -148,6 +238,12 @@ class SharePool {
   // the current job (written before the counter's release store, read after a claim)
   std::atomic<const std::function<void(int64_t)>*> fn_{nullptr};
   std::atomic<int64_t> n_{0};
+  // contention back-off (guarded by run_mutex_)
+  Clock::time_point serial_until_{};
+  Clock::duration backoff_{kBackoffMin};
+  int64_t clean_jobs_ = 0;
+  // stats
+  std::atomic<int64_t> threads_{0}, helper_chunks_{0}, shared_jobs_{0}, stalls_{0}, backoff_jobs_{0};
 };
 
 }  // namespace fastlm

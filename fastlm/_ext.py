@@ -97,6 +97,10 @@ if _C is not None:
     def _gpt2_decode_cpu_fake(h, params, k_cache, v_cache, kv_len, scales, vocab, eps, activation):
         return h.new_empty((1, vocab))
 
+    @torch.library.register_fake("fastlm::gpt2_decode_batch_cpu")
+    def _gpt2_decode_batch_cpu_fake(h, params, k_cache, v_cache, pos, kv_len, scales, vocab, eps, activation):
+        return h.new_empty((h.shape[0], vocab))
+
     if hasattr(torch.ops.fastlm, "packed_linear_bf16"):  # csrc/gemv_bf16.cpp, csrc/decode_bf16.cpp
 
         @torch.library.register_fake("fastlm::packed_linear_bf16")

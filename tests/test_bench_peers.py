@@ -182,11 +182,12 @@ def test_peers_suite_runs_every_engine_in_its_own_process(cache, tmp_path, monke
     its reason until quantize= lands), the markdown table and the bar plot."""
     monkeypatch.setenv("FASTLM_BENCH_CACHE", cache)
     names = ("ctranslate2", "fastlm", "transformers")  # ~4 processes per engine: the others run in-process below
-    rows, read = suite.run_peers(list(PEER_CASES), rounds=1, calls=1, threads=1, size="tiny", names=names)
+    cases = ["peers_gpt2_decode", "peers_bert_fwd"]  # the batched-decode cases: test_peers_suite_batched_decode_rows
+    rows, read = suite.run_peers(cases, rounds=1, calls=1, threads=1, size="tiny", names=names)
     assert read and read > 0.1
     by = {(r.case, r.provider): r for r in rows}
-    assert set(by) == {(c, p) for c in PEER_CASES for p, n, _ in providers() if n in names}
-    for case in PEER_CASES:
+    assert set(by) == {(c, p) for c in cases for p, n, _ in providers() if n in names}
+    for case in cases:
         for p in ("ctranslate2", "ctranslate2_int8", "fastlm", "transformers"):
             assert by[(case, p)].status == "ok" and by[(case, p)].ms > 0, by[(case, p)]
         r = by[("peers_bert_fwd", "transformers_int8")]
@@ -314,7 +315,7 @@ def test_the_math_an_engine_reports_reaches_the_row_the_table_and_the_plot(monke
     monkeypatch.setattr(suite, "_worker", fake_worker)
     for e in (openvino_engine.ENGINE, openvino_f32_engine.ENGINE):
         monkeypatch.setattr(e, "missing", lambda: None)
-    rows, read = suite.run_peers(list(PEER_CASES), rounds=1, calls=1, threads=1, size="tiny",
+    rows, read = suite.run_peers(["peers_gpt2_decode", "peers_bert_fwd"], rounds=1, calls=1, threads=1, size="tiny",
                                  names=["openvino", "openvino_f32"])
     by = {(r.case, r.provider): r for r in rows}
     assert len(rows) == 8 and all(r.status == "ok" for r in rows)
@@ -339,3 +340,36 @@ def test_worker_reports_a_missing_engine_as_a_skip_not_a_crash(cache, capsys):
     assert '"skip": "torch\'s dynamic int8 quantization covers nn.Linear' in capsys.readouterr().out
     with pytest.raises(ValueError, match="engine must be"):
         worker.main(["time", "--work", "bert", "--engine", "nope", "--cache", cache, "--size", "tiny"])
+
+
+@needs_ct2
+def test_ctranslate2_batched_greedy_tokens_equal_fastlm(cache):
+    """The batched-decode rows compare the same work: CTranslate2's generate_batch of B prompts
+    makes fastlm's batched greedy tokens (its one-call batched step, csrc/decode_batch_cpu.cpp)."""
+    d = worker.prepare(cache, "gpt2_b8", "tiny", "ctranslate2")
+    gen = ctranslate2.Generator(ctranslate2_engine.converted_dir(d), device="cpu",
+                                compute_type="float32", intra_threads=1)
+    ids = workloads.inputs("gpt2_b8", 1000)
+    assert ids.shape == (8, workloads.GPT2_PROMPT)
+    want = fastlm.from_pretrained(d).generate(ids, max_new_tokens=20)[:, 16:].tolist()
+    r = gen.generate_batch([ctranslate2_engine.gen_tokens(d, row.tolist()) for row in ids], max_length=20,
+                           min_length=20, sampling_topk=1, include_prompt_in_result=False)
+    assert len({t for w in want for t in w}) >= 20, want
+    assert [x.sequences_ids[0] for x in r] == want
+
+
+@needs_ct2
+def test_peers_suite_batched_decode_rows(cache, tmp_path, monkeypatch):
+    """A batched-decode case end to end on the tiny model: tokens/s rows for the engines with a
+    batched runner, their table and the plot (higher is better there)."""
+    monkeypatch.setenv("FASTLM_BENCH_CACHE", cache)
+    rows, read = suite.run_peers(["peers_gpt2_batch8"], rounds=1, calls=1, threads=1, size="tiny",
+                                 names=("ctranslate2", "fastlm"))
+    by = {r.provider: r for r in rows}
+    for p in ("ctranslate2", "ctranslate2_int8", "fastlm", "fastlm_int8"):
+        r = by[p]
+        assert r.status == "ok" and r.unit == "tok/s" and r.value == pytest.approx(1e3 / r.ms), r
+    md = report.peers_markdown(rows, read)
+    assert "### Batched greedy decode" in md and "| B=8 tok/s |" in md and "| fastlm | fp32 |" in md
+    png = plots.peers_plot(rows, read, str(tmp_path / "batch.png"))
+    assert png and os.path.getsize(png) > 1000

@@ -179,13 +179,17 @@ def peers_figure(rows: list[Row], read_gbs: float | None, title: str = "", skipp
     fig, axes = plt.subplots(1, len(cases), figsize=(6.5 * len(cases), 3.8), squeeze=False)
     for ax, case in zip(axes[0], cases, strict=True):
         rs = [r for r in rows if r.case == case and r.ms]
-        err = [[0.0] * len(rs), [max(0.0, (r.ms_max or r.ms) - r.ms) for r in rs]]
+        rate = UNITS[WORKS[case]] == "tok/s"  # batched decode: tokens/s, the whisker at the slowest call's rate
+        vals = [r.value if rate else r.ms for r in rs]
+        slow = [1e3 / (r.ms_max or r.ms) if rate else (r.ms_max or r.ms) for r in rs]
+        err = ([[max(0.0, v - s) for v, s in zip(vals, slow, strict=True)], [0.0] * len(rs)] if rate else
+               [[0.0] * len(rs), [max(0.0, s - v) for v, s in zip(vals, slow, strict=True)]])
         names = [f"{engines()[engine_of[r.provider]].label(prec_of[r.provider])} {r.dtype.split(' (')[0]}" if r.dtype
                  else pretty[r.provider] for r in rs]  # the math the engine said it ran, where it did
-        ax.barh(names, [r.ms for r in rs], xerr=err, capsize=2,
+        ax.barh(names, vals, xerr=err, capsize=2,
                 color=[color[engine_of[r.provider]] for r in rs])
-        for i, r in enumerate(rs):
-            ax.text(max(r.ms, r.ms_max or r.ms), i, f" {r.ms:.1f}", va="center", fontsize=8)  # past the whisker
+        for i, v in enumerate(vals):
+            ax.text(v if rate else max(v, slow[i]), i, f" {v:.1f}", va="center", fontsize=8)  # past the whisker
         if WORKS[case] == "gpt2":
             for prec, ls in (("fp32", "--"), ("int8", ":")):
                 fl = floor_ms(read_gbs, prec)
@@ -194,7 +198,8 @@ def peers_figure(rows: list[Row], read_gbs: float | None, title: str = "", skipp
             if read_gbs:
                 ax.legend(fontsize=7, loc="lower right")
         ax.set_xlim(left=0)
-        ax.set_xlabel(UNITS[WORKS[case]] + " (lower is better; bar: best call, whisker: slowest)")
+        ax.set_xlabel(UNITS[WORKS[case]] + (" (higher" if rate else " (lower") +
+                      " is better; bar: best call, whisker: slowest)")
         ax.set_title(LABELS[WORKS[case]], fontsize=10)
         ax.invert_yaxis()
         ax.grid(True, axis="x", alpha=0.3)

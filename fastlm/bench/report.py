@@ -7,7 +7,7 @@ run. The plots are in fastlm/bench/plots.py. Nothing here times anything.
 from __future__ import annotations
 
 from fastlm.bench.peers.registry import engines, providers
-from fastlm.bench.peers.workloads import WORKS, floor_ms, gpt2_weight_bytes
+from fastlm.bench.peers.workloads import WORKS, batch_of, floor_ms, gpt2_weight_bytes
 from fastlm.bench.result import Result, Row, format_value
 
 
@@ -164,4 +164,35 @@ def peers_markdown(rows: list[Row], read_gbs: float | None) -> str:
         fl = floor_ms(read_gbs, prec)
         if fl:
             out.append(f"| floor: {gpt2_weight_bytes(prec) / 1e6:.0f} MB of weights / {bw} | {prec} | {fl:.1f} | - |")
+    return "\n".join(out) + "\n" + batch_markdown(rows)
+
+
+def batch_markdown(rows: list[Row]) -> str:
+    """The batched-decode rows (workloads.GPT2_BATCHES): tokens/s of the whole batch per engine, one
+    column per batch; empty when none ran."""
+    cases = [c for c, w in WORKS.items() if batch_of(w) is not None and any(r.case == c for r in rows)]
+    if not cases:
+        return ""
+    by = {(r.case, r.provider): r for r in rows}
+
+    def cell(case, p):
+        r = by.get((case, p))
+        if r is None:
+            return "-"
+        if r.value is None:
+            return r.status
+        slow = f" (slowest {1e3 / r.ms_max:.0f})" if r.ms_max else ""
+        return f"{r.value:.0f}{slow}"
+
+    out = ["", "### Batched greedy decode", "",
+           ("GPT-2 small, B prompts of 16 tokens, 32 new tokens each (one generate call, the prefill included): "
+            "new tokens per second of the whole batch, best call (the slowest call's rate beside it), each engine "
+            "in its own process with the same threads."), "",
+           "| engine | precision | " + " | ".join(f"B={batch_of(WORKS[c])} tok/s" for c in cases) + " |",
+           "|---|---|" + "---|" * len(cases)]
+    for p, name, prec in providers():
+        e = engines()[name]
+        if all((c, p) not in by or by[(c, p)].status.startswith("skipped") for c in cases):
+            continue  # an engine without a batched runner: no line of skips
+        out.append(f"| {e.label(prec)} | {e.math(prec)} | " + " | ".join(cell(c, p) for c in cases) + " |")
     return "\n".join(out) + "\n"

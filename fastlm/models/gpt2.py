@@ -302,18 +302,31 @@ class GPT2LMHeadModel(GPT2Model):
 
     def decode_step(self, tokens: Tensor, pos: Tensor, cache: StaticKVCache, kv_len: int | None = None) -> Tensor:
         """One token per sequence, tokens (B,) at positions pos (B,) int32 -> logits (B, vocab).
-        Static shapes and no host sync: this is what the CUDA graph captures. kv_len (eager path):
-        a host-known bound on pos + 1; with one sequence (B == 1) it must equal pos + 1, as
-        fastlm.generation passes it."""
+        Sequence b is cache batch row b: its key and value are written at row pos[b] and it attends
+        to its own pos[b] + 1 rows (ragged lengths). Static shapes and no host sync: this is what
+        the CUDA graph captures. kv_len (eager path): a host-known bound on pos + 1 (every
+        pos[b] < kv_len); with one sequence (B == 1) it must equal pos + 1, as fastlm.generation
+        passes it. On CPU in float32 with packed projections the whole step is one C++ call:
+        gpt2_decode_cpu for B == 1 with kv_len, gpt2_decode_batch_cpu (csrc/decode_batch_cpu.cpp)
+        otherwise (kv_len None: the cache capacity bounds pos); a pos outside [0, kv_len) there
+        raises ValueError naming it. In bfloat16 (bf16 panels and cache) B == 1 with kv_len is one
+        call too (gpt2_decode_cpu_bf16); a bf16 batch runs op by op."""
         lens = pos + 1  # (B,) int32: rows each sequence attends to, the new one included
         h = self.wte(tokens)[:, None] + self.wpe(pos)[:, None]  # (B, 1, C)
-        if kv_len is not None and tokens.shape[0] == 1:
+        if h.device.type == "cpu":
             params = self._cpu_decode_params(h, cache)
-            if params is not None:  # one sequence on CPU: the whole step in one C++ call
+            if params is not None and kv_len is not None and tokens.shape[0] == 1:
+                # one sequence on CPU: the whole step in one C++ call
                 op = (torch.ops.fastlm.gpt2_decode_cpu_bf16 if cache.k.dtype == torch.bfloat16
                       else torch.ops.fastlm.gpt2_decode_cpu)  # bf16: float32 logits, see csrc/decode_bf16.cpp
                 return op(h, params, cache.k, cache.v, kv_len, self._attn_scales, self.config.vocab_size,
                           self.ln_f.eps, self.h[0].mlp.activation)  # (1, vocab)
+            if params is not None and cache.k.dtype == torch.float32:
+                # a batch (ragged positions) on CPU: one C++ call, each panel read once (float32 /
+                # int8 panels; a bf16 batch runs op by op)
+                return torch.ops.fastlm.gpt2_decode_batch_cpu(
+                    h, params, cache.k, cache.v, pos, cache.capacity if kv_len is None else kv_len,
+                    self._attn_scales, self.config.vocab_size, self.ln_f.eps, self.h[0].mlp.activation)  # (B, vocab)
         for i, block in enumerate(self.h):
             h = block(h, None, KVStep(cache, i, pos, lens, kv_len))
         h = ops.layer_norm(h, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)

@@ -25,6 +25,7 @@ class Engine:
     optional: bool = True  # an outside engine: a plain `fastlm bench` runs the peers only when one is installed
     precisions: tuple[str, ...] = ("fp32", "int8")  # the rows it has (see registry.PRECISIONS)
     prepares: bool = False  # prepare() has work to do: the suite runs it once per workload, in its own process
+    batch_decode: bool = False  # its runner takes the batched-decode workloads (gpt2_bB: ids (B, prompt))
 
     def missing(self) -> str | None:
         """Why this engine cannot run here, or None when it can. Only imports `module`."""

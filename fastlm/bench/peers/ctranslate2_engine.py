@@ -33,6 +33,7 @@ class CTranslate2(Engine):
     module = "ctranslate2"
     install = "pip install 'fastlm[peers]'"
     prepares = True
+    batch_decode = True
 
     def prepare(self, work, model_dir):
         import ctranslate2
@@ -47,16 +48,16 @@ class CTranslate2(Engine):
 
         path = converted_dir(model_dir)
         compute = {"fp32": "float32", "int8": "int8"}[precision]
-        if work == "gpt2":
+        if work.startswith("gpt2"):  # gpt2 (B = 1) and the batched gpt2_bB: one generate_batch of B prompts
             gen = ctranslate2.Generator(path, device="cpu", compute_type=compute, intra_threads=threads,
                                         inter_threads=1)
-            prompt = [gen_tokens(model_dir, ids[0].tolist())]
+            prompt = [gen_tokens(model_dir, row.tolist()) for row in ids]
 
             def run():
                 r = gen.generate_batch(prompt, max_length=GPT2_NEW, min_length=GPT2_NEW, sampling_topk=1,
                                        include_prompt_in_result=False)
-                assert len(r[0].sequences_ids[0]) == GPT2_NEW, len(r[0].sequences_ids[0])
-            return run, GPT2_NEW
+                assert all(len(x.sequences_ids[0]) == GPT2_NEW for x in r), [len(x.sequences_ids[0]) for x in r]
+            return run, len(prompt) * GPT2_NEW
         enc = ctranslate2.Encoder(path, device="cpu", compute_type=compute, intra_threads=threads, inter_threads=1)
         batch = ids.tolist()
         return lambda: enc.forward_batch(batch), 1

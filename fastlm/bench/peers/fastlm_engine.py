@@ -14,6 +14,7 @@ class FastLM(Engine):
     name = "fastlm"
     title = "fastlm"
     optional = False
+    batch_decode = True
 
     def version(self) -> str | None:
         import fastlm
@@ -32,16 +33,16 @@ class FastLM(Engine):
         if precision == "int8":
             if "quantize" not in inspect.signature(fastlm.from_pretrained).parameters:
                 raise Skip("fastlm.from_pretrained has no quantize= yet (issue 10 item 2)")
-            kw["quantize"] = "int8" if work == "gpt2" else "int8_dynamic"
+            kw["quantize"] = "int8" if work.startswith("gpt2") else "int8_dynamic"
         try:
             m = fastlm.from_pretrained(model_dir, dtype=torch.float32, device="cpu", **kw)
         except (ValueError, NotImplementedError) as e:
             raise Skip(f"fastlm quantize={kw.get('quantize')}: {e}") from None
-        if work == "gpt2":
+        if work.startswith("gpt2"):  # gpt2 (B = 1) and the batched gpt2_bB: ids (B, prompt)
             def run():
                 out = m.generate(ids, max_new_tokens=GPT2_NEW)
-                assert out.shape[1] == GPT2_PROMPT + GPT2_NEW, out.shape
-            return run, GPT2_NEW
+                assert out.shape == (ids.shape[0], GPT2_PROMPT + GPT2_NEW), out.shape
+            return run, ids.shape[0] * GPT2_NEW
         return lambda: m(ids), 1
 
 

@@ -139,7 +139,9 @@ def run_peers(works: list[str], rounds: int = 2, calls: int = 3, threads: int = 
                       dtype=ran_math.get((case, p), ""))
             if samples.get((case, p)):
                 t = Timing.of(samples[(case, p)])  # the row is the best call; its spread beside it
-                row.ms = row.value = t.min
+                row.ms = row.value = t.min  # ms per unit (token or call)
+                if row.unit == "tok/s":  # batched decode: the whole batch's new tokens per second
+                    row.value = 1e3 / t.min
                 row.ms_min, row.ms_q1, row.ms_q3, row.ms_max, row.n = t.min, t.q1, t.q3, t.max, t.n
                 row.cpu_ms = best_cpu.get((case, p))
                 fl = floor_ms(read, precision) if work == "gpt2" and size == "base" else None

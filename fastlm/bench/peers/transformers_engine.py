@@ -13,6 +13,7 @@ class Transformers(Engine):
     title = "transformers (sdpa)"
     module = "transformers"
     optional = False
+    batch_decode = True
 
     def label(self, precision: str) -> str:
         return f"{self.title} + torch dynamic" if precision == "int8" else self.title
@@ -24,19 +25,20 @@ class Transformers(Engine):
         import torch
         import transformers as tf
 
-        if precision != "fp32" and work == "gpt2":
+        gpt2 = work.startswith("gpt2")  # gpt2 (B = 1) and the batched gpt2_bB: ids (B, prompt), no padding
+        if precision != "fp32" and gpt2:
             raise Skip("torch's dynamic int8 quantization covers nn.Linear; GPT-2's Conv1D projections stay fp32")
-        cls = tf.GPT2LMHeadModel if work == "gpt2" else tf.BertModel
+        cls = tf.GPT2LMHeadModel if gpt2 else tf.BertModel
         m = cls.from_pretrained(model_dir, attn_implementation="sdpa").eval()
         if precision == "int8":  # torch.ao dynamic quantization: int8 weights, per-token int8 activations
             m = torch.ao.quantization.quantize_dynamic(m, {torch.nn.Linear}, dtype=torch.qint8)
-        if work == "gpt2":
+        if gpt2:
             def run():
                 with torch.inference_mode():
                     out = m.generate(ids, max_new_tokens=GPT2_NEW, min_new_tokens=GPT2_NEW, do_sample=False,
                                      pad_token_id=0)
-                assert out.shape[1] == GPT2_PROMPT + GPT2_NEW, out.shape
-            return run, GPT2_NEW
+                assert out.shape == (ids.shape[0], GPT2_PROMPT + GPT2_NEW), out.shape
+            return run, ids.shape[0] * GPT2_NEW
 
         def fwd():
             with torch.inference_mode():

@@ -4,7 +4,7 @@ Each engine gets a fresh process with its own thread pool, so no pool fights ano
 inherits another's warm caches or allocator state.
 
     python -m fastlm.bench.peers.worker prepare --work gpt2|bert --cache DIR [--size base|tiny] [--engine NAME]
-    python -m fastlm.bench.peers.worker time --work gpt2|bert --engine NAME --precision fp32|int8
+    python -m fastlm.bench.peers.worker time --work gpt2|gpt2_bB|bert --engine NAME --precision fp32|int8
         --cache DIR [--calls 3] [--threads 2] [--size base|tiny]
     python -m fastlm.bench.peers.worker bandwidth --cache DIR [--threads 2]
 
@@ -62,6 +62,8 @@ def timed(work: str, name: str, precision: str, d: str, threads: int, calls: int
     why = e.missing()
     if why:
         raise Skip(why)
+    if workloads.batch_of(work) is not None and not e.batch_decode:
+        raise Skip(f"the peers suite has no batched-decode runner for {e.title}")
     torch.set_num_threads(threads)
     with open(os.path.join(d, "config.json")) as f:
         vocab = json.load(f)["vocab_size"]
@@ -99,7 +101,7 @@ def read_bandwidth(threads: int, calls: int) -> list[float]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastlm.bench.peers.worker")
     p.add_argument("action", choices=["prepare", "time", "bandwidth"])
-    p.add_argument("--work", choices=["gpt2", "bert"], default="gpt2")
+    p.add_argument("--work", choices=sorted(set(workloads.WORKS.values())), default="gpt2")
     p.add_argument("--engine", default=None, help="a registered engine (time: default fastlm)")
     p.add_argument("--precision", choices=["fp32", "int8"], default="fp32")
     p.add_argument("--cache", required=True)

@@ -15,12 +15,27 @@ import os
 
 GPT2_PROMPT, GPT2_NEW = 16, 32
 BERT_B, BERT_S = 8, 128
+# batched greedy decode (issue 19 item 5): B prompts of GPT2_PROMPT tokens, GPT2_NEW new tokens each,
+# tokens/s of the whole batch (B * GPT2_NEW new tokens per call, the prefill included)
+GPT2_BATCHES = (1, 8, 32)
 
 # case name -> workload; the case's label and unit
-WORKS = {"peers_gpt2_decode": "gpt2", "peers_bert_fwd": "bert"}
+WORKS = {"peers_gpt2_decode": "gpt2", "peers_bert_fwd": "bert",
+         **{f"peers_gpt2_batch{b}": f"gpt2_b{b}" for b in GPT2_BATCHES}}
 PEER_CASES = tuple(WORKS)
-LABELS = {"gpt2": "GPT-2 small B1 prompt16 new32", "bert": "BERT-base B8 S128"}
-UNITS = {"gpt2": "ms/token", "bert": "ms"}
+LABELS = {"gpt2": "GPT-2 small B1 prompt16 new32", "bert": "BERT-base B8 S128",
+          **{f"gpt2_b{b}": f"GPT-2 small batched decode B{b} prompt16 new32" for b in GPT2_BATCHES}}
+UNITS = {"gpt2": "ms/token", "bert": "ms", **{f"gpt2_b{b}": "tok/s" for b in GPT2_BATCHES}}
+
+
+def batch_of(work: str) -> int | None:
+    """The batch of a batched-decode workload ("gpt2_b8" -> 8), None for the others."""
+    return int(work[len("gpt2_b"):]) if work.startswith("gpt2_b") else None
+
+
+def model_of(work: str) -> str:
+    """The model a workload runs: "gpt2" for the batched-decode workloads too (one saved model)."""
+    return "gpt2" if batch_of(work) is not None else work
 
 # "base": GPT-2 small and BERT-base, the models of the table; "tiny": the same code paths on
 # models small enough for the tests (2 layers, width 64, vocabulary 1000).
@@ -56,7 +71,7 @@ def floor_ms(read_gbs: float | None, precision: str) -> float | None:
 def model_dir(cache: str, work: str, size: str = "base") -> str:
     import transformers
 
-    return os.path.join(cache, f"{work}-{size}-random-tf{transformers.__version__}")
+    return os.path.join(cache, f"{model_of(work)}-{size}-random-tf{transformers.__version__}")
 
 
 def config(work: str, size: str = "base"):
@@ -88,6 +103,7 @@ def prepare(cache: str, work: str, size: str = "base") -> str:
     import torch
     import transformers as tf
 
+    work = model_of(work)
     d = model_dir(cache, work, size)
     cfg = config(work, size)
     if not os.path.exists(os.path.join(d, "config.json")):
@@ -119,10 +135,11 @@ def prepare(cache: str, work: str, size: str = "base") -> str:
 
 
 def inputs(work: str, vocab: int):
-    """The token ids every engine runs: (1, GPT2_PROMPT) for gpt2, (BERT_B, BERT_S) for bert (seed 0)."""
+    """The token ids every engine runs: (1, GPT2_PROMPT) for gpt2, (B, GPT2_PROMPT) for gpt2_bB,
+    (BERT_B, BERT_S) for bert (seed 0)."""
     import torch
 
     g = torch.Generator().manual_seed(0)
-    if work == "gpt2":
-        return torch.randint(0, vocab, (1, GPT2_PROMPT), generator=g)
+    if model_of(work) == "gpt2":
+        return torch.randint(0, vocab, (batch_of(work) or 1, GPT2_PROMPT), generator=g)
     return torch.randint(0, min(vocab, 30000), (BERT_B, BERT_S), generator=g)

@@ -1,0 +1,25 @@
+// torch.ops.fastlm.cpu_pool_stats: what the work-sharing pool of the CPU decode kernels (cpu_pool.h)
+// has done in this process, for tests, `fastlm info`-style diagnostics and benchmarks.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cpu_pool.h"
+
+namespace fastlm {
+namespace {
+
+// [threads, helper_chunks, helpers_started, shared_jobs, stalls, backoff_jobs]: at::get_num_threads()
+// at the last call (the caller + the helpers it may use), chunks the helpers ran in the last shared
+// job, helper threads started, jobs shared with helpers, shared jobs whose caller waited past the
+// stall bound (FASTLM_POOL_STALL_US), jobs run on the caller alone in a back-off window.
+std::vector<int64_t> cpu_pool_stats() {
+  const PoolStats s = SharePool::get().stats();
+  return {s.threads, s.helper_chunks, s.helpers_started, s.shared_jobs, s.stalls, s.backoff_jobs};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastlm, m) { m.def("cpu_pool_stats() -> int[]", &cpu_pool_stats); }
+
+}  // namespace fastlm
