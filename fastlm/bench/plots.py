@@ -191,7 +191,7 @@ def peers_figure(rows: list[Row], read_gbs: float | None, title: str = "", skipp
         for i, v in enumerate(vals):
             ax.text(v if rate else max(v, slow[i]), i, f" {v:.1f}", va="center", fontsize=8)  # past the whisker
         if WORKS[case] == "gpt2":
-            for prec, ls in (("fp32", "--"), ("int8", ":")):
+            for prec, ls in (("fp32", "--"), ("bf16", "-."), ("int8", ":")):
                 fl = floor_ms(read_gbs, prec)
                 if fl:
                     ax.axvline(fl, color="k", ls=ls, lw=1, label=f"{prec} bandwidth floor {fl:.1f} ms")

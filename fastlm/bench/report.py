@@ -160,7 +160,7 @@ def peers_markdown(rows: list[Row], read_gbs: float | None) -> str:
         ran = list(dict.fromkeys(r.dtype for r in rows if r.provider == p and r.dtype))
         out.append(f"| {e.label(prec)} | {' / '.join(ran) or e.math(prec)} | {cell('peers_gpt2_decode', p)} | "
                    f"{cell('peers_bert_fwd', p)} |")
-    for prec in ("fp32", "int8"):
+    for prec in ("fp32", "bf16", "int8"):
         fl = floor_ms(read_gbs, prec)
         if fl:
             out.append(f"| floor: {gpt2_weight_bytes(prec) / 1e6:.0f} MB of weights / {bw} | {prec} | {fl:.1f} | - |")

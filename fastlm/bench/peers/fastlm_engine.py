@@ -1,5 +1,6 @@
-"""fastlm itself in the peers suite: fastlm.from_pretrained on the saved model, fp32 and int8
-(quantize="int8" for GPT-2 decode, "int8_dynamic" for the BERT forward)."""
+"""fastlm itself in the peers suite: fastlm.from_pretrained on the saved model, fp32, int8
+(quantize="int8" for GPT-2 decode, "int8_dynamic" for the BERT forward) and bf16
+(dtype=torch.bfloat16: bf16 weights and KV cache, fp32 accumulation; docs/design.md)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ class FastLM(Engine):
     title = "fastlm"
     optional = False
     batch_decode = True
+    precisions = ("fp32", "int8", "bf16")
 
     def version(self) -> str | None:
         import fastlm
@@ -22,7 +24,9 @@ class FastLM(Engine):
         return fastlm.__version__
 
     def math(self, precision: str) -> str:
-        return "int8 (GPT-2 int8, BERT int8_dynamic)" if precision == "int8" else precision
+        if precision == "int8":
+            return "int8 (GPT-2 int8, BERT int8_dynamic)"
+        return "bf16 (fp32 accumulation)" if precision == "bf16" else precision
 
     def runner(self, work, precision, model_dir, ids, threads):
         import torch
@@ -35,7 +39,8 @@ class FastLM(Engine):
                 raise Skip("fastlm.from_pretrained has no quantize= yet (issue 10 item 2)")
             kw["quantize"] = "int8" if work.startswith("gpt2") else "int8_dynamic"
         try:
-            m = fastlm.from_pretrained(model_dir, dtype=torch.float32, device="cpu", **kw)
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            m = fastlm.from_pretrained(model_dir, dtype=dtype, device="cpu", **kw)
         except (ValueError, NotImplementedError) as e:
             raise Skip(f"fastlm quantize={kw.get('quantize')}: {e}") from None
         if work.startswith("gpt2"):  # gpt2 (B = 1) and the batched gpt2_bB: ids (B, prompt)

@@ -17,7 +17,7 @@ ENGINE_MODULES = (
     "openvino_f32_engine",  # the same models with INFERENCE_PRECISION_HINT=f32
     "llamacpp_engine",  # GPT-2 only; llama-cpp-python builds from source
 )
-PRECISIONS = ("fp32", "int8")  # rows precision by precision, each over the engines that have it
+PRECISIONS = ("fp32", "int8", "bf16")  # rows precision by precision, each over the engines that have it
 
 
 @cache
@@ -33,6 +33,8 @@ def engines() -> dict[str, Engine]:
 
 def providers() -> list[tuple[str, str, str]]:
     """(provider, engine name, precision) of every row of a peers case, in order: the fp32 rows of
-    every engine, then the int8 rows. The provider is the engine's name, + "_<precision>" but for fp32."""
+    every engine, then the int8 rows, then the bf16 rows (fastlm's dtype=torch.bfloat16; OpenVINO's
+    default rows already name the bf16 math they ran). The provider is the engine's name, +
+    "_<precision>" but for fp32."""
     return [(e.name if p == "fp32" else f"{e.name}_{p}", e.name, p)
             for p in PRECISIONS for e in engines().values() if p in e.precisions]

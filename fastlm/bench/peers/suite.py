@@ -2,7 +2,7 @@
 
 The workloads (fastlm/bench/peers/workloads.py: GPT-2 small decode, BERT-base forward) run on every
 registered engine (fastlm/bench/peers/registry.py: fastlm, CTranslate2, transformers, ONNX Runtime,
-OpenVINO, llama.cpp), fp32 and int8. Each engine runs in a process of its own
+OpenVINO, llama.cpp), fp32, int8 and bf16 (fastlm only). Each engine runs in a process of its own
 (fastlm.bench.peers.worker) with the same number of threads, the engines alternating within a
 round; a row is the best call over all rounds. An engine that is missing, or cannot prepare or run
 a workload, gives skipped rows with the reason.

@@ -4,7 +4,7 @@ Each engine gets a fresh process with its own thread pool, so no pool fights ano
 inherits another's warm caches or allocator state.
 
     python -m fastlm.bench.peers.worker prepare --work gpt2|bert --cache DIR [--size base|tiny] [--engine NAME]
-    python -m fastlm.bench.peers.worker time --work gpt2|gpt2_bB|bert --engine NAME --precision fp32|int8
+    python -m fastlm.bench.peers.worker time --work gpt2|gpt2_bB|bert --engine NAME --precision fp32|int8|bf16
         --cache DIR [--calls 3] [--threads 2] [--size base|tiny]
     python -m fastlm.bench.peers.worker bandwidth --cache DIR [--threads 2]
 
@@ -27,7 +27,7 @@ import time
 
 from fastlm.bench.peers import workloads
 from fastlm.bench.peers.base import Engine
-from fastlm.bench.peers.registry import engines
+from fastlm.bench.peers.registry import PRECISIONS, engines
 from fastlm.bench.result import Skip
 
 READ_MB = 384  # the bandwidth buffer: far larger than any L3 here
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("action", choices=["prepare", "time", "bandwidth"])
     p.add_argument("--work", choices=sorted(set(workloads.WORKS.values())), default="gpt2")
     p.add_argument("--engine", default=None, help="a registered engine (time: default fastlm)")
-    p.add_argument("--precision", choices=["fp32", "int8"], default="fp32")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
     p.add_argument("--cache", required=True)
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)

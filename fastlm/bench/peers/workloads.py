@@ -51,12 +51,13 @@ def cache_dir() -> str:
 
 def gpt2_weight_bytes(precision: str, n_layer: int = 12, d: int = 768, vocab: int = 50257) -> float:
     """Bytes a GPT-2 decode step streams: every block projection (QKV, out, FFN: 12 d^2 per layer)
-    and the tied LM head once; biases, LayerNorms (and int8's per-channel fp32 scales) in fp32.
-    GPT-2 small: 494 MB fp32, 125 MB int8. The KV cache and the two embedding rows are ignored."""
+    and the tied LM head once; biases, LayerNorms (and int8's per-channel fp32 scales) in fp32
+    (bf16: everything in bf16, 2 bytes). GPT-2 small: 494 MB fp32, 247 MB bf16, 125 MB int8. The KV
+    cache and the two embedding rows are ignored."""
     big = n_layer * 12 * d * d + vocab * d
     small = n_layer * (3 * d + d + 4 * d + d + 4 * d) + 2 * d  # biases + LayerNorm weights/biases
-    if precision == "fp32":
-        return 4.0 * (big + small)
+    if precision in ("fp32", "bf16"):
+        return (4.0 if precision == "fp32" else 2.0) * (big + small)
     scales = n_layer * (3 * d + d + 4 * d + d) + vocab
     return 1.0 * big + 4.0 * (small + scales)
 
