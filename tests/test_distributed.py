@@ -323,15 +323,18 @@ def test_cli_ray_job_equals_in_process_with_a_worker_killed(tmp_path, cluster, c
         if not killed:  # mid-job: 14 of 15 blocks to go
             pids = actor_pids("Classify")
             assert len(pids) == 1, pids
-            psutil.Process(pids[0]).kill()
-            killed.append(pids[0])
+            proc = psutil.Process(pids[0])
+            killed.append((proc.pid, proc.create_time()))
+            proc.kill()
+            proc.wait(timeout=60)  # gone (its parent, Ray's raylet, reaps it), not merely signalled
 
     jobs._Blocks._flush = flush_then_kill
     try:
         assert cli.main([*args, "--output", remote, "--ray", "--workers", "1"]) == 0
     finally:
         jobs._Blocks._flush = real
-    assert killed and killed[0] not in actor_pids("Classify")
+    # the worker that finished the job is a new process (a pid alone could be reused)
+    assert killed and killed[0] not in [(q, psutil.Process(q).create_time()) for q in actor_pids("Classify")]
     err = capsys.readouterr().err
     assert "300 rows in 15 blocks" in err and "on Ray (local)" in err
     a, b = jobs.read_output(local), jobs.read_output(remote)
