@@ -66,14 +66,9 @@ def input_format(src: str, fmt: str = "auto") -> str:
     return "lines"
 
 
-def read_texts(src: str, *, fmt: str = "auto", field: str = "text", stdin=None) -> list[str]:
-    """The texts of a file (or "-": standard input) as the module docstring describes.
-
-    Raises InputError (a ValueError) naming the file (and line) for an empty input, text that is
-    not UTF-8, or a JSON line without the field; OSError for a file that cannot be opened."""
-    fmt = input_format(src, fmt)
-    if fmt == "parquet":
-        return read_table(src, fmt=fmt, field=field).column(field).to_pylist()
+def _read_text(src: str, stdin=None) -> str:
+    """The whole of file `src` (or "-": standard input, `stdin` if given) as text. Raises InputError
+    naming it for a directory or bytes that are not UTF-8; OSError where it cannot be opened."""
     if src == "-":
         import sys
 
@@ -84,9 +79,20 @@ def read_texts(src: str, *, fmt: str = "auto", field: str = "text", stdin=None) 
         with open(src, "rb") as f:
             raw = f.read()
     try:
-        data = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        return raw.decode("utf-8") if isinstance(raw, bytes) else raw
     except UnicodeDecodeError as e:
         raise InputError(f"{_name(src)} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+
+
+def read_texts(src: str, *, fmt: str = "auto", field: str = "text", stdin=None) -> list[str]:
+    """The texts of a file (or "-": standard input) as the module docstring describes.
+
+    Raises InputError (a ValueError) naming the file (and line) for an empty input, text that is
+    not UTF-8, or a JSON line without the field; OSError for a file that cannot be opened."""
+    fmt = input_format(src, fmt)
+    if fmt == "parquet":
+        return read_table(src, fmt=fmt, field=field).column(field).to_pylist()
+    data = _read_text(src, stdin)
     if fmt == "lines":
         texts = split_lines(data)
     else:
@@ -140,19 +146,7 @@ def read_table(src: str, *, fmt: str = "auto", field: str = "text", stdin=None):
     elif fmt == "lines":
         table = pa.table({field: pa.array(read_texts(src, fmt="lines", stdin=stdin), pa.string())})
     else:
-        if src == "-":
-            import sys
-
-            raw = (stdin or sys.stdin.buffer).read()
-        else:
-            if os.path.isdir(src):
-                raise InputError(f"{src} is a directory, not a text file")
-            with open(src, "rb") as f:
-                raw = f.read()
-        try:
-            data = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        except UnicodeDecodeError as e:
-            raise InputError(f"{_name(src)} is not UTF-8 text (byte {e.start})") from None
+        data = _read_text(src, stdin)
         rows = []
         for i, line in enumerate(split_lines(data), 1):
             if not line.strip():
