@@ -397,7 +397,10 @@ class GenerationEngine(_Base):
                                  self.model.dtype, self.model.device)
         log.info("fastlm serve: KV cache of %d slots x %d positions (%.1f MiB)", self.slots, cap,
                  self.cache.nbytes() / 2**20)
-        self._batched_op = self.model.device.type == "cpu" and _has_op("gpt2_decode_batch_cpu")
+        # decode_step runs a batch in one call on CPU for float32 / int8 panels (gpt2_decode_batch_cpu);
+        # a bf16 batch runs op by op and needs the slot view
+        self._batched_op = (self.model.device.type == "cpu" and self.model.dtype == torch.float32
+                            and _has_op("gpt2_decode_batch_cpu"))
         self._warm()
 
     def _warm(self):
