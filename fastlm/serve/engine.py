@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fastlm.serve import static_step
+
 log = logging.getLogger("fastlm.serve")
 
 TASKS = ("embed", "classify", "rerank", "generate")
@@ -401,6 +403,9 @@ class GenerationEngine(_Base):
         # a bf16 batch runs op by op and needs the slot view
         self._batched_op = (self.model.device.type == "cpu" and self.model.dtype == torch.float32
                             and _has_op("gpt2_decode_batch_cpu"))
+        # on GPU: the batched step replayed from a CUDA graph per power-of-two bucket (static_step.py)
+        static, graphs = static_step.wanted(self.model.device)
+        self._static = static_step.StaticSteps(self.model, self.cache, graphs) if static else None
         self._warm()
 
     def _warm(self):
@@ -415,11 +420,20 @@ class GenerationEngine(_Base):
                 for _ in range(2):
                     self._step(torch.zeros(k, dtype=torch.long, device=dev),
                                torch.full((k,), 2, dtype=torch.int32, device=dev), k, 3)
+            if self._static is not None:  # every bucket's graph captured before the first request
+                for k in self._static.sizes:
+                    self._step(torch.zeros(k, dtype=torch.long, device=dev),
+                               torch.zeros(k, dtype=torch.int32, device=dev), k, 1)
 
     def _step(self, tokens, pos, n: int, kv_len: int):
         """model.decode_step for the sequences in slots [0, n): one sequence, or a batch where the model has
         the one-call batched CPU step, reads the whole contiguous cache (its rows [0, n)); a batch
-        elsewhere (op by op, on GPU) reads the strided view of the first n slots."""
+        elsewhere (op by op) reads the strided view of the first n slots. On GPU (or with
+        FASTLM_SERVE_STATIC_STEP=1) the step is static_step.StaticSteps: padded to a bucket, replayed
+        from a CUDA graph."""
+        if self._static is not None:
+            p = self.prefilling
+            return self._static(tokens, pos, n, None if p is None else (p.slot, p.pos))
         if n == 1 or self._batched_op:
             try:
                 return self.model.decode_step(tokens, pos, self.cache.full(), kv_len)
