@@ -301,14 +301,16 @@ void tile(int mr, int path, const XRows& xr, int64_t K2, const uint16_t* p, cons
 int max_rows(int path) { return path == cpu::kBf16Avx2 ? 2 : (path == cpu::kBf16Portable ? 4 : 6); }
 
 // Tuning knobs (torch.ops.fastlm.bf16_gemv_knob, for benchmarks): read at every call.
-//   prefetch: software prefetch distance in bytes of panel ahead (0: off; default 1024)
+//   prefetch: software prefetch distance in bytes of panel ahead (0: off, the default: on Zen 4
+//             with huge-page panels the hardware prefetchers alone streamed 10-12% faster, one
+//             thread, both the vdpbf16ps and the AVX2 path; 1024 was the default before)
 //   chunk_kb: the largest chunk of panels a thread claims (default 512: long streams for the
 //             hardware prefetchers, gemv.cpp's measurement)
 //   tail_kb:  the smallest (default 64); chunks shrink from chunk_kb to tail_kb towards the end of
 //             the job (OpenMP's "guided" schedule), so the threads finish within ~tail_kb of each
 //             other instead of up to one 512 KB chunk apart (~25 us per GEMV at 20 GB/s a core);
 //             0: uniform chunks of chunk_kb (the schedule before)
-std::atomic<int64_t> g_prefetch{1024}, g_chunk_kb{512}, g_tail_kb{64};
+std::atomic<int64_t> g_prefetch{0}, g_chunk_kb{512}, g_tail_kb{64};
 
 int64_t bf16_gemv_knob(c10::string_view name, int64_t value) {
   std::atomic<int64_t>* k = name == "prefetch" ? &g_prefetch

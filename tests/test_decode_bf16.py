@@ -26,6 +26,8 @@ CONFIGS = {
     # head dim 25 (odd), odd d_ff, untied head, GELU (erf)
     "h4_d25": dict(n_layer=2, n_head=4, n_embd=100, n_inner=77, vocab_size=257, n_positions=96,
                    tie_word_embeddings=False, activation_function="gelu"),
+    # head dim 64 (GPT-2's), 8 heads: from kv_len 32 on the heads are split across the threads
+    "h8_d64": dict(n_layer=1, n_head=8, n_embd=512, n_inner=96, vocab_size=131, n_positions=96),
 }
 
 
