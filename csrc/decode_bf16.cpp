@@ -190,9 +190,11 @@ __attribute__((always_inline)) inline void attend_bf16_body(const float* q, cons
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-// AVX2 + FMA, explicit (the generic body's bf16 -> fp32 did not vectorise: ~30 us a layer at 64
-// rows): 8 channels a vector, bf16 widened by vpmovzxwd + shift; q . k in two partial sums; the
-// same fp32 math as the body up to the order of the sums.
+// AVX2 + FMA in intrinsics (head dims that are multiples of 8; others take the generic body):
+// 8 channels a vector, bf16 widened by vpmovzxwd + shift; q . k in two partial sums; the same fp32
+// math as the body up to the order of the sums. At GPT-2 small's 64 rows the phase is bound by
+// reading the layer's cache rows back from DRAM (the weight stream evicts them every step), ~30 us
+// a layer on one thread: the heads are split across the threads (below).
 __attribute__((target("avx2,fma"))) inline __m256 load8_bf16(const uint16_t* p) {
   return _mm256_castsi256_ps(
       _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
