@@ -169,6 +169,26 @@ def test_bad_input_raises_and_leaves_the_cache(change, exc, match):
     assert torch.equal(cache.k, before_k) and torch.equal(cache.v, before_v)
 
 
+def test_bf16_panels_share_one_arena_in_step_order():
+    """One weight layout per model: every bf16 projection is a view of one allocation, laid out in
+    the order the decode step reads them (the LM head last), and the step still matches the
+    op-by-op path on those weights."""
+    hf = hf_model("h3_d32")
+    model = fastlm.from_pretrained(hf, dtype=torch.bfloat16)
+    lins = model.decode_linears()
+    assert all(lin.packed.dtype == torch.bfloat16 and lin.packed.is_contiguous() for lin in lins)
+    base = lins[0].packed.untyped_storage().data_ptr()
+    assert all(lin.packed.untyped_storage().data_ptr() == base for lin in lins)
+    offs = [lin.packed.data_ptr() - base for lin in lins]
+    sizes = [lin.packed.numel() * 2 for lin in lins]
+    assert offs == [sum(sizes[:i]) for i in range(len(lins))]
+    ref = hf_model("h3_d32").to(torch.bfloat16)
+    assert torch.equal(lins[0].dense_weight(), ref.transformer.h[0].attn.c_attn.weight.t())
+    assert torch.equal(lins[-1].dense_weight(), ref.lm_head.weight)
+    model.decode_layout_()  # idempotent: no second arena
+    assert lins[0].packed.untyped_storage().data_ptr() == base
+
+
 def test_fp32_model_is_not_routed_to_bf16():
     model = fastlm.from_pretrained(hf_model("h3_d32"))
     cfg = model.config
