@@ -16,12 +16,21 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdlib>
+#include <ctime>
+#include <string>
 #include <vector>
 
 #include "cpu_kernels.h"
 #include "cpu_pool.h"
 #include "gemv_bf16.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
 
 namespace fastlm {
 namespace {
@@ -30,13 +39,21 @@ constexpr int64_t kPanel = 16;
 constexpr int64_t kPerLayer = 16;
 constexpr int64_t kPerHead = 5;
 
-// A small fp32 vector (LayerNorm weight / bias, projection bias) read from a bf16 or fp32 tensor.
+// A small fp32 vector (LayerNorm weight / bias, projection bias) read from a bf16 or fp32 tensor:
+// an fp32 tensor is used in place; a bf16 one is converted into the call's arena (one buffer of
+// the calling thread, reused from step to step: no allocation per vector or per step).
 struct Vec {
-  std::vector<float> v;
+  int64_t off = -1;  // offset of the converted values in the arena, or -1
   const float* p = nullptr;
 };
 
-void load_vec(const c10::optional<at::Tensor>& t, int64_t n, const char* what, bool required, Vec& out) {
+struct Arena {
+  std::vector<float>& buf;
+  int64_t used = 0;
+};
+
+void load_vec(const c10::optional<at::Tensor>& t, int64_t n, const char* what, bool required, Vec& out,
+              int64_t& arena_need) {
   if (!t.has_value() || !t->defined()) {
     TORCH_CHECK_VALUE(!required, "gpt2_decode_cpu_bf16: ", what, " is missing");
     return;
@@ -49,10 +66,66 @@ void load_vec(const c10::optional<at::Tensor>& t, int64_t n, const char* what, b
     out.p = t->const_data_ptr<float>();
     return;
   }
-  const auto* s = reinterpret_cast<const uint16_t*>(t->const_data_ptr<at::BFloat16>());
-  out.v.resize(n);
-  for (int64_t i = 0; i < n; ++i) out.v[i] = cpu::bf16_to_f32(s[i]);
-  out.p = out.v.data();
+  out.p = reinterpret_cast<const float*>(t->const_data_ptr<at::BFloat16>());  // the bf16 source until converted
+  out.off = arena_need;
+  arena_need += (n + 15) & ~int64_t{15};  // 64-byte aligned slots
+}
+
+// bf16 -> fp32 of every bf16 Vec into the arena (a shift; the compiler vectorises it)
+void convert_vec(Vec& v, int64_t n, float* arena) {
+  if (v.off < 0) return;
+  const auto* s = reinterpret_cast<const uint16_t*>(v.p);
+  auto* d = reinterpret_cast<uint32_t*>(arena + v.off);
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
+  v.p = arena + v.off;
+}
+
+// Opt-in time per phase of the step, read and reset by torch.ops.fastlm.decode_bf16_profile(): for
+// the per-op table of benchmarks. FASTLM_DECODE_PROFILE=1 (read at start-up): wall time; =cpu: the
+// calling thread's CPU time (CLOCK_THREAD_CPUTIME_ID; with one thread, robust to a loaded machine's
+// descheduling). ~100 clock reads a step when on, one branch a phase when off.
+enum Phase : int { kSetup, kLn, kQkv, kKvWrite, kAttn, kAttnOut, kFfnUp, kFfnDown, kLmHead, kPhases };
+const char* const kPhaseNames[] = {"setup", "layernorm", "qkv", "kv_write", "attention", "attn_out", "ffn_up",
+                                   "ffn_down", "lm_head"};
+int profile_mode() {  // 0 off, 1 wall, 2 thread CPU time
+  static const int mode = [] {
+    const char* e = std::getenv("FASTLM_DECODE_PROFILE");
+    if (e == nullptr) return 0;
+    return std::string(e) == "1" ? 1 : (std::string(e) == "cpu" ? 2 : 0);
+  }();
+  return mode;
+}
+bool profile_on() { return profile_mode() != 0; }
+
+int64_t profile_now_ns() {
+  if (profile_mode() == 2) {
+    timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return int64_t{ts.tv_sec} * 1000000000 + ts.tv_nsec;
+  }
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+std::atomic<int64_t> g_prof_ns[kPhases + 1];  // + steps
+
+struct Timer {
+  bool on = profile_on();
+  int64_t t = on ? profile_now_ns() : 0;
+  void lap(Phase p) {
+    if (!on) return;
+    const int64_t n = profile_now_ns();
+    g_prof_ns[p].fetch_add(n - t, std::memory_order_relaxed);
+    t = n;
+  }
+};
+
+// {phase name: total ms, ..., "steps": n} since the last read; empty when profiling is off.
+c10::Dict<std::string, double> decode_bf16_profile() {
+  c10::Dict<std::string, double> d;
+  if (!profile_on()) return d;
+  for (int i = 0; i < kPhases; ++i) d.insert(kPhaseNames[i], g_prof_ns[i].exchange(0) * 1e-6);
+  d.insert("steps", static_cast<double>(g_prof_ns[kPhases].exchange(0)));
+  return d;
 }
 
 struct Proj {
@@ -62,7 +135,7 @@ struct Proj {
 };
 
 void load_proj(const c10::List<c10::optional<at::Tensor>>& p, int64_t i, int64_t n, int64_t k, const char* what,
-               Proj& r) {
+               Proj& r, int64_t& arena_need) {
   const c10::optional<at::Tensor> w = p.get(i);
   TORCH_CHECK_VALUE(w.has_value() && w->defined(), "gpt2_decode_cpu_bf16: ", what, " weight is missing");
   TORCH_CHECK_TYPE(w->scalar_type() == at::kBFloat16, "gpt2_decode_cpu_bf16: ", what,
@@ -76,7 +149,7 @@ void load_proj(const c10::List<c10::optional<at::Tensor>>& p, int64_t i, int64_t
   TORCH_CHECK_VALUE(!sc.has_value() || !sc->defined(), "gpt2_decode_cpu_bf16: ", what,
                     " has a scale: bf16 weights take none");
   r.w = reinterpret_cast<const uint16_t*>(w->const_data_ptr<at::BFloat16>());
-  load_vec(p.get(i + 2), n, what, false, r.bias);
+  load_vec(p.get(i + 2), n, what, false, r.bias, arena_need);
   r.n = n;
   r.k = k;
 }
@@ -117,9 +190,47 @@ __attribute__((always_inline)) inline void attend_bf16_body(const float* q, cons
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// AVX2 + FMA in intrinsics (head dims that are multiples of 8; others take the generic body):
+// 8 channels a vector, bf16 widened by vpmovzxwd + shift; q . k in two partial sums; the same fp32
+// math as the body up to the order of the sums. At GPT-2 small's 64 rows the phase is bound by
+// reading the layer's cache rows back from DRAM (the weight stream evicts them every step), ~30 us
+// a layer on one thread: the heads are split across the threads (below).
+__attribute__((target("avx2,fma"))) inline __m256 load8_bf16(const uint16_t* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
 __attribute__((target("avx2,fma"))) void attend_bf16_avx2(const float* q, const uint16_t* k, const uint16_t* v,
                                                            int64_t S, int64_t D, float scale, float* out, float* s) {
-  attend_bf16_body(q, k, v, S, D, scale, out, s);
+  if (D % 8 != 0) return attend_bf16_body(q, k, v, S, D, scale, out, s);
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < S; ++j) {
+    const uint16_t* kj = k + j * D;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t t = 0;
+    for (; t + 16 <= D; t += 16) {
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + t), load8_bf16(kj + t), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + t + 8), load8_bf16(kj + t + 8), a1);
+    }
+    if (t < D) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + t), load8_bf16(kj + t), a0);
+    const __m256 a = _mm256_add_ps(a0, a1);
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    s[j] = _mm_cvtss_f32(r) * scale;
+    mx = std::max(mx, s[j]);
+  }
+  float sum = 0.0f;
+  for (int64_t j = 0; j < S; ++j) {
+    s[j] = std::exp(s[j] - mx);
+    sum += s[j];
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t t = 0; t < D; t += 8) {  // 8 output channels at a time, held in a register over the rows
+    __m256 o = _mm256_setzero_ps();
+    for (int64_t j = 0; j < S; ++j) o = _mm256_fmadd_ps(_mm256_set1_ps(s[j] * inv), load8_bf16(v + j * D + t), o);
+    _mm256_storeu_ps(out + t, o);
+  }
 }
 #endif
 
@@ -181,33 +292,60 @@ at::Tensor gpt2_decode_cpu_bf16(const at::Tensor& h_in, const c10::List<c10::opt
                     " elements but mlp.c_proj's panels hold ", d_ff_pairs, " pairs of inputs");
 
   // every check first: no half-written cache on bad input
+  Timer tm;
   struct Layer {
     Vec ln1w, ln1b, ln2w, ln2b;
     Proj qkv, o, fc, proj;
   };
-  std::vector<Layer> layers(L);
+  thread_local std::vector<Layer> layers;  // reused from step to step (the calling thread's)
+  layers.assign(L, Layer{});
+  int64_t need = 0;  // arena floats for the bf16 vectors
   for (int64_t l = 0; l < L; ++l) {
     const int64_t b = l * kPerLayer;
     Layer& y = layers[l];
-    load_vec(params.get(b + 0), C, "ln_1 weight", true, y.ln1w);
-    load_vec(params.get(b + 1), C, "ln_1 bias", true, y.ln1b);
-    load_proj(params, b + 2, 3 * C, C, "c_attn", y.qkv);
-    load_proj(params, b + 5, C, C, "attn.c_proj", y.o);
-    load_vec(params.get(b + 8), C, "ln_2 weight", true, y.ln2w);
-    load_vec(params.get(b + 9), C, "ln_2 bias", true, y.ln2b);
-    load_proj(params, b + 10, d_ff, C, "c_fc", y.fc);
-    load_proj(params, b + 13, C, d_ff, "mlp.c_proj", y.proj);
+    load_vec(params.get(b + 0), C, "ln_1 weight", true, y.ln1w, need);
+    load_vec(params.get(b + 1), C, "ln_1 bias", true, y.ln1b, need);
+    load_proj(params, b + 2, 3 * C, C, "c_attn", y.qkv, need);
+    load_proj(params, b + 5, C, C, "attn.c_proj", y.o, need);
+    load_vec(params.get(b + 8), C, "ln_2 weight", true, y.ln2w, need);
+    load_vec(params.get(b + 9), C, "ln_2 bias", true, y.ln2b, need);
+    load_proj(params, b + 10, d_ff, C, "c_fc", y.fc, need);
+    load_proj(params, b + 13, C, d_ff, "mlp.c_proj", y.proj, need);
   }
   const int64_t hb = L * kPerLayer;
   Vec lnfw, lnfb;
-  load_vec(params.get(hb + 0), C, "ln_f weight", true, lnfw);
-  load_vec(params.get(hb + 1), C, "ln_f bias", true, lnfb);
+  load_vec(params.get(hb + 0), C, "ln_f weight", true, lnfw, need);
+  load_vec(params.get(hb + 1), C, "ln_f bias", true, lnfb, need);
   Proj head;
-  load_proj(params, hb + 2, vocab, C, "lm_head", head);
+  load_proj(params, hb + 2, vocab, C, "lm_head", head, need);
+
+  // per-thread buffers, reused: the bf16 vectors in fp32, then the step's activations
+  thread_local std::vector<float> buf;
+  auto up = [](int64_t n) { return (n + 15) & ~int64_t{15}; };
+  const int64_t total = need + up(C) + up(3 * C) + up(C) + up(d_ff) + 16;
+  if (static_cast<int64_t>(buf.size()) < total) buf.resize(total);
+  // 64-byte aligned base
+  float* base = buf.data() + ((64 - reinterpret_cast<uintptr_t>(buf.data()) % 64) % 64) / sizeof(float);
+  for (Layer& y : layers) {
+    convert_vec(y.ln1w, C, base);
+    convert_vec(y.ln1b, C, base);
+    convert_vec(y.ln2w, C, base);
+    convert_vec(y.ln2b, C, base);
+    convert_vec(y.qkv.bias, 3 * C, base);
+    convert_vec(y.o.bias, C, base);
+    convert_vec(y.fc.bias, d_ff, base);
+    convert_vec(y.proj.bias, C, base);
+  }
+  convert_vec(lnfw, C, base);
+  convert_vec(lnfb, C, base);
+  convert_vec(head.bias, vocab, base);
+  float* const x = base + need;
+  float* const qkv = x + up(C);
+  float* const att = qkv + up(3 * C);
+  float* const f = att + up(C);
 
   at::Tensor h = h_in.reshape({1, C}).to(at::kFloat).clone();  // the fp32 residual stream, updated in place
   at::Tensor logits = at::empty({1, vocab}, h.options());
-  std::vector<float> x(C), qkv(3 * C), att(C), f(d_ff);
   float* hp = h.mutable_data_ptr<float>();
   auto* kc = reinterpret_cast<uint16_t*>(k_cache.mutable_data_ptr<at::BFloat16>());
   auto* vc = reinterpret_cast<uint16_t*>(v_cache.mutable_data_ptr<at::BFloat16>());
@@ -217,11 +355,16 @@ at::Tensor gpt2_decode_cpu_bf16(const at::Tensor& h_in, const c10::List<c10::opt
 #else
   const auto attend = &attend_bf16_base;
 #endif
+  thread_local std::vector<float> scores;
+  if (static_cast<int64_t>(scores.size()) < H * kv_len) scores.resize(H * kv_len);
+  tm.lap(kSetup);
   const float fe = static_cast<float>(eps);
   for (int64_t l = 0; l < L; ++l) {
     const Layer& y = layers[l];
-    cpu::layer_norm(hp, nullptr, y.ln1w.p, y.ln1b.p, x.data(), nullptr, 1, C, fe);
-    run(y.qkv, x.data(), qkv.data(), nullptr, 0);
+    cpu::layer_norm(hp, nullptr, y.ln1w.p, y.ln1b.p, x, nullptr, 1, C, fe);
+    tm.lap(kLn);
+    run(y.qkv, x, qkv, nullptr, 0);
+    tm.lap(kQkv);
     uint16_t* kl = kc + l * layer_stride;
     uint16_t* vl = vc + l * layer_stride;
     for (int64_t hd = 0; hd < H; ++hd)
@@ -229,23 +372,35 @@ at::Tensor gpt2_decode_cpu_bf16(const at::Tensor& h_in, const c10::List<c10::opt
         kl[hd * head_stride + (kv_len - 1) * D + t] = cpu::f32_to_bf16(qkv[C + hd * D + t]);
         vl[hd * head_stride + (kv_len - 1) * D + t] = cpu::f32_to_bf16(qkv[2 * C + hd * D + t]);
       }
+    tm.lap(kKvWrite);
     const float sc = static_cast<float>(scales[l]);
-    // heads shared with the pool once a head reads ~1 MB of cache (long contexts)
+    // heads in chunks of ~1 MB of cache for long contexts, and split across the threads once the
+    // heads read 64 KB in all (~10 us: more than the pool's hand-off; kv_len >= ~21 at GPT-2 small)
     const int64_t per_head = std::max<int64_t>(1, 2 * kv_len * D * 2 + kv_len * D * 8);
-    const int64_t grain = std::max<int64_t>(1, (1 << 20) / per_head);
+    int64_t grain = std::max<int64_t>(1, (1 << 20) / per_head);
+    const int64_t threads = std::max(1, at::get_num_threads());
+    if (H * kv_len * D * 4 >= (int64_t{64} << 10)) grain = std::min(grain, (H + threads - 1) / threads);
+    float* const sp = scores.data();
     SharePool::get().run((H + grain - 1) / grain, [&](int64_t c) {
-      std::vector<float> s(kv_len);
       for (int64_t hd = c * grain; hd < std::min(H, (c + 1) * grain); ++hd)
-        attend(qkv.data() + hd * D, kl + hd * head_stride, vl + hd * head_stride, kv_len, D, sc, att.data() + hd * D,
-               s.data());
+        attend(qkv + hd * D, kl + hd * head_stride, vl + hd * head_stride, kv_len, D, sc, att + hd * D,
+               sp + hd * kv_len);
     });
-    run(y.o, att.data(), hp, hp, 0);  // h += attn
-    cpu::layer_norm(hp, nullptr, y.ln2w.p, y.ln2b.p, x.data(), nullptr, 1, C, fe);
-    run(y.fc, x.data(), f.data(), nullptr, act);
-    run(y.proj, f.data(), hp, hp, 0);  // h += mlp
+    tm.lap(kAttn);
+    run(y.o, att, hp, hp, 0);  // h += attn
+    tm.lap(kAttnOut);
+    cpu::layer_norm(hp, nullptr, y.ln2w.p, y.ln2b.p, x, nullptr, 1, C, fe);
+    tm.lap(kLn);
+    run(y.fc, x, f, nullptr, act);
+    tm.lap(kFfnUp);
+    run(y.proj, f, hp, hp, 0);  // h += mlp
+    tm.lap(kFfnDown);
   }
-  cpu::layer_norm(hp, nullptr, lnfw.p, lnfb.p, x.data(), nullptr, 1, C, fe);
-  run(head, x.data(), logits.mutable_data_ptr<float>(), nullptr, 0);
+  cpu::layer_norm(hp, nullptr, lnfw.p, lnfb.p, x, nullptr, 1, C, fe);
+  tm.lap(kLn);
+  run(head, x, logits.mutable_data_ptr<float>(), nullptr, 0);
+  tm.lap(kLmHead);
+  if (tm.on) g_prof_ns[kPhases].fetch_add(1, std::memory_order_relaxed);
   return logits;
 }
 
@@ -254,6 +409,7 @@ at::Tensor gpt2_decode_cpu_bf16(const at::Tensor& h_in, const c10::List<c10::opt
 TORCH_LIBRARY_FRAGMENT(fastlm, m) {
   m.def("gpt2_decode_cpu_bf16(Tensor h, Tensor?[] params, Tensor(a!) k_cache, Tensor(b!) v_cache, int kv_len, "
         "float[] scales, int vocab, float eps, str activation) -> Tensor");
+  m.def("decode_bf16_profile() -> Dict(str, float)", &decode_bf16_profile);
 }
 
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) { m.impl("gpt2_decode_cpu_bf16", &gpt2_decode_cpu_bf16); }

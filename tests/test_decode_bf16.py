@@ -26,6 +26,8 @@ CONFIGS = {
     # head dim 25 (odd), odd d_ff, untied head, GELU (erf)
     "h4_d25": dict(n_layer=2, n_head=4, n_embd=100, n_inner=77, vocab_size=257, n_positions=96,
                    tie_word_embeddings=False, activation_function="gelu"),
+    # head dim 64 (GPT-2's), 8 heads: from kv_len 32 on the heads are split across the threads
+    "h8_d64": dict(n_layer=1, n_head=8, n_embd=512, n_inner=96, vocab_size=131, n_positions=96),
 }
 
 
@@ -165,6 +167,26 @@ def test_bad_input_raises_and_leaves_the_cache(change, exc, match):
     with pytest.raises(exc, match=match):
         torch.ops.fastlm.gpt2_decode_cpu_bf16(*args)
     assert torch.equal(cache.k, before_k) and torch.equal(cache.v, before_v)
+
+
+def test_bf16_panels_share_one_arena_in_step_order():
+    """One weight layout per model: every bf16 projection is a view of one allocation, laid out in
+    the order the decode step reads them (the LM head last), and the step still matches the
+    op-by-op path on those weights."""
+    hf = hf_model("h3_d32")
+    model = fastlm.from_pretrained(hf, dtype=torch.bfloat16)
+    lins = model.decode_linears()
+    assert all(lin.packed.dtype == torch.bfloat16 and lin.packed.is_contiguous() for lin in lins)
+    base = lins[0].packed.untyped_storage().data_ptr()
+    assert all(lin.packed.untyped_storage().data_ptr() == base for lin in lins)
+    offs = [lin.packed.data_ptr() - base for lin in lins]
+    sizes = [lin.packed.numel() * 2 for lin in lins]
+    assert offs == [sum(sizes[:i]) for i in range(len(lins))]
+    ref = hf_model("h3_d32").to(torch.bfloat16)
+    assert torch.equal(lins[0].dense_weight(), ref.transformer.h[0].attn.c_attn.weight.t())
+    assert torch.equal(lins[-1].dense_weight(), ref.lm_head.weight)
+    model.decode_layout_()  # idempotent: no second arena
+    assert lins[0].packed.untyped_storage().data_ptr() == base
 
 
 def test_fp32_model_is_not_routed_to_bf16():

@@ -60,7 +60,8 @@ def bf16(*shape):
 
 
 @pytest.mark.parametrize("M", [1, 2, 7, 17])
-@pytest.mark.parametrize("N,K", [(1, 1), (1, 17), (17, 97), (97, 129), (129, 768), (768, 3072), (3072, 64)])
+@pytest.mark.parametrize("N,K", [(1, 1), (1, 17), (17, 97), (97, 129), (129, 768), (768, 3072), (3072, 64),
+                                 (1025, 17), (17, 1025)])
 def test_shapes(path, M, N, K):
     x, w, b, r = torch.randn(M, K), bf16(N, K), torch.randn(N), torch.randn(M, N)
     y = op(x, pack_bf16_panels(w), N, b, r, "gelu")
@@ -116,6 +117,43 @@ def test_paths_agree(M):
             check(op(x, wp, N, b, None, "gelu"), ref, mag, K)
         finally:
             torch.ops.fastlm.bf16_gemv_path("auto")
+
+
+@pytest.fixture
+def knobs():
+    names = ("prefetch", "chunk_kb", "tail_kb")
+    old = {k: torch.ops.fastlm.bf16_gemv_knob(k) for k in names}
+    yield torch.ops.fastlm.bf16_gemv_knob
+    for k, v in old.items():
+        torch.ops.fastlm.bf16_gemv_knob(k, v)
+
+
+@pytest.mark.parametrize("M", [1, 3])
+def test_chunk_schedules_and_prefetch(path, knobs, M):
+    """Several chunks shared with the pool's helpers (guided and uniform schedules, chunks of a few
+    panels, prefetch on / off): every channel is still computed once, by the same arithmetic."""
+    torch.set_num_threads(2)
+    N, K = 1025, 1025  # 65 panels of 513 rows: 66 KB each, a job of ~4 MB
+    x, w, b = torch.randn(M, K), bf16(N, K), torch.randn(N)
+    wp = pack_bf16_panels(w)
+    ref, mag = reference(x, w, b, None, "none")
+    first = None
+    for pf, chunk, tail in [(1024, 512, 64), (0, 512, 0), (4096, 64, 1), (64, 1, 1), (1024, 100000, 100000)]:
+        knobs("prefetch", pf), knobs("chunk_kb", chunk), knobs("tail_kb", tail)
+        y = op(x, wp, N, b)
+        check(y, ref, mag, K)
+        if first is None:
+            first = y
+        assert torch.equal(y, first), (pf, chunk, tail)
+
+
+def test_knob_bad_input(knobs):
+    with pytest.raises(ValueError, match="name must be"):
+        knobs("grain", 3)
+    with pytest.raises(ValueError, match="value must be"):
+        knobs("prefetch", -5)
+    with pytest.raises(ValueError, match="chunk_kb must be"):
+        knobs("chunk_kb", 0)
 
 
 def test_auto_path_follows_the_isa_cap():

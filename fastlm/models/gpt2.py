@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from fastlm import _ext, backend, ops
 from fastlm.backend import model_entry
 from fastlm.cache import StaticKVCache
-from fastlm.linear import Int8Linear, PackedLinear
+from fastlm.linear import Int8Linear, PackedLinear, share_arena_
 from fastlm.models.common import (
     BaseModelOutput,
     CausalLMOutput,
@@ -410,7 +410,8 @@ class GPT2LMHeadModel(GPT2Model):
     def decode_layout_(self, pack: bool | None = None) -> None:
         """Lay the decode projections out for this device: on CPU in float32 or bfloat16 (with
         fastlm._C) each becomes a PackedLinear, the panels the CPU GEMV streams (fp32 panels or bf16
-        pair panels; the tied head gets its own packed copy; the embedding keeps wte). Elsewhere they
+        pair panels; the tied head gets its own packed copy; the embedding keeps wte; bf16 panels all
+        live in one huge-page arena, in the order a step reads them: fastlm.linear.share_arena_). Elsewhere they
         are plain nn.Linear again (the tied head shares wte) in the layout of common.decode_layout_.
         Quantized projections lay themselves out."""
         if any(p.is_meta for p in self.wpe.parameters()):
@@ -430,6 +431,8 @@ class GPT2LMHeadModel(GPT2Model):
                     if lin.bias is not None:
                         plain.bias = nn.Parameter(lin.bias, requires_grad=False)
                     setattr(parent, name, plain)
+            if packed and self.dtype == torch.bfloat16:  # bf16 pair panels: one run of memory per model
+                share_arena_([lin for lin in self.decode_linears() if isinstance(lin, PackedLinear)])
         decode_layout_([lin for lin in self.decode_linears()[:-1] if type(lin) is nn.Linear])  # the head stays tied
 
     def weight_map(self) -> list[W]:
