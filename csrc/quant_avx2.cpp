@@ -15,10 +15,11 @@
 // |sum| < 2^31 (K < 2^31 / 128^2 = 131072), the contract of torch._int_mm.
 //
 // Blocking: a is widened once to int16 rows of ceil(K / 2) pairs (zero-padded); b is packed per
-// panel of 16 output channels into int16 (k, k + 1) pairs, (ceil(K / 2), 16, 2), in a per-thread
-// buffer (L1/L2 resident), and reused for every row tile of 4 rows x 16 channels (8 int32
-// accumulators; per pair of k: 2 panel loads, 4 broadcasts, 8 vpmaddwd, 8 vpaddd). Panels are
-// shared among the threads (at::parallel_for). A portable path (plain C++ int32 sums) runs where the
+// panel of 16 output channels into int16 (k, k + 1) pairs, (ceil(K / 2), 16, 2), into a
+// temporary once per call, and each work item (16 panels x a block of rows whose int16 copy is
+// ~256 KB, L2-resident) runs row tiles of 6 rows x 16 channels over them (12 int32 accumulators;
+// per pair of k: 2 panel loads, 6 broadcasts, 12 vpmaddwd, 12 vpaddd). Work items go to the pool of
+// the decode kernels (cpu_pool.h). A portable path (plain C++ int32 sums) runs where the
 // CPU has no AVX2 or FASTLM_CPU_ISA=portable caps it (cpu::isa_level() == 0).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -30,6 +31,7 @@
 #include <vector>
 
 #include "cpu_kernels.h"
+#include "cpu_pool.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FASTLM_Q_X86 1
@@ -41,7 +43,12 @@ namespace fastlm {
 namespace {
 
 constexpr int64_t kNR = 16;  // output channels per panel: two ymm of 8 int32
-constexpr int kMR = 4;       // rows per register tile: 8 accumulators + 2 panel vectors + broadcast + product
+#ifndef FASTLM_Q_MR
+#define FASTLM_Q_MR 6
+#endif
+constexpr int kMR = FASTLM_Q_MR;  // rows per register tile (<= 6): 12 accumulators + 2 panel vectors + broadcast + product
+constexpr int64_t kChunkPanels = 16;            // panels per work item (256 channels)
+constexpr int64_t kABlockBytes = int64_t{256} << 10;  // x's int16 rows per work item: about 256 KB
 
 // a (M, K) int8 -> a16 (M, K2 * 2) int16, zero past K.
 void widen_rows(const int8_t* a, int64_t lda, int64_t M, int64_t K, int64_t K2, int16_t* a16) {
@@ -89,46 +96,60 @@ FASTLM_Q_AVX2 void pack_panel_avx2(const int8_t* b, int64_t ldb, int64_t K, int6
 }
 
 // MR rows of a16 (K2 int32-sized pairs each, rows lda32 pairs apart) x one packed panel -> c rows
-// (ldc apart), channels 0 .. nv.
+// (ldc apart), channels 0 .. nv. Accumulators are named variables: as an array gcc copied all of
+// them with a vmovdqa per accumulator on every k (seen in the disassembly).
+#define FASTLM_Q_ROW(R, A0, A1)                                                    \
+  if constexpr (MR > R) {                                                          \
+    const __m256i xb = _mm256_set1_epi32(a32[R * lda32 + p]);                      \
+    A0 = _mm256_add_epi32(A0, _mm256_madd_epi16(xb, w0));                          \
+    A1 = _mm256_add_epi32(A1, _mm256_madd_epi16(xb, w1));                          \
+  }
+#define FASTLM_Q_STORE(R, A0, A1)                                                  \
+  if constexpr (MR > R) {                                                          \
+    _mm256_store_si256(reinterpret_cast<__m256i*>(t + R * kNR), A0);               \
+    _mm256_store_si256(reinterpret_cast<__m256i*>(t + R * kNR + 8), A1);           \
+  }
+
 template <int MR>
 FASTLM_Q_AVX2 void tile_avx2(const int16_t* a16, int64_t lda32, const int16_t* panel, int64_t K2, int32_t* c,
                              int64_t ldc, int64_t nv) {
   const int32_t* a32 = reinterpret_cast<const int32_t*>(a16);
-  __m256i acc[MR][2];
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+          c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   for (int64_t p = 0; p < K2; ++p) {
     const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + p * 32));
     const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + p * 32 + 16));
-    for (int r = 0; r < MR; ++r) {
-      const __m256i xb = _mm256_set1_epi32(a32[r * lda32 + p]);  // (a[k], a[k + 1]) in every lane
-      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(xb, w0));
-      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(xb, w1));
-    }
+    FASTLM_Q_ROW(0, c00, c01)
+    FASTLM_Q_ROW(1, c10, c11)
+    FASTLM_Q_ROW(2, c20, c21)
+    FASTLM_Q_ROW(3, c30, c31)
+    FASTLM_Q_ROW(4, c40, c41)
+    FASTLM_Q_ROW(5, c50, c51)
   }
-  for (int r = 0; r < MR; ++r) {
-    int32_t* cr = c + r * ldc;
-    if (nv == kNR) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(cr), acc[r][0]);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(cr + 8), acc[r][1]);
-    } else {
-      alignas(32) int32_t t[kNR];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(t), acc[r][0]);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(t + 8), acc[r][1]);
-      std::memcpy(cr, t, nv * sizeof(int32_t));
-    }
-  }
+  alignas(32) int32_t t[MR * kNR];
+  FASTLM_Q_STORE(0, c00, c01)
+  FASTLM_Q_STORE(1, c10, c11)
+  FASTLM_Q_STORE(2, c20, c21)
+  FASTLM_Q_STORE(3, c30, c31)
+  FASTLM_Q_STORE(4, c40, c41)
+  FASTLM_Q_STORE(5, c50, c51)
+  for (int r = 0; r < MR; ++r) std::memcpy(c + r * ldc, t + r * kNR, nv * sizeof(int32_t));
 }
+#undef FASTLM_Q_ROW
+#undef FASTLM_Q_STORE
 
 FASTLM_Q_AVX2 void panel_rows_avx2(const int16_t* a16, int64_t M, int64_t K2, const int16_t* panel, int32_t* c,
                                    int64_t N, int64_t nv) {
   int64_t m = 0;
   for (; m + kMR <= M; m += kMR) tile_avx2<kMR>(a16 + m * K2 * 2, K2, panel, K2, c + m * N, N, nv);
-  switch (M - m) {
-    case 3: tile_avx2<3>(a16 + m * K2 * 2, K2, panel, K2, c + m * N, N, nv); break;
-    case 2: tile_avx2<2>(a16 + m * K2 * 2, K2, panel, K2, c + m * N, N, nv); break;
-    case 1: tile_avx2<1>(a16 + m * K2 * 2, K2, panel, K2, c + m * N, N, nv); break;
-    default: break;
-  }
+  const int64_t rest = M - m;
+  const int16_t* a = a16 + m * K2 * 2;
+  int32_t* cm = c + m * N;
+  if (rest == 5) tile_avx2<5>(a, K2, panel, K2, cm, N, nv);
+  if (rest == 4) tile_avx2<4>(a, K2, panel, K2, cm, N, nv);
+  if (rest == 3) tile_avx2<3>(a, K2, panel, K2, cm, N, nv);
+  if (rest == 2) tile_avx2<2>(a, K2, panel, K2, cm, N, nv);
+  if (rest == 1) tile_avx2<1>(a, K2, panel, K2, cm, N, nv);
 }
 #endif
 
@@ -158,19 +179,41 @@ void int8_gemm_avx2_raw(const int8_t* a, int64_t lda, const int8_t* b, int64_t l
 #ifdef FASTLM_Q_X86
   avx2 = cpu::isa_level() >= 1;
 #endif
-  at::parallel_for(0, NB, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<int16_t> panel(static_cast<size_t>(K2 * kNR * 2));
+  // every panel packed once per call into one temporary (the weight itself stays int8 (K, N))
+  std::vector<int16_t> packed(static_cast<size_t>(NB * K2 * kNR * 2));
+  at::parallel_for(0, NB, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K)), [&](int64_t b0, int64_t b1) {
     for (int64_t nb = b0; nb < b1; ++nb) {
       const int64_t n0 = nb * kNR, nv = std::min(kNR, N - n0);
+      int16_t* out = packed.data() + nb * K2 * kNR * 2;
 #ifdef FASTLM_Q_X86
       if (avx2) {
-        pack_panel_avx2(b, ldb, K, K2, n0, nv, panel.data());
-        panel_rows_avx2(a16.data(), M, K2, panel.data(), c + n0, N, nv);
+        pack_panel_avx2(b, ldb, K, K2, n0, nv, out);
         continue;
       }
 #endif
-      pack_panel_portable(b, ldb, K, K2, n0, nv, panel.data());
-      panel_rows_portable(a16.data(), M, K2, panel.data(), c + n0, N, nv);
+      pack_panel_portable(b, ldb, K, K2, n0, nv, out);
+    }
+  });
+  // work items: kChunkPanels panels x mc rows; x's int16 block (mc rows, ~kABlockBytes) stays in L2
+  // while the chunk's panels stream past it (one panel per pass over all of x re-read x from L3 for
+  // every 16 channels: 288 MB per BERT FFN GEMM)
+  const int64_t mc = std::min<int64_t>(std::max<int64_t>(kMR * 4, (kABlockBytes / (K2 * 4)) / kMR * kMR), 512);
+  const int64_t m_blocks = (M + mc - 1) / mc, n_chunks = (NB + kChunkPanels - 1) / kChunkPanels;
+  SharePool::get().run(m_blocks * n_chunks, [&](int64_t it) {
+    const int64_t nc = it / m_blocks, m0 = (it % m_blocks) * mc, rows = std::min(mc, M - m0);
+    const int64_t b1 = std::min(NB, (nc + 1) * kChunkPanels);
+    for (int64_t nb = nc * kChunkPanels; nb < b1; ++nb) {
+      const int64_t n0 = nb * kNR, nv = std::min(kNR, N - n0);
+      const int16_t* panel = packed.data() + nb * K2 * kNR * 2;
+      const int16_t* ab = a16.data() + m0 * K2 * 2;
+      int32_t* cb = c + m0 * N + n0;
+#ifdef FASTLM_Q_X86
+      if (avx2) {
+        panel_rows_avx2(ab, rows, K2, panel, cb, N, nv);
+        continue;
+      }
+#endif
+      panel_rows_portable(ab, rows, K2, panel, cb, N, nv);
     }
   });
 }
