@@ -104,9 +104,13 @@ def int8_gemm_exact() -> bool:
 # Whether fastlm's own AVX2 int8 GEMM (csrc/quant_avx2.cpp: vpmovsxbw + vpmaddwd, exact int32 sums)
 # makes int8_dynamic faster than float32 where the CPU has no int8 dot-product instruction.
 # Measured 2026-12-07 on the Zen 4 with every ISA capped at AVX2 (FASTLM_CPU_ISA=avx2,
-# ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2), BERT-base B8 S128, loaded machine, one process
-# alternating: see fastlm/linear.py int_mm and the avx2gemm report. Not yet measured on a real AVX2-only CPU.
-AVX2_INT8_PAYS = True
+# ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2), machine heavily loaded (load average ~10 on 2
+# cores), one process alternating, 2 threads: the GEMM alone (1024 x 768 x 3072) 1.15-1.35x faster
+# than oneDNN's fp32 in process CPU time, but BERT-base B8 S128 end to end int8_dynamic 2807 vs float32
+# 2635 ms of process CPU time (medians of 3): no faster, the quantization / epilogue passes eat the
+# GEMM's gain. So int8_dynamic still warns there (it runs ~30x faster than torch's scalar int8 GEMM
+# did on a real Zen 3). Not yet measured on a real AVX2-only CPU.
+AVX2_INT8_PAYS = False
 
 
 def _fastlm_capped() -> bool:
@@ -187,7 +191,8 @@ def int8_gemm_slow() -> str | None:
         return ("fastlm._C runs its portable code here (FASTLM_CPU_ISA=portable or no AVX2), whose int8 GEMM loop is "
                 "slower than float32: use quantize='int8' (weight-only) or no quantization")
     if not AVX2_INT8_PAYS:
-        return ("this CPU has no int8 dot-product instruction (AVX-512 VNNI, AVX-VNNI or AMX-INT8); fastlm's AVX2 "
-                "int8 GEMM (vpmaddwd) runs slower than float32's FMA GEMM here: use quantize='int8' (weight-only, "
-                "fast on any CPU) or no quantization")
+        return ("this CPU has no int8 dot-product instruction (AVX-512 VNNI, AVX-VNNI or AMX-INT8) in use; fastlm's "
+                "exact AVX2 int8 GEMM (vpmaddwd) runs here instead of torch's (~30x slower or inexact without "
+                "VNNI), but end to end it measured no faster than float32 (BERT-base: 0.94x), so int8_dynamic may "
+                "run slower than float32 here: use quantize='int8' (weight-only, fast on any CPU) or no quantization")
     return None

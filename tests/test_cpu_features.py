@@ -54,10 +54,14 @@ def test_without_vnni_int8_dynamic_runs_fastlm_s_avx2_gemm(flags, monkeypatch, c
     assert (cpu_features.int8_gemm_slow() is None) == (not own or cpu_features.AVX2_INT8_PAYS)
     note = info.report()["int8_dynamic on this CPU"]
     assert ("fastlm AVX2 kernel" in note) == (own and cpu_features.AVX2_INT8_PAYS)
-    monkeypatch.setattr(cpu_features, "AVX2_INT8_PAYS", False)  # where it would not pay: told so
-    if own:
-        assert "slower than float32" in cpu_features.int8_gemm_slow()
-        assert info.report()["int8_dynamic on this CPU"].startswith("slower than float32")
+    for pays in (True, False):  # where it pays: silent; where it does not: told so
+        monkeypatch.setattr(cpu_features, "AVX2_INT8_PAYS", pays)
+        note = info.report()["int8_dynamic on this CPU"]
+        if own:
+            assert (cpu_features.int8_gemm_slow() is None) == pays
+            assert note.startswith("int8 GEMM (fastlm AVX2 kernel" if pays else "slower than float32: ")
+        else:
+            assert note == "int8 GEMM (torch._int_mm)"
 
 
 def test_unknown_flags_or_other_machines_are_not_judged(flags):
@@ -104,12 +108,16 @@ def test_no_warning_where_the_int8_gemm_pays(flags, caplog):
     with caplog.at_level(logging.WARNING, logger="fastlm"):
         fastlm.from_pretrained(tiny_bert(), quantize="int8_dynamic")
         fastlm.from_pretrained(tiny_bert(), quantize="int8")
-    assert not [r for r in caplog.records if "slower than float32" in r.getMessage()]
+    warned = [r for r in caplog.records if "slower than float32" in r.getMessage()]
     rep = info.report()
     if cpu_features.int8_gemm_path() == "torch._int_mm":
+        assert not warned
         assert rep["int8_dynamic on this CPU"] == "int8 GEMM (torch._int_mm)"
-    else:  # the AVX2 subset: fastlm capped at AVX2 takes its own int8 GEMM
-        assert rep["int8_dynamic on this CPU"].startswith("int8 GEMM (fastlm AVX2 kernel")
+    else:  # the AVX2 subset: fastlm capped at AVX2 takes its own int8 GEMM, and says whether it pays there
+        pays = cpu_features.AVX2_INT8_PAYS
+        assert len(warned) == (0 if pays else 1)
+        assert rep["int8_dynamic on this CPU"].startswith("int8 GEMM (fastlm AVX2 kernel" if pays else
+                                                          "slower than float32")
     assert "int8: avx512_vnni" in rep["CPU features"] and "bf16: avx512_bf16" in rep["CPU features"]
 
 
