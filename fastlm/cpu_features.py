@@ -101,19 +101,98 @@ def int8_gemm_exact() -> bool:
     return exact
 
 
+# Whether fastlm's own AVX2 int8 GEMM (csrc/quant_avx2.cpp: vpmovsxbw + vpmaddwd, exact int32 sums)
+# makes int8_dynamic faster than float32 where the CPU has no int8 dot-product instruction.
+# Measured 2026-12-07 on the Zen 4 with every ISA capped at AVX2 (FASTLM_CPU_ISA=avx2,
+# ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2), machine heavily loaded (load average ~10 on 2
+# cores), one process alternating, 2 threads: the GEMM alone (1024 x 768 x 3072) 1.15-1.35x faster
+# than oneDNN's fp32 in process CPU time, but BERT-base B8 S128 end to end int8_dynamic 2807 vs float32
+# 2635 ms of process CPU time (medians of 3): no faster, the quantization / epilogue passes eat the
+# GEMM's gain. So int8_dynamic still warns there (it runs ~30x faster than torch's scalar int8 GEMM
+# did on a real Zen 3). Not yet measured on a real AVX2-only CPU.
+AVX2_INT8_PAYS = False
+
+
+def _fastlm_capped() -> bool:
+    """Whether fastlm._C's ISA is capped below the CPU's own (FASTLM_CPU_ISA=avx2 / portable on an
+    AVX-512 CPU, or torch.ops.fastlm.cpu_isa at run time): then int8_dynamic takes the route an
+    AVX2-only CPU takes, fastlm's AVX2 int8 GEMM."""
+    from fastlm import _ext
+
+    if not _ext.available():
+        return False
+    return "avx512f" in cpu_flags() and torch.ops.fastlm.cpu_isa("") != "avx512"
+
+
+def has_int8_dot() -> bool:
+    """Whether this CPU has an int8 dot-product instruction (INT8_DOT_FLAGS), from its real flags;
+    True where that cannot be judged (not x86, or flags unreadable: not measured here)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return True
+    flags = cpu_flags()
+    return not flags or any(f in flags for f in INT8_DOT_FLAGS)
+
+
+def own_int8_gemm() -> bool:
+    """Whether fastlm._C's AVX2 int8 GEMM (torch.ops.fastlm.int8_gemm_avx2) is loaded."""
+    from fastlm import _ext
+
+    return _ext.available() and hasattr(torch.ops.fastlm, "int8_gemm_avx2")
+
+
+def int8_gemm_path() -> str:
+    """The exact int8 GEMM quantize="int8_dynamic" runs on CPU (fastlm.linear.int_mm):
+    - "torch._int_mm": the CPU has an int8 dot-product instruction (oneDNN's VNNI / AMX GEMM) and
+      torch's sums are exact (int8_gemm_exact);
+    - "fastlm_avx2": no int8 dot-product instruction (or fastlm._C's ISA capped below AVX-512, the
+      forced AVX2 route), or torch's sums are inexact: csrc/quant_avx2.cpp, exact int32 sums
+      (its portable loop where fastlm._C runs portable code);
+    - "float64": neither fastlm._C nor an exact torch._int_mm: a float64 product (exact, slow)."""
+    own = own_int8_gemm()
+    if has_int8_dot() and not _fastlm_capped() and int8_gemm_exact():
+        return "torch._int_mm"
+    if own:
+        return "fastlm_avx2"
+    return "torch._int_mm" if int8_gemm_exact() else "float64"
+
+
+def int8_gemm_note() -> str:
+    """One line for `fastlm info`: which int8 GEMM quantize="int8_dynamic" runs here, and whether it
+    runs slower than float32 (then int8_gemm_slow says why)."""
+    slow = int8_gemm_slow()
+    if slow:
+        return f"slower than float32: {slow}"
+    path = int8_gemm_path()
+    if path == "fastlm_avx2":
+        return ("int8 GEMM (fastlm AVX2 kernel, vpmovsxbw + vpmaddwd, exact int32 sums: no int8 dot-product "
+                "instruction used), faster than float32")
+    return "int8 GEMM (torch._int_mm)"
+
+
 def int8_gemm_slow() -> str | None:
-    """Why quantize="int8_dynamic" runs slower than float32 on this CPU, or None where it pays
-    (torch._int_mm is exact here and the CPU has an int8 dot-product instruction: INT8_DOT_FLAGS).
-    The flags are judged on x86 only; other machines give None there (not measured here)."""
-    if not int8_gemm_exact():
+    """Why quantize="int8_dynamic" runs slower than float32 on this CPU, or None where it pays:
+    torch._int_mm with an int8 dot-product instruction (INT8_DOT_FLAGS), or fastlm's AVX2 int8 GEMM
+    where it was measured faster than float32 (AVX2_INT8_PAYS). The flags are judged on x86 only."""
+    path = int8_gemm_path()
+    if path == "torch._int_mm":
+        if has_int8_dot():
+            return None
+        return ("this CPU has no int8 dot-product instruction (AVX-512 VNNI, AVX-VNNI or AMX-INT8), so torch's int8 "
+                "GEMM runs far slower than float32 here (measured ~30x on an AMD Zen 3), and fastlm._C (whose "
+                "AVX2 int8 GEMM would run instead) is not loaded: use quantize='int8' (weight-only, fast on any "
+                "CPU) or no quantization")
+    if path == "float64":
         return ("torch's int8 GEMM gives inexact sums on this CPU (oneDNN without VNNI saturates int16 pair sums), so "
                 "fastlm computes it exactly in float64, slower than float32: use quantize='int8' (weight-only) or "
                 "no quantization")
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return None
-    flags = cpu_flags()
-    if not flags or any(f in flags for f in INT8_DOT_FLAGS):
-        return None
-    return ("this CPU has no int8 dot-product instruction (AVX-512 VNNI, AVX-VNNI or AMX-INT8), so torch's int8 "
-            "GEMM runs far slower than float32 here (measured ~30x on an AMD Zen 3): use quantize='int8' "
-            "(weight-only, fast on any CPU) or no quantization")
+    from fastlm import _ext
+
+    if _ext.available() and torch.ops.fastlm.cpu_isa("") == "portable":
+        return ("fastlm._C runs its portable code here (FASTLM_CPU_ISA=portable or no AVX2), whose int8 GEMM loop is "
+                "slower than float32: use quantize='int8' (weight-only) or no quantization")
+    if not AVX2_INT8_PAYS:
+        return ("this CPU has no int8 dot-product instruction (AVX-512 VNNI, AVX-VNNI or AMX-INT8) in use; fastlm's "
+                "exact AVX2 int8 GEMM (vpmaddwd) runs here instead of torch's (~30x slower or inexact without "
+                "VNNI), but end to end it measured no faster than float32 (BERT-base: 0.94x), so int8_dynamic may "
+                "run slower than float32 here: use quantize='int8' (weight-only, fast on any CPU) or no quantization")
+    return None

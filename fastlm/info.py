@@ -69,8 +69,7 @@ def report() -> dict:
             env["fastlm._C bf16 GEMV path"] = torch.ops.fastlm.bf16_gemv_path("")
     env["CPU features"] = cpu_features.summary()
     env["bfloat16 on this CPU"] = cpu_features.bf16_note()
-    slow = cpu_features.int8_gemm_slow()
-    env["int8_dynamic on this CPU"] = f"slower than float32: {slow}" if slow else "int8 GEMM (torch._int_mm)"
+    env["int8_dynamic on this CPU"] = cpu_features.int8_gemm_note()
     env["backend"] = backend.current()
     env["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "0")
     from fastlm import fused, ops

@@ -32,14 +32,24 @@ log = logging.getLogger("fastlm")
 
 
 def int_mm(a: Tensor, b: Tensor) -> Tensor:
-    """a (M, K) int8 @ b (K, N) int8 -> (M, N) int32, exact: torch._int_mm where it is exact
-    (probed once per process: fastlm.cpu_features.int8_gemm_exact), else a float64 product, which
-    is exact for |sums| < 2^53 (here < 127 * 127 * K)."""
-    if a.device.type != "cpu" or cpu_features.int8_gemm_exact():
+    """a (M, K) int8 @ b (K, N) int8 -> (M, N) int32, exact. On CPU the path is
+    fastlm.cpu_features.int8_gemm_path(): torch._int_mm where the CPU has an int8 dot-product
+    instruction and torch's sums are exact; fastlm._C's AVX2 int8 GEMM (csrc/quant_avx2.cpp, exact
+    int32 sums, reads b in place) where it has none or fastlm's ISA is capped at AVX2; else a
+    float64 product, exact for |sums| < 2^53 (here < 127 * 127 * K)."""
+    if a.device.type != "cpu":
+        return torch._int_mm(a, b)
+    path = cpu_features.int8_gemm_path()
+    if path == "fastlm_avx2":
+        return torch.ops.fastlm.int8_gemm_avx2(a, b)
+    if path == "torch._int_mm":
         return torch._int_mm(a, b)
     return (a.double() @ b.double()).to(torch.int32)
 
 PANEL = 16  # output channels per CPU panel (csrc/gemv.cpp kNR)
+# float32 prefill with more rows than this runs csrc/gemm_avx2.cpp where fastlm._C's ISA is AVX2
+# (gemv.cpp's decode tiles below it; measured: see PackedLinear.forward and the avx2gemm report)
+PREFILL_ROWS = 16
 ACTIVATIONS = (None, "gelu", "gelu_tanh")
 
 
@@ -219,6 +229,9 @@ class PackedLinear(FastLinear):
         if self.packed is not None and self.packed.dtype == torch.bfloat16 and _cpu_bf16_ok(x):
             return torch.ops.fastlm.packed_linear_bf16(x, self.packed, self.out_features, self.bias, residual, act)
         if self.packed is not None and _cpu_kernel_ok(x):
+            if x.numel() > PREFILL_ROWS * self.in_features and torch.ops.fastlm.cpu_isa("") == "avx2":
+                # prefill on AVX2: the cache-blocked 6 x 16 tile on the same panels (csrc/gemm_avx2.cpp)
+                return torch.ops.fastlm.packed_gemm_avx2(x, self.packed, self.out_features, self.bias, residual, act)
             return torch.ops.fastlm.packed_linear(x, self.packed, self.out_features, None, self.bias, residual, act)
         return _epilogue(F.linear(x, self.dense_weight(), self.bias), activation, residual)
 

@@ -29,13 +29,39 @@ def flags(monkeypatch):
     return set_flags
 
 
+@pytest.fixture
+def no_own_gemm(monkeypatch):
+    """As without fastlm._C's AVX2 int8 GEMM: torch's int8 GEMM is all there is."""
+    monkeypatch.setattr(cpu_features, "own_int8_gemm", lambda: False)
+
+
 @pytest.mark.parametrize("cpu, slow", [(ZEN3, True), (ZEN4, False), (ALDER_LAKE, False), (SAPPHIRE_RAPIDS, False)])
-def test_the_decision_follows_the_int8_dot_product_flags(flags, cpu, slow):
+def test_the_decision_follows_the_int8_dot_product_flags(flags, no_own_gemm, cpu, slow):
     flags(cpu)
     reason = cpu_features.int8_gemm_slow()
     assert (reason is not None) == slow
     if slow:
         assert "VNNI" in reason and "quantize='int8'" in reason
+
+
+@pytest.mark.skipif(not cpu_features.own_int8_gemm(), reason="fastlm._C (its AVX2 int8 GEMM) is not loaded")
+@pytest.mark.parametrize("cpu", [ZEN3, ZEN4, ALDER_LAKE, SAPPHIRE_RAPIDS])
+def test_without_vnni_int8_dynamic_runs_fastlm_s_avx2_gemm(flags, monkeypatch, cpu):
+    flags(cpu)
+    capped = torch.ops.fastlm.cpu_isa("") != "avx512" and "avx512f" in cpu  # FASTLM_CPU_ISA=avx2 on an AVX-512 CPU
+    own = cpu is ZEN3 or capped
+    assert cpu_features.int8_gemm_path() == ("fastlm_avx2" if own else "torch._int_mm")
+    assert (cpu_features.int8_gemm_slow() is None) == (not own or cpu_features.AVX2_INT8_PAYS)
+    note = info.report()["int8_dynamic on this CPU"]
+    assert ("fastlm AVX2 kernel" in note) == (own and cpu_features.AVX2_INT8_PAYS)
+    for pays in (True, False):  # where it pays: silent; where it does not: told so
+        monkeypatch.setattr(cpu_features, "AVX2_INT8_PAYS", pays)
+        note = info.report()["int8_dynamic on this CPU"]
+        if own:
+            assert (cpu_features.int8_gemm_slow() is None) == pays
+            assert note.startswith("int8 GEMM (fastlm AVX2 kernel" if pays else "slower than float32: ")
+        else:
+            assert note == "int8 GEMM (torch._int_mm)"
 
 
 def test_unknown_flags_or_other_machines_are_not_judged(flags):
@@ -51,11 +77,12 @@ def test_the_real_flags_are_read():
         text = f.read()
     assert real and all(f in text for f in real)
     has_dot = any(f in real for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
-    slow = cpu_features.int8_gemm_slow()
-    if cpu_features.int8_gemm_exact():
-        assert has_dot == (slow is None)
-    else:  # e.g. the AVX2 subset of CI: ONEDNN_MAX_CPU_ISA=AVX2 makes torch._int_mm saturate
-        assert "inexact" in slow
+    assert cpu_features.has_int8_dot() == has_dot
+    path = cpu_features.int8_gemm_path()
+    if path == "torch._int_mm":  # an int8 dot-product instruction, exact sums, fastlm not capped below it
+        assert has_dot and cpu_features.int8_gemm_exact() and cpu_features.int8_gemm_slow() is None
+    else:  # no VNNI, or the AVX2 subset of CI (FASTLM_CPU_ISA=avx2; ONEDNN_MAX_CPU_ISA=AVX2 makes torch's saturate)
+        assert path == "fastlm_avx2"
 
 
 def tiny_bert():
@@ -63,7 +90,7 @@ def tiny_bert():
                          intermediate_size=64, max_position_embeddings=32)
 
 
-def test_loading_int8_dynamic_on_a_cpu_without_vnni_warns(flags, caplog):
+def test_loading_int8_dynamic_on_a_cpu_without_vnni_warns(flags, no_own_gemm, caplog):
     flags(ZEN3)
     with caplog.at_level(logging.WARNING, logger="fastlm"):
         model = fastlm.from_pretrained(tiny_bert(), quantize="int8_dynamic")
@@ -81,13 +108,20 @@ def test_no_warning_where_the_int8_gemm_pays(flags, caplog):
     with caplog.at_level(logging.WARNING, logger="fastlm"):
         fastlm.from_pretrained(tiny_bert(), quantize="int8_dynamic")
         fastlm.from_pretrained(tiny_bert(), quantize="int8")
-    assert not [r for r in caplog.records if "slower than float32" in r.getMessage()]
+    warned = [r for r in caplog.records if "slower than float32" in r.getMessage()]
     rep = info.report()
-    assert rep["int8_dynamic on this CPU"] == "int8 GEMM (torch._int_mm)"
+    if cpu_features.int8_gemm_path() == "torch._int_mm":
+        assert not warned
+        assert rep["int8_dynamic on this CPU"] == "int8 GEMM (torch._int_mm)"
+    else:  # the AVX2 subset: fastlm capped at AVX2 takes its own int8 GEMM, and says whether it pays there
+        pays = cpu_features.AVX2_INT8_PAYS
+        assert len(warned) == (0 if pays else 1)
+        assert rep["int8_dynamic on this CPU"].startswith("int8 GEMM (fastlm AVX2 kernel" if pays else
+                                                          "slower than float32")
     assert "int8: avx512_vnni" in rep["CPU features"] and "bf16: avx512_bf16" in rep["CPU features"]
 
 
-def test_optimize_with_int8_dynamic_on_a_cpu_without_vnni_warns(flags, caplog):
+def test_optimize_with_int8_dynamic_on_a_cpu_without_vnni_warns(flags, no_own_gemm, caplog):
     flags(ZEN3)
     hf = tf.BertModel(tiny_bert()).eval()
     with caplog.at_level(logging.WARNING, logger="fastlm"):
@@ -129,7 +163,9 @@ def test_without_an_exact_int8_gemm_int8_dynamic_stays_exact(monkeypatch, caplog
     lin = Int8DynamicLinear.from_linear(torch.nn.Linear(300, 40))
     x = torch.randn(3, 7, 300)
     expect = lin(x)
+    monkeypatch.setattr(cpu_features, "own_int8_gemm", lambda: False)  # no fastlm AVX2 int8 GEMM to fall back on
     monkeypatch.setattr(cpu_features, "int8_gemm_exact", lambda: False)
+    assert cpu_features.int8_gemm_path() == "float64"
     assert torch.equal(int_mm(a, b), exact)
     assert torch.equal(lin(x), expect)  # the fallback's sums are the exact ones: the same bits
     assert "inexact" in cpu_features.int8_gemm_slow()

@@ -1,0 +1,183 @@
+"""The AVX2 GEMMs (issue 19.2): csrc/quant_avx2.cpp's exact int8 GEMM (int8_dynamic on CPUs without
+an int8 dot-product instruction) against a pure-torch int64 product, and csrc/gemm_avx2.cpp's
+float32 prefill GEMM on the decode panels against float64; both ISA paths (AVX2 and portable,
+forced at run time), awkward shapes, the outlier-channel variant of int8_dynamic, and that
+int8_dynamic / PackedLinear really take these kernels where fastlm's ISA is AVX2. Runs plain and
+under the AVX2 caps (.ci/avx2_subset)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastlm import _ext, cpu_features
+from fastlm.linear import Int8DynamicLinear, PackedLinear, pack_panels
+from fastlm.testing import max_err
+
+pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"fastlm._C did not load: {_ext.LOAD_ERROR}")
+
+ISAS = ["auto", "portable"]
+
+
+@pytest.fixture
+def isa(request):
+    """Run under torch.ops.fastlm.cpu_isa(request.param), restored afterwards."""
+    before = torch.ops.fastlm.cpu_isa("")
+    torch.ops.fastlm.cpu_isa(request.param)
+    yield torch.ops.fastlm.cpu_isa("")
+    torch.ops.fastlm.cpu_isa(before)
+
+
+def _int64_ref(a, b):
+    return (a.long() @ b.long()).to(torch.int32)  # exact: |sums| < 128 * 128 * K < 2^31
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("M", [1, 17, 97, 129])
+@pytest.mark.parametrize("K, N", [(1, 5), (33, 7), (96, 16), (301, 40), (768, 100)])
+def test_int8_gemm_is_exact(isa, M, K, N):
+    g = torch.Generator().manual_seed(M * 7919 + K * 31 + N)
+    a = torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (K, N), dtype=torch.int8, generator=g)
+    a[0, : K // 2] = -128  # the extremes: pair sums of 2 * 128^2, exact only without int16 saturation
+    b[: K // 2, 0] = -128
+    if M > 1:
+        a[1] = 127
+        b[:, -1] = -127
+    got = torch.ops.fastlm.int8_gemm_avx2(a, b)
+    assert got.dtype == torch.int32 and got.shape == (M, N)
+    assert torch.equal(got, _int64_ref(a, b))
+
+
+def test_int8_gemm_reads_strided_operands_in_place():
+    # b as Int8DynamicLinear keeps it (qweight.t(): (K, N) with a row stride > N), a a slice of wider rows
+    g = torch.Generator().manual_seed(3)
+    big_a = torch.randint(-127, 128, (29, 200), dtype=torch.int8, generator=g)
+    big_b = torch.randint(-127, 128, (150, 70), dtype=torch.int8, generator=g)
+    a, b = big_a[:, 7:157], big_b[:, 3:53]
+    assert a.stride(1) == 1 and b.stride(1) == 1 and not b.is_contiguous()
+    assert torch.equal(torch.ops.fastlm.int8_gemm_avx2(a, b), _int64_ref(a, b))
+    bt = torch.randint(-127, 128, (40, 150), dtype=torch.int8, generator=g).t()  # column-major b: copied
+    assert torch.equal(torch.ops.fastlm.int8_gemm_avx2(a, bt), _int64_ref(a, bt))
+
+
+def test_int8_gemm_bad_input_names_the_argument():
+    a = torch.zeros(3, 8, dtype=torch.int8)
+    with pytest.raises(TypeError, match="int8"):
+        torch.ops.fastlm.int8_gemm_avx2(a.float(), torch.zeros(8, 4, dtype=torch.int8))
+    with pytest.raises(ValueError, match=r"\(K, N\)"):
+        torch.ops.fastlm.int8_gemm_avx2(a, torch.zeros(9, 4, dtype=torch.int8))
+    with pytest.raises(ValueError, match="2-D"):
+        torch.ops.fastlm.int8_gemm_avx2(a[0], torch.zeros(8, 4, dtype=torch.int8))
+
+
+@pytest.fixture
+def own_int8(monkeypatch):
+    """int8_dynamic's GEMM forced to fastlm's AVX2 kernel (as on a CPU without VNNI)."""
+    monkeypatch.setattr(cpu_features, "int8_gemm_path", lambda: "fastlm_avx2")
+
+
+@pytest.mark.parametrize("M", [1, 17, 97, 129])
+@pytest.mark.parametrize("outliers", [None, [0, 5, 40]])
+def test_int8_dynamic_on_the_avx2_gemm_equals_the_exact_reference(monkeypatch, M, outliers):
+    """Int8DynamicLinear (fused quantization / epilogue ops, LayerNorm variant, the outlier
+    decomposition) with the AVX2 GEMM gives the bits of the same layer on an exact float64 GEMM."""
+    torch.manual_seed(M)
+    K, N = 97, 70
+    lin = Int8DynamicLinear.from_linear(torch.nn.Linear(K, N), outliers=outliers)
+    x = torch.randn(M, K)
+    x[:, 5] *= 30  # an outlier channel's scale
+    r = torch.randn(M, N)
+    lw, lb = torch.randn(N), torch.randn(N)
+
+    def run():
+        y = lin(x, activation="gelu")
+        yr = lin(x, residual=r)
+        xq = lin.quantize_input(x)
+        q8 = lin.forward_to_int8(x, activation="gelu_tanh", xq=xq)
+        h, hq = lin.forward_add_layer_norm(xq, r, lw, lb, 1e-5)
+        return y, yr, q8.q, q8.scale, h, hq.q
+
+    monkeypatch.setattr(cpu_features, "int8_gemm_path", lambda: "float64")
+    ref = run()
+    monkeypatch.setattr(cpu_features, "int8_gemm_path", lambda: "fastlm_avx2")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = run()
+    calls = sum(e.count for e in prof.key_averages() if e.key == "fastlm::int8_gemm_avx2")
+    assert calls == 4  # every GEMM of the layer went through the kernel
+    for g_, r_ in zip(got, ref, strict=True):
+        assert torch.equal(g_, r_)
+    # and the layer is what it claims: close to the float32 product on its dequantized weight
+    want = F.gelu(x @ lin.dequantized().t() + lin.bias)
+    assert max_err(got[0], want) < 0.05 * want.abs().max().item()
+
+
+def test_the_forced_avx2_route_takes_fastlm_s_int8_gemm():
+    """With fastlm._C's ISA capped below the CPU's (FASTLM_CPU_ISA=avx2 on an AVX-512 CPU, or at run
+    time), int8_dynamic takes the route of an AVX2-only CPU; on this CPU's own ISA, torch's where it has VNNI."""
+    before = torch.ops.fastlm.cpu_isa("")
+    try:
+        torch.ops.fastlm.cpu_isa("avx2")
+        if "avx512f" in cpu_features.cpu_flags() or not cpu_features.has_int8_dot():
+            assert cpu_features.int8_gemm_path() == "fastlm_avx2"
+        torch.ops.fastlm.cpu_isa("auto")
+        if torch.ops.fastlm.cpu_isa("") == "avx512" and cpu_features.has_int8_dot() and cpu_features.int8_gemm_exact():
+            assert cpu_features.int8_gemm_path() == "torch._int_mm"
+    finally:
+        torch.ops.fastlm.cpu_isa(before)
+
+
+def _ref_linear(x, w, b, act, res):
+    y = F.linear(x.double(), w.double(), None if b is None else b.double())
+    if act != "none":
+        y = F.gelu(y, approximate="tanh" if act == "gelu_tanh" else "none")
+    return y if res is None else y + res.double()
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("shape", [(1, 33), (17, 97), (2, 49, 300), (129, 768)])
+@pytest.mark.parametrize("N", [7, 40, 257])
+@pytest.mark.parametrize("act, bias, res", [("none", True, False), ("gelu", False, False),
+                                            ("gelu_tanh", True, False), ("none", False, True)])
+def test_packed_gemm_matches_float64(isa, shape, N, act, bias, res):
+    g = torch.Generator().manual_seed(shape[0] * 1000 + N)
+    K = shape[-1]
+    x = torch.randn(*shape, generator=g)
+    w = torch.randn(N, K, generator=g) * K**-0.5
+    b = torch.randn(N, generator=g) if bias else None
+    r = torch.randn(*shape[:-1], N, generator=g) if res else None
+    out = torch.ops.fastlm.packed_gemm_avx2(x, pack_panels(w), N, b, r, act)
+    assert out.shape == (*shape[:-1], N) and torch.isfinite(out).all()
+    ref = _ref_linear(x, w, b, act, r)
+    torch_err = max_err(F.linear(x, w, b), _ref_linear(x, w, b, "none", None))
+    assert max_err(out, ref) <= 2 * torch_err + 2e-5, (max_err(out, ref), torch_err)
+
+
+def test_packed_gemm_bad_input_names_the_argument():
+    x, w = torch.randn(20, 32), pack_panels(torch.randn(40, 32))
+    with pytest.raises(ValueError, match="panels of shape"):
+        torch.ops.fastlm.packed_gemm_avx2(x, w, 50)
+    with pytest.raises(ValueError, match="residual"):
+        torch.ops.fastlm.packed_gemm_avx2(x, w, 40, None, torch.randn(20, 41))
+    with pytest.raises(ValueError, match="activation"):
+        torch.ops.fastlm.packed_gemm_avx2(x, w, 40, None, None, "relu")
+    with pytest.raises(TypeError, match="float32"):
+        torch.ops.fastlm.packed_gemm_avx2(x.double(), w, 40)
+
+
+def test_packed_linear_prefill_takes_the_avx2_gemm_on_avx2():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(300, 70)
+    p = PackedLinear.from_linear(lin)
+    x = torch.randn(3, 40, 300)
+    before = torch.ops.fastlm.cpu_isa("")
+    try:
+        torch.ops.fastlm.cpu_isa("avx2")
+        got = p(x, activation="gelu_tanh")
+        want = torch.ops.fastlm.packed_gemm_avx2(x, p.packed, 70, p.bias, None, "gelu_tanh")
+        assert torch.equal(got, want)  # the routed call is the kernel, bit for bit
+        decode = p(x[:, :1])  # decode rows stay on gemv.cpp
+        assert torch.equal(decode, torch.ops.fastlm.packed_linear(x[:, :1], p.packed, 70, None, p.bias, None, "none"))
+    finally:
+        torch.ops.fastlm.cpu_isa(before)
+    ref = F.gelu(F.linear(x.double(), lin.weight.double(), lin.bias.double()), approximate="tanh")
+    assert max_err(got, ref) < 1e-4
