@@ -16,6 +16,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <string>
 #include <utility>
@@ -72,6 +74,47 @@ Proj proj(const c10::List<c10::optional<at::Tensor>>& p, int64_t i, int64_t n, i
   r.k = k;
   return r;
 }
+
+// Per-op profile of gpt2_decode_cpu (torch.ops.fastlm.gpt2_decode_profile): wall nanoseconds per op
+// kind summed over layers and steps, off unless switched on (two clock reads per op when on).
+enum ProfOp : int { kPLn1, kPQkv, kPKv, kPAttn, kPO, kPLn2, kPFc, kPProj, kPLnF, kPHead, kPOps };
+struct Profile {
+  std::atomic<bool> on{false};
+  int64_t ns[kPOps] = {};
+  int64_t steps = 0;
+};
+Profile& profile() {
+  static Profile p;
+  return p;
+}
+
+// "on" / "off" switch it, "reset" zeroes it, "" only reads: returns [steps, ns of ln_1, c_attn,
+// kv write, attention, attn.c_proj, ln_2, c_fc, mlp.c_proj, ln_f, lm_head] (ns summed over steps).
+std::vector<int64_t> gpt2_decode_profile(c10::string_view cmd) {
+  Profile& p = profile();
+  TORCH_CHECK_VALUE(cmd.empty() || cmd == "on" || cmd == "off" || cmd == "reset",
+                    "gpt2_decode_profile: cmd must be \"\", \"on\", \"off\" or \"reset\", got \"", cmd, "\"");
+  if (cmd == "on") p.on.store(true);
+  if (cmd == "off") p.on.store(false);
+  if (cmd == "reset") {
+    for (int64_t& v : p.ns) v = 0;
+    p.steps = 0;
+  }
+  std::vector<int64_t> out{p.steps};
+  out.insert(out.end(), p.ns, p.ns + kPOps);
+  return out;
+}
+
+struct Ticker {  // adds the time since the last tick to an op's total (when profiling)
+  bool on = profile().on.load(std::memory_order_relaxed);
+  std::chrono::steady_clock::time_point last = on ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+  void operator()(int op) {
+    if (!on) return;
+    const auto t = std::chrono::steady_clock::now();
+    profile().ns[op] += std::chrono::duration_cast<std::chrono::nanoseconds>(t - last).count();
+    last = t;
+  }
+};
 
 void run(const Proj& p, const float* x, float* y, const float* residual, int act) {
   cpu::packed_gemm(x, 1, p.k, p.w, p.int8, p.n, p.scale, p.bias, residual, y, act);
@@ -146,25 +189,37 @@ at::Tensor gpt2_decode_cpu(const at::Tensor& h_in, const c10::List<c10::optional
   float* kc = k_cache.mutable_data_ptr<float>();
   float* vc = v_cache.mutable_data_ptr<float>();
   const int64_t layer_stride = k_cache.stride(0), head_stride = cap * D;  // batch row 0 of each layer
+  Ticker tick;
   for (int64_t l = 0; l < L; ++l) {
     const Layer& y = layers[l];
     cpu::layer_norm(hp, nullptr, y.ln1w, y.ln1b, x.data(), nullptr, 1, C, static_cast<float>(eps));
+    tick(kPLn1);
     run(y.qkv, x.data(), qkv.data(), nullptr, 0);
+    tick(kPQkv);
     float* kl = kc + l * layer_stride;
     float* vl = vc + l * layer_stride;
     for (int64_t hd = 0; hd < H; ++hd) {  // row kv_len - 1 of head hd <- k, v of this token
       std::copy_n(qkv.data() + C + hd * D, D, kl + hd * head_stride + (kv_len - 1) * D);
       std::copy_n(qkv.data() + 2 * C + hd * D, D, vl + hd * head_stride + (kv_len - 1) * D);
     }
+    tick(kPKv);
     cpu::attend_heads(qkv.data(), D, kl, vl, head_stride, D, H, kv_len, D, static_cast<float>(scales[l]), att.data(),
                       D);
+    tick(kPAttn);
     run(y.o, att.data(), hp, hp, 0);  // h += attn
+    tick(kPO);
     cpu::layer_norm(hp, nullptr, y.ln2w, y.ln2b, x.data(), nullptr, 1, C, static_cast<float>(eps));
+    tick(kPLn2);
     run(y.fc, x.data(), f.data(), nullptr, act);
+    tick(kPFc);
     run(y.proj, f.data(), hp, hp, 0);  // h += mlp
+    tick(kPProj);
   }
   cpu::layer_norm(hp, nullptr, lnfw, lnfb, x.data(), nullptr, 1, C, static_cast<float>(eps));
+  tick(kPLnF);
   run(head, x.data(), logits.mutable_data_ptr<float>(), nullptr, 0);
+  tick(kPHead);
+  if (tick.on) ++profile().steps;
   return logits;
 }
 
@@ -173,6 +228,7 @@ at::Tensor gpt2_decode_cpu(const at::Tensor& h_in, const c10::List<c10::optional
 TORCH_LIBRARY_FRAGMENT(fastlm, m) {
   m.def("gpt2_decode_cpu(Tensor h, Tensor?[] params, Tensor(a!) k_cache, Tensor(b!) v_cache, int kv_len, "
         "float[] scales, int vocab, float eps, str activation) -> Tensor");
+  m.def("gpt2_decode_profile(str cmd='') -> int[]", &gpt2_decode_profile);
 }
 
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) { m.impl("gpt2_decode_cpu", &gpt2_decode_cpu); }

@@ -103,7 +103,7 @@ def cmd_bench(args) -> int:
         os.makedirs(args.out, exist_ok=True)
         res = runner.run(device, dtype, args.suite, args.only, budget_s=args.budget, progress=step,
                          partial_json=os.path.join(args.out, f"bench-{device}-partial.json"), rounds=args.rounds,
-                         calls=args.calls, threads=args.threads)
+                         calls=args.calls, threads=args.threads, isa=args.isa)
     c = res.ceilings
     table = Table(title=f"fastlm bench: {res.env.get('gpu') or 'CPU (' + str(res.env['cpu_threads']) + ' threads)'}, "
                         f"{dtype_name} | DRAM copy {format_value(c.copy_gbs, 'GB/s')}, {c.matmul_dtype} matmul "
@@ -427,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peers: rounds over all engines (default 2 with --suite peers, 1 in all)")
     b.add_argument("--calls", type=int, default=None, help="peers: timed calls per engine process (default 3 / 2)")
     b.add_argument("--threads", type=int, default=2, help="peers: threads per engine (default 2)")
+    b.add_argument("--isa", default=None, choices=["avx2"],
+                   help="peers: cap every engine's kernels at this ISA as far as it can be (fastlm and torch: "
+                        "FASTLM_CPU_ISA / ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY, CTranslate2: CT2_FORCE_CPU_ISA; "
+                        "the table's header says which engines cannot be capped), to stand in for an AVX2-only CPU")
     b.add_argument("--only", default=None, help="one case by name (e.g. attention, bert_fwd)")
     b.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="default fp16 on GPU, fp32 on CPU")
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -373,3 +373,41 @@ def test_peers_suite_batched_decode_rows(cache, tmp_path, monkeypatch):
     assert "### Batched greedy decode" in md and "| B=8 tok/s |" in md and "| fastlm | fp32 |" in md
     png = plots.peers_plot(rows, read, str(tmp_path / "batch.png"))
     assert png and os.path.getsize(png) > 1000
+
+
+def test_forced_isa_caps_each_engine_in_its_own_worker_and_heads_the_table(monkeypatch):
+    """--isa avx2: every engine's worker gets its own capping environment (fastlm / torch vars,
+    CT2_FORCE_CPU_ISA, OpenVINO f32's oneDNN cap), an engine that cannot be capped runs without one and
+    is named so, OpenVINO's bf16 default skips with the reason, and the markdown opens with the forced
+    ISA and the CPU's own flags."""
+    seen = {}
+
+    def fake_worker(args, threads, timeout, extra_env=None):
+        if args[0] == "bandwidth":
+            return {"gbs": [10.0]}
+        if args[0] == "prepare":
+            return {"dir": "/nonexistent"}
+        seen[(args[args.index("--engine") + 1], args[args.index("--precision") + 1])] = extra_env
+        return {"ms": [2.0], "cpu_ms": [3.0], "per": "call"}
+
+    monkeypatch.setattr(suite, "_worker", fake_worker)
+    names = ["fastlm", "ctranslate2", "onnxruntime", "openvino", "openvino_f32"]
+    for n in names:
+        monkeypatch.setattr(engines()[n], "missing", lambda: None)
+    rows, _ = suite.run_peers(["peers_gpt2_decode"], rounds=1, calls=1, threads=1, size="tiny", names=names,
+                              isa="avx2")
+    assert seen[("fastlm", "int8")] == {"FASTLM_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                                        "ATEN_CPU_CAPABILITY": "avx2"}
+    assert seen[("ctranslate2", "fp32")] == {"CT2_FORCE_CPU_ISA": "AVX2"}
+    assert seen[("openvino_f32", "fp32")] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert seen[("onnxruntime", "fp32")] is None
+    assert ("openvino", "fp32") not in seen
+    by = {r.provider: r for r in rows}
+    assert by["openvino"].status.startswith("skipped: not run with the ISA forced to avx2")
+    assert by["fastlm_int8"].status == "ok" and by["ctranslate2"].status == "ok"
+    head = suite.isa_header("avx2", suite.isa_caps("avx2", names))
+    assert head.startswith("**ISA forced to AVX2** on a CPU whose own flags are")
+    assert "ONNX Runtime: no (" in head and "CTranslate2: yes (CT2_FORCE_CPU_ISA=AVX2)" in head
+    assert "OpenVINO (f32 math): partly" in head
+    with pytest.raises(ValueError, match="isa must be one of avx2"):
+        suite.isa_caps("sse2")

@@ -215,3 +215,27 @@ def test_fake():
     cache = prefilled(model, torch.randint(0, 33, (1, 3)), 16)
     torch.library.opcheck(torch.ops.fastlm.gpt2_decode_cpu, tuple(_args(model, cache)),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_profile_counts_steps_and_every_op():
+    """torch.ops.fastlm.gpt2_decode_profile: off by default (a step adds nothing), on it counts steps and
+    sums each op kind's wall time (every GEMV and the attention take time), reset zeroes it; a bad
+    command is a ValueError naming it."""
+    prof = torch.ops.fastlm.gpt2_decode_profile
+    model = fastlm.from_pretrained(hf_model("h3_d32"), device="cpu")
+    ids = torch.randint(1, 101, (1, 5), generator=torch.Generator().manual_seed(3))
+    prof("off")
+    prof("reset")
+    model.generate(ids, max_new_tokens=3)
+    assert prof("") == [0] * 11
+    prof("on")
+    try:
+        model.generate(ids, max_new_tokens=4)  # 3 decode steps after the prefill's token
+    finally:
+        prof("off")
+    r = prof("")
+    assert r[0] == 3 and len(r) == 11 and all(v >= 0 for v in r)
+    assert all(r[i] > 0 for i in (2, 4, 5, 7, 8, 10)), r  # c_attn, attention, attn.c_proj, c_fc, mlp.c_proj, lm_head
+    assert prof("reset") == [0] * 11
+    with pytest.raises(ValueError, match="gpt2_decode_profile: cmd must be"):
+        prof("start")

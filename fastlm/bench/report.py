@@ -7,6 +7,7 @@ run. The plots are in fastlm/bench/plots.py. Nothing here times anything.
 from __future__ import annotations
 
 from fastlm.bench.peers.registry import engines, providers
+from fastlm.bench.peers.suite import isa_header
 from fastlm.bench.peers.workloads import WORKS, batch_of, floor_ms, gpt2_weight_bytes
 from fastlm.bench.result import Result, Row, format_value
 
@@ -104,6 +105,8 @@ def markdown(res: Result) -> str:
                 f"1-minute load average {env.get('loadavg_start', '-')} at the start, "
                 f"{env.get('loadavg_after_peers', '-')} after the peers suite", ""]
                if env.get("cpu_model") and not env.get("gpu") else []),
+             *([isa_header(env["forced_isa"]["isa"], env["forced_isa"]["engines"]), ""]
+               if env.get("forced_isa") else []),
              f"Measured ceilings (best call): DRAM copy {format_value(c.copy_gbs, 'GB/s')}{cache}, "
              f"{c.matmul_dtype} matmul {format_value(c.matmul_tflops, 'TFLOP/s')}", "",
              "ms: the median of the n timed calls (peers rows: the best call), min / max and the "

@@ -15,7 +15,7 @@ import torch
 
 from fastlm.bench import generate, models, ops
 from fastlm.bench.peers.registry import engines
-from fastlm.bench.peers.suite import peer_cases, run_peers
+from fastlm.bench.peers.suite import isa_caps, peer_cases, run_peers
 from fastlm.bench.peers.workloads import PEER_CASES
 from fastlm.bench.result import Case, Ceilings, Result, Row, Skip, format_value, measure_ceilings, save_json, timing
 
@@ -126,11 +126,13 @@ def cpu_model() -> str:
 
 def run(device: str, dtype: torch.dtype, suite: str = "all", only: str | None = None, budget_s: float = 0.5,
         progress: Callable[[str], None] | None = None, partial_json: str | None = None,
-        rounds: int | None = None, calls: int | None = None, threads: int = 2) -> Result:
+        rounds: int | None = None, calls: int | None = None, threads: int = 2, isa: str | None = None) -> Result:
     """Every case of the suite, one after the other. With `partial_json`, the results so far are
     rewritten there after each case, so a run cut short by a time limit still leaves its rows.
     The peers cases (fastlm.bench.peers) run first, `rounds` x `calls` per engine (default
-    2 x 3), each engine in its own process with `threads`."""
+    2 x 3), each engine in its own process with `threads`; with `isa` ("avx2") each engine's kernels
+    capped at that ISA as far as it can be (fastlm.bench.peers.suite.isa_caps), recorded in the
+    Result's env ("forced_isa") and the markdown's header."""
     from fastlm.info import environment
 
     cases = build_cases(device, dtype, suite, only)
@@ -142,6 +144,8 @@ def run(device: str, dtype: torch.dtype, suite: str = "all", only: str | None = 
     env["cpu_model"], env["cpu_count"] = cpu_model(), os.cpu_count()
     if hasattr(os, "getloadavg"):  # other work on the machine while this ran (1-minute load average)
         env["loadavg_start"] = round(os.getloadavg()[0], 2)
+    if isa is not None:
+        env["forced_isa"] = {"isa": isa, "engines": isa_caps(isa)}
     if peers or why_not:  # the peers suite was asked for: name the engines it cannot run here
         env["peers_skipped"] = skipped_peers()
         if why_not:
@@ -150,7 +154,7 @@ def run(device: str, dtype: torch.dtype, suite: str = "all", only: str | None = 
     if peers:
         full = suite == "peers" or only is not None
         rows, ceilings.read_gbs = run_peers(peers, rounds or (2 if full else 1), calls or (3 if full else 2),
-                                            threads, progress)
+                                            threads, progress, **({"isa": isa} if isa else {}))
         res.rows += rows
         if partial_json:
             save_json(res, partial_json)

@@ -14,6 +14,11 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+# torch's and fastlm's caps (docs/design.md, .ci/avx2_subset): fastlm._C's kernels, oneDNN inside
+# torch, ATen's vectorised kernels
+TORCH_AVX2 = {"FASTLM_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+ISAS = ("avx2",)  # the ISAs `fastlm bench --isa` can force
+
 
 class Engine:
     """One engine of the peers suite. Subclasses set the attributes and implement `runner`."""
@@ -26,6 +31,14 @@ class Engine:
     precisions: tuple[str, ...] = ("fp32", "int8")  # the rows it has (see registry.PRECISIONS)
     prepares: bool = False  # prepare() has work to do: the suite runs it once per workload, in its own process
     batch_decode: bool = False  # its runner takes the batched-decode workloads (gpt2_bB: ids (B, prompt))
+
+    def isa_cap(self, isa: str) -> dict:
+        """How this engine's kernels are capped at `isa` ("avx2": the AVX2 + FMA paths an AVX-512 CPU
+        can be made to run, to stand in for an AVX2-only CPU) in its worker process: {"env": the
+        variables that cap it, "forced": "yes" | "partly" | "no" | "skip", "note": how far the cap
+        reaches (or, with "skip", why its rows do not run capped)}. The default: no cap exists, its
+        rows run its native kernels and the table says so."""
+        return {"env": {}, "forced": "no", "note": "no way to cap its kernels: it runs the CPU's native ISA"}
 
     def missing(self) -> str | None:
         """Why this engine cannot run here, or None when it can. Only imports `module`."""

@@ -35,6 +35,9 @@ class CTranslate2(Engine):
     prepares = True
     batch_decode = True
 
+    def isa_cap(self, isa):
+        return {"env": {"CT2_FORCE_CPU_ISA": "AVX2"}, "forced": "yes", "note": "CT2_FORCE_CPU_ISA=AVX2"}
+
     def prepare(self, work, model_dir):
         import ctranslate2
 

@@ -5,8 +5,9 @@
 from __future__ import annotations
 
 import inspect
+import os
 
-from fastlm.bench.peers.base import Engine
+from fastlm.bench.peers.base import TORCH_AVX2, Engine
 from fastlm.bench.peers.workloads import GPT2_NEW, GPT2_PROMPT
 from fastlm.bench.result import Skip
 
@@ -17,6 +18,9 @@ class FastLM(Engine):
     optional = False
     batch_decode = True
     precisions = ("fp32", "int8", "bf16")
+
+    def isa_cap(self, isa):
+        return {"env": dict(TORCH_AVX2), "forced": "yes", "note": " ".join(f"{k}={v}" for k, v in TORCH_AVX2.items())}
 
     def version(self) -> str | None:
         import fastlm
@@ -43,6 +47,9 @@ class FastLM(Engine):
             m = fastlm.from_pretrained(model_dir, dtype=dtype, device="cpu", **kw)
         except (ValueError, NotImplementedError) as e:
             raise Skip(f"fastlm quantize={kw.get('quantize')}: {e}") from None
+        if os.environ.get("FASTLM_CPU_ISA") and hasattr(torch.ops.fastlm, "cpu_isa"):
+            # a capped run (fastlm bench --isa): the row says which kernels fastlm._C really ran
+            self._ran_math = f"{self.math(precision)}, {torch.ops.fastlm.cpu_isa()} kernels"
         if work.startswith("gpt2"):  # gpt2 (B = 1) and the batched gpt2_bB: ids (B, prompt)
             def run():
                 out = m.generate(ids, max_new_tokens=GPT2_NEW)

@@ -115,6 +115,10 @@ class LlamaCpp(Engine):
     install = "pip install gguf llama-cpp-python (builds llama.cpp: ~25 min on 2 cores)"
     prepares = True
 
+    def isa_cap(self, isa):
+        return {"env": {}, "forced": "no",
+                "note": "not capped: its ggml CPU kernels are compiled for the build machine (GGML_NATIVE)"}
+
     def missing(self):
         why = super().missing()
         if why is None:

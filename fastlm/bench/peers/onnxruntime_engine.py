@@ -94,6 +94,10 @@ class OnnxRuntime(Engine):
     install = "pip install 'fastlm[peers]'"
     prepares = True
 
+    def isa_cap(self, isa):
+        return {"env": {}, "forced": "no",
+                "note": "not capped: its MLAS kernels are chosen from CPUID at start, with no setting to cap them"}
+
     def missing(self):
         why = super().missing()
         if why is None:

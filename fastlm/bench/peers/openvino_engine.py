@@ -149,6 +149,20 @@ class OpenVINO(Engine):
         v = super().version()
         return v.split("-")[0] if v else v
 
+    def isa_cap(self, isa):
+        # checked with the compiled GPT-2's runtime model (rt_info primitiveType), OpenVINO 2026.4 on
+        # Zen 4: ONEDNN_MAX_CPU_ISA=AVX2 caps the plugin's oneDNN primitives (jit_avx2_f32) but not
+        # its own JIT kernels (25 of 111 JIT nodes stay jit_avx512_f32), and with the default bf16
+        # math compile_model fails ("Supported primitive descriptors list is empty ... Softmax")
+        if self.hint is None:
+            return {"env": {}, "forced": "skip",
+                    "note": ("its default math is bf16 on this CPU, which an AVX2 CPU lacks, and it does not compile "
+                             "under ONEDNN_MAX_CPU_ISA=AVX2: on an AVX2 CPU it runs f32 math, the OpenVINO (f32 math) "
+                             "row")}
+        return {"env": {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "forced": "partly",
+                "note": ("ONEDNN_MAX_CPU_ISA=AVX2 caps its oneDNN primitives; the plugin's own JIT kernels stay "
+                         "AVX-512 (25 of 111 JIT nodes of GPT-2)")}
+
     def math(self, precision):
         how = "the plugin's default math" if self.hint is None else f"INFERENCE_PRECISION_HINT={self.hint}"
         return f"{precision} ({how})"

@@ -20,6 +20,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterable
 
+from fastlm.bench.peers.base import ISAS
 from fastlm.bench.peers.registry import engines, providers
 from fastlm.bench.peers.workloads import LABELS, PEER_CASES, UNITS, WORKS, cache_dir, floor_ms
 from fastlm.bench.result import Row, Timing
@@ -44,10 +45,33 @@ def peer_cases(device: str, suite: str, only: str | None) -> tuple[list[str], st
     return [only] if only else list(PEER_CASES), None
 
 
-def _worker(args: list[str], threads: int, timeout: float) -> dict:
+def isa_caps(isa: str | None, names: Iterable[str] | None = None) -> dict[str, dict]:
+    """engine name -> Engine.isa_cap(isa) for the registered engines (those in `names` only, when
+    given); {} without `isa`. ValueError for an ISA that cannot be forced (base.ISAS)."""
+    if isa is None:
+        return {}
+    if isa not in ISAS:
+        raise ValueError(f"isa must be one of {', '.join(ISAS)} (or None: native), got {isa!r}")
+    return {n: e.isa_cap(isa) for n, e in engines().items() if names is None or n in names}
+
+
+def isa_header(isa: str, caps: dict[str, dict]) -> str:
+    """The line a forced-ISA table opens with: the ISA, the CPU's own flags, and how far each engine
+    was capped (or why not), so that a table measured on an AVX-512 CPU with AVX2 forced is never
+    read as one from an AVX2-only CPU."""
+    from fastlm.cpu_features import cpu_flags
+
+    own = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile")
+           if f in cpu_flags()]
+    per = "; ".join(f"{engines()[n].title}: {c['forced']} ({c['note']})" for n, c in caps.items())
+    return (f"**ISA forced to {isa.upper()}** on a CPU whose own flags are {' '.join(own) or 'unknown'}: "
+            f"these rows stand in for an {isa.upper()}-only CPU as far as each engine can be capped. {per}.")
+
+
+def _worker(args: list[str], threads: int, timeout: float, extra_env: dict[str, str] | None = None) -> dict:
     import fastlm
 
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **(extra_env or {}))
     root = os.path.dirname(os.path.dirname(os.path.abspath(fastlm.__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -67,11 +91,15 @@ def _worker(args: list[str], threads: int, timeout: float) -> dict:
 
 def run_peers(works: list[str], rounds: int = 2, calls: int = 3, threads: int = 2,
               progress: Callable[[str], None] | None = None, timeout: float = 900,
-              size: str = "base", names: Iterable[str] | None = None) -> tuple[list[Row], float | None]:
+              size: str = "base", names: Iterable[str] | None = None,
+              isa: str | None = None) -> tuple[list[Row], float | None]:
     """Rows for the peers cases in `works` (names from workloads.WORKS), one per
     registry.providers() entry (of the engines in `names` only, when given: ValueError for an
     unregistered name), and the best read bandwidth (GB/s). `size="tiny"` runs the same on 2-layer
-    models (for tests: the floor then means nothing)."""
+    models (for tests: the floor then means nothing). `isa="avx2"` times every engine with its
+    kernels capped at AVX2 as far as it can be (Engine.isa_cap: its environment in its worker
+    process; an engine that says "skip" gives skipped rows with the reason); the bandwidth stays
+    native (a machine property)."""
     cache = cache_dir()
     say = progress or (lambda msg: None)
     chosen = dict(engines())
@@ -83,6 +111,10 @@ def run_peers(works: list[str], rounds: int = 2, calls: int = 3, threads: int = 
         chosen = {n: e for n, e in chosen.items() if n in names}
     rows_of = [r for r in providers() if r[1] in chosen]
     why_not = {name: e.missing() for name, e in chosen.items()}
+    caps = isa_caps(isa, chosen)
+    for name, c in caps.items():
+        if c["forced"] == "skip" and not why_not[name]:
+            why_not[name] = f"not run with the ISA forced to {isa}: {c['note']}"
     status: dict[tuple[str, str], str] = {}
     samples: dict[tuple[str, str], list[float]] = {}
     best_cpu: dict[tuple[str, str], float] = {}
@@ -120,7 +152,8 @@ def run_peers(works: list[str], rounds: int = 2, calls: int = 3, threads: int = 
                     continue
                 say(f"{case} {p} (round {rnd + 1}/{rounds})")
                 r = _worker(["time", "--work", WORKS[case], "--engine", name, "--precision", precision,
-                             "--cache", cache, "--calls", str(calls), "--size", size], threads, timeout)
+                             "--cache", cache, "--calls", str(calls), "--size", size], threads, timeout,
+                            *([caps[name]["env"]] if caps.get(name, {}).get("env") else []))
                 if "skip" in r:
                     status[key] = f"skipped: {r['skip']}"
                 elif "error" in r:

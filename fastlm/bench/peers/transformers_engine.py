@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from fastlm.bench.peers.base import Engine
+from fastlm.bench.peers.base import TORCH_AVX2, Engine
 from fastlm.bench.peers.workloads import GPT2_NEW, GPT2_PROMPT
 from fastlm.bench.result import Skip
 
@@ -14,6 +14,10 @@ class Transformers(Engine):
     module = "transformers"
     optional = False
     batch_decode = True
+
+    def isa_cap(self, isa):
+        return {"env": dict(TORCH_AVX2), "forced": "yes",
+                "note": "torch: ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2"}
 
     def label(self, precision: str) -> str:
         return f"{self.title} + torch dynamic" if precision == "int8" else self.title
