@@ -24,8 +24,8 @@ from fastlm import reference
 
 # what each op calls, for `fastlm info` (describe() drops what this CPU does not run)
 TORCH_OPS = {
-    "attention": ("fastlm._C attention_decode (fp32, <= 16 queries), fastlm._C attention_blocked (fp32 / bf16, no mask, "
-                  "AVX-512) or F.scaled_dot_product_attention"),
+    "attention": ("fastlm._C attention_decode (fp32, <= 16 queries), fastlm._C attention_blocked (fp32 / bf16, "
+                  "no mask, AVX-512) or F.scaled_dot_product_attention"),
     "attention_varlen": "attention per sequence (as above)",
     "softmax": "torch.softmax",
     "decode_attention": ("fastlm._C attention_decode (fp32, <= 16K keys) or F.scaled_dot_product_attention "
