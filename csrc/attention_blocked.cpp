@@ -1,5 +1,6 @@
 // Encoder self-attention (no mask, not causal) in fp32 on CPU, for prefill / encoder sizes
-// (BERT-base B8 S128):
+// (BERT-base B8 S128); q, k, v float32, or all three bfloat16 (fp32 math on converted rows, bf16
+// output rounded to nearest even):
 //   attention_blocked(q (B, H, Sq, D), k (B, H, Sk, D), v (B, H, Sk, D), float scale, bool portable=False)
 //     -> (B, H, Sq, D)   (portable=True forces the plain loops, for tests)
 //   out[b, h, i] = softmax_j(q[b, h, i] . k[b, h, j] * scale) v[b, h, j]
@@ -149,6 +150,46 @@ FASTLM_AVX512 void head_avx512(const float* q, const float* k, const float* v, f
 }
 #endif
 
+// bf16 in and out (the encoders in bfloat16): each (batch, head) converts its q / k / v rows to
+// float32 scratch (exact), runs head_avx512 unchanged (fp32 QK^T, softmax and PV) and rounds the
+// output to bf16 (round to nearest even, as torch's .to(torch.bfloat16)). The conversions cost
+// ~3 x S x D element moves per head against S x S x D x 4 flops.
+#ifdef FASTLM_ATT_X86
+FASTLM_AVX512 inline void bf16_rows_to_f32(const at::BFloat16* src, int64_t ld, int64_t rows, int64_t D, float* dst) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const uint16_t* s = reinterpret_cast<const uint16_t*>(src + i * ld);
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + d)));
+      _mm512_storeu_ps(dst + i * D + d, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+    }
+  }
+}
+
+// float32 -> bf16, round to nearest even; NaN stays a quiet NaN.
+FASTLM_AVX512 inline __m256i f32_to_bf16(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+FASTLM_AVX512 void head_avx512_bf16(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v,
+                                    at::BFloat16* out, int64_t lq, int64_t lk, int64_t lv, int64_t ld_out, int64_t Sq,
+                                    int64_t S, int64_t D, float scale, float* kt, float* sc, float* qf, float* kf,
+                                    float* vf, float* of) {
+  bf16_rows_to_f32(q, lq, Sq, D, qf);
+  bf16_rows_to_f32(k, lk, S, D, kf);
+  bf16_rows_to_f32(v, lv, S, D, vf);
+  head_avx512(qf, kf, vf, of, D, D, D, D, Sq, S, D, scale, kt, sc);
+  for (int64_t i = 0; i < Sq; ++i) {
+    uint16_t* o = reinterpret_cast<uint16_t*>(out + i * ld_out);
+    for (int64_t d = 0; d < D; d += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + d), f32_to_bf16(_mm512_loadu_ps(of + i * D + d)));
+  }
+}
+#endif
+
 // The portable path: attention_decode.cpp's row kernel, one query row at a time.
 void head_portable(const float* q, const float* k, const float* v, float* out, int64_t lq, int64_t lk, int64_t lv,
                    int64_t ld_out, int64_t Sq, int64_t S, int64_t D, float scale, float* sc) {
@@ -156,19 +197,18 @@ void head_portable(const float* q, const float* k, const float* v, float* out, i
 }
 
 void check_qkv(const at::Tensor& t, const char* name, const at::Tensor& q) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "attention_blocked: ", name, " must be float32, got ",
-                   t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, "attention_blocked: ", name,
+                   " must be float32 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), "attention_blocked: ", name, " has dtype ", t.scalar_type(),
+                   " but q has ", q.scalar_type());
   TORCH_CHECK_VALUE(t.device().is_cpu(), "attention_blocked (CPU): ", name, " must be a CPU tensor, got ", t.device());
   TORCH_CHECK_VALUE(t.dim() == 4, "attention_blocked: ", name, " must be 4-D (B, H, S, D), got shape ", t.sizes());
   TORCH_CHECK_VALUE(t.size(0) == q.size(0) && t.size(1) == q.size(1) && t.size(3) == q.size(3),
                     "attention_blocked: ", name, " must match q in B, H and D, got ", t.sizes(), " vs q ", q.sizes());
 }
 
-at::Tensor attention_blocked_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                                 double scale, bool portable) {
-  check_qkv(q_in, "q", q_in);
-  check_qkv(k_in, "k", q_in);
-  check_qkv(v_in, "v", q_in);
+at::Tensor attention_blocked_cpu_f32(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                     double scale, bool portable) {
   TORCH_CHECK_VALUE(k_in.size(2) == v_in.size(2), "attention_blocked: k and v must have the same length, got ",
                     k_in.size(2), " and ", v_in.size(2));
   const int64_t B = q_in.size(0), H = q_in.size(1), Sq = q_in.size(2), S = k_in.size(2), D = q_in.size(3);
@@ -209,6 +249,58 @@ at::Tensor attention_blocked_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
     }
   });
   return out.transpose(1, 2);  // (B, H, Sq, D) view
+}
+
+// bf16 q / k / v: float32 math on converted rows (head_avx512_bf16 with AVX-512, else the
+// float32 reference on float32 copies, rounded back).
+at::Tensor attention_blocked_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, float sc,
+                                  bool fast) {
+  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), S = k.size(2), D = q.size(3);
+  at::Tensor out = at::empty({B, Sq, H, D}, q.options());  // (B, Sq, H, D) memory, as the fp32 path
+  if (!fast) {  // portable: fp32 copies through the fp32 path's plain loops
+    at::Tensor o = attention_blocked_cpu_f32(q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat), sc, true);
+    out.transpose(1, 2).copy_(o);
+    return out.transpose(1, 2);
+  }
+#ifdef FASTLM_ATT_X86
+  const at::BFloat16* qp = q.const_data_ptr<at::BFloat16>();
+  const at::BFloat16* kp = k.const_data_ptr<at::BFloat16>();
+  const at::BFloat16* vp = v.const_data_ptr<at::BFloat16>();
+  at::BFloat16* op = out.mutable_data_ptr<at::BFloat16>();
+  const int64_t ld_out = H * D;
+  const int64_t Sp = (S + kCols - 1) / kCols * kCols;
+  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> kt(D * Sp), scores(kRows * Sp), qf(Sq * D), kf(S * D), vf(S * D), of(Sq * D);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / H, h = t % H;
+      head_avx512_bf16(qp + b * q.stride(0) + h * q.stride(1), kp + b * k.stride(0) + h * k.stride(1),
+                       vp + b * v.stride(0) + h * v.stride(1), op + b * Sq * ld_out + h * D, q.stride(2), k.stride(2),
+                       v.stride(2), ld_out, Sq, S, D, sc, kt.data(), scores.data(), qf.data(), kf.data(), vf.data(),
+                       of.data());
+    }
+  });
+#endif
+  return out.transpose(1, 2);  // (B, H, Sq, D) view
+}
+
+at::Tensor attention_blocked_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                 double scale, bool portable) {
+  check_qkv(q_in, "q", q_in);
+  check_qkv(k_in, "k", q_in);
+  check_qkv(v_in, "v", q_in);
+  if (q_in.scalar_type() == at::kFloat) return attention_blocked_cpu_f32(q_in, k_in, v_in, scale, portable);
+  TORCH_CHECK_VALUE(k_in.size(2) == v_in.size(2), "attention_blocked: k and v must have the same length, got ",
+                    k_in.size(2), " and ", v_in.size(2));
+  const int64_t D = q_in.size(3);
+  TORCH_CHECK_VALUE(q_in.size(0) > 0 && q_in.size(1) > 0 && q_in.size(2) > 0 && k_in.size(2) > 0,
+                    "attention_blocked: empty input (q ", q_in.sizes(), ", k ", k_in.sizes(), ")");
+  TORCH_CHECK_VALUE(D % 16 == 0 && D <= 256, "attention_blocked: head dim must be a multiple of 16 up to 256, got ",
+                    D);
+  TORCH_CHECK_VALUE(std::isfinite(scale), "attention_blocked: scale must be finite, got ", scale);
+  const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
+  const at::Tensor k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
+  const at::Tensor v = v_in.stride(3) == 1 ? v_in : v_in.contiguous();
+  return attention_blocked_bf16(q, k, v, static_cast<float>(scale), cpu_has_avx512() && !portable);
 }
 
 }  // namespace

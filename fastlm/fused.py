@@ -24,8 +24,8 @@ from fastlm import reference
 
 # what each op calls, for `fastlm info` (describe() drops what this CPU does not run)
 TORCH_OPS = {
-    "attention": ("fastlm._C attention_decode (fp32, <= 16 queries), fastlm._C attention_blocked (fp32, no mask, "
-                  "AVX-512) or F.scaled_dot_product_attention"),
+    "attention": ("fastlm._C attention_decode (fp32, <= 16 queries), fastlm._C attention_blocked (fp32 / bf16, "
+                  "no mask, AVX-512) or F.scaled_dot_product_attention"),
     "attention_varlen": "attention per sequence (as above)",
     "softmax": "torch.softmax",
     "decode_attention": ("fastlm._C attention_decode (fp32, <= 16K keys) or F.scaled_dot_product_attention "
@@ -89,7 +89,7 @@ def describe(op: str) -> str:
 
         parts = ["fastlm._C attention_decode (fp32, <= 16 queries)"] if _ext.available() else []
         if _has_avx512():
-            parts.append("fastlm._C attention_blocked (fp32, no mask, AVX-512)")
+            parts.append("fastlm._C attention_blocked (fp32 / bf16, no mask, AVX-512)")
         return ", ".join(parts) + (" or " if parts else "") + "F.scaled_dot_product_attention"
     if op == "decode_attention":
         from fastlm import _ext
@@ -106,9 +106,15 @@ def describe(op: str) -> str:
 BLOCKED_MAX_KEYS = 512
 
 
+# bf16 q / k / v (encoders in bfloat16) take attention_blocked too: fp32 math on converted rows,
+# bf16 out (the bf16 accuracy contract: fp32 softmax and accumulation). Measured against torch's
+# bf16 SDPA (flash) at BERT-base B8 S128, 2 threads, AMD Zen 4: see docs/design.md.
+BLOCKED_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def _blocked_attention_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
     D = q.shape[-1]
-    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32 and q.dim() == 4
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype and q.dtype in BLOCKED_DTYPES and q.dim() == 4
             and D % 16 == 0 and D <= 256 and v.shape[-1] == D and 0 < k.shape[-2] <= BLOCKED_MAX_KEYS
             and q.shape[-2] > 0 and _has_avx512() and not torch.compiler.is_compiling())
 

@@ -117,3 +117,29 @@ def test_cpu_linear_follows_in_place_updates_of_an_inference_weight():
     torch.testing.assert_close(got2.double(), want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got.double(), -0.5 * (want - lin.bias.double()) + lin.bias.double(),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("act,res", [(None, False), ("gelu", False), ("gelu_tanh", False), (None, True)])
+@pytest.mark.parametrize("rows,K,N", [(33, 17, 97), (129, 96, 40)])
+def test_bf16_without_onednn_bf16_runs_fp32_copies(monkeypatch, act, res, rows, K, N):
+    """Where oneDNN has no bf16 inner product (AVX2; forced here by the probe's answer) a bf16
+    CPULinear computes in fp32 on fp32 copies and rounds once: equal to the fp32 op on .float()
+    copies rounded, and within bf16's rounding of a float64 reference."""
+    import fastlm.linear_cpu as lc
+
+    monkeypatch.setattr(lc, "onednn_bf16_ok", lambda: False)
+    lin = lc.CPULinear(K, N).bfloat16().eval()
+    x = torch.randn(rows, K).bfloat16()
+    r = torch.randn(rows, N).bfloat16() if res else None
+    assert lin._bf16_as_fp32(x)
+    with torch.no_grad():
+        y = lin(x, activation=act, residual=r)
+        f32 = torch.ops.fastlm.linear_ext(x.float(), lin.weight.float(), lin.bias.float(), None, act or "none",
+                                          None if r is None else r.float())
+    assert y.dtype == torch.bfloat16 and torch.equal(y, f32.bfloat16())
+    ref = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
+    if act:
+        ref = torch.nn.functional.gelu(ref, approximate="tanh" if act == "gelu_tanh" else "none")
+    if r is not None:
+        ref = ref + r.double()
+    assert (y.double() - ref).abs().max() <= 2**-8 * ref.abs().max() + 1e-5

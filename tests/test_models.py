@@ -328,3 +328,24 @@ def test_forward_takes_transformers_keywords(family):
         model(ids, labels=ids)
     with pytest.raises(TypeError, match="forward: unexpected keyword argument 'foo'"):
         model(ids, foo=1)
+
+
+def test_bert_bf16_unpadded_within_2x_of_transformers():
+    """bf16 BERT without a mask (the batched path: fused QKV views -> attention_blocked's bf16
+    kernel where the CPU has AVX-512, else SDPA): last_hidden_state's error against transformers fp32
+    <= 2x transformers' own bf16 error, at an awkward length."""
+    from fastlm import fused
+
+    hb = hf_bert("h4_d32_tt3")
+    ids = torch.randint(0, 333, (3, 97))
+    with torch.no_grad():
+        ref32 = hb(input_ids=ids).last_hidden_state
+        plain = hb.to(torch.bfloat16)(input_ids=ids).last_hidden_state
+    model = fastlm.from_pretrained(hb, dtype=torch.bfloat16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
+        got = model(ids).last_hidden_state
+    assert got.dtype == torch.bfloat16
+    names = [e.key for e in p.key_averages()]
+    assert ("fastlm::attention_blocked" in names) == fused._has_avx512()
+    err, base = max_err(got, ref32), max_err(plain, ref32)
+    assert err <= 2 * base + 1e-3 * ref32.abs().max().item(), (err, base)
