@@ -94,14 +94,16 @@ def write_gguf(model_dir: str, path: str, precision: str) -> None:
 
 
 def greedy(llm, prompt: list[int], new: int) -> list[int]:
-    """Greedy decode of `new` tokens after `prompt` on a llama_cpp.Llama: argmax of the logits."""
+    """Greedy decode of `new` tokens after `prompt` on a llama_cpp.Llama: argmax of the last position's
+    logits, read from the context (llama_get_logits_ith(-1)): llama-cpp-python 0.3 fills `Llama.scores`
+    only when built with logits_all=True, and left all-zero rows there otherwise (every argmax 0)."""
     import numpy as np
 
     llm.reset()
     llm.eval(prompt)
     out = []
     for i in range(new):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))))
         out.append(tok)
         if i + 1 < new:
             llm.eval([tok])
