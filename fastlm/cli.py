@@ -70,9 +70,12 @@ def cmd_bench(args) -> int:
 
         from fastlm.bench import serve as serve_bench
 
-        _, md = serve_bench.run(args.out, threads=args.threads, quick=args.quick)
+        if args.soak_requests is not None and args.soak_requests < 0:
+            raise UsageError(f"--soak-requests must be >= 0, got {args.soak_requests}")
+        _, md = serve_bench.run(args.out, threads=args.threads, quick=args.quick, soak_requests=args.soak_requests,
+                                name=args.name)
         _console().print(Markdown(md))
-        print(f"wrote {os.path.join(args.out, 'serve-bench.json')} and serve-bench.md")
+        print(f"wrote {os.path.join(args.out, args.name)}.json, .md and .png")
         return 0
     if args.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -423,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "process), all (default: ops and models; the peers run apart with --suite peers) or serve "
                         "(fastlm serve under load vs sentence-transformers behind FastAPI; docs/serve.md)")
     b.add_argument("--quick", action="store_true", help="serve: a short run (smaller loads)")
+    b.add_argument("--soak-requests", type=int, default=None,
+                   help="serve: requests of the soak per task (default 2000, 100 with --quick; 0: no soak)")
+    b.add_argument("--name", default="serve-bench", help="serve: the files' name, NAME.json / .md / .png")
     b.add_argument("--rounds", type=int, default=None,
                    help="peers: rounds over all engines (default 2 with --suite peers, 1 in all)")
     b.add_argument("--calls", type=int, default=None, help="peers: timed calls per engine process (default 3 / 2)")

@@ -156,16 +156,29 @@ def test_deadline_ends_request_with_timeout(engine):
     assert events[-1] == ("done", "timeout") and len(events) < 50
 
 
-def test_serve_bench_markdown():
-    from fastlm.bench.serve import markdown
+def test_serve_bench_markdown_targets_and_plot(tmp_path):
+    from fastlm.bench.serve_report import markdown, plot
 
-    rows = [{"case": "gpt2_small_stream", "provider": "fastlm serve", "concurrency": 8, "requests": 8, "failed": 0,
-             "req_per_s": 1.25, "tok_per_s": 80.5, "ttft_s_p50": 0.1234, "ttft_s_p90": 0.2, "ttft_s_p99": 0.3,
-             "tpot_s_p50": 0.05, "itl_s_p99": 0.09},
+    def gen(case, provider, c, tok_s, ttft):
+        return {"case": case, "provider": provider, "concurrency": c, "requests": 8, "failed": 0, "req_per_s": 1.25,
+                "tok_per_s": tok_s, "ttft_s_p50": ttft, "ttft_s_p90": 0.2, "ttft_s_p99": 0.3, "tpot_s_p50": 0.05,
+                "itl_s_p99": 0.09, "e2e_s_p50": 1.5}
+
+    rows = [gen("gpt2_small_stream", "fastlm serve fp32", 1, 20.0, 0.1234),
+            gen("gpt2_small_stream", "fastlm serve fp32", 32, 300.0, 0.5),
+            gen("gpt2_small_stream", "llama.cpp server F32 (llama-cpp-python 0.3.36)", 32, 150.0, 0.9),
+            {"case": "gpt2_small_stream_int8", "provider": "llama.cpp server Q8_0", "skipped": "not installed"},
+            {"case": "gpt2_small_generate_ttft", "provider": "fastlm generate (in-process)", "ttft_s_p50": 0.1},
             {"case": "minilm_open_loop", "provider": "infinity-emb", "skipped": "not installed"}]
-    md = markdown(rows).splitlines()
-    assert md[2] == "| gpt2_small_stream | fastlm serve | 8 streams | 1.25 | 80.5 | 123, 200, 300 | 50 | 90 | 0 |"
-    assert md[3].startswith("| minilm_open_loop | infinity-emb | - | - | - | skipped: not installed")
+    md = markdown(rows)
+    lines = md.splitlines()
+    assert "| gpt2_small_stream | fastlm serve fp32 | 1 | 1.25 | 20.0 | 123, 200, 300 | 50 | 90 | 1500 | 0 |" in lines
+    assert any(x.startswith("| minilm_open_loop | infinity-emb | - | | | skipped: not installed") for x in lines)
+    assert "300 / 150 tok/s = **2.00x** (target >= 1.5x: met)" in md
+    assert "vs llama.cpp server Q8_0: not measured" in md
+    assert "123 / 100 ms = **1.23** (target <= 1.10: NOT met)" in md
+    png = plot(rows, str(tmp_path / "serve.png"))
+    assert png and (tmp_path / "serve.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("T,cuts", [(17, (5,)), (29, (1, 13, 20)), (9, (8,))])
