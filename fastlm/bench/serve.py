@@ -87,8 +87,17 @@ async def _embed_closed(url, route, clients, n, seed):
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(k) for k in range(clients)))
         wall = time.perf_counter() - t0
-        return {"clients": clients, "requests": n, "failed": n - ok, "sentences_per_s": done / wall,
+        return {"clients": clients, "requests": n, "failed": n - ok, "sentences": done, "sentences_per_s": done / wall,
                 "req_per_s": ok / wall}
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process pid and its children have used."""
+    import psutil
+
+    p = psutil.Process(pid)
+    t = p.cpu_times()
+    return t.user + t.system + sum(c.cpu_times().user + c.cpu_times().system for c in p.children(recursive=True))
 
 
 def _embed_servers(model: str, threads: int):
@@ -124,8 +133,11 @@ def bench_embeddings(out: list, threads: int, rates=(10, 25, 50, 100), duration:
             continue
         try:
             asyncio.run(_embed_closed(srv.url, srv.route, 2, 8, 99))  # warm
-            out.append({"case": "minilm_closed_loop", "provider": name,
-                        **asyncio.run(_embed_closed(srv.url, srv.route, 16, closed_requests, 7))})
+            cpu0 = _cpu_s(srv.proc.pid)
+            row = asyncio.run(_embed_closed(srv.url, srv.route, 16, closed_requests, 7))
+            cpu = _cpu_s(srv.proc.pid) - cpu0  # steadier than wall time on a shared machine
+            out.append({"case": "minilm_closed_loop", "provider": name, **row,
+                        "server_cpu_ms_per_sentence": 1e3 * cpu / max(1, row["sentences"])})
             for rate in rates:
                 out.append({"case": "minilm_open_loop", "provider": name,
                             **asyncio.run(_embed_open(srv.url, srv.route, rate, duration, rate))})

@@ -101,15 +101,18 @@ def _generate_ttft(model_dir: str, prompt_len: int, vocab: int, reps: int = 5, q
 
 
 def gpt2_checkpoint(seed: int = 0) -> tuple[str, int]:
-    """A random-weight GPT-2 small (transformers' initialisation, seeded) with a word-level tokenizer
-    saved to a temporary folder: (folder, vocab size)."""
+    """A random-weight GPT-2 small (transformers' initialisation, seeded; token embeddings of std 0.5)
+    with a word-level tokenizer saved to a temporary folder: (folder, vocab size)."""
     import torch
     import transformers as tf
 
     tmp = tempfile.mkdtemp(prefix="fastlm-serve-bench-")
     cfg = tf.GPT2Config()  # GPT-2 small
     torch.manual_seed(seed)
-    tf.GPT2LMHeadModel(cfg).save_pretrained(tmp)
+    model = tf.GPT2LMHeadModel(cfg)
+    with torch.no_grad():  # token embeddings (and the tied head) wider than transformers' 0.02 init: logits
+        model.transformer.wte.weight.normal_(0.0, 0.5)  # far apart, so greedy tokens do not hang on rounding
+    model.save_pretrained(tmp)
     _word_tokenizer(cfg.vocab_size).save_pretrained(tmp)
     return tmp, cfg.vocab_size
 

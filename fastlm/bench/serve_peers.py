@@ -140,9 +140,10 @@ def llama_server(gguf: str, threads: int, n_ctx: int) -> ServerProcess:
                          env={"OMP_NUM_THREADS": str(threads)}, health="/v1/models")
 
 
-def llama_check_greedy(url: str, model_dir: str, *, prompt_len: int = 24, new: int = 16, seed: int = 0) -> None:
+def llama_check_greedy(url: str, model_dir: str, *, prompt_len: int = 8, new: int = 12, seed: int = 0) -> None:
     """Greedy completions from the llama.cpp server equal transformers' greedy tokens on the same
-    GPT-2 (the text of the expected ids, decoded as llama-cpp-python decodes: UTF-8, errors ignored).
+    GPT-2 (the text of the expected ids, decoded as llama-cpp-python decodes: UTF-8, errors ignored), for
+    prompts of prompt_len and prompt_len + 1 letters (the server's n_ctx must hold prompt_len + 1 + new).
     Raises RuntimeError naming the first difference."""
     import random
 

@@ -7,6 +7,10 @@ from __future__ import annotations
 import math
 
 
+def _cell(s) -> str:
+    return str(s).replace("\n", " ").replace("|", "/")
+
+
 def _ms(v) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{1e3 * v:.0f}"
 
@@ -70,7 +74,7 @@ def markdown(rows: list[dict], meta: dict | None = None) -> str:
         if not r["case"].startswith("gpt2"):
             continue
         if "skipped" in r:
-            L.append(f"| {r['case']} | {r['provider']} | - | | | skipped: {r['skipped']} | | | | |")
+            L.append(f"| {r['case']} | {r['provider']} | - | | | skipped: {_cell(r['skipped'])} | | | | |")
         elif r["case"] == "gpt2_small_generate_ttft":
             L.append(f"| {r['case']} | {r['provider']} | 1 | | | {_ms(r['ttft_s_p50'])} | | | | |")
         else:
@@ -78,16 +82,17 @@ def markdown(rows: list[dict], meta: dict | None = None) -> str:
                      f"{r['tok_per_s']:.1f} | {_ms(r['ttft_s_p50'])}, {_ms(r['ttft_s_p90'])}, {_ms(r['ttft_s_p99'])} | "
                      f"{_ms(r['tpot_s_p50'])} | {_ms(r['itl_s_p99'])} | {_ms(r['e2e_s_p50'])} | {r['failed']} |")
     L += ["", "## all-MiniLM-L6-v2 embeddings, requests of 1-32 sentences", "",
-          "| case | provider | load | req/s | sent/s | latency p50, p90, p99, max (ms) | failed (codes) |",
-          "| --- | --- | --- | --- | --- | --- | --- |"]
+          "| case | provider | load | req/s | sent/s (server CPU ms / sentence) | latency p50, p90, p99, max (ms) "
+          "| failed (codes) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if not r["case"].startswith("minilm"):
             continue
         if "skipped" in r:
-            L.append(f"| {r['case']} | {r['provider']} | - | | | skipped: {r['skipped']} | |")
+            L.append(f"| {r['case']} | {r['provider']} | - | | | skipped: {_cell(r['skipped'])} | |")
         elif r["case"] == "minilm_closed_loop":
             L.append(f"| {r['case']} | {r['provider']} | {r['clients']} clients | {r['req_per_s']:.1f} | "
-                     f"{r['sentences_per_s']:.0f} | | {r['failed']} |")
+                     f"{r['sentences_per_s']:.0f} ({r.get('server_cpu_ms_per_sentence', float('nan')):.1f}) | | "
+                     f"{r['failed']} |")
         else:
             L.append(f"| {r['case']} | {r['provider']} | {r['rate_rps']} rps open | {r['achieved_rps']:.1f} | | "
                      f"{_ms(r['latency_s_p50'])}, {_ms(r['latency_s_p90'])}, {_ms(r['latency_s_p99'])}, "
