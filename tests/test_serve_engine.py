@@ -117,10 +117,10 @@ def test_one_faulty_request_fails_alone(engine, ckpt, monkeypatch):
     model = fastlm.from_pretrained(ckpt)
     real = engine.model.prefill
 
-    def prefill(ids, kpm, cache):
+    def prefill(ids, kpm, cache, last_only=False):
         if ids[0, 0].item() == 17:
             raise RuntimeError("poisoned prompt")
-        return real(ids, kpm, cache)
+        return real(ids, kpm, cache, last_only)
 
     monkeypatch.setattr(engine.model, "prefill", prefill)
     prompts = [[2, 3], [17, 3, 4], [5, 6, 7]]
@@ -201,5 +201,11 @@ def test_prefill_chunk_equals_prefill(ckpt, T, cuts):
     assert (out - ref).abs().max() < 1e-4
     assert (chunked.k[:, 1, :, :T] - whole.k[:, 0, :, :T]).abs().max() < 1e-4
     assert (chunked.v[:, 1, :, :T] - whole.v[:, 0, :, :T]).abs().max() < 1e-4
+    last = SlotKVCache(cfg.n_layer, 1, cfg.n_head, cfg.n_embd // cfg.n_head, 64, torch.float32, torch.device("cpu"))
+    tails = [model.prefill_chunk(ids[:, a:b], a, last.slot(0), last_only=True) for a, b in zip(bounds, bounds[1:],
+                                                                                                strict=False)]
+    for (_a, b), t in zip(zip(bounds, bounds[1:], strict=False), tails, strict=True):  # each chunk's last position
+        assert t.shape == (1, 1, cfg.vocab_size) and (t[0, 0] - ref[0, b - 1]).abs().max() < 1e-4
+    assert (last.k[:, 0, :, :T] - whole.k[:, 0, :, :T]).abs().max() < 1e-4
     with pytest.raises(ValueError, match="prefill_chunk: rows"):
         model.prefill_chunk(ids, 60, chunked.slot(1))
