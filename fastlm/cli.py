@@ -578,6 +578,15 @@ def cmd_serve(args) -> int:
                  "max_num_seqs", "max_prefill_tokens", "payload_limit", "tokenization_workers"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if "OMP_WAIT_POLICY" not in os.environ and sys.platform.startswith("linux"):
+        # OpenMP's threads sleep between parallel regions instead of spinning: the server's own threads (the
+        # event loop, the tokenizers) share the cores with them, and spinning threads on a busy machine cost
+        # 2-3x the CPU per MiniLM sentence (docs/serve.md). libgomp reads the variable once, when torch
+        # loads: start again with it set (same process id). Set OMP_WAIT_POLICY yourself to keep another.
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "fastlm", *args.argv])
     import torch
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -614,6 +623,7 @@ def main(argv=None) -> int:
     command = "fastlm"
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         command = f"fastlm {args.command}"
         return args.func(args)
     except KeyboardInterrupt:
