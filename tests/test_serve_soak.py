@@ -44,8 +44,9 @@ def servers(tmp_path_factory):
                         n_positions=N_POS)
     script = tmp_path_factory.mktemp("leaky") / "leaky_serve.py"
     script.write_text(LEAKY)
-    s = {"plain": Server(d, "--max-num-seqs", "8"), "leaky": Server(d, "--max-num-seqs", "8",
-                                                                    launcher=[sys.executable, str(script)])}
+    env = {"OMP_WAIT_POLICY": "PASSIVE"}  # set: fastlm serve does not re-execute itself (and drop the patch)
+    s = {"plain": Server(d, "--max-num-seqs", "8", env=env),
+         "leaky": Server(d, "--max-num-seqs", "8", env=env, launcher=[sys.executable, str(script)])}
     try:
         for v in s.values():
             v.wait()
