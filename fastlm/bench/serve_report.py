@@ -141,10 +141,15 @@ def plot(rows: list[dict], path: str) -> str | None:
         x = [r["concurrency"] for r in rs]
         ax[1].plot(x, [1e3 * r["tpot_s_p50"] for r in rs], "o-", label=prov)
         ax[2].plot(x, [r["tok_per_s"] for r in rs], "o-", label=prov)
+    streams = sorted({r["concurrency"] for rs in gens.values() for r in rs})
     ax[1].set(xlabel="concurrent streams", ylabel="time per output token p50 (ms)", xscale="log",
-              title="GPT-2 small, 128-token prompts, 64 new tokens")
+              title="GPT-2 small, streamed greedy completions")
     ax[2].set(xlabel="concurrent streams", ylabel="total tokens/s", xscale="log", ylim=(0, None),
               title="GPT-2 small throughput")
+    for a in ax[1:]:
+        if streams:
+            a.set_xticks(streams, [str(x) for x in streams])
+            a.minorticks_off()
     for a in ax:
         if a.lines:
             a.legend(fontsize=7)
