@@ -209,3 +209,20 @@ def test_prefill_chunk_equals_prefill(ckpt, T, cuts):
     assert (last.k[:, 0, :, :T] - whole.k[:, 0, :, :T]).abs().max() < 1e-4
     with pytest.raises(ValueError, match="prefill_chunk: rows"):
         model.prefill_chunk(ids, 60, chunked.slot(1))
+
+
+def test_serve_bench_peers_missing_and_byte_vocab(monkeypatch):
+    import string
+
+    from fastlm.bench import serve_peers as sp
+
+    monkeypatch.delenv(sp.INFINITY_ENV, raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert "infinity-emb is not installed" in sp.infinity_missing()  # a skipped row with the reason, no crash
+    monkeypatch.setenv(sp.INFINITY_ENV, "/nonexistent/infinity_emb")
+    assert "not an executable" in sp.infinity_missing()
+    toks, raw = sp.byte_vocab(50257)
+    assert len(toks) == len(set(toks)) == 50257 and len(set(raw)) == 50257
+    assert sp.letters_prompt(sp.LETTERS) == string.ascii_uppercase + string.ascii_lowercase
+    assert [toks[i] for i in sp.LETTERS] == list(string.ascii_uppercase + string.ascii_lowercase)
+    assert all(r.decode() for r in raw[256:])  # one whole UTF-8 character each: a completion's text gives its ids
