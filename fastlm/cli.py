@@ -70,9 +70,12 @@ def cmd_bench(args) -> int:
 
         from fastlm.bench import serve as serve_bench
 
-        _, md = serve_bench.run(args.out, threads=args.threads, quick=args.quick)
+        if args.soak_requests is not None and args.soak_requests < 0:
+            raise UsageError(f"--soak-requests must be >= 0, got {args.soak_requests}")
+        _, md = serve_bench.run(args.out, threads=args.threads, quick=args.quick, soak_requests=args.soak_requests,
+                                name=args.name)
         _console().print(Markdown(md))
-        print(f"wrote {os.path.join(args.out, 'serve-bench.json')} and serve-bench.md")
+        print(f"wrote {os.path.join(args.out, args.name)}.json, .md and .png")
         return 0
     if args.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -423,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "process), all (default: ops and models; the peers run apart with --suite peers) or serve "
                         "(fastlm serve under load vs sentence-transformers behind FastAPI; docs/serve.md)")
     b.add_argument("--quick", action="store_true", help="serve: a short run (smaller loads)")
+    b.add_argument("--soak-requests", type=int, default=None,
+                   help="serve: requests of the soak per task (default 2000, 100 with --quick; 0: no soak)")
+    b.add_argument("--name", default="serve-bench", help="serve: the files' name, NAME.json / .md / .png")
     b.add_argument("--rounds", type=int, default=None,
                    help="peers: rounds over all engines (default 2 with --suite peers, 1 in all)")
     b.add_argument("--calls", type=int, default=None, help="peers: timed calls per engine process (default 3 / 2)")
@@ -576,6 +582,15 @@ def cmd_serve(args) -> int:
                  "max_num_seqs", "max_prefill_tokens", "payload_limit", "tokenization_workers"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if "OMP_WAIT_POLICY" not in os.environ and sys.platform.startswith("linux"):
+        # OpenMP's threads sleep between parallel regions instead of spinning: the server's own threads (the
+        # event loop, the tokenizers) share the cores with them, and spinning threads on a busy machine cost
+        # 2-3x the CPU per MiniLM sentence (docs/serve.md). libgomp reads the variable once, when torch
+        # loads: start again with it set (same process id). Set OMP_WAIT_POLICY yourself to keep another.
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "fastlm", *args.argv])
     import torch
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -612,6 +627,7 @@ def main(argv=None) -> int:
     command = "fastlm"
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         command = f"fastlm {args.command}"
         return args.func(args)
     except KeyboardInterrupt:

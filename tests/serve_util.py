@@ -24,14 +24,16 @@ def free_port() -> int:
 
 
 class Server:
-    """`fastlm serve --model DIR ...` in its own process; its log goes to a temporary file."""
+    """`fastlm serve --model DIR ...` in its own process; its log goes to a temporary file. `launcher`
+    replaces `python -m fastlm` (a script that patches the server before it runs fastlm.cli.main)."""
 
-    def __init__(self, model: str, *args: str, env: dict | None = None):
+    def __init__(self, model: str, *args: str, env: dict | None = None, launcher: list[str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
         e = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, "-m", "fastlm", "serve", "--model", model, "--host", "127.0.0.1",
+        argv = [*(launcher or [sys.executable, "-m", "fastlm"]), "serve", "--model", model, "--host", "127.0.0.1"]
+        self.proc = subprocess.Popen([*argv,
                                       "--port", str(self.port), "--log-level", "warning", *args],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=e)
 

@@ -117,10 +117,10 @@ def test_one_faulty_request_fails_alone(engine, ckpt, monkeypatch):
     model = fastlm.from_pretrained(ckpt)
     real = engine.model.prefill
 
-    def prefill(ids, kpm, cache):
+    def prefill(ids, kpm, cache, last_only=False):
         if ids[0, 0].item() == 17:
             raise RuntimeError("poisoned prompt")
-        return real(ids, kpm, cache)
+        return real(ids, kpm, cache, last_only)
 
     monkeypatch.setattr(engine.model, "prefill", prefill)
     prompts = [[2, 3], [17, 3, 4], [5, 6, 7]]
@@ -156,16 +156,29 @@ def test_deadline_ends_request_with_timeout(engine):
     assert events[-1] == ("done", "timeout") and len(events) < 50
 
 
-def test_serve_bench_markdown():
-    from fastlm.bench.serve import markdown
+def test_serve_bench_markdown_targets_and_plot(tmp_path):
+    from fastlm.bench.serve_report import markdown, plot
 
-    rows = [{"case": "gpt2_small_stream", "provider": "fastlm serve", "concurrency": 8, "requests": 8, "failed": 0,
-             "req_per_s": 1.25, "tok_per_s": 80.5, "ttft_s_p50": 0.1234, "ttft_s_p90": 0.2, "ttft_s_p99": 0.3,
-             "tpot_s_p50": 0.05, "itl_s_p99": 0.09},
+    def gen(case, provider, c, tok_s, ttft):
+        return {"case": case, "provider": provider, "concurrency": c, "requests": 8, "failed": 0, "req_per_s": 1.25,
+                "tok_per_s": tok_s, "ttft_s_p50": ttft, "ttft_s_p90": 0.2, "ttft_s_p99": 0.3, "tpot_s_p50": 0.05,
+                "itl_s_p99": 0.09, "e2e_s_p50": 1.5}
+
+    rows = [gen("gpt2_small_stream", "fastlm serve fp32", 1, 20.0, 0.1234),
+            gen("gpt2_small_stream", "fastlm serve fp32", 32, 300.0, 0.5),
+            gen("gpt2_small_stream", "llama.cpp server F32 (llama-cpp-python 0.3.36)", 32, 150.0, 0.9),
+            {"case": "gpt2_small_stream_int8", "provider": "llama.cpp server Q8_0", "skipped": "not installed"},
+            {"case": "gpt2_small_generate_ttft", "provider": "fastlm generate (in-process)", "ttft_s_p50": 0.1},
             {"case": "minilm_open_loop", "provider": "infinity-emb", "skipped": "not installed"}]
-    md = markdown(rows).splitlines()
-    assert md[2] == "| gpt2_small_stream | fastlm serve | 8 streams | 1.25 | 80.5 | 123, 200, 300 | 50 | 90 | 0 |"
-    assert md[3].startswith("| minilm_open_loop | infinity-emb | - | - | - | skipped: not installed")
+    md = markdown(rows)
+    lines = md.splitlines()
+    assert "| gpt2_small_stream | fastlm serve fp32 | 1 | 1.25 | 20.0 | 123, 200, 300 | 50 | 90 | 1500 | 0 |" in lines
+    assert any(x.startswith("| minilm_open_loop | infinity-emb | - | | | skipped: not installed") for x in lines)
+    assert "300 / 150 tok/s = **2.00x** (target >= 1.5x: met)" in md
+    assert "vs llama.cpp server Q8_0: not measured" in md
+    assert "123 / 100 ms = **1.23** (target <= 1.10: NOT met)" in md
+    png = plot(rows, str(tmp_path / "serve.png"))
+    assert png and (tmp_path / "serve.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("T,cuts", [(17, (5,)), (29, (1, 13, 20)), (9, (8,))])
@@ -188,5 +201,28 @@ def test_prefill_chunk_equals_prefill(ckpt, T, cuts):
     assert (out - ref).abs().max() < 1e-4
     assert (chunked.k[:, 1, :, :T] - whole.k[:, 0, :, :T]).abs().max() < 1e-4
     assert (chunked.v[:, 1, :, :T] - whole.v[:, 0, :, :T]).abs().max() < 1e-4
+    last = SlotKVCache(cfg.n_layer, 1, cfg.n_head, cfg.n_embd // cfg.n_head, 64, torch.float32, torch.device("cpu"))
+    tails = [model.prefill_chunk(ids[:, a:b], a, last.slot(0), last_only=True) for a, b in zip(bounds, bounds[1:],
+                                                                                                strict=False)]
+    for (_a, b), t in zip(zip(bounds, bounds[1:], strict=False), tails, strict=True):  # each chunk's last position
+        assert t.shape == (1, 1, cfg.vocab_size) and (t[0, 0] - ref[0, b - 1]).abs().max() < 1e-4
+    assert (last.k[:, 0, :, :T] - whole.k[:, 0, :, :T]).abs().max() < 1e-4
     with pytest.raises(ValueError, match="prefill_chunk: rows"):
         model.prefill_chunk(ids, 60, chunked.slot(1))
+
+
+def test_serve_bench_peers_missing_and_byte_vocab(monkeypatch):
+    import string
+
+    from fastlm.bench import serve_peers as sp
+
+    monkeypatch.delenv(sp.INFINITY_ENV, raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert "infinity-emb is not installed" in sp.infinity_missing()  # a skipped row with the reason, no crash
+    monkeypatch.setenv(sp.INFINITY_ENV, "/nonexistent/infinity_emb")
+    assert "not an executable" in sp.infinity_missing()
+    toks, raw = sp.byte_vocab(50257)
+    assert len(toks) == len(set(toks)) == 50257 and len(set(raw)) == 50257
+    assert sp.letters_prompt(sp.LETTERS) == string.ascii_uppercase + string.ascii_lowercase
+    assert [toks[i] for i in sp.LETTERS] == list(string.ascii_uppercase + string.ascii_lowercase)
+    assert all(r.decode() for r in raw[256:])  # one whole UTF-8 character each: a completion's text gives its ids

@@ -23,11 +23,13 @@ def free_port() -> int:
 
 class ServerProcess:
     """A server subprocess on 127.0.0.1:port whose output goes to a temporary file; wait() polls
-    /health until it answers 200 (or the process exits: its last output is the error), stop() sends
-    SIGTERM, then kills after 30 s."""
+    `health` (a GET route) until it answers 200 (or the process exits: its last output is the error),
+    stop() sends SIGTERM, then kills after 30 s."""
 
-    def __init__(self, argv: list[str], port: int, env: dict | None = None):
+    def __init__(self, argv: list[str], port: int, env: dict | None = None, health: str = "/health",
+                 route: str = "/v1/embeddings"):
         self.url = f"http://127.0.0.1:{port}"
+        self.health, self.route = health, route  # route: its OpenAI-compatible embeddings route
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
@@ -41,7 +43,7 @@ class ServerProcess:
                 self.log.seek(0)
                 raise RuntimeError(f"server exited: {self.log.read()[-2000:].decode(errors='replace')}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                if httpx.get(self.url + self.health, timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

@@ -269,22 +269,28 @@ class GPT2LMHeadModel(GPT2Model):
         return CausalLMOutput(logits=linear(self.lm_head, h))  # (B, S, vocab)
 
     # -- cached inference (fastlm.generation drives these) ---------------------------------
-    def prefill(self, input_ids: Tensor, key_padding_mask: Tensor | None, cache: StaticKVCache) -> Tensor:
+    def prefill(self, input_ids: Tensor, key_padding_mask: Tensor | None, cache: StaticKVCache,
+                last_only: bool = False) -> Tensor:
         """Left-aligned prompts (B, T) (padding only at the end) -> logits (B, T, vocab); their
-        keys and values fill cache rows [0, T)."""
+        keys and values fill cache rows [0, T). last_only: the logits of position T - 1 alone,
+        (B, 1, vocab) (unpadded prompts: what sampling the next token needs; the LM head over the
+        other T - 1 positions is about a third of a 128-token GPT-2 small prefill)."""
         T = input_ids.shape[1]
         pos = torch.arange(T, device=input_ids.device)[None]  # (1, T)
         h = self.wte(input_ids) + self.wpe(pos)  # (B, T, C)
         for i, block in enumerate(self.h):
             h = block(h, key_padding_mask, KVStep(cache, i))
+        if last_only:
+            h = h[:, -1:]
         h = ops.layer_norm(h, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
         return linear(self.lm_head, h)
 
-    def prefill_chunk(self, input_ids: Tensor, start: int, cache: StaticKVCache) -> Tensor:
+    def prefill_chunk(self, input_ids: Tensor, start: int, cache: StaticKVCache, last_only: bool = False) -> Tensor:
         """A later block of unpadded prompts (chunked prefill): input_ids (B, T) are the tokens at
         positions [start, start + T), whose earlier rows [0, start) are in the cache already ->
         logits (B, T, vocab); their keys and values fill cache rows [start, start + T). prefill(ids[:, :s])
         then prefill_chunk(ids[:, s:], s) gives prefill(ids)'s logits and cache rows. start 0 is prefill.
+        last_only: the logits of the chunk's last position alone, (B, 1, vocab).
         Raises ValueError when start + T passes the model's positions or the cache's capacity."""
         B, T = input_ids.shape
         end = start + T
@@ -292,11 +298,13 @@ class GPT2LMHeadModel(GPT2Model):
             raise ValueError(f"prefill_chunk: rows [{start}, {end}) must lie within the model's "
                              f"{self.config.n_positions} positions and the cache's {cache.capacity} rows")
         if start == 0:
-            return self.prefill(input_ids, None, cache)
+            return self.prefill(input_ids, None, cache, last_only)
         pos = torch.arange(start, end, device=input_ids.device)[None]  # (1, T)
         h = self.wte(input_ids) + self.wpe(pos)  # (B, T, C)
         for i, block in enumerate(self.h):
             h = block(h, None, KVStep(cache, i, start=start))
+        if last_only:
+            h = h[:, -1:]
         h = ops.layer_norm(h, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
         return linear(self.lm_head, h)
 

@@ -597,7 +597,8 @@ class GenerationEngine(_Base):
             T = len(r.ids)
             n = min(T - r.pos, max(1, budget))
             ids = torch.tensor([r.ids[r.pos:r.pos + n]], dtype=torch.long, device=self.model.device)
-            logits = self.model.prefill_chunk(ids, r.pos, self.cache.slot(r.slot))[0]  # (n, V)
+            # (n, V) where prompt logprobs need every position, else (1, V): the last one samples
+            logits = self.model.prefill_chunk(ids, r.pos, self.cache.slot(r.slot), last_only=not r.prompt_logprobs)[0]
             if r.prompt_logprobs:
                 nxt = torch.tensor(r.ids[r.pos + 1:r.pos + n + 1], dtype=torch.long, device=logits.device)
                 lp = torch.log_softmax(logits[:len(nxt)].float(), -1)

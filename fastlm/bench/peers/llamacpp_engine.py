@@ -53,16 +53,19 @@ def gguf_tensors(model_dir: str) -> dict:
     return out
 
 
-def write_gguf(model_dir: str, path: str, precision: str) -> None:
-    """Write the saved GPT-2 as a GGUF file: F32 (`precision` "fp32") or Q8_0 ("int8")."""
+def write_gguf(model_dir: str, path: str, precision: str, tokens: list[str] | None = None) -> None:
+    """Write the saved GPT-2 as a GGUF file: F32 (`precision` "fp32") or Q8_0 ("int8"). `tokens` (one
+    string per id, byte-level BPE pieces as GPT-2's vocab.json spells them) replaces the vocabulary of
+    the checkpoint's tokenizer.json (the serve bench gives llama.cpp one that its tokenizer can read)."""
     import gguf
     import numpy as np
 
     with open(os.path.join(model_dir, "config.json")) as f:
         c = json.load(f)
-    with open(os.path.join(model_dir, "tokenizer.json")) as f:
-        vocab = json.load(f)["model"]["vocab"]
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    if tokens is None:
+        with open(os.path.join(model_dir, "tokenizer.json")) as f:
+            vocab = json.load(f)["model"]["vocab"]
+        tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     eos = c["vocab_size"] - 1
     w = gguf.GGUFWriter(path, "gpt2")
     w.add_name("gpt2-random")
@@ -79,6 +82,7 @@ def write_gguf(model_dir: str, path: str, precision: str) -> None:
     w.add_token_list(tokens)
     w.add_token_types([gguf.TokenType.CONTROL if i == eos else gguf.TokenType.NORMAL for i in range(len(tokens))])
     w.add_token_merges(["t 0"])  # llama.cpp's BPE vocabulary needs the key; token ids go in directly
+    w.add_add_bos_token(False)  # a prompt is its tokens alone, as in transformers' GPT-2
     w.add_bos_token_id(eos)
     w.add_eos_token_id(eos)
     for name, t in gguf_tensors(model_dir).items():

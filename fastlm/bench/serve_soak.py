@@ -1,0 +1,150 @@
+"""A bounded soak of a running `fastlm serve`: a few thousand mixed requests for its task, some of them
+streamed and some abandoned by their client (a disconnect mid-stream or a client timeout), with the
+server's resident set size (RSS) read at the start, after a warm-up and at the end.
+
+- embeddings servers: `/v1/embeddings` (float and base64) and TEI `/embed` requests of 1-32
+  sentences of 1-40 words; a tenth of them abandoned by a 5 ms client timeout.
+- generation servers: `/v1/completions` of 4-48-token prompts and 1-24 new tokens, greedy or
+  seeded sampling, half of them streamed, a few with n = 2 or logprobs; a tenth abandoned (a
+  stream closed after its first event, or a 5 ms client timeout on a plain request).
+
+The growth that matters is from the end of the warm-up (the allocator's first shapes, the pools'
+threads, the caches of packed weights are in by then) to the end: a server that keeps one object per
+request (a cache row, a request, a response) grows linearly in the number of requests, a healthy one
+stays flat. `soak()` returns the counts and RSS figures; `python -m fastlm.bench.serve_soak --url U
+--pid P --task embed|generate --requests N` runs it against a server that is already up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+
+WORDS = ("the a man woman dog cat is are eating playing food music in on park house city street car bike "
+         "river tree window night morning quickly slowly happy small large green blue").split()
+
+
+def rss_mib(pid: int) -> float:
+    """The resident set size of process `pid` in MiB (psutil; /proc/PID/statm where psutil is missing)."""
+    try:
+        import psutil
+
+        return psutil.Process(pid).memory_info().rss / 2**20
+    except ImportError:
+        import os
+
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _text(rng: random.Random, longest: int = 40) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, longest)))
+
+
+async def _embed_one(ac, url: str, rng: random.Random) -> str:
+    import httpx
+
+    texts = [_text(rng) for _ in range(rng.randint(1, 32))]
+    kind = rng.random()
+    timeout = 0.005 if rng.random() < 0.1 else 120
+    try:
+        if kind < 0.4:
+            r = await ac.post(url + "/embed", json={"inputs": texts}, timeout=timeout)
+            ok = r.status_code == 200 and len(r.json()) == len(texts)
+        else:
+            fmt = "base64" if kind < 0.6 else "float"
+            r = await ac.post(url + "/v1/embeddings", json={"input": texts, "encoding_format": fmt}, timeout=timeout)
+            ok = r.status_code == 200 and len(r.json()["data"]) == len(texts)
+    except httpx.TimeoutException:
+        return "disconnected"
+    return "ok" if ok else f"failed {r.status_code}"
+
+
+async def _gen_one(ac, url: str, rng: random.Random, vocab: int) -> str:
+    import httpx
+
+    body = {"prompt": [rng.randrange(vocab) for _ in range(rng.randint(4, 48))], "max_tokens": rng.randint(1, 24),
+            "ignore_eos": rng.random() < 0.5}
+    if rng.random() < 0.5:
+        body.update(temperature=0.8, top_p=0.9, seed=rng.randrange(1 << 30))
+    else:
+        body["temperature"] = 0
+    if rng.random() < 0.1:
+        body["n"] = 2
+    if rng.random() < 0.1:
+        body["logprobs"] = 2
+    leave = rng.random() < 0.1
+    try:
+        if rng.random() < 0.5:
+            body["stream"] = True
+            async with ac.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+                if r.status_code != 200:
+                    return f"failed {r.status_code}"
+                done = False
+                async for line in r.aiter_lines():
+                    if leave and line.startswith("data: {"):
+                        return "disconnected"  # closing the stream here drops the connection
+                    done = done or line == "data: [DONE]"
+                return "ok" if done else "failed truncated stream"
+        r = await ac.post(url + "/v1/completions", json=body, timeout=0.005 if leave else 120)
+        ok = r.status_code == 200 and len(r.json()["choices"]) == body.get("n", 1)
+    except httpx.TimeoutException:
+        return "disconnected"
+    return "ok" if ok else f"failed {r.status_code}"
+
+
+async def _wave(url: str, task: str, n: int, seed: int, concurrency: int, vocab: int, counts: dict) -> None:
+    import httpx
+
+    rng = random.Random(seed)
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency + 4)) as ac:
+        async def one():
+            async with sem:
+                what = await (_embed_one(ac, url, rng) if task == "embed" else _gen_one(ac, url, rng, vocab))
+            counts[what] = counts.get(what, 0) + 1
+
+        await asyncio.gather(*(one() for _ in range(n)))
+
+
+def soak(url: str, pid: int, task: str, requests: int, *, warmup: int | None = None, concurrency: int = 8,
+         vocab: int = 50257, seed: int = 0) -> dict:
+    """Runs `requests` mixed requests (after `warmup` more, default a fifth of them) against the server at
+    `url` (process `pid`), `concurrency` at a time; returns {"task", "requests", "counts" (ok /
+    disconnected / failed <code>), "rss_start_mib", "rss_warm_mib", "rss_end_mib", "growth_mib" (end -
+    warm), "growth_kib_per_request", "rss_samples_mib" (after each tenth)}. A request ids draw uses
+    `vocab` (generation). Raises ValueError for a task other than "embed" / "generate"."""
+    if task not in ("embed", "generate"):
+        raise ValueError(f"task must be 'embed' or 'generate', got {task!r}")
+    warmup = max(1, requests // 5) if warmup is None else warmup
+    counts: dict[str, int] = {}
+    start = rss_mib(pid)
+    asyncio.run(_wave(url, task, warmup, seed, concurrency, vocab, {}))
+    warm = rss_mib(pid)
+    samples, step = [], max(1, requests // 10)
+    for k, i in enumerate(range(0, requests, step)):
+        asyncio.run(_wave(url, task, min(step, requests - i), seed + 1 + k, concurrency, vocab, counts))
+        samples.append(round(rss_mib(pid), 1))
+    end = samples[-1]
+    return {"task": task, "requests": requests, "warmup_requests": warmup, "concurrency": concurrency,
+            "counts": counts, "rss_start_mib": round(start, 1), "rss_warm_mib": round(warm, 1),
+            "rss_end_mib": end, "growth_mib": round(end - warm, 1),
+            "growth_kib_per_request": round((end - warm) * 1024 / requests, 2), "rss_samples_mib": samples}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--pid", type=int, required=True, help="the server's process id (its RSS is read)")
+    p.add_argument("--task", choices=("embed", "generate"), required=True)
+    p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--vocab", type=int, default=50257, help="generation: prompt token ids are drawn below this")
+    a = p.parse_args(argv)
+    print(json.dumps(soak(a.url, a.pid, a.task, a.requests, vocab=a.vocab), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
