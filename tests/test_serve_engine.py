@@ -181,6 +181,26 @@ def test_serve_bench_markdown_targets_and_plot(tmp_path):
     assert png and (tmp_path / "serve.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_serve_bench_saturation_line():
+    """Failures count below fastlm's closed-loop rate only; above it 429s are the bounded queue, and any
+    other code (a timeout, a 500) is named."""
+    from fastlm.bench.serve_report import targets
+
+    def open_loop(rps, codes, case="minilm_open_loop"):
+        return {"case": case, "provider": "fastlm serve", "rate_rps": rps, "codes": codes,
+                "failed": sum(n for c, n in codes.items() if c != "200")}
+
+    closed = {"case": "minilm_closed_loop", "provider": "fastlm serve", "req_per_s": 12.5, "failed": 0}
+    rows = [closed, open_loop(10, {"200": 40}), open_loop(25, {"200": 90, "429": 10}),
+            open_loop(300, {"200": 70, "429": 1100, "500": 2}, "minilm_overload")]
+    line = [x for x in targets(rows) if "saturation" in x][0]
+    assert line == ("- fastlm below saturation (12.5 rps, its closed loop): 0 failed of 40 (target 0); "
+                    "above it: 1110 answered 429, 2 other failures (target: only 429s)")
+    rows[1] = open_loop(10, {"200": 39, "504": 1})
+    line = [x for x in targets(rows) if "saturation" in x][0]
+    assert "1 failed of 40" in line and "3 other failures" in line
+
+
 @pytest.mark.parametrize("T,cuts", [(17, (5,)), (29, (1, 13, 20)), (9, (8,))])
 def test_prefill_chunk_equals_prefill(ckpt, T, cuts):
     from fastlm.cache import StaticKVCache
