@@ -10,6 +10,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 
@@ -116,3 +118,18 @@ def bert_classifier_checkpoint(path, *, num_labels=1, seed=0) -> str:
     randomize_(tf.BertForSequenceClassification(cfg), std=0.2).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+@contextmanager
+def running(servers: dict[str, Server]) -> Iterator[dict[str, Server]]:
+    """Waits until every server answers /health, yields them, and at the end sends each SIGTERM
+    first (they drain side by side), then waits for each to exit (Server.stop)."""
+    try:
+        for v in servers.values():
+            v.wait()
+        yield servers
+    finally:
+        for v in servers.values():
+            v.terminate()
+        for v in servers.values():
+            v.stop()

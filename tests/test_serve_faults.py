@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("fastapi", reason="pip install 'fastlm[serve]'")
 httpx = pytest.importorskip("httpx")
 
-from serve_util import Server, gpt2_checkpoint  # noqa: E402
+from serve_util import Server, gpt2_checkpoint, running  # noqa: E402
 
 KEY = "s3cret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -28,15 +28,8 @@ def servers(tmp_path_factory):
                         "--cors-allow-origin", "http://example.com", "--payload-limit", "4000"),
          "drain": Server(d, "--max-num-seqs", "2", "--max-concurrent-requests", "4", "--shutdown-timeout", "4",
                          "--api-key", KEY)}
-    try:
-        for v in s.values():
-            v.wait()
+    with running(s):
         yield s
-    finally:
-        for v in s.values():
-            v.terminate()
-        for v in s.values():
-            v.stop()
 
 
 def metric(url, name, **labels) -> float:

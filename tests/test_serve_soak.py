@@ -14,7 +14,7 @@ pytest.importorskip("fastapi", reason="pip install 'fastlm[serve]'")
 pytest.importorskip("httpx")
 pytest.importorskip("psutil")
 
-from serve_util import Server, gpt2_checkpoint  # noqa: E402
+from serve_util import Server, gpt2_checkpoint, running  # noqa: E402
 
 from fastlm.bench.serve_soak import soak  # noqa: E402
 
@@ -47,15 +47,8 @@ def servers(tmp_path_factory):
     env = {"OMP_WAIT_POLICY": "PASSIVE"}  # set: fastlm serve does not re-execute itself (and drop the patch)
     s = {"plain": Server(d, "--max-num-seqs", "8", env=env),
          "leaky": Server(d, "--max-num-seqs", "8", env=env, launcher=[sys.executable, str(script)])}
-    try:
-        for v in s.values():
-            v.wait()
+    with running(s):
         yield s
-    finally:
-        for v in s.values():
-            v.terminate()
-        for v in s.values():
-            v.stop()
 
 
 @pytest.mark.parametrize("which", ["plain", "leaky"])
