@@ -72,6 +72,8 @@ def cmd_bench(args) -> int:
 
         if args.soak_requests is not None and args.soak_requests < 0:
             raise UsageError(f"--soak-requests must be >= 0, got {args.soak_requests}")
+        if not args.name or args.name in (".", "..") or os.sep in args.name:
+            raise UsageError(f"--name must be a plain file name (NAME.json / .md / .png in --out), got {args.name!r}")
         _, md = serve_bench.run(args.out, threads=args.threads, quick=args.quick, soak_requests=args.soak_requests,
                                 name=args.name)
         _console().print(Markdown(md))

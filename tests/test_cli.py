@@ -47,6 +47,18 @@ def test_bench_bad_names_list_the_valid_ones(capsys):
     assert main(["bench", "--compare", "/nonexistent/a.json", "/nonexistent/b.json"]) == 2
 
 
+def test_bench_serve_bad_options_are_one_line(capsys, tmp_path):
+    """Checked before any server starts: a usage error (exit 2) naming the option, no file written."""
+    for args, msg in ((["--soak-requests", "-3"], "--soak-requests must be >= 0, got -3"),
+                      (["--name", ""], "--name must be a plain file name"),
+                      (["--name", "a/b"], "--name must be a plain file name"),
+                      (["--name", ".."], "--name must be a plain file name")):
+        assert main(["bench", "--suite", "serve", "--out", str(tmp_path), *args]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())
+
+
 def test_generate_random_config(capsys):
     """On the machine's device (a GPU where there is one: the CUDA-graph decode runs)."""
     assert main(["generate", "--config", "gpt2-tiny", "--prompt-ids", "1,2,3", "--max-new-tokens", "5"]) == 0
