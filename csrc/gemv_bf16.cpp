@@ -199,6 +199,45 @@ FASTLM_BF16_AVX2 void tile_avx2(const XRows& xr, int64_t K2, const uint16_t* p, 
 }
 #undef FASTLM_BF16_STEP
 
+// One row (the decode GEMV, M = 1), AVX2. tile_avx2<1> kept its 2 x 4 accumulators in an array
+// that gcc 12 stored to the stack on every step of the loop (objdump: 9 ymm stores per two panel
+// rows, and reloads), as gemv.cpp's tile1_avx2 found for the int8 tile; named accumulators stay in
+// registers (8 accumulators, the mask, 4 widened weights and 2 broadcasts: 15 of 16 ymm). Same sums
+// in the same order as tile_avx2<1> (bit-equal).
+FASTLM_BF16_AVX2 void tile1_avx2(const XRows& xr, int64_t K2, const uint16_t* p, const Ep& e, int64_t r0, int64_t n0,
+                                 int64_t nv, int64_t pf) {
+  const __m256i mask = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  const char* pb = reinterpret_cast<const char*>(p);
+  const float* x = xr.x;
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(), b2 = _mm256_setzero_ps(), b3 = _mm256_setzero_ps();
+#define FASTLM_BF16_ROW(KK_, C0, C1, C2, C3) \
+  do { \
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + (KK_) * kRow)); \
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + (KK_) * kRow + 16)); \
+    const __m256 xe = _mm256_broadcast_ss(x + 2 * (KK_)), xo = _mm256_broadcast_ss(x + 2 * (KK_) + 1); \
+    C0 = _mm256_fmadd_ps(xe, _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16)), C0); \
+    C1 = _mm256_fmadd_ps(xe, _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16)), C1); \
+    C2 = _mm256_fmadd_ps(xo, _mm256_castsi256_ps(_mm256_and_si256(w0, mask)), C2); \
+    C3 = _mm256_fmadd_ps(xo, _mm256_castsi256_ps(_mm256_and_si256(w1, mask)), C3); \
+  } while (0)
+  int64_t kk = 0;
+  for (; kk + 2 <= K2; kk += 2) {
+    if (pf > 0) {
+      _mm_prefetch(pb + kk * kRow * 2 + pf, _MM_HINT_T0);
+      _mm_prefetch(pb + (kk + 1) * kRow * 2 + pf, _MM_HINT_T0);
+    }
+    FASTLM_BF16_ROW(kk, a0, a1, a2, a3);
+    FASTLM_BF16_ROW(kk + 1, b0, b1, b2, b3);
+  }
+  for (; kk < K2; ++kk) FASTLM_BF16_ROW(kk, a0, a1, a2, a3);
+#undef FASTLM_BF16_ROW
+  alignas(32) float acc[kNR];
+  _mm256_store_ps(acc, _mm256_add_ps(_mm256_add_ps(a0, a2), _mm256_add_ps(b0, b2)));
+  _mm256_store_ps(acc + 8, _mm256_add_ps(_mm256_add_ps(a1, a3), _mm256_add_ps(b1, b3)));
+  finish(acc, 1, e, r0, n0, nv);
+}
+
 // ---- AVX-512F: one zmm per panel row, even / odd k by shift / mask ------------------------
 #define FASTLM_BF16_STEP(U_, KK_) \
   do { \
@@ -273,6 +312,10 @@ FASTLM_BF16_AVX512BF16 void tile_avx512_bf16(const XRows& xr, int64_t K2, const 
 #undef FASTLM_BF16_STEP
 #endif
 
+// avx2_tile1 knob (bf16_gemv_knob): 1 (default) the register-only one-row AVX2 tile, 0 the array
+// tile it replaced (for A/B runs in one process)
+std::atomic<int64_t> g_avx2_tile1{1};
+
 template <int MR>
 void run_tile(int path, const XRows& xr, int64_t K2, const uint16_t* p, const Ep& e, int64_t r0, int64_t n0,
               int64_t nv, int64_t pf) {
@@ -280,6 +323,9 @@ void run_tile(int path, const XRows& xr, int64_t K2, const uint16_t* p, const Ep
   if (path == cpu::kBf16Avx512Bf16) return tile_avx512_bf16<MR>(xr, K2, p, e, r0, n0, nv, pf);
   if (path == cpu::kBf16Avx512) return tile_avx512<MR>(xr, K2, p, e, r0, n0, nv, pf);
   if (path == cpu::kBf16Avx2) {
+    if constexpr (MR == 1) {
+      if (g_avx2_tile1.load(std::memory_order_relaxed) != 0) return tile1_avx2(xr, K2, p, e, r0, n0, nv, pf);
+    }
     if constexpr (MR <= 2) return tile_avx2<MR>(xr, K2, p, e, r0, n0, nv, pf);
   }
 #endif
@@ -310,15 +356,17 @@ int max_rows(int path) { return path == cpu::kBf16Avx2 ? 2 : (path == cpu::kBf16
 //             the job (OpenMP's "guided" schedule), so the threads finish within ~tail_kb of each
 //             other instead of up to one 512 KB chunk apart (~25 us per GEMV at 20 GB/s a core);
 //             0: uniform chunks of chunk_kb (the schedule before)
+//   avx2_tile1: 1 the register-only one-row AVX2 tile (tile1_avx2, default), 0 the one before
 std::atomic<int64_t> g_prefetch{0}, g_chunk_kb{512}, g_tail_kb{64};
 
 int64_t bf16_gemv_knob(c10::string_view name, int64_t value) {
-  std::atomic<int64_t>* k = name == "prefetch" ? &g_prefetch
-                            : name == "chunk_kb" ? &g_chunk_kb
-                            : name == "tail_kb"  ? &g_tail_kb
-                                                 : nullptr;
-  TORCH_CHECK_VALUE(k != nullptr, "bf16_gemv_knob: name must be \"prefetch\", \"chunk_kb\" or \"tail_kb\", got \"", name,
-                    "\"");
+  std::atomic<int64_t>* k = name == "prefetch"     ? &g_prefetch
+                            : name == "chunk_kb"   ? &g_chunk_kb
+                            : name == "tail_kb"    ? &g_tail_kb
+                            : name == "avx2_tile1" ? &g_avx2_tile1
+                                                   : nullptr;
+  TORCH_CHECK_VALUE(k != nullptr, "bf16_gemv_knob: name must be \"prefetch\", \"chunk_kb\", \"tail_kb\" or "
+                    "\"avx2_tile1\", got \"", name, "\"");
   TORCH_CHECK_VALUE(value >= -1 && value <= (int64_t{1} << 30), "bf16_gemv_knob: value must be -1 (query) or in [0, 2^30], got ",
                     value);
   TORCH_CHECK_VALUE(value != 0 || name != "chunk_kb", "bf16_gemv_knob: chunk_kb must be >= 1");

@@ -121,7 +121,7 @@ def test_paths_agree(M):
 
 @pytest.fixture
 def knobs():
-    names = ("prefetch", "chunk_kb", "tail_kb")
+    names = ("prefetch", "chunk_kb", "tail_kb", "avx2_tile1")
     old = {k: torch.ops.fastlm.bf16_gemv_knob(k) for k in names}
     yield torch.ops.fastlm.bf16_gemv_knob
     for k, v in old.items():
@@ -145,6 +145,26 @@ def test_chunk_schedules_and_prefetch(path, knobs, M):
         if first is None:
             first = y
         assert torch.equal(y, first), (pf, chunk, tail)
+
+
+@pytest.mark.parametrize("N,K", [(1, 1), (17, 97), (129, 768), (33, 1025), (1025, 64)])
+def test_avx2_one_row_tile_matches_the_array_tile(knobs, N, K):
+    """The register-only one-row AVX2 tile (decode) against the tile it replaced (avx2_tile1 0):
+    the same sums in the same order, so bit-equal, and within the float64 bound; odd K included."""
+    if "avx2" not in available_paths():
+        pytest.skip("the avx2 path does not run here")
+    torch.ops.fastlm.bf16_gemv_path("avx2")
+    try:
+        x, w, b, r = torch.randn(1, K), bf16(N, K), torch.randn(N), torch.randn(1, N)
+        wp = pack_bf16_panels(w)
+        knobs("avx2_tile1", 0)
+        old = op(x, wp, N, b, r, "gelu_tanh")
+        knobs("avx2_tile1", 1)
+        new = op(x, wp, N, b, r, "gelu_tanh")
+        check(new, *reference(x, w, b, r, "gelu_tanh"), K)
+        assert torch.equal(new, old)
+    finally:
+        torch.ops.fastlm.bf16_gemv_path("auto")
 
 
 def test_knob_bad_input(knobs):
