@@ -182,7 +182,8 @@ def ab(m, ids, a, isa: str) -> int:
     print()
     print("| int8 GEMV | wall ms per decode token | C++ step ms |")
     print("|---|---|---|")
-    for name, label in (("old", "old: (K, 16) panels, fp32 activations"), ("new", "new: pair panels, int16 activations")):
+    labels = (("old", "old: (K, 16) panels, fp32 activations"), ("new", "new: pair panels, int16 activations"))
+    for name, label in labels:
         w, c = res[name]
         print(f"| {label} | {statistics.median(w):.2f} | {statistics.median(c):.2f} |")
     nw, ow = statistics.median(res["new"][0]), statistics.median(res["old"][0])

@@ -456,8 +456,14 @@ constexpr int64_t kPairRow = 2 * kNR;  // bytes of pair panel per pair of k
 
 // Rows of x (M, K) -> xq (M, 2 * ceil(K / 2)) int16 (zero padded), xs (M, ceil(K / kQB)) fp32.
 // A block holding inf / NaN gets a NaN scale, so the output is NaN as with fp32 activations.
-void quantize_rows_i16(const float* x, int64_t M, int64_t K, int16_t* q, float* s) {
+// (qb, sb non-null: one row's single short block, written there; used by the AVX2 version.)
+void quantize_rows_i16(const float* x, int64_t M, int64_t K, int16_t* q, float* s, int16_t* qb = nullptr,
+                       float* sb = nullptr) {
   const int64_t K2 = (K + 1) / 2, nbk = (K + kQB - 1) / kQB;
+  if (qb != nullptr) {
+    q = qb;
+    s = sb;
+  }
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * K;
     int16_t* qr = q + m * 2 * K2;
@@ -484,14 +490,58 @@ void quantize_rows_i16(const float* x, int64_t M, int64_t K, int16_t* q, float* 
       const bool finite = chk == 0.0f;
       const float inv = finite && amax > 0.0f ? 32767.0f / amax : 0.0f;
       sr[b] = finite ? amax / 32767.0f : std::numeric_limits<float>::quiet_NaN();
-      for (int64_t k = k0; k < k1; ++k) {
-        const float v = std::min(32767.0f, std::max(-32767.0f, xr[k] * inv));
-        qr[k] = static_cast<int16_t>(v >= 0.0f ? v + 0.5f : v - 0.5f);
+      for (int64_t k = k0; k < k1; ++k)  // round to nearest even, as vcvtps2dq
+        qr[k] = static_cast<int16_t>(std::nearbyint(std::min(32767.0f, std::max(-32767.0f, xr[k] * inv))));
+    }
+    if ((K & 1) && qb == nullptr) qr[K] = 0;
+  }
+}
+
+#ifdef FASTLM_X86
+// quantize_rows_i16 with AVX2 (the same values: |x| max, x * 0 sums for inf / NaN, vcvtps2dq rounds
+// to nearest even as std::nearbyint): one call per GEMV on the calling thread, before the pool runs.
+FASTLM_AVX2 void quantize_rows_i16_avx2(const float* x, int64_t M, int64_t K, int16_t* q, float* s) {
+  const int64_t K2 = (K + 1) / 2, nbk = (K + kQB - 1) / kQB;
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    int16_t* qr = q + m * 2 * K2;
+    float* sr = s + m * nbk;
+    for (int64_t b = 0; b < nbk; ++b) {
+      const int64_t k0 = b * kQB, k1 = std::min(K, k0 + kQB);
+      if (k1 - k0 < kQB) {  // a short last block: the scalar code
+        quantize_rows_i16(xr + k0, 1, k1 - k0, nullptr, nullptr, qr + k0, sr + b);
+        continue;
+      }
+      __m256 mx = _mm256_setzero_ps(), ck = _mm256_setzero_ps();
+      for (int64_t k = k0; k < k1; k += 8) {
+        const __m256 v = _mm256_loadu_ps(xr + k);
+        mx = _mm256_max_ps(mx, _mm256_and_ps(v, absmask));
+        ck = _mm256_add_ps(ck, _mm256_mul_ps(v, _mm256_setzero_ps()));
+      }
+      alignas(32) float ml[8], cl[8];
+      _mm256_store_ps(ml, mx);
+      _mm256_store_ps(cl, ck);
+      float amax = 0.0f, chk = 0.0f;
+      for (int j = 0; j < 8; ++j) {
+        amax = std::max(amax, ml[j]);
+        chk += cl[j];
+      }
+      const bool finite = chk == 0.0f;
+      const float inv = finite && amax > 0.0f ? 32767.0f / amax : 0.0f;
+      sr[b] = finite ? amax / 32767.0f : std::numeric_limits<float>::quiet_NaN();
+      const __m256 iv = _mm256_set1_ps(inv), hi = _mm256_set1_ps(32767.0f), lo = _mm256_set1_ps(-32767.0f);
+      for (int64_t k = k0; k < k1; k += 16) {
+        const __m256 v0 = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(xr + k), iv)));
+        const __m256 v1 = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(xr + k + 8), iv)));
+        const __m256i p16 = _mm256_packs_epi32(_mm256_cvtps_epi32(v0), _mm256_cvtps_epi32(v1));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + k), _mm256_permute4x64_epi64(p16, 0xD8));
       }
     }
     if (K & 1) qr[K] = 0;
   }
 }
+#endif
 
 // Portable: the same integer math, scalar.
 template <int MR>
@@ -801,7 +851,11 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind,
     const int64_t nbk = (K + kQB - 1) / kQB;
     if (static_cast<int64_t>(xq_buf.size()) < M * 2 * K2) xq_buf.resize(M * 2 * K2);
     if (static_cast<int64_t>(xs_buf.size()) < M * nbk) xs_buf.resize(M * nbk);
-    quantize_rows_i16(x, M, K, xq_buf.data(), xs_buf.data());
+#ifdef FASTLM_X86
+    if (isa != kPortable) quantize_rows_i16_avx2(x, M, K, xq_buf.data(), xs_buf.data());
+    else
+#endif
+      quantize_rows_i16(x, M, K, xq_buf.data(), xs_buf.data());
   }
   const int16_t* xq = xq_buf.data();
   const float* xs = xs_buf.data();

@@ -84,7 +84,8 @@ def test_int8_weights_are_the_spec_and_no_float_copy():
     q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
     nb, k2 = -(-w.shape[0] // 16), -(-w.shape[1] // 2)
     assert c_fc.qweight.shape == (nb, k2, 32)  # pair panels: [p, kk, 2j + t] = q[16p + j, 2kk + t]
-    assert torch.equal(c_fc.qweight.view(nb, k2, 16, 2).permute(0, 2, 1, 3).reshape(nb * 16, 2 * k2)[: w.shape[0], : w.shape[1]], q)
+    dense = c_fc.qweight.view(nb, k2, 16, 2).permute(0, 2, 1, 3).reshape(nb * 16, 2 * k2)
+    assert torch.equal(dense[: w.shape[0], : w.shape[1]], q)
     floats = [n for n, t in model.named_buffers() if t.is_floating_point() and t.dim() == 2 and "wpe" not in n]
     assert not floats, f"full-precision copies kept: {floats}"
     assert not any(p.dim() == 2 and p.shape[0] == 300 for p in model.parameters())  # no fp32 wte / head
