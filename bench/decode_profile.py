@@ -154,7 +154,7 @@ def ab(m, ids, a, isa: str) -> int:
         layouts["new"].append(pack_int8_panels(q))
         layouts["old"].append(pack_panels(q))
     prof = torch.ops.fastlm.gpt2_decode_profile
-    res = {k: ([], []) for k in layouts}
+    res = {k: ([], [], []) for k in layouts}
     toks = {}
     for r in range(a.reps + 1):
         for name, ws in layouts.items():
@@ -165,9 +165,9 @@ def ab(m, ids, a, isa: str) -> int:
             one = time.perf_counter() - t0
             prof("reset")
             prof("on")
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             out = m.generate(ids, max_new_tokens=a.tokens)
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
             prof("off")
             pr = prof("")
             toks[name] = out
@@ -175,19 +175,20 @@ def ab(m, ids, a, isa: str) -> int:
                 continue  # warm-up round
             res[name][0].append((wall - one) / (a.tokens - 1) * 1e3)
             res[name][1].append(sum(pr[1:]) / pr[0] / 1e6)
+            res[name][2].append(cpu / a.tokens * 1e3)
     same = torch.equal(toks["new"], toks["old"])
     print(f"GPT-2 small int8 decode, fastlm kernels {isa}, {a.threads} threads, {a.tokens} tokens, layouts "
           f"alternating, median of {a.reps} rounds; 1-minute load average {os.getloadavg()[0]:.1f}; "
           f"greedy tokens identical: {same}")
     print()
-    print("| int8 GEMV | wall ms per decode token | C++ step ms |")
-    print("|---|---|---|")
+    print("| int8 GEMV | wall ms per decode token | C++ step ms | calling thread's CPU ms per token |")
+    print("|---|---|---|---|")
     labels = (("old", "old: (K, 16) panels, fp32 activations"), ("new", "new: pair panels, int16 activations"))
     for name, label in labels:
-        w, c = res[name]
-        print(f"| {label} | {statistics.median(w):.2f} | {statistics.median(c):.2f} |")
-    nw, ow = statistics.median(res["new"][0]), statistics.median(res["old"][0])
-    print(f"| new / old | {nw / ow:.2f} | {statistics.median(res['new'][1]) / statistics.median(res['old'][1]):.2f} |")
+        w, c, t = res[name]
+        print(f"| {label} | {statistics.median(w):.2f} | {statistics.median(c):.2f} | {statistics.median(t):.2f} |")
+    ratio = [statistics.median(res["new"][i]) / statistics.median(res["old"][i]) for i in range(3)]
+    print(f"| new / old | {ratio[0]:.2f} | {ratio[1]:.2f} | {ratio[2]:.2f} |")
     return 0
 
 
