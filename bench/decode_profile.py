@@ -1,7 +1,7 @@
 """Per-op profile of one GPT-2 small greedy decode step on the CPU (issue 19 item 1).
 
     THP_MEM_ALLOC_ENABLE=1 python bench/decode_profile.py [--precision fp32|int8] [--threads 2] [--isa avx2]
-        [--model DIR] [--tokens 32] [--reps 5]
+        [--model DIR] [--tokens 32] [--reps 5] [--ab]
 
 Runs fastlm's one-call decode step (torch.ops.fastlm.gpt2_decode_cpu) on a random-weight GPT-2 small
 (the peers suite's, or a fresh one from GPT2Config()), with its per-op timer on
@@ -12,6 +12,11 @@ outside the C++ step (Python, the embedding, argmax), and the pool's shared jobs
 avx2 caps fastlm's kernels (torch.ops.fastlm.cpu_isa); for torch's own ops set
 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 before starting. On a shared machine the numbers
 move with the load: read them as shares of one run, and compare runs only within one invocation.
+
+--ab (int8): instead of the per-op table, alternate the int8 GEMV's two layouts on the same model in one
+process, --reps rounds: the old (K, 16) int8 panels with fp32 activations (pack_panels) and the pair
+panels with int16 activations (pack_int8_panels, the default), swapping every Int8Linear's qweight
+between runs; prints the median wall ms per decode token and C++ step ms of each.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="a saved GPT-2 directory (default: a random GPT2Config())")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--ab", action="store_true", help="int8: alternate the old and the new int8 GEMV layouts")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     import transformers as tf
@@ -65,6 +71,8 @@ def main(argv=None) -> int:
             tf.GPT2LMHeadModel(cfg).eval().save_pretrained(d)
         m = fastlm.from_pretrained(d, device="cpu", **kw)
     ids = torch.randint(0, m.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    if a.ab:
+        return ab(m, ids, a, isa)
     gb = bandwidth(a.threads)
     m.generate(ids, max_new_tokens=4)  # warm-up
     prof = torch.ops.fastlm.gpt2_decode_profile
@@ -131,6 +139,56 @@ def main(argv=None) -> int:
     print()
     print(f"pool jobs shared per step: {statistics.median(jobs):.1f} (each a handoff to the helper and a wait "
           "for its last chunk)")
+    return 0
+
+
+def ab(m, ids, a, isa: str) -> int:
+    from fastlm.linear import Int8Linear, pack_int8_panels, pack_panels, unpack_int8_panels
+
+    mods = [x for x in m.modules() if isinstance(x, Int8Linear) and x.qweight.dim() == 3]
+    if not mods:
+        raise SystemExit("--ab needs --precision int8")
+    layouts = {"new": [], "old": []}
+    for x in mods:
+        q = unpack_int8_panels(x.qweight, x.out_features, x.in_features)
+        layouts["new"].append(pack_int8_panels(q))
+        layouts["old"].append(pack_panels(q))
+    prof = torch.ops.fastlm.gpt2_decode_profile
+    res = {k: ([], [], []) for k in layouts}
+    toks = {}
+    for r in range(a.reps + 1):
+        for name, ws in layouts.items():
+            for x, w in zip(mods, ws, strict=True):
+                x.qweight = w
+            t0 = time.perf_counter()
+            m.generate(ids, max_new_tokens=1)
+            one = time.perf_counter() - t0
+            prof("reset")
+            prof("on")
+            t0, c0 = time.perf_counter(), time.thread_time()
+            out = m.generate(ids, max_new_tokens=a.tokens)
+            wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
+            prof("off")
+            pr = prof("")
+            toks[name] = out
+            if r == 0:
+                continue  # warm-up round
+            res[name][0].append((wall - one) / (a.tokens - 1) * 1e3)
+            res[name][1].append(sum(pr[1:]) / pr[0] / 1e6)
+            res[name][2].append(cpu / a.tokens * 1e3)
+    same = torch.equal(toks["new"], toks["old"])
+    print(f"GPT-2 small int8 decode, fastlm kernels {isa}, {a.threads} threads, {a.tokens} tokens, layouts "
+          f"alternating, median of {a.reps} rounds; 1-minute load average {os.getloadavg()[0]:.1f}; "
+          f"greedy tokens identical: {same}")
+    print()
+    print("| int8 GEMV | wall ms per decode token | C++ step ms | calling thread's CPU ms per token |")
+    print("|---|---|---|---|")
+    labels = (("old", "old: (K, 16) panels, fp32 activations"), ("new", "new: pair panels, int16 activations"))
+    for name, label in labels:
+        w, c, t = res[name]
+        print(f"| {label} | {statistics.median(w):.2f} | {statistics.median(c):.2f} | {statistics.median(t):.2f} |")
+    ratio = [statistics.median(res["new"][i]) / statistics.median(res["old"][i]) for i in range(3)]
+    print(f"| new / old | {ratio[0]:.2f} | {ratio[1]:.2f} | {ratio[2]:.2f} |")
     return 0
 
 

@@ -19,9 +19,10 @@ int isa_level();
 int tune();
 
 // y (M, N) = act(x (M, K) @ W^T * scale + bias) + residual, W packed as (ceil(N / 16), K, 16)
-// fp32 or int8 panels (gemv.cpp). scale (N,) is required for int8, else null; bias (N,),
+// fp32 (wkind 0) or int8 (wkind 1) panels, or int8 pair panels (ceil(N / 16), ceil(K / 2), 32)
+// (wkind 2; gemv.cpp). scale (N,) is required for int8, else null; bias (N,),
 // residual (M, N) may be null (residual may alias y). act: 0 none, 1 GELU (erf), 2 GELU (tanh).
-void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, bool int8, int64_t N, const float* scale,
+void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind, int64_t N, const float* scale,
                  const float* bias, const float* residual, float* y, int act);
 
 // One query row q (D,) against S key / value rows at strides ks / vs (elements):

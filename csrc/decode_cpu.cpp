@@ -35,7 +35,7 @@ constexpr int64_t kPerHead = 5;    // ln_f weight, ln_f bias, head panels, head 
 // A packed projection: panels (ceil(N / 16), K, 16) fp32 or int8, its scale (int8) and bias.
 struct Proj {
   const void* w = nullptr;
-  bool int8 = false;
+  int int8 = 0;  // 0 fp32 panels, 1 int8 panels, 2 int8 pair panels (cpu::packed_gemm wkind)
   const float* scale = nullptr;
   const float* bias = nullptr;
   int64_t n = 0, k = 0;
@@ -60,13 +60,16 @@ Proj proj(const c10::List<c10::optional<at::Tensor>>& p, int64_t i, int64_t n, i
   TORCH_CHECK_VALUE(w.has_value() && w->defined(), "gpt2_decode_cpu: ", what, " weight is missing");
   TORCH_CHECK_TYPE(w->scalar_type() == at::kFloat || w->scalar_type() == at::kChar, "gpt2_decode_cpu: ", what,
                    " weight must be float32 or int8 panels, got ", w->scalar_type());
+  const bool pairs8 = w->scalar_type() == at::kChar && w->dim() == 3 && w->size(2) == 2 * kPanel;
   TORCH_CHECK_VALUE(w->device().is_cpu() && w->is_contiguous() && w->dim() == 3 &&
-                        w->size(0) == (n + kPanel - 1) / kPanel && w->size(1) == k && w->size(2) == kPanel,
+                        w->size(0) == (n + kPanel - 1) / kPanel &&
+                        (pairs8 ? w->size(1) == (k + 1) / 2 : (w->size(1) == k && w->size(2) == kPanel)),
                     "gpt2_decode_cpu: ", what, " weight must be contiguous CPU panels (", (n + kPanel - 1) / kPanel,
-                    ", ", k, ", 16), got ", w->sizes());
+                    ", ", k, ", 16) (int8 also pair panels (", (n + kPanel - 1) / kPanel, ", ", (k + 1) / 2,
+                    ", 32)), got ", w->sizes());
   Proj r;
   r.w = w->const_data_ptr();
-  r.int8 = w->scalar_type() == at::kChar;
+  r.int8 = pairs8 ? 2 : (w->scalar_type() == at::kChar ? 1 : 0);
   r.scale = opt_f32(p.get(i + 1), n, what);
   TORCH_CHECK_VALUE(!r.int8 || r.scale != nullptr, "gpt2_decode_cpu: ", what, " int8 weight needs its scale");
   r.bias = opt_f32(p.get(i + 2), n, what);
@@ -157,7 +160,12 @@ at::Tensor gpt2_decode_cpu(const at::Tensor& h_in, const c10::List<c10::optional
   TORCH_CHECK_VALUE(w2.has_value() && w2->defined() && w2->dim() == 3 && w2->size(1) > 0,
                     "gpt2_decode_cpu: mlp.c_proj weight must be 3-D panels (ceil(C / 16), d_ff, 16) with d_ff > 0, got ",
                     w2.has_value() && w2->defined() ? w2->sizes() : at::IntArrayRef{});
-  const int64_t d_ff = w2->size(1);
+  int64_t d_ff = w2->size(1);
+  if (w2->scalar_type() == at::kChar && w2->size(2) == 2 * kPanel) {  // int8 pair panels: K from c_fc's scale (d_ff,)
+    const c10::optional<at::Tensor> s1 = params.get(11);
+    TORCH_CHECK_VALUE(s1.has_value() && s1->defined(), "gpt2_decode_cpu: c_fc int8 weight needs its scale");
+    d_ff = s1->numel();
+  }
 
   // every check first: no half-written cache on bad input
   struct Layer {

@@ -19,7 +19,9 @@
 #include <atomic>
 #include <cstdlib>
 #include <sys/mman.h>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -29,6 +31,8 @@
 #include <immintrin.h>
 #define FASTLM_AVX2 __attribute__((target("avx2,fma")))
 #define FASTLM_AVX512 __attribute__((target("avx512f,avx2,fma")))
+#define FASTLM_AVX512BW __attribute__((target("avx512f,avx512bw,avx2,fma")))
+#define FASTLM_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma")))
 #endif
 
 #include "cpu_kernels.h"
@@ -65,6 +69,22 @@ bool cpu_has_avx2() {
 bool cpu_has_avx512() {
 #ifdef FASTLM_X86
   return cpu_has_avx2() && __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512bw() {
+#ifdef FASTLM_X86
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bw");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512vnni() {
+#ifdef FASTLM_X86
+  return cpu_has_avx512bw() && __builtin_cpu_supports("avx512vnni");
 #else
   return false;
 #endif
@@ -118,6 +138,21 @@ int64_t gemv_tune(int64_t level) {
   TORCH_CHECK_VALUE(level >= -1 && level <= 1, "gemv_tune: level must be -1 (query), 0 or 1, got ", level);
   if (level >= 0) g_tune.store(static_cast<int>(level));
   return tune_level();
+}
+
+// int8 pair panels (see "int8 pair panels" below): 2 (default) quantizes the activation row to int16
+// per block and runs the integer dot (AVX-512 VNNI vpdpwssd where the CPU has it), 1 the same without
+// VNNI (vpmaddwd + vpaddd), 0 keeps fp32 activations (the panel dequantised to fp32 once per call, as
+// prefill does: the exact weight-only path, for A/B runs and accuracy checks).
+// torch.ops.fastlm.int8_gemv_mode(level) sets it (-1 queries).
+std::atomic<int> g_i8mode{2};
+inline int i8_mode() { return g_i8mode.load(std::memory_order_relaxed); }
+
+int64_t int8_gemv_mode(int64_t level) {
+  TORCH_CHECK_VALUE(level >= -1 && level <= 2, "int8_gemv_mode: level must be -1 (query), 0 (fp32 activations), "
+                    "1 (int16 activations, no VNNI) or 2 (int16 activations, VNNI where the CPU has it), got ", level);
+  if (level >= 0) g_i8mode.store(static_cast<int>(level));
+  return i8_mode();
 }
 
 int parse_act(c10::string_view a) {
@@ -402,6 +437,365 @@ void tile2(int mr, const float* x, int64_t K, const float* p0, const float* p1, 
 }
 #endif
 
+
+// ---- int8 pair panels: int16 activations, integer dot products -----------------------------
+// Layout (fastlm/linear.py pack_int8_panels): (ceil(N / 16), ceil(K / 2), 32) int8, element
+// [p, kk, 2j + t] = q[16p + j, 2kk + t] (zero past N and K): the two weights of channel j at k = 2kk
+// and 2kk + 1 are adjacent, as vpmaddwd / vpdpwssd read them (the bf16 pair panels' layout).
+// The activation row x (K floats) is quantized once per call, per block of kQB elements:
+// s_b = absmax_b / 32767, xq = round(x / s_b) in int16 (|x - s_b xq| <= s_b / 2, i.e. 2^-16 of the
+// block's absmax: per-block, so one of GPT-2's outlier dimensions only coarsens its own block). Then
+// per block int32 sums of int8 x int16 products (exact: at most kQB * 127 * 32767 < 2^31), converted
+// and scaled by s_b into fp32 accumulators; the per-channel weight scale in the epilogue.
+// The inner loop is vpmovsxbw + vpdpwssd (AVX-512 VNNI: 2 instructions per 32 multiply-adds), or
+// vpmovsxbw + vpmaddwd + vpaddd (AVX-512BW; AVX2 twice per 16 channels), against vpmovsxbd +
+// vcvtdq2ps + vfmadd per 16 (AVX-512) or 8 (AVX2) weights in the fp32-activation kernels above.
+constexpr int64_t kQB = 64;       // activation elements per int16 scale (even: blocks hold whole pairs)
+constexpr int64_t kQP = kQB / 2;  // pairs per block
+constexpr int64_t kPairRow = 2 * kNR;  // bytes of pair panel per pair of k
+
+// Rows of x (M, K) -> xq (M, 2 * ceil(K / 2)) int16 (zero padded), xs (M, ceil(K / kQB)) fp32.
+// A block holding inf / NaN gets a NaN scale, so the output is NaN as with fp32 activations.
+// (qb, sb non-null: one row's single short block, written there; used by the AVX2 version.)
+void quantize_rows_i16(const float* x, int64_t M, int64_t K, int16_t* q, float* s, int16_t* qb = nullptr,
+                       float* sb = nullptr) {
+  const int64_t K2 = (K + 1) / 2, nbk = (K + kQB - 1) / kQB;
+  if (qb != nullptr) {
+    q = qb;
+    s = sb;
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    int16_t* qr = q + m * 2 * K2;
+    float* sr = s + m * nbk;
+    for (int64_t b = 0; b < nbk; ++b) {
+      const int64_t k0 = b * kQB, k1 = std::min(K, k0 + kQB);
+      // 16 lanes of elementwise max / sum (gcc vectorises these; a scalar max chain does not)
+      float ml[16] = {}, cl[16] = {};
+      int64_t k = k0;
+      for (; k + 16 <= k1; k += 16)
+        for (int j = 0; j < 16; ++j) {
+          ml[j] = std::max(ml[j], std::fabs(xr[k + j]));
+          cl[j] += xr[k + j] * 0.0f;  // NaN if any element is inf or NaN
+        }
+      for (; k < k1; ++k) {
+        ml[0] = std::max(ml[0], std::fabs(xr[k]));
+        cl[0] += xr[k] * 0.0f;
+      }
+      float amax = 0.0f, chk = 0.0f;
+      for (int j = 0; j < 16; ++j) {
+        amax = std::max(amax, ml[j]);
+        chk += cl[j];
+      }
+      const bool finite = chk == 0.0f;
+      const float inv = finite && amax > 0.0f ? 32767.0f / amax : 0.0f;
+      sr[b] = finite ? amax / 32767.0f : std::numeric_limits<float>::quiet_NaN();
+      for (int64_t k = k0; k < k1; ++k)  // round to nearest even, as vcvtps2dq
+        qr[k] = static_cast<int16_t>(std::nearbyint(std::min(32767.0f, std::max(-32767.0f, xr[k] * inv))));
+    }
+    if ((K & 1) && qb == nullptr) qr[K] = 0;
+  }
+}
+
+#ifdef FASTLM_X86
+// quantize_rows_i16 with AVX2 (the same values: |x| max, x * 0 sums for inf / NaN, vcvtps2dq rounds
+// to nearest even as std::nearbyint): one call per GEMV on the calling thread, before the pool runs.
+FASTLM_AVX2 void quantize_rows_i16_avx2(const float* x, int64_t M, int64_t K, int16_t* q, float* s) {
+  const int64_t K2 = (K + 1) / 2, nbk = (K + kQB - 1) / kQB;
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    int16_t* qr = q + m * 2 * K2;
+    float* sr = s + m * nbk;
+    for (int64_t b = 0; b < nbk; ++b) {
+      const int64_t k0 = b * kQB, k1 = std::min(K, k0 + kQB);
+      if (k1 - k0 < kQB) {  // a short last block: the scalar code
+        quantize_rows_i16(xr + k0, 1, k1 - k0, nullptr, nullptr, qr + k0, sr + b);
+        continue;
+      }
+      __m256 mx = _mm256_setzero_ps(), ck = _mm256_setzero_ps();
+      for (int64_t k = k0; k < k1; k += 8) {
+        const __m256 v = _mm256_loadu_ps(xr + k);
+        mx = _mm256_max_ps(mx, _mm256_and_ps(v, absmask));
+        ck = _mm256_add_ps(ck, _mm256_mul_ps(v, _mm256_setzero_ps()));
+      }
+      alignas(32) float ml[8], cl[8];
+      _mm256_store_ps(ml, mx);
+      _mm256_store_ps(cl, ck);
+      float amax = 0.0f, chk = 0.0f;
+      for (int j = 0; j < 8; ++j) {
+        amax = std::max(amax, ml[j]);
+        chk += cl[j];
+      }
+      const bool finite = chk == 0.0f;
+      const float inv = finite && amax > 0.0f ? 32767.0f / amax : 0.0f;
+      sr[b] = finite ? amax / 32767.0f : std::numeric_limits<float>::quiet_NaN();
+      const __m256 iv = _mm256_set1_ps(inv), hi = _mm256_set1_ps(32767.0f), lo = _mm256_set1_ps(-32767.0f);
+      for (int64_t k = k0; k < k1; k += 16) {
+        const __m256 v0 = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(xr + k), iv)));
+        const __m256 v1 = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(xr + k + 8), iv)));
+        const __m256i p16 = _mm256_packs_epi32(_mm256_cvtps_epi32(v0), _mm256_cvtps_epi32(v1));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + k), _mm256_permute4x64_epi64(p16, 0xD8));
+      }
+    }
+    if (K & 1) qr[K] = 0;
+  }
+}
+#endif
+
+// Portable: the same integer math, scalar.
+template <int MR>
+void tile_i16_portable(const int16_t* xq, const float* xs, int64_t K, const int8_t* p, const Epilogue& e,
+                       int64_t r0, int64_t n0, int64_t nv) {
+  const int64_t K2 = (K + 1) / 2, nbk = (K + kQB - 1) / kQB;
+  float f[MR * kNR] = {};
+  for (int64_t b = 0; b < nbk; ++b) {
+    const int64_t kk1 = std::min(K2, (b + 1) * kQP);
+    int32_t a[MR * kNR] = {};
+    for (int64_t kk = b * kQP; kk < kk1; ++kk) {
+      const int8_t* w = p + kk * kPairRow;
+      for (int r = 0; r < MR; ++r) {
+        const int32_t x0 = xq[r * 2 * K2 + 2 * kk], x1 = xq[r * 2 * K2 + 2 * kk + 1];
+        for (int64_t j = 0; j < kNR; ++j) a[r * kNR + j] += w[2 * j] * x0 + w[2 * j + 1] * x1;
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int64_t j = 0; j < kNR; ++j) f[r * kNR + j] += static_cast<float>(a[r * kNR + j]) * xs[r * nbk + b];
+  }
+  finish_tile(f, MR, e, r0, n0, nv);
+}
+
+#ifdef FASTLM_X86
+// AVX-512: one pair row (16 channels x 2 k) is one zmm of int16 (vpmovsxbw from 32 bytes).
+// U independent int32 accumulator sets per row hide the dot-product latency.
+#define FASTLM_I16_TILE_512(NAME, TARGET, DOT)                                                                 \
+  template <int MR>                                                                                            \
+  TARGET void NAME(const int16_t* xq, const float* xs, int64_t K, const int8_t* p, const Epilogue& e,          \
+                   int64_t r0, int64_t n0, int64_t nv) {                                                       \
+    constexpr int U = MR == 2 ? 2 : 1;                                                                         \
+    const int64_t K2 = (K + 1) / 2, nbk = (K + kQB - 1) / kQB;                                                 \
+    const int64_t pf = prefetch_bytes();                                                                       \
+    if constexpr (MR == 1) { /* named accumulators: an array of them went through the stack each step */      \
+      const int32_t* x1 = reinterpret_cast<const int32_t*>(xq);                                                \
+      const char* pc = reinterpret_cast<const char*>(p);                                                       \
+      __m512 f0 = _mm512_setzero_ps();                                                                         \
+      for (int64_t b = 0; b < nbk; ++b) {                                                                      \
+        const int64_t kk1 = std::min(K2, (b + 1) * kQP);                                                       \
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;    \
+        int64_t kk = b * kQP;                                                                                  \
+        for (; kk + 8 <= kk1; kk += 8) {                                                                       \
+          const char* q = pc + kk * kPairRow;                                                                  \
+          if (pf > 0) { /* 8 pair rows: 4 cache lines */                                                       \
+            _mm_prefetch(q + pf, _MM_HINT_T0);                                                                 \
+            _mm_prefetch(q + pf + 64, _MM_HINT_T0);                                                            \
+            _mm_prefetch(q + pf + 128, _MM_HINT_T0);                                                           \
+            _mm_prefetch(q + pf + 192, _MM_HINT_T0);                                                           \
+          }                                                                                                    \
+          a0 = DOT(a0, FASTLM_W512(q), _mm512_set1_epi32(x1[kk]));                                             \
+          a1 = DOT(a1, FASTLM_W512(q + 32), _mm512_set1_epi32(x1[kk + 1]));                                    \
+          a2 = DOT(a2, FASTLM_W512(q + 64), _mm512_set1_epi32(x1[kk + 2]));                                    \
+          a3 = DOT(a3, FASTLM_W512(q + 96), _mm512_set1_epi32(x1[kk + 3]));                                    \
+          a4 = DOT(a4, FASTLM_W512(q + 128), _mm512_set1_epi32(x1[kk + 4]));                                   \
+          a5 = DOT(a5, FASTLM_W512(q + 160), _mm512_set1_epi32(x1[kk + 5]));                                   \
+          a6 = DOT(a6, FASTLM_W512(q + 192), _mm512_set1_epi32(x1[kk + 6]));                                   \
+          a7 = DOT(a7, FASTLM_W512(q + 224), _mm512_set1_epi32(x1[kk + 7]));                                   \
+        }                                                                                                      \
+        for (; kk < kk1; ++kk) a0 = DOT(a0, FASTLM_W512(pc + kk * kPairRow), _mm512_set1_epi32(x1[kk]));       \
+        const __m512i s = _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)), \
+                                           _mm512_add_epi32(_mm512_add_epi32(a4, a5), _mm512_add_epi32(a6, a7))); \
+        f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(xs[b]), f0);                                \
+      }                                                                                                        \
+      alignas(64) float acc1[kNR];                                                                             \
+      _mm512_store_ps(acc1, f0);                                                                               \
+      finish_tile(acc1, 1, e, r0, n0, nv);                                                                     \
+      return;                                                                                                  \
+    }                                                                                                          \
+    const int32_t* xp[MR];                                                                                     \
+    for (int r = 0; r < MR; ++r) xp[r] = reinterpret_cast<const int32_t*>(xq + r * 2 * K2);                    \
+    __m512 f[MR];                                                                                              \
+    for (int r = 0; r < MR; ++r) f[r] = _mm512_setzero_ps();                                                   \
+    for (int64_t b = 0; b < nbk; ++b) {                                                                        \
+      const int64_t kk1 = std::min(K2, (b + 1) * kQP);                                                         \
+      __m512i a[U][MR];                                                                                        \
+      for (int u = 0; u < U; ++u)                                                                              \
+        for (int r = 0; r < MR; ++r) a[u][r] = _mm512_setzero_si512();                                         \
+      int64_t kk = b * kQP;                                                                                    \
+      for (; kk + U <= kk1; kk += U) {                                                                         \
+        if (pf > 0)                                                                                            \
+          for (int64_t o = (kk * kPairRow + 63) & ~int64_t{63}; o < (kk + U) * kPairRow; o += 64)              \
+            _mm_prefetch(reinterpret_cast<const char*>(p) + o + pf, _MM_HINT_T0);                              \
+        for (int u = 0; u < U; ++u) {                                                                          \
+          const __m512i w = _mm512_cvtepi8_epi16(                                                              \
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + (kk + u) * kPairRow)));                  \
+          for (int r = 0; r < MR; ++r) a[u][r] = DOT(a[u][r], w, _mm512_set1_epi32(xp[r][kk + u]));            \
+        }                                                                                                      \
+      }                                                                                                        \
+      for (; kk < kk1; ++kk) {                                                                                 \
+        const __m512i w =                                                                                      \
+            _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + kk * kPairRow)));     \
+        for (int r = 0; r < MR; ++r) a[0][r] = DOT(a[0][r], w, _mm512_set1_epi32(xp[r][kk]));                 \
+      }                                                                                                        \
+      for (int r = 0; r < MR; ++r) {                                                                           \
+        __m512i s = a[0][r];                                                                                   \
+        for (int u = 1; u < U; ++u) s = _mm512_add_epi32(s, a[u][r]);                                          \
+        f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(xs[r * nbk + b]), f[r]);                  \
+      }                                                                                                        \
+    }                                                                                                          \
+    alignas(64) float acc[MR * kNR];                                                                           \
+    for (int r = 0; r < MR; ++r) _mm512_store_ps(acc + r * kNR, f[r]);                                         \
+    finish_tile(acc, MR, e, r0, n0, nv);                                                                       \
+  }
+
+#define FASTLM_W512(q) _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)))
+#define FASTLM_DOT_VNNI(a, w, x) _mm512_dpwssd_epi32((a), (w), (x))
+#define FASTLM_DOT_BW(a, w, x) _mm512_add_epi32((a), _mm512_madd_epi16((w), (x)))
+FASTLM_I16_TILE_512(tile_i16_vnni, FASTLM_AVX512VNNI, FASTLM_DOT_VNNI)
+FASTLM_I16_TILE_512(tile_i16_avx512bw, FASTLM_AVX512BW, FASTLM_DOT_BW)
+#undef FASTLM_I16_TILE_512
+#undef FASTLM_DOT_VNNI
+#undef FASTLM_DOT_BW
+#undef FASTLM_W512
+
+// AVX2: a pair row is two ymm of int16 (channels 0-7 and 8-15), vpmaddwd + vpaddd each.
+#define FASTLM_W256(q) _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)))
+template <int MR>
+FASTLM_AVX2 void tile_i16_avx2(const int16_t* xq, const float* xs, int64_t K, const int8_t* p, const Epilogue& e,
+                               int64_t r0, int64_t n0, int64_t nv) {
+  constexpr int U = 1;
+  const int64_t K2 = (K + 1) / 2, nbk = (K + kQB - 1) / kQB;
+  const int64_t pf = prefetch_bytes();
+  if constexpr (MR == 1) {  // named accumulators (an array of them went through the stack each step)
+    const int32_t* x1 = reinterpret_cast<const int32_t*>(xq);
+    const char* pc = reinterpret_cast<const char*>(p);
+    __m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nbk; ++b) {
+      const int64_t kk1 = std::min(K2, (b + 1) * kQP);
+      __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+      int64_t kk = b * kQP;
+      for (; kk + 4 <= kk1; kk += 4) {
+        const char* q = pc + kk * kPairRow;
+        if (pf > 0) {  // 4 pair rows: 2 cache lines
+          _mm_prefetch(q + pf, _MM_HINT_T0);
+          _mm_prefetch(q + pf + 64, _MM_HINT_T0);
+        }
+        __m256i xb = _mm256_set1_epi32(x1[kk]);
+        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(FASTLM_W256(q), xb));
+        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(FASTLM_W256(q + 16), xb));
+        xb = _mm256_set1_epi32(x1[kk + 1]);
+        a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(FASTLM_W256(q + 32), xb));
+        a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(FASTLM_W256(q + 48), xb));
+        xb = _mm256_set1_epi32(x1[kk + 2]);
+        a4 = _mm256_add_epi32(a4, _mm256_madd_epi16(FASTLM_W256(q + 64), xb));
+        a5 = _mm256_add_epi32(a5, _mm256_madd_epi16(FASTLM_W256(q + 80), xb));
+        xb = _mm256_set1_epi32(x1[kk + 3]);
+        a6 = _mm256_add_epi32(a6, _mm256_madd_epi16(FASTLM_W256(q + 96), xb));
+        a7 = _mm256_add_epi32(a7, _mm256_madd_epi16(FASTLM_W256(q + 112), xb));
+      }
+      for (; kk < kk1; ++kk) {
+        const char* q = pc + kk * kPairRow;
+        const __m256i xb = _mm256_set1_epi32(x1[kk]);
+        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(FASTLM_W256(q), xb));
+        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(FASTLM_W256(q + 16), xb));
+      }
+      const __m256 sc = _mm256_set1_ps(xs[b]);
+      const __m256i s0 = _mm256_add_epi32(_mm256_add_epi32(a0, a2), _mm256_add_epi32(a4, a6));
+      const __m256i s1 = _mm256_add_epi32(_mm256_add_epi32(a1, a3), _mm256_add_epi32(a5, a7));
+      f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), sc, f0);
+      f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), sc, f1);
+    }
+    alignas(32) float acc1[kNR];
+    _mm256_store_ps(acc1, f0);
+    _mm256_store_ps(acc1 + 8, f1);
+    finish_tile(acc1, 1, e, r0, n0, nv);
+    return;
+  }
+  const int32_t* xp[MR];
+  for (int r = 0; r < MR; ++r) xp[r] = reinterpret_cast<const int32_t*>(xq + r * 2 * K2);
+  __m256 f[MR][2];
+  for (int r = 0; r < MR; ++r) f[r][0] = f[r][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nbk; ++b) {
+    const int64_t kk1 = std::min(K2, (b + 1) * kQP);
+    __m256i a[U][MR][2];
+    for (int u = 0; u < U; ++u)
+      for (int r = 0; r < MR; ++r) a[u][r][0] = a[u][r][1] = _mm256_setzero_si256();
+    int64_t kk = b * kQP;
+    for (; kk + U <= kk1; kk += U) {
+      if (pf > 0)
+        for (int64_t o = (kk * kPairRow + 63) & ~int64_t{63}; o < (kk + U) * kPairRow; o += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(p) + o + pf, _MM_HINT_T0);
+      for (int u = 0; u < U; ++u) {
+        const int8_t* w = p + (kk + u) * kPairRow;
+        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));
+        for (int r = 0; r < MR; ++r) {
+          const __m256i xb = _mm256_set1_epi32(xp[r][kk + u]);
+          a[u][r][0] = _mm256_add_epi32(a[u][r][0], _mm256_madd_epi16(w0, xb));
+          a[u][r][1] = _mm256_add_epi32(a[u][r][1], _mm256_madd_epi16(w1, xb));
+        }
+      }
+    }
+    for (; kk < kk1; ++kk) {
+      const int8_t* w = p + kk * kPairRow;
+      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+      const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));
+      for (int r = 0; r < MR; ++r) {
+        const __m256i xb = _mm256_set1_epi32(xp[r][kk]);
+        a[0][r][0] = _mm256_add_epi32(a[0][r][0], _mm256_madd_epi16(w0, xb));
+        a[0][r][1] = _mm256_add_epi32(a[0][r][1], _mm256_madd_epi16(w1, xb));
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      __m256i s0 = a[0][r][0], s1 = a[0][r][1];
+      for (int u = 1; u < U; ++u) {
+        s0 = _mm256_add_epi32(s0, a[u][r][0]);
+        s1 = _mm256_add_epi32(s1, a[u][r][1]);
+      }
+      const __m256 sc = _mm256_set1_ps(xs[r * nbk + b]);
+      f[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), sc, f[r][0]);
+      f[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), sc, f[r][1]);
+    }
+  }
+  alignas(32) float acc[MR * kNR];
+  for (int r = 0; r < MR; ++r) {
+    _mm256_store_ps(acc + r * kNR, f[r][0]);
+    _mm256_store_ps(acc + r * kNR + 8, f[r][1]);
+  }
+  finish_tile(acc, MR, e, r0, n0, nv);
+}
+#endif
+
+// Rows per int16 tile: AVX-512 up to 4 (4 x U int32 + 4 fp32 of 32 zmm), AVX2 and portable 2.
+int i16_rows(int isa) { return isa == kAvx512 && cpu_has_avx512bw() ? 4 : 2; }
+
+template <int MR>
+void run_tile_i16(int isa, const int16_t* xq, const float* xs, int64_t K, const int8_t* p, const Epilogue& e,
+                  int64_t r0, int64_t n0, int64_t nv) {
+#ifdef FASTLM_X86
+  if (isa == kAvx512 && cpu_has_avx512bw()) {
+    if (i8_mode() >= 2 && cpu_has_avx512vnni()) tile_i16_vnni<MR>(xq, xs, K, p, e, r0, n0, nv);
+    else tile_i16_avx512bw<MR>(xq, xs, K, p, e, r0, n0, nv);
+    return;
+  }
+  if (isa != kPortable) {
+    if constexpr (MR <= 2) {
+      tile_i16_avx2<MR>(xq, xs, K, p, e, r0, n0, nv);
+      return;
+    }
+  }
+#endif
+  tile_i16_portable<MR>(xq, xs, K, p, e, r0, n0, nv);
+}
+
+void tile_i16(int mr, int isa, const int16_t* xq, const float* xs, int64_t K, const int8_t* p, const Epilogue& e,
+              int64_t r0, int64_t n0, int64_t nv) {
+  switch (mr) {
+    case 1: return run_tile_i16<1>(isa, xq, xs, K, p, e, r0, n0, nv);
+    case 2: return run_tile_i16<2>(isa, xq, xs, K, p, e, r0, n0, nv);
+    case 3: return run_tile_i16<3>(isa, xq, xs, K, p, e, r0, n0, nv);
+    default: return run_tile_i16<4>(isa, xq, xs, K, p, e, r0, n0, nv);
+  }
+}
+
 template <int MR>
 void run_tile(int isa, bool int8, const float* x, int64_t K, const void* p, const Epilogue& e, int64_t r0, int64_t n0,
               int64_t nv) {
@@ -439,10 +833,34 @@ void tile(int mr, int isa, bool int8, const float* x, int64_t K, const void* p, 
   }
 }
 
-void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, bool int8, int64_t N, const Epilogue& e) {
+// Weight kinds of packed_gemm: fp32 panels, int8 panels (ceil(N / 16), K, 16), int8 pair panels
+// (ceil(N / 16), ceil(K / 2), 32).
+enum WKind : int { kWF32 = 0, kWI8 = 1, kWI8Pairs = 2 };
+
+void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind, int64_t N, const Epilogue& e) {
   const int isa = current_isa();
+  const bool int8 = wkind != kWF32, pairs8 = wkind == kWI8Pairs;
   const int64_t NB = (N + kNR - 1) / kNR;
-  const int64_t panel_bytes = K * kNR * (int8 ? 1 : 4);
+  const int64_t K2 = (K + 1) / 2;
+  const int64_t panel_bytes = pairs8 ? K2 * kPairRow : K * kNR * (int8 ? 1 : 4);
+  // int8 pair panels, few rows: int16 activations quantized once here, on the calling thread
+  const bool i16 = pairs8 && M <= kDequantRows && i8_mode() >= 1;
+  thread_local std::vector<int16_t> xq_buf;
+  thread_local std::vector<float> xs_buf;
+  if (i16) {
+    const int64_t nbk = (K + kQB - 1) / kQB;
+    if (static_cast<int64_t>(xq_buf.size()) < M * 2 * K2) xq_buf.resize(M * 2 * K2);
+    if (static_cast<int64_t>(xs_buf.size()) < M * nbk) xs_buf.resize(M * nbk);
+#ifdef FASTLM_X86
+    if (isa != kPortable) quantize_rows_i16_avx2(x, M, K, xq_buf.data(), xs_buf.data());
+    else
+#endif
+      quantize_rows_i16(x, M, K, xq_buf.data(), xs_buf.data());
+  }
+  const int16_t* xq = xq_buf.data();
+  const float* xs = xs_buf.data();
+  const int64_t xq_stride = 2 * K2, xs_stride = (K + kQB - 1) / kQB;
+  const int mri = i16_rows(isa);
   // chunks of at least ~512 KB of weights (FASTLM_GEMV_CHUNK_KB): long contiguous streams per thread
   // for the prefetchers (measured: 64 KB chunks 14.2 ms/token fp32, 256 KB 12.6, 512 KB ~2% faster
   // again in the decode step); small layers stay on the calling thread
@@ -469,7 +887,7 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, bool int8,
     thread_local std::vector<float> deq;
     for (int64_t m0 = 0; m0 < M; m0 += kMC) {
       const int64_t mc = std::min(kMC, M - m0);
-      const bool dequant = int8 && mc > kDequantRows;
+      const bool dequant = int8 && !i16 && (mc > kDequantRows || pairs8);
       const bool pair_block = pairs && mc > kDequantRows;
       if (dequant && static_cast<int64_t>(deq.size()) < 2 * K * kNR) deq.resize(2 * K * kNR);
       for (int64_t nb = b0; nb < b1;) {
@@ -478,7 +896,14 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, bool int8,
         bool panel_int8 = int8;
         if (dequant) {  // int8 panels -> fp32 once per block of rows
           const int8_t* q = static_cast<const int8_t*>(panel);
-          for (int64_t i = 0; i < np * K * kNR; ++i) deq[i] = static_cast<float>(q[i]);
+          if (pairs8) {  // pair panels -> (K, 16) fp32 panels
+            for (int64_t pi = 0; pi < np; ++pi)
+              for (int64_t k = 0; k < K; ++k)
+                for (int64_t j = 0; j < kNR; ++j)
+                  deq[(pi * K + k) * kNR + j] = static_cast<float>(q[pi * panel_bytes + (k >> 1) * kPairRow + 2 * j + (k & 1)]);
+          } else {
+            for (int64_t i = 0; i < np * K * kNR; ++i) deq[i] = static_cast<float>(q[i]);
+          }
           panel = deq.data();
           panel_int8 = false;
         }
@@ -496,6 +921,15 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, bool int8,
         }
 #endif
         const int64_t nv = std::min(kNR, N - n0);
+        if (i16) {
+          for (int64_t r0 = m0; r0 < m0 + mc; r0 += mri) {
+            const int mr = static_cast<int>(std::min<int64_t>(mri, m0 + mc - r0));
+            tile_i16(mr, isa, xq + r0 * xq_stride, xs + r0 * xs_stride, K, static_cast<const int8_t*>(panel), e, r0,
+                     n0, nv);
+          }
+          nb += 1;
+          continue;
+        }
         for (int64_t r0 = m0; r0 < m0 + mc; r0 += kMR) {
           const int mr = static_cast<int>(std::min<int64_t>(kMR, m0 + mc - r0));
           tile(mr, isa, panel_int8, x + r0 * K, K, panel, e, r0, n0, nv);
@@ -552,10 +986,15 @@ at::Tensor packed_linear_cpu(const at::Tensor& x_in, const at::Tensor& w, int64_
   const int64_t K = x_in.size(-1);
   TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat || w.scalar_type() == at::kChar,
                    "packed_linear (CPU): w must be float32 or int8 panels, got ", w.scalar_type());
-  TORCH_CHECK_VALUE(w.dim() == 3 && w.size(0) == (n + kNR - 1) / kNR && w.size(1) == K && w.size(2) == kNR,
-                    "packed_linear (CPU): w must be packed panels of shape (ceil(n/16), K, 16) = (", (n + kNR - 1) / kNR,
-                    ", ", K, ", 16) for n = ", n, " and K = x.shape[-1], got ", w.sizes());
   const bool int8 = w.scalar_type() == at::kChar;
+  const bool pairs8 = int8 && w.dim() == 3 && w.size(2) == kPairRow;
+  TORCH_CHECK_VALUE(pairs8 || (w.dim() == 3 && w.size(0) == (n + kNR - 1) / kNR && w.size(1) == K && w.size(2) == kNR),
+                    "packed_linear (CPU): w must be packed panels of shape (ceil(n/16), K, 16) = (", (n + kNR - 1) / kNR,
+                    ", ", K, ", 16) for n = ", n, " and K = x.shape[-1]",
+                    int8 ? " (or int8 pair panels (ceil(n/16), ceil(K/2), 32))" : "", ", got ", w.sizes());
+  TORCH_CHECK_VALUE(!pairs8 || (w.size(0) == (n + kNR - 1) / kNR && w.size(1) == (K + 1) / 2),
+                    "packed_linear (CPU): int8 pair panels must have shape (ceil(n/16), ceil(K/2), 32) = (",
+                    (n + kNR - 1) / kNR, ", ", (K + 1) / 2, ", 32) for n = ", n, " and K = x.shape[-1], got ", w.sizes());
   TORCH_CHECK_VALUE(!int8 || scale.has_value(), "packed_linear: int8 w needs its per-channel scale");
   const at::Tensor x = x_in.reshape({-1, K}).contiguous();
   const int64_t M = x.size(0);
@@ -566,7 +1005,7 @@ at::Tensor packed_linear_cpu(const at::Tensor& x_in, const at::Tensor& w, int64_
   const Epilogue e{scale.has_value() ? sc.const_data_ptr<float>() : nullptr,
                    bias.has_value() ? bi.const_data_ptr<float>() : nullptr,
                    residual.has_value() ? r.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<float>(), n, act};
-  packed_gemm(x.const_data_ptr<float>(), M, K, w.const_data_ptr(), int8, n, e);
+  packed_gemm(x.const_data_ptr<float>(), M, K, w.const_data_ptr(), pairs8 ? kWI8Pairs : (int8 ? kWI8 : kWF32), n, e);
   return y;
 }
 
@@ -646,9 +1085,9 @@ bool avx512_allowed() { return current_isa() == kAvx512; }
 int tune() { return tune_level(); }
 int isa_level() { return current_isa(); }
 
-void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, bool int8, int64_t N, const float* scale,
+void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind, int64_t N, const float* scale,
                  const float* bias, const float* residual, float* y, int act) {
-  fastlm::packed_gemm(x, M, K, w, int8, N, Epilogue{scale, bias, residual, y, N, act});
+  fastlm::packed_gemm(x, M, K, w, wkind, N, Epilogue{scale, bias, residual, y, N, act});
 }
 }  // namespace cpu
 
@@ -657,6 +1096,7 @@ TORCH_LIBRARY_FRAGMENT(fastlm, m) {
         "str activation='none') -> Tensor");
   m.def("cpu_isa(str isa='') -> str", &cpu_isa);
   m.def("gemv_tune(int level=-1) -> int", &gemv_tune);
+  m.def("int8_gemv_mode(int level=-1) -> int", &int8_gemv_mode);
   m.def("hugepage_copy(Tensor src) -> Tensor");
 }
 

@@ -119,6 +119,29 @@ def unpack_bf16_panels(p: Tensor, n: int, k: int) -> Tensor:
     return p.view(nb, k2, PANEL, 2).permute(0, 2, 1, 3).reshape(nb * PANEL, 2 * k2)[:n, :k].contiguous()
 
 
+def pack_int8_panels(q: Tensor) -> Tensor:
+    """(N, K) int8 -> pair panels (ceil(N / 16), ceil(K / 2), 32) int8, contiguous: element
+    [p, kk, 2j + t] = q[16p + j, 2kk + t], zeros past N and K (the bf16 pair panels' layout): the
+    two weights of a channel at k = 2kk, 2kk + 1 sit side by side, as the int16 dot products of the
+    int8 decode GEMV read them (vpmaddwd / vpdpwssd, csrc/gemv.cpp "int8 pair panels"). The one
+    weight layout of Int8Linear on CPU; huge-page memory from 2 MiB up, as pack_panels."""
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise ValueError(f"pack_int8_panels: q must be 2-D int8, got {q.dtype} of shape {tuple(q.shape)}")
+    N, K = q.shape
+    nb, k2 = -(-N // PANEL), -(-K // 2)
+    wp = q.new_zeros(nb * PANEL, 2 * k2)
+    wp[:N, :K] = q
+    packed = wp.view(nb, PANEL, k2, 2).permute(0, 2, 1, 3)  # (nb, k2, 16, 2)
+    return _hugepage(packed).view(nb, k2, 2 * PANEL)
+
+
+def unpack_int8_panels(p: Tensor, n: int, k: int) -> Tensor:
+    """Inverse of pack_int8_panels (and of pack_panels for (nb, K, 16) int8 panels): -> (n, k)."""
+    if p.shape[-1] == PANEL:
+        return unpack_panels(p, n)
+    return unpack_bf16_panels(p, n, k)
+
+
 def unpack_panels(p: Tensor, n: int) -> Tensor:
     """Inverse of pack_panels: (nb, K, 16) -> (n, K) contiguous."""
     nb, K, _ = p.shape
@@ -237,11 +260,17 @@ class PackedLinear(FastLinear):
 
 
 class Int8Linear(FastLinear):
-    """Weight-only int8 linear: `qweight` int8 (CPU panels (ceil(N/16), K, 16); elsewhere (N, K)),
-    `scale` float32 (N,), `bias` in the model dtype. Activations stay float: the output equals
-    F.linear(x, q * scale[:, None], bias) up to fp32 rounding.
-    Kernels: CPU float32 (fastlm._C packed_linear, AVX2 / portable) and CUDA fp16/bf16/fp32 (the
-    int8 GEMV for M <= 16 rows; prefill dequantises into a temporary and runs cuBLAS)."""
+    """Weight-only int8 linear: `qweight` int8 (CPU pair panels (ceil(N/16), ceil(K/2), 32),
+    pack_int8_panels; elsewhere (N, K)), `scale` float32 (N,), `bias` in the model dtype. The output
+    equals F.linear(x, q * scale[:, None], bias) up to fp32 rounding for prefill (more than 16 rows)
+    and on CUDA; the CPU decode GEMV (up to 16 rows) quantizes each activation row to int16 per
+    block of 64 elements (scale absmax / 32767, round to nearest) and sums int8 x int16 products in
+    int32: its extra error is at most sum over blocks of absmax_b / 65534 * sum_k |q * scale| (a
+    relative 2^-16 of each block's absmax; torch.ops.fastlm.int8_gemv_mode(0) keeps fp32
+    activations). CPU int8 panels in the older (ceil(N/16), K, 16) layout (pack_panels) still run.
+    Kernels: CPU float32 (fastlm._C packed_linear, AVX-512 VNNI / AVX-512BW / AVX2 / portable) and
+    CUDA fp16/bf16/fp32 (the int8 GEMV for M <= 16 rows; prefill dequantises into a temporary and
+    runs cuBLAS)."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None):
         super().__init__()
@@ -263,9 +292,9 @@ class Int8Linear(FastLinear):
         cpu = self.qweight.device.type == "cpu"
         with torch.no_grad():
             if cpu and self.qweight.dim() == 2:
-                self.qweight = pack_panels(self.qweight)
+                self.qweight = pack_int8_panels(self.qweight)
             elif not cpu and self.qweight.dim() == 3:
-                self.qweight = unpack_panels(self.qweight, self.out_features)
+                self.qweight = unpack_int8_panels(self.qweight, self.out_features, self.in_features)
 
     def _apply(self, fn, recurse=True):
         scale = self.scale  # stays float32: .half() must not round the scales
@@ -276,7 +305,8 @@ class Int8Linear(FastLinear):
 
     def dequantized(self) -> Tensor:
         """q * scale as (N, K) float32 (what the model computes with; for tests and fallbacks)."""
-        q = self.qweight if self.qweight.dim() == 2 else unpack_panels(self.qweight, self.out_features)
+        q = self.qweight if self.qweight.dim() == 2 else unpack_int8_panels(self.qweight, self.out_features,
+                                                                             self.in_features)
         return q.float() * self.scale[:, None]
 
     def _kernel_ok(self, x: Tensor) -> bool:
@@ -497,5 +527,10 @@ class Int8TiedEmbedding(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         h = self.head[0]
         q = h.qweight
-        rows = q[ids // PANEL, :, ids % PANEL] if q.dim() == 3 else q[ids]  # (..., K) int8
+        if q.dim() == 3 and q.shape[-1] == 2 * PANEL:  # pair panels (nb, ceil(K / 2), 32)
+            nb, k2, _ = q.shape
+            rows = q.view(nb, k2, PANEL, 2)[ids // PANEL, :, ids % PANEL]  # (..., k2, 2)
+            rows = rows.reshape(*rows.shape[:-2], 2 * k2)[..., : self.embedding_dim]
+        else:
+            rows = q[ids // PANEL, :, ids % PANEL] if q.dim() == 3 else q[ids]  # (..., K) int8
         return (rows.float() * h.scale[ids].unsqueeze(-1)).to(self.dtype)

@@ -149,7 +149,10 @@ def test_modules_forward_and_relayout():
     q = Int8Linear.from_linear(lin)
     assert q.qweight.dtype == torch.int8 and q.qweight.dim() == 3 and q.scale.dtype == torch.float32
     ref = F.linear(x, q.dequantized(), lin.bias)
-    torch.testing.assert_close(q(x), ref, rtol=1e-5, atol=1e-5)
+    # up to 16 rows the CPU GEMV rounds x to int16 per block of 64: at most absmax(x row) / 65534 per
+    # element times sum |w| (tests/test_gemv_int8.py checks the per-block bound), plus fp32 rounding
+    bound = x.abs().amax(-1, keepdim=True) / 65534 * q.dequantized().abs().sum(1) + 1e-5
+    assert ((q(x) - ref).abs() <= bound).all()
     q.half()  # scales stay fp32; weights stay int8
     assert q.scale.dtype == torch.float32 and q.qweight.dtype == torch.int8
 

@@ -82,7 +82,10 @@ def test_int8_weights_are_the_spec_and_no_float_copy():
     scale = w.abs().amax(1) / 127
     assert torch.equal(c_fc.scale, scale)
     q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    assert torch.equal(c_fc.qweight.transpose(1, 2).reshape(-1, w.shape[1])[: w.shape[0]], q)  # panels
+    nb, k2 = -(-w.shape[0] // 16), -(-w.shape[1] // 2)
+    assert c_fc.qweight.shape == (nb, k2, 32)  # pair panels: [p, kk, 2j + t] = q[16p + j, 2kk + t]
+    dense = c_fc.qweight.view(nb, k2, 16, 2).permute(0, 2, 1, 3).reshape(nb * 16, 2 * k2)
+    assert torch.equal(dense[: w.shape[0], : w.shape[1]], q)
     floats = [n for n, t in model.named_buffers() if t.is_floating_point() and t.dim() == 2 and "wpe" not in n]
     assert not floats, f"full-precision copies kept: {floats}"
     assert not any(p.dim() == 2 and p.shape[0] == 300 for p in model.parameters())  # no fp32 wte / head
@@ -290,8 +293,18 @@ def test_optimize_int8_gpt2_and_restore():
     try:
         assert isinstance(hf.transformer.h[0].mlp.c_fc, HFQuantized) and isinstance(hf.lm_head, HFQuantized)
         with torch.no_grad():
-            got, expect = hf(ids).logits, ref(ids).logits
-        assert ((got - expect).abs().max() / expect.abs().max()).item() <= 1e-4
+            expect = ref(ids).logits
+            torch.ops.fastlm.int8_gemv_mode(0)  # fp32 activations: the dequantized model to fp32 rounding
+            try:
+                got = hf(ids).logits
+            finally:
+                torch.ops.fastlm.int8_gemv_mode(2)
+            assert ((got - expect).abs().max() / expect.abs().max()).item() <= 1e-4
+            # 7 rows: the int8 GEMV rounds activations to int16 per block of 64 (2^-16 of the block's
+            # absmax per element, docs/design.md); this chaotic random net (init 0.4) amplifies that
+            # to ~3.5e-4 of the logits' max here, and the greedy tokens below stay the same
+            got = hf(ids).logits
+        assert ((got - expect).abs().max() / expect.abs().max()).item() <= 1e-3
         want = ref.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
         assert want[0, 7:].unique().numel() >= 6
         assert torch.equal(hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0), want)
