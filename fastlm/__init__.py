@@ -6,6 +6,7 @@ import logging
 from fastlm import (
     _ext,  # noqa: F401  (first: loads fastlm._C, which defines torch.ops.fastlm)
     models,
+    native_memory,  # noqa: F401  (caps oneDNN's caches on import, before any model runs: native_memory.py)
     nn,
     ops,
     reference,

@@ -169,9 +169,13 @@ def test_serve_bench_markdown_targets_and_plot(tmp_path):
             gen("gpt2_small_stream", "llama.cpp server F32 (llama-cpp-python 0.3.36)", 32, 150.0, 0.9),
             {"case": "gpt2_small_stream_int8", "provider": "llama.cpp server Q8_0", "skipped": "not installed"},
             {"case": "gpt2_small_generate_ttft", "provider": "fastlm generate (in-process)", "ttft_s_p50": 0.1},
-            {"case": "minilm_open_loop", "provider": "infinity-emb", "skipped": "not installed"}]
+            {"case": "minilm_open_loop", "provider": "infinity-emb", "skipped": "not installed"},
+            {"case": "soak", "provider": "fastlm serve", "task": "embed", "requests": 3000, "warmup_requests": 600,
+             "counts": {"ok": 2700, "disconnected": 300}, "rss_start_mib": 500.0, "rss_warm_mib": 600.5,
+             "rss_end_mib": 604.0, "growth_mib": 3.5, "growth_kib_per_request": 1.19}]
     md = markdown(rows)
     lines = md.splitlines()
+    assert "| embed | 3000 (+600) | {'ok': 2700, 'disconnected': 300} | 500.0 | 600.5 | 604.0 | +3.5 | +1.2 |" in lines
     assert "| gpt2_small_stream | fastlm serve fp32 | 1 | 1.25 | 20.0 | 123, 200, 300 | 50 | 90 | 1500 | 0 |" in lines
     assert any(x.startswith("| minilm_open_loop | infinity-emb | - | | | skipped: not installed") for x in lines)
     assert "300 / 150 tok/s = **2.00x** (target >= 1.5x: met)" in md

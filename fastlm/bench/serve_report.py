@@ -108,12 +108,13 @@ def markdown(rows: list[dict], meta: dict | None = None) -> str:
     soaks = [r for r in rows if r["case"] == "soak"]
     if soaks:
         L += ["", "## Soak (fastlm serve; RSS in MiB)", "",
-              "| task | requests (+ warm-up) | outcomes | RSS start | after warm-up | end | growth | KiB / request |",
+              "| task | requests (+ warm-up) | outcomes | RSS start | after warm-up | end | growth | "
+              "MiB / 1000 requests |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in soaks:
             L.append(f"| {r['task']} | {r['requests']} (+{r['warmup_requests']}) | {r['counts']} | "
                      f"{r['rss_start_mib']} | {r['rss_warm_mib']} | {r['rss_end_mib']} | {r['growth_mib']:+} | "
-                     f"{r['growth_kib_per_request']} |")
+                     f"{r['growth_mib'] * 1000 / max(1, r['requests']):+.1f} |")
     return "\n".join(L) + "\n"
 
 

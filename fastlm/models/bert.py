@@ -247,6 +247,21 @@ class BertPooler(nn.Module):
         return torch.tanh(linear(self.dense, h[:, 0]))  # (B, C) from the first ([CLS]) token
 
 
+# CPU encoders pad their packed rows to bucket_rows(n) (BertModel._encode_unpadded); False runs
+# every batch at its own size (a new set of GEMM shapes per new token count).
+BUCKET_ROWS = True
+
+
+def bucket_rows(n: int) -> int:
+    """The row count (>= n) a CPU encoder batch of n packed rows runs at: n rounded up to a multiple
+    of max(16, 2^(floor(log2 n) - 3)), i.e. 8 sizes per power of two above 128 and at most 12.5%
+    (16 rows below 128) more rows. n <= 0 -> n."""
+    if n <= 0:
+        return n
+    step = max(16, 1 << max(n.bit_length() - 4, 0))
+    return -(-n // step) * step
+
+
 def _unpad(keep: Tensor):
     """keep (B, S) bool -> (idx (T,) token rows of (B*S), rows (G,) whose position 0 is padding,
     cu_seqlens (B+1,) int32, max_seqlen, Ghosts for those rows or None when G = 0)."""
@@ -318,8 +333,11 @@ class BertModel(nn.Module):
         self.check_inputs(input_ids, attention_mask, token_type_ids)
         h = self.embeddings(input_ids, token_type_ids)  # (B, S, C)
         keep = None if attention_mask is None else attention_mask.to(device=self.device, dtype=torch.bool)
+        bucket = BUCKET_ROWS and h.device.type == "cpu"  # CPU: packed rows padded to a bounded set of sizes
         if keep is not None and not bool(keep.all()) and bool(keep.any()):
-            h = self._encode_unpadded(h, keep)
+            h = self._encode_unpadded(h, keep, bucket)
+        elif bucket and (keep is None or bool(keep.any())):  # no padding: B x S rows, packed to bucket them
+            h = self._encode_unpadded(h, torch.ones(h.shape[:2], dtype=torch.bool, device=h.device), bucket)
         else:
             hq = None  # int8_dynamic: each layer hands the next its output quantized per token
             for layer in self.encoder.layer:
@@ -327,23 +345,37 @@ class BertModel(nn.Module):
         pooled = self.pooler(h) if self.pooler is not None else None
         return BaseModelOutput(last_hidden_state=h, pooler_output=pooled)
 
-    def _encode_unpadded(self, h: Tensor, keep: Tensor) -> Tensor:
+    def _encode_unpadded(self, h: Tensor, keep: Tensor, bucket: bool = False) -> Tensor:
         """Remove padding once, run every layer on packed tokens (varlen attention), pad once at
         the end: no layer spends work on padding. Rows whose position 0 is padding (left padding)
         carry that position along as a query over their real keys, as transformers computes it.
-        Other padded positions come back as 0."""
+        Other padded positions come back as 0.
+
+        bucket: the T + G packed rows grow to bucket_rows(T + G) with copies of real tokens, as
+        extra sequences of at most max_seqlen tokens (their own varlen attention; outputs dropped),
+        so a process that sees every batch shape runs a bounded set of GEMM shapes (oneDNN keeps
+        one primitive per shape: fastlm/native_memory.py). Each real token's output is computed from
+        its own sequence only, as without the extra rows."""
         B, S, C = h.shape
         idx, rows, cu, max_len, ghosts = _unpad(keep)
         T = idx.numel()
         x = h.reshape(B * S, C).index_select(0, idx)  # (T, C)
+        G = 0 if ghosts is None else ghosts.src.shape[0]
+        P = bucket_rows(T + G) - T - G if bucket else 0
+        parts = [x]
+        if P:  # P extra rows, copies of real tokens, after the real ones and before the ghosts
+            parts.append(x.index_select(0, torch.arange(P, device=x.device) % T))  # (P, C)
+            ends = cu.new_tensor([*range(T + max_len, T + P, max_len), T + P])  # sequences of <= max_len rows
+            cu = torch.cat([cu, ends])
         if ghosts is not None:
-            x = torch.cat([x, h[rows, 0]])  # (T + G, C): position 0 of the left-padded rows last
+            parts.append(h[rows, 0])  # (G, C): position 0 of the left-padded rows last
+        x = torch.cat(parts) if len(parts) > 1 else x  # (T + P + G, C)
         xq = None
         for layer in self.encoder.layer:
             x, xq = layer(x, None, (cu, max_len), ghosts, xq)
         out = x.new_zeros(B * S, C).index_copy_(0, idx, x[:T]).view(B, S, C)  # (B, S, C)
         if ghosts is not None:
-            out[rows, 0] = x[T:]
+            out[rows, 0] = x[T + P:]
         return out
 
     # -- weights -------------------------------------------------------------------------

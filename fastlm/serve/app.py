@@ -804,7 +804,9 @@ def serve(cfg: ServeConfig) -> int:
     "abort" and the process exits 0; a second signal exits at once."""
     import uvicorn
 
-    _malloc_settings()
+    from fastlm.native_memory import malloc_settings
+
+    malloc_settings()  # glibc: freed blocks of ever-new sizes go back to the OS (fastlm/native_memory.py)
     st = State(cfg)
     app = build_app(cfg, st)
     asgi = Gate(app, st)
@@ -853,24 +855,6 @@ class _Server:
                 self.should_exit = True
 
         return Server(config)
-
-
-def _malloc_settings():
-    """glibc's allocator keeps freed blocks of ever-new sizes (FIELD_NOTES: RSS of a server seeing
-    every shape grows for a long time); cap the arenas and trim eagerly, as MALLOC_ARENA_MAX=2
-    MALLOC_TRIM_THRESHOLD_=131072 do, before the first big allocation. No-op off glibc."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
-        if "MALLOC_ARENA_MAX" not in os.environ:
-            libc.mallopt(M_ARENA_MAX, 2)
-        if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
-            libc.mallopt(M_TRIM_THRESHOLD, 131072)
-            libc.mallopt(M_MMAP_THRESHOLD, 131072)
-    except (OSError, AttributeError):
-        pass
 
 
 __all__ = ["ServeConfig", "build_app", "serve"]
