@@ -17,6 +17,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <string>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -190,6 +193,184 @@ FASTLM_AVX512 void head_avx512_bf16(const at::BFloat16* q, const at::BFloat16* k
 }
 #endif
 
+// bf16 q / k / v on a CPU with AVX512_BF16 (Zen 4, Intel Cooper Lake / Sapphire Rapids on):
+// QK^T and PV run vdpbf16ps on the bf16 inputs (bf16 products, fp32 accumulation), nothing is
+// converted to fp32 scratch. Layouts per (batch, head): K as pairs along D, (D/2, Sp) 32-bit
+// words (word (dp, j) = k[j, 2dp : 2dp + 2]), so one 64-column score tile per D pair is
+// acc[r] += pair(q[r, 2dp:2dp+2]) . 16 words; V as pairs along the keys, (ceil(S/2), D) 32-bit
+// words (word (jp, d) = (v[2jp, d], v[2jp + 1, d])). Softmax in fp32 (exact max, the same exp as
+// the fp32 kernel); the probabilities are rounded to bf16 for PV (as flash attention does in bf16)
+// and their sum is taken over the rounded values, so each output row is an exact convex
+// combination of V's rows up to fp32 accumulation. Output rounded to nearest even (vcvtneps2bf16).
+// Measured on AMD Zen 4, BERT-base B8 S128 one layer, one thread (CPU time): 5.3 ms for the
+// fp32-on-converted-rows kernel; see bench/results/bert-bf16-2026-12-07-zen4-loaded.md.
+#ifdef FASTLM_ATT_X86
+#define FASTLM_AVX512BF16 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16,fma")))
+
+inline uint32_t load_pair(const uint16_t* p) {
+  uint32_t w;
+  std::memcpy(&w, p, sizeof(w));
+  return w;
+}
+
+// out rows r < nr of PV for NV vectors of 16 output columns at d0: acc = P[r] . V pairs, / sum.
+template <int NV>
+FASTLM_AVX512BF16 inline void pv_tile(const uint16_t* pb, int64_t Sp, const uint16_t* vpk, int64_t D, int64_t d0,
+                                      int64_t npairs, const float* inv, int nr, uint16_t* out, int64_t ld_out) {
+  __m512 acc[kRows][NV];
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t jp = 0; jp < npairs; ++jp) {
+    const uint16_t* vr = vpk + (jp * D + d0) * 2;
+    __m512bh vv[NV];
+    for (int c = 0; c < NV; ++c) vv[c] = (__m512bh)_mm512_loadu_si512(vr + 32 * c);
+    for (int r = 0; r < kRows; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(load_pair(pb + r * Sp + 2 * jp)));
+      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a, vv[c]);
+    }
+  }
+  for (int r = 0; r < nr; ++r) {
+    const __m512 s = _mm512_set1_ps(inv[r]);
+    uint16_t* o = out + r * ld_out + d0;
+    for (int c = 0; c < NV; ++c)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[r][c], s)));
+  }
+}
+
+// One (batch, head), bf16 rows of q / k / v lq / lk / lv elements apart, output rows ld_out.
+// Scratch: ktp (D/2) x Sp words, sc kRows x Sp floats, pb kRows x Sp bf16, vpk ceil(S/2) x D words.
+FASTLM_AVX512BF16 void head_dpbf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, int64_t lq,
+                                   int64_t lk, int64_t lv, int64_t ld_out, int64_t Sq, int64_t S, int64_t D,
+                                   float scale, uint32_t* ktp, float* sc, uint16_t* pb, uint16_t* vpk) {
+  const int64_t Sp = (S + kCols - 1) / kCols * kCols, D2 = D / 2, npairs = (S + 1) / 2;
+  // K pairs along D, transposed to (D/2, Sp) by 16-key gathers (a scalar transpose's strided
+  // stores took a quarter of the head's time); zeros past S
+  const __m512i kidx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(static_cast<int>(lk)));
+  for (int64_t dp = 0; dp < D2; ++dp) {
+    uint32_t* dst = ktp + dp * Sp;
+    for (int64_t j0 = 0; j0 < Sp; j0 += 16) {
+      const int64_t n = std::min<int64_t>(16, std::max<int64_t>(0, S - j0));
+      const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+      const __m512i w = n > 0 ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, kidx, k + j0 * lk + 2 * dp, 2)
+                              : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + j0, w);
+    }
+  }
+  for (int64_t jp = 0; jp < npairs; ++jp) {  // V pairs along the keys (a zero row past an odd S)
+    const uint16_t* a = v + 2 * jp * lv;
+    const uint16_t* b = 2 * jp + 1 < S ? v + (2 * jp + 1) * lv : nullptr;
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + d)));
+      const __m512i hi = b != nullptr
+                             ? _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                                     reinterpret_cast<const __m256i*>(b + d))), 16)
+                             : _mm512_setzero_si512();
+      _mm512_storeu_si512(vpk + (jp * D + d) * 2, _mm512_or_si512(lo, hi));
+    }
+  }
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t i0 = 0; i0 < Sq; i0 += kRows) {
+    const uint16_t* qr[kRows];
+    for (int r = 0; r < kRows; ++r) qr[r] = q + std::min<int64_t>(i0 + r, Sq - 1) * lq;  // tail rows repeat the last
+    for (int64_t j0 = 0; j0 < Sp; j0 += kCols) {  // sc[r][j] = (q_r . k_j) * scale
+      __m512 acc[kRows][4];
+      for (int r = 0; r < kRows; ++r)
+        for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+      for (int64_t dp = 0; dp < D2; ++dp) {
+        const uint32_t* kr = ktp + dp * Sp + j0;
+        const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kr), k1 = (__m512bh)_mm512_loadu_si512(kr + 16),
+                       k2 = (__m512bh)_mm512_loadu_si512(kr + 32), k3 = (__m512bh)_mm512_loadu_si512(kr + 48);
+        for (int r = 0; r < kRows; ++r) {
+          const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(load_pair(qr[r] + 2 * dp)));
+          acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, k0);
+          acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, k1);
+          acc[r][2] = _mm512_dpbf16_ps(acc[r][2], a, k2);
+          acc[r][3] = _mm512_dpbf16_ps(acc[r][3], a, k3);
+        }
+      }
+      for (int r = 0; r < kRows; ++r)
+        for (int c = 0; c < 4; ++c) _mm512_storeu_ps(sc + r * Sp + j0 + 16 * c, _mm512_mul_ps(acc[r][c], vscale));
+    }
+    // softmax over the S real columns in fp32; P rounded to bf16, 1 / (sum of the rounded P) kept
+    float inv[kRows];
+    const int64_t Sv = S / 16 * 16;
+    const __mmask16 tail = static_cast<__mmask16>((1u << (S - Sv)) - 1u);
+    for (int r = 0; r < kRows; ++r) {
+      const float* s = sc + r * Sp;
+      uint16_t* p = pb + r * Sp;
+      __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      for (int64_t j = 0; j < Sv; j += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + j));
+      if (tail) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_maskz_loadu_ps(tail, s + Sv));
+      const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < Sv; j += 16) {
+        const __m256bh e = _mm512_cvtneps_pbh(exp512(_mm512_sub_ps(_mm512_loadu_ps(s + j), m)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), (__m256i)e);
+        sum = _mm512_add_ps(sum, _mm512_cvtpbh_ps(e));
+      }
+      if (tail) {
+        const __m512 ef = _mm512_maskz_mov_ps(tail, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + Sv), m)));
+        const __m256bh e = _mm512_cvtneps_pbh(ef);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + Sv), (__m256i)e);  // zeros past S
+        sum = _mm512_add_ps(sum, _mm512_cvtpbh_ps(e));
+      }
+      for (int64_t j = Sv + (tail ? 16 : 0); j < Sp; j += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), _mm256_setzero_si256());
+      inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+    }
+    const int nr = static_cast<int>(std::min<int64_t>(kRows, Sq - i0));
+    uint16_t* o = out + i0 * ld_out;
+    int64_t d0 = 0;
+    for (; d0 + 64 <= D; d0 += 64) pv_tile<4>(pb, Sp, vpk, D, d0, npairs, inv, nr, o, ld_out);
+    switch ((D - d0) / 16) {
+      case 3: pv_tile<3>(pb, Sp, vpk, D, d0, npairs, inv, nr, o, ld_out); break;
+      case 2: pv_tile<2>(pb, Sp, vpk, D, d0, npairs, inv, nr, o, ld_out); break;
+      case 1: pv_tile<1>(pb, Sp, vpk, D, d0, npairs, inv, nr, o, ld_out); break;
+      default: break;
+    }
+  }
+}
+#endif
+
+// Which bf16 kernel runs: "avx512_bf16" (head_dpbf16), "avx512" (fp32 math on converted rows,
+// head_avx512_bf16) or "portable". Forced per process for tests and A/B timing
+// (attention_blocked_bf16_path); auto picks the best the CPU and FASTLM_CPU_ISA allow.
+std::atomic<int> g_bf16_forced{-1};  // -1 auto, 0 portable, 1 avx512, 2 avx512_bf16
+const char* const kBf16AttPaths[] = {"portable", "avx512", "avx512_bf16"};
+
+bool cpu_has_dpbf16() {
+#ifdef FASTLM_ATT_X86
+  static const bool ok = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("avx512bf16");
+  return ok && cpu_has_avx512();
+#else
+  return false;
+#endif
+}
+
+int bf16_att_path() {
+  const int forced = g_bf16_forced.load(std::memory_order_relaxed);
+  if (forced >= 0) return forced;
+  return cpu_has_dpbf16() ? 2 : (cpu_has_avx512() ? 1 : 0);
+}
+
+std::string attention_blocked_bf16_path(c10::string_view path) {
+  if (path == "auto") {
+    g_bf16_forced.store(-1);
+  } else if (!path.empty()) {
+    int want = -1;
+    for (int i = 0; i < 3; ++i)
+      if (path == kBf16AttPaths[i]) want = i;
+    TORCH_CHECK_VALUE(want >= 0, "attention_blocked_bf16_path: path must be \"\", \"auto\", \"avx512_bf16\", "
+                      "\"avx512\" or \"portable\", got \"", path, "\"");
+    TORCH_CHECK_VALUE(want == 0 || (want == 1 && cpu_has_avx512()) || (want == 2 && cpu_has_dpbf16()),
+                      "attention_blocked_bf16_path: this CPU (or FASTLM_CPU_ISA) cannot run the \"", path, "\" path");
+    g_bf16_forced.store(want);
+  }
+  return kBf16AttPaths[bf16_att_path()];
+}
+
 // The portable path: attention_decode.cpp's row kernel, one query row at a time.
 void head_portable(const float* q, const float* k, const float* v, float* out, int64_t lq, int64_t lk, int64_t lv,
                    int64_t ld_out, int64_t Sq, int64_t S, int64_t D, float scale, float* sc) {
@@ -269,6 +450,25 @@ at::Tensor attention_blocked_bf16(const at::Tensor& q, const at::Tensor& k, cons
   at::BFloat16* op = out.mutable_data_ptr<at::BFloat16>();
   const int64_t ld_out = H * D;
   const int64_t Sp = (S + kCols - 1) / kCols * kCols;
+  if (bf16_att_path() == 2) {  // vdpbf16ps on the bf16 rows
+    const uint16_t* q16 = reinterpret_cast<const uint16_t*>(qp);
+    const uint16_t* k16 = reinterpret_cast<const uint16_t*>(kp);
+    const uint16_t* v16 = reinterpret_cast<const uint16_t*>(vp);
+    uint16_t* o16 = reinterpret_cast<uint16_t*>(op);
+    at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<uint32_t> ktp(D / 2 * Sp), vpk((S + 1) / 2 * D);
+      std::vector<float> scores(kRows * Sp);
+      std::vector<uint16_t> pb(kRows * Sp);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / H, h = t % H;
+        head_dpbf16(q16 + b * q.stride(0) + h * q.stride(1), k16 + b * k.stride(0) + h * k.stride(1),
+                    v16 + b * v.stride(0) + h * v.stride(1), o16 + b * Sq * ld_out + h * D, q.stride(2), k.stride(2),
+                    v.stride(2), ld_out, Sq, S, D, sc, ktp.data(), scores.data(), pb.data(),
+                    reinterpret_cast<uint16_t*>(vpk.data()));
+      }
+    });
+    return out.transpose(1, 2);
+  }
   at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> kt(D * Sp), scores(kRows * Sp), qf(Sq * D), kf(S * D), vf(S * D), of(Sq * D);
     for (int64_t t = t0; t < t1; ++t) {
@@ -300,7 +500,7 @@ at::Tensor attention_blocked_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
   const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
   const at::Tensor k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
   const at::Tensor v = v_in.stride(3) == 1 ? v_in : v_in.contiguous();
-  return attention_blocked_bf16(q, k, v, static_cast<float>(scale), cpu_has_avx512() && !portable);
+  return attention_blocked_bf16(q, k, v, static_cast<float>(scale), !portable && bf16_att_path() >= 1);
 }
 
 }  // namespace
@@ -308,6 +508,7 @@ at::Tensor attention_blocked_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
 TORCH_LIBRARY_FRAGMENT(fastlm, m) {
   m.def("attention_blocked(Tensor q, Tensor k, Tensor v, float scale, bool portable=False) -> Tensor");
   m.def("cpu_has_avx512() -> bool", [] { return cpu_has_avx512(); });
+  m.def("attention_blocked_bf16_path(str path='') -> str", &attention_blocked_bf16_path);
 }
 
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) { m.impl("attention_blocked", &attention_blocked_cpu); }

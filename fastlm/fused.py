@@ -106,9 +106,10 @@ def describe(op: str) -> str:
 BLOCKED_MAX_KEYS = 512
 
 
-# bf16 q / k / v (encoders in bfloat16) take attention_blocked too: fp32 math on converted rows,
-# bf16 out (the bf16 accuracy contract: fp32 softmax and accumulation). Measured against torch's
-# bf16 SDPA (flash) at BERT-base B8 S128, 2 threads, AMD Zen 4: see docs/design.md.
+# bf16 q / k / v (encoders in bfloat16) take attention_blocked too: vdpbf16ps on the bf16 rows where
+# the CPU has AVX512_BF16, else fp32 math on converted rows; bf16 out (the bf16 accuracy contract:
+# fp32 softmax and accumulation). Measured against torch's bf16 SDPA (flash) at BERT-base B8 S128,
+# 2 threads, AMD Zen 4: see docs/design.md.
 BLOCKED_DTYPES = (torch.float32, torch.bfloat16)
 
 
