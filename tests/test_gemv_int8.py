@@ -188,7 +188,5 @@ def test_int8_linear_uses_pair_panels_on_cpu():
     x = torch.randn(4, 71)
     wref = m.dequantized().double()
     check(m(x), reference(x, wref, lin.bias.detach()), 71, act_bound(x, wref))
-    xb = torch.randn(40, 71)  # batched decode (17-64 rows): the int16-activation kernels too
-    check(m(xb), reference(xb, wref, lin.bias.detach()), 71, act_bound(xb, wref))
-    xs = torch.randn(97, 71)  # prefill (> 64 rows): fp32 activations, fp32 rounding only
+    xs = torch.randn(40, 71)  # prefill (> 16 rows): fp32 activations, fp32 rounding only
     check(m(xs), reference(xs, wref, lin.bias.detach()), 71)
