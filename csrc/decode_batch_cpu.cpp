@@ -7,7 +7,7 @@
 //
 // Each projection is a small GEMM (M = B rows) through the packed panels of gemv.cpp
 // (cpu::packed_gemm): every weight panel is read once for all B rows (up to 16 rows per register
-// pass, larger batches in blocks of 96 rows with int8 panels dequantised once per block), so the
+// pass; int8 pair panels up to 64 rows in the int16-activation kernels, no dequantisation), so the
 // weight stream, which bounds a B = 1 step, is shared by the whole batch. LayerNorm rows and
 // attention rows use the same arithmetic as the B = 1 op (cpu::add_layer_norm_row of ffn.cpp,
 // cpu::attend_row of attention_decode.cpp), so row b's logits equal a B = 1 step's up to the

@@ -4,7 +4,8 @@
 // (ceil(N / 16), K, 16), fp32 or int8 (per-channel symmetric, `scale` (N,)). Each thread streams
 // a contiguous run of panels; a register tile of up to 6 rows x 16 channels broadcasts x[m, k] and
 // FMAs into two 8-float accumulators per row, so every weight byte is read once for all rows
-// (M <= 16 in one pass; larger M in blocks of 96 rows, int8 panels dequantised once per block).
+// (M <= 16 in one pass; larger M in blocks of 96 rows, int8 panels dequantised once per block;
+// the decode ops run int8 pair panels up to 64 rows in the int16-activation kernels instead).
 // int8 is dequantised in registers (cvtepi8 -> cvtepi32_ps) and the scale applied after the dot.
 // Runtime ISA dispatch: an AVX2+FMA path and a portable path (FASTLM_CPU_ISA=portable or
 // torch.ops.fastlm.cpu_isa("portable") forces it).
@@ -53,6 +54,11 @@ constexpr int64_t kNR = 16;  // output channels per panel
 constexpr int kMR = 6;       // rows per register tile: 12 accumulators + 2 weight vectors + 1 broadcast
 constexpr int64_t kMC = 96;  // rows per block of x (L2-sized); int8 panels are dequantised once per block
 constexpr int64_t kDequantRows = 16;  // blocks with more rows than this dequantise the panel to fp32 first
+// the decode ops (cpu::packed_gemm: gpt2_decode_cpu, gpt2_decode_batch_cpu) run int8 pair panels in
+// the int16-activation kernels (no dequantisation) up to this many rows: a batched decode step
+// (M = B) streams the int8 panels once; dequantising them per call to fp32
+// for M = 32 made int8 B = 32 decode slower than fp32 (bench/results/cpu-2026-12-07c-zen4.md)
+constexpr int64_t kI16Rows = 64;
 
 enum Act : int { kNone = 0, kGeluErf = 1, kGeluTanh = 2 };
 enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
@@ -837,14 +843,19 @@ void tile(int mr, int isa, bool int8, const float* x, int64_t K, const void* p, 
 // (ceil(N / 16), ceil(K / 2), 32).
 enum WKind : int { kWF32 = 0, kWI8 = 1, kWI8Pairs = 2 };
 
-void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind, int64_t N, const Epilogue& e) {
+// i16_max_rows: int8 pair panels with M <= this run the int16-activation kernels (packed_linear:
+// kDequantRows, so prefill / forward numerics stay fp32-activation past 16 rows; the decode ops:
+// kI16Rows, so a batched decode row equals the B = 1 step's).
+void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind, int64_t N, const Epilogue& e,
+                 int64_t i16_max_rows = kDequantRows) {
   const int isa = current_isa();
   const bool int8 = wkind != kWF32, pairs8 = wkind == kWI8Pairs;
   const int64_t NB = (N + kNR - 1) / kNR;
   const int64_t K2 = (K + 1) / 2;
   const int64_t panel_bytes = pairs8 ? K2 * kPairRow : K * kNR * (int8 ? 1 : 4);
-  // int8 pair panels, few rows: int16 activations quantized once here, on the calling thread
-  const bool i16 = pairs8 && M <= kDequantRows && i8_mode() >= 1;
+  // int8 pair panels, decode-sized M (<= kI16Rows): int16 activations quantized once here, on the
+  // calling thread; each row's result is independent of M (exact int32 block sums per row)
+  const bool i16 = pairs8 && M <= i16_max_rows && i8_mode() >= 1;
   thread_local std::vector<int16_t> xq_buf;
   thread_local std::vector<float> xs_buf;
   if (i16) {
@@ -869,7 +880,7 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind,
     return (env != nullptr ? std::max<int64_t>(1, std::atoll(env)) : int64_t{512}) << 10;
   }();
   // prefill blocks on AVX-512 run two panels per tile: chunks hold an even number of panels
-  const bool pairs = isa == kAvx512 && M > kDequantRows;
+  const bool pairs = isa == kAvx512 && M > kDequantRows && !i16;
   // as many chunks as the work holds chunk_bytes, rounded to a multiple of the threads so that
   // none waits on a last odd chunk (a 768 x 768 fp32 GEMV in 5 chunks ran 3 : 2), and at least
   // one per thread once the work holds 64 KB per thread (int8 768 x 768 is 590 KB: one chunk
@@ -1087,7 +1098,7 @@ int isa_level() { return current_isa(); }
 
 void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind, int64_t N, const float* scale,
                  const float* bias, const float* residual, float* y, int act) {
-  fastlm::packed_gemm(x, M, K, w, wkind, N, Epilogue{scale, bias, residual, y, N, act});
+  fastlm::packed_gemm(x, M, K, w, wkind, N, Epilogue{scale, bias, residual, y, N, act}, kI16Rows);
 }
 }  // namespace cpu
 

@@ -214,3 +214,32 @@ def test_fake():
     cache, _ = prefilled(model, ids, lens, 16)
     torch.library.opcheck(torch.ops.fastlm.gpt2_decode_batch_cpu, tuple(_args(model, cache, lens.to(torch.int32))),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("B", [17, 33])
+def test_int8_batch_row_equals_the_row_alone_past_16_rows(B):
+    """A decode step of B > 16 rows (past the GEMV's one-pass row count; int8 pair panels run the
+    int16-activation kernels up to 64 rows): row b equals the B = 1 step on a copy of row b's
+    cache (bit-identical inputs, so any difference is the GEMM's row blocking), on the default
+    path (int16 activations). A bf16 batch is not covered: it runs op by op in bf16 (decode_step),
+    whose bf16 rounding of the activations differs from the fused B = 1 bf16 step."""
+    model = fastlm.from_pretrained(hf_model("h3_d32"), quantize="int8")
+    cfg, V, T = model.config, model.config.vocab_size, 7
+    g = torch.Generator().manual_seed(B)
+    cache = StaticKVCache(cfg.n_layer, B, cfg.n_head, cfg.n_embd // cfg.n_head, 16, model.dtype, "cpu")
+    lens = torch.randint(1, T + 1, (B,), generator=g)
+    for c in (cache.k, cache.v):  # random keys / values (fresh per B)
+        c.copy_(torch.randn(c.shape, generator=g))
+    tok, pos = torch.randint(0, V, (B,), generator=g), lens.to(torch.int32)
+    with torch.inference_mode():
+        ones = []
+        for b in range(B):  # before the batch step writes row pos[b]
+            one_cache = StaticKVCache(cfg.n_layer, 1, cfg.n_head, cfg.n_embd // cfg.n_head, 16, model.dtype, "cpu")
+            one_cache.k.copy_(cache.k[:, b:b + 1])
+            one_cache.v.copy_(cache.v[:, b:b + 1])
+            ones.append(model.decode_step(tok[b:b + 1], pos[b:b + 1], one_cache, int(lens[b]) + 1))
+        batch, used = ran_batch_op(lambda: model.decode_step(tok, pos, cache, T + 1))
+    assert used, "the batched C++ step did not run"
+    assert batch.shape == (B, V) and torch.isfinite(batch).all()
+    for b in range(B):
+        torch.testing.assert_close(batch[b:b + 1].float(), ones[b].float(), rtol=1e-4, atol=5e-5)
