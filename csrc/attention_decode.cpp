@@ -15,115 +15,20 @@
 #include <cmath>
 #include <vector>
 
+#include "attend_row.h"
 #include "cpu_kernels.h"
 #include "cpu_pool.h"
 
 namespace fastlm {
 namespace {
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FASTLM_ATT_X86 1
-#include <immintrin.h>
-#define FASTLM_ATT_AVX2 __attribute__((target("avx2,fma")))
-#endif
-
-// One head: q (D,), k and v rows at stride ks / vs (elements), out (D,). The portable path.
-void attend_one_base(const float* q, const float* k, int64_t ks, const float* v, int64_t vs, int64_t S, int64_t D,
-                float scale, float* out, float* s) {
-  float mx = -INFINITY;
-  for (int64_t j = 0; j < S; ++j) {
-    const float* kj = k + j * ks;
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // 8 partial sums: the compiler vectorises the dot
-    int64_t t = 0;
-    for (; t + 8 <= D; t += 8)
-      for (int l = 0; l < 8; ++l) acc[l] += q[t + l] * kj[t + l];
-    float d = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (; t < D; ++t) d += q[t] * kj[t];
-    s[j] = d * scale;
-    mx = std::max(mx, s[j]);
-  }
-  float sum = 0.0f;
-  for (int64_t j = 0; j < S; ++j) {
-    s[j] = std::exp(s[j] - mx);
-    sum += s[j];
-  }
-  const float inv = 1.0f / sum;
-  for (int64_t t = 0; t < D; ++t) out[t] = 0.0f;
-  for (int64_t j = 0; j < S; ++j) {
-    const float p = s[j] * inv;
-    const float* vj = v + j * vs;
-    for (int64_t t = 0; t < D; ++t) out[t] += p * vj[t];
-  }
-}
-
-#ifdef FASTLM_ATT_X86
-FASTLM_ATT_AVX2 inline float hsum8(__m256 v) {
-  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
-  a = _mm_add_ss(a, _mm_movehdup_ps(a));
-  return _mm_cvtss_f32(a);
-}
-
-// The same as attend_one_base with AVX2 + FMA (the AVX-512 CPUs run it too: at D = 64 a head row is
-// 8 ymm, and the step is bound by the few hundred keys, not the vector width). The decode step's
-// attention ran in the baseline SSE2 code: the dots as 4-wide mul + add, and the value
-// accumulation stored `out` back every key (it may alias v as far as the compiler knows). Here
-// the dots are two FMA chains per key and the values accumulate in 8 registers per 64 columns.
-FASTLM_ATT_AVX2 void attend_one_avx2(const float* q, const float* k, int64_t ks, const float* v, int64_t vs,
-                                     int64_t S, int64_t D, float scale, float* out, float* s) {
-  const int64_t D8 = D & ~int64_t{7};
-  float mx = -INFINITY;
-  for (int64_t j = 0; j < S; ++j) {
-    const float* kj = k + j * ks;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    int64_t t = 0;
-    for (; t + 16 <= D8; t += 16) {
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + t), _mm256_loadu_ps(kj + t), a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + t + 8), _mm256_loadu_ps(kj + t + 8), a1);
-    }
-    if (t < D8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + t), _mm256_loadu_ps(kj + t), a0);
-    float d = hsum8(_mm256_add_ps(a0, a1));
-    for (t = D8; t < D; ++t) d += q[t] * kj[t];
-    s[j] = d * scale;
-    mx = std::max(mx, s[j]);
-  }
-  float sum = 0.0f;
-  for (int64_t j = 0; j < S; ++j) {
-    s[j] = std::exp(s[j] - mx);
-    sum += s[j];
-  }
-  const float inv = 1.0f / sum;
-  int64_t t0 = 0;
-  for (; t0 + 64 <= D8; t0 += 64) {  // 64 columns: 8 accumulators
-    __m256 a[8];
-    for (int b = 0; b < 8; ++b) a[b] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < S; ++j) {
-      const __m256 p = _mm256_set1_ps(s[j] * inv);
-      const float* vj = v + j * vs + t0;
-      for (int b = 0; b < 8; ++b) a[b] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8 * b), a[b]);
-    }
-    for (int b = 0; b < 8; ++b) _mm256_storeu_ps(out + t0 + 8 * b, a[b]);
-  }
-  for (; t0 < D8; t0 += 8) {
-    __m256 a = _mm256_setzero_ps();
-    for (int64_t j = 0; j < S; ++j) a = _mm256_fmadd_ps(_mm256_set1_ps(s[j] * inv), _mm256_loadu_ps(v + j * vs + t0), a);
-    _mm256_storeu_ps(out + t0, a);
-  }
-  for (int64_t t = D8; t < D; ++t) {
-    float a = 0.0f;
-    for (int64_t j = 0; j < S; ++j) a += s[j] * inv * v[j * vs + t];
-    out[t] = a;
-  }
-}
-#endif
-
-// One head (see attend_one_base): the AVX2 path where the CPU kernels may use it (cpu::isa_level).
+// One head, fp32 KV (attend_row.h): the AVX2 body where the CPU kernels may use it (cpu::isa_level).
 void attend_one(const float* q, const float* k, int64_t ks, const float* v, int64_t vs, int64_t S, int64_t D,
                 float scale, float* out, float* s) {
-#ifdef FASTLM_ATT_X86
-  if (cpu::isa_level() >= 1 && cpu::tune() >= 1) return attend_one_avx2(q, k, ks, v, vs, S, D, scale, out, s);
+#ifdef FASTLM_ATTEND_X86
+  if (cpu::isa_level() >= 1 && cpu::tune() >= 1) return attend::avx2<float>(q, k, ks, v, vs, S, D, scale, out, s);
 #endif
-  attend_one_base(q, k, ks, v, vs, S, D, scale, out, s);
+  attend::portable<float>(q, k, ks, v, vs, S, D, scale, out, s);
 }
 
 void check_qkv_arg(const at::Tensor& t, const char* name) {

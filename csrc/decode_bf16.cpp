@@ -24,13 +24,10 @@
 #include <string>
 #include <vector>
 
+#include "attend_row.h"
 #include "cpu_kernels.h"
 #include "cpu_pool.h"
 #include "gemv_bf16.h"
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#endif
 
 namespace fastlm {
 namespace {
@@ -158,86 +155,21 @@ void run(const Proj& p, const float* x, float* y, const float* residual, int act
   cpu::packed_gemm_bf16(x, 1, p.k, p.w, p.n, p.bias.p, residual, y, act);
 }
 
-// One query row against S bf16 key / value rows (rows D apart): out = softmax(scale * q . k) @ v,
-// fp32 throughout; s is a scratch of S floats. Written for the compiler to vectorise (8 partial
-// sums, bf16 -> fp32 as a shift); compiled twice, for AVX2 and for the baseline.
-__attribute__((always_inline)) inline void attend_bf16_body(const float* q, const uint16_t* k, const uint16_t* v,
-                                                            int64_t S, int64_t D, float scale, float* out, float* s) {
-  float mx = -INFINITY;
-  for (int64_t j = 0; j < S; ++j) {
-    const uint16_t* kj = k + j * D;
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t t = 0;
-    for (; t + 8 <= D; t += 8)
-      for (int l = 0; l < 8; ++l) acc[l] += q[t + l] * cpu::bf16_to_f32(kj[t + l]);
-    float d = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (; t < D; ++t) d += q[t] * cpu::bf16_to_f32(kj[t]);
-    s[j] = d * scale;
-    mx = std::max(mx, s[j]);
-  }
-  float sum = 0.0f;
-  for (int64_t j = 0; j < S; ++j) {
-    s[j] = std::exp(s[j] - mx);
-    sum += s[j];
-  }
-  const float inv = 1.0f / sum;
-  for (int64_t t = 0; t < D; ++t) out[t] = 0.0f;
-  for (int64_t j = 0; j < S; ++j) {
-    const float pj = s[j] * inv;
-    const uint16_t* vj = v + j * D;
-    for (int64_t t = 0; t < D; ++t) out[t] += pj * cpu::bf16_to_f32(vj[t]);
-  }
-}
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-// AVX2 + FMA in intrinsics (head dims that are multiples of 8; others take the generic body):
-// 8 channels a vector, bf16 widened by vpmovzxwd + shift; q . k in two partial sums; the same fp32
-// math as the body up to the order of the sums. At GPT-2 small's 64 rows the phase is bound by
-// reading the layer's cache rows back from DRAM (the weight stream evicts them every step), ~30 us
-// a layer on one thread: the heads are split across the threads (below).
-__attribute__((target("avx2,fma"))) inline __m256 load8_bf16(const uint16_t* p) {
-  return _mm256_castsi256_ps(
-      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-}
-
-__attribute__((target("avx2,fma"))) void attend_bf16_avx2(const float* q, const uint16_t* k, const uint16_t* v,
-                                                           int64_t S, int64_t D, float scale, float* out, float* s) {
-  if (D % 8 != 0) return attend_bf16_body(q, k, v, S, D, scale, out, s);
-  float mx = -INFINITY;
-  for (int64_t j = 0; j < S; ++j) {
-    const uint16_t* kj = k + j * D;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    int64_t t = 0;
-    for (; t + 16 <= D; t += 16) {
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + t), load8_bf16(kj + t), a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + t + 8), load8_bf16(kj + t + 8), a1);
-    }
-    if (t < D) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + t), load8_bf16(kj + t), a0);
-    const __m256 a = _mm256_add_ps(a0, a1);
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    s[j] = _mm_cvtss_f32(r) * scale;
-    mx = std::max(mx, s[j]);
-  }
-  float sum = 0.0f;
-  for (int64_t j = 0; j < S; ++j) {
-    s[j] = std::exp(s[j] - mx);
-    sum += s[j];
-  }
-  const float inv = 1.0f / sum;
-  for (int64_t t = 0; t < D; t += 8) {  // 8 output channels at a time, held in a register over the rows
-    __m256 o = _mm256_setzero_ps();
-    for (int64_t j = 0; j < S; ++j) o = _mm256_fmadd_ps(_mm256_set1_ps(s[j] * inv), load8_bf16(v + j * D + t), o);
-    _mm256_storeu_ps(out + t, o);
-  }
-}
-#endif
-
+// One query row against S bf16 key / value rows (rows D apart), fp32 math (attend_row.h, shared
+// with the fp32 cache's attention). At GPT-2 small's 64 rows the phase is bound by reading the
+// layer's cache rows back from DRAM (the weight stream evicts them every step), ~30 us a layer on
+// one thread: the heads are split across the threads (below).
 void attend_bf16_base(const float* q, const uint16_t* k, const uint16_t* v, int64_t S, int64_t D, float scale,
                       float* out, float* s) {
-  attend_bf16_body(q, k, v, S, D, scale, out, s);
+  attend::portable<uint16_t>(q, k, D, v, D, S, D, scale, out, s);
 }
+
+#ifdef FASTLM_ATTEND_X86
+void attend_bf16_avx2(const float* q, const uint16_t* k, const uint16_t* v, int64_t S, int64_t D, float scale,
+                      float* out, float* s) {
+  attend::avx2<uint16_t>(q, k, D, v, D, S, D, scale, out, s);
+}
+#endif
 
 // h (1, 1, C) float32 or bfloat16 -> logits (1, vocab) float32. params as gpt2_decode_cpu's (per
 // layer [ln_1 w, ln_1 b, c_attn (panels, scale, bias), attn.c_proj (3), ln_2 w, ln_2 b, c_fc (3),
@@ -350,7 +282,7 @@ at::Tensor gpt2_decode_cpu_bf16(const at::Tensor& h_in, const c10::List<c10::opt
   auto* kc = reinterpret_cast<uint16_t*>(k_cache.mutable_data_ptr<at::BFloat16>());
   auto* vc = reinterpret_cast<uint16_t*>(v_cache.mutable_data_ptr<at::BFloat16>());
   const int64_t layer_stride = k_cache.stride(0), head_stride = cap * D;
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef FASTLM_ATTEND_X86
   const auto attend = cpu::isa_level() >= 1 ? &attend_bf16_avx2 : &attend_bf16_base;
 #else
   const auto attend = &attend_bf16_base;
