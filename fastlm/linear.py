@@ -93,23 +93,27 @@ def pack_bf16_panels(w: Tensor) -> Tensor:
     return _hugepage(packed).view(nb, k2, 2 * PANEL)
 
 
-def share_arena_(linears) -> None:
-    """Move the CPU `packed` panels of `linears` (PackedLinear, in the order a decode step reads
-    them) into one contiguous huge-page allocation, each module's buffer a view of it: the step
-    then streams one run of memory. Measured on Zen 4 (one thread, CPU time, the 48 bf16 GEMVs of
-    GPT-2 small, same process): 20 GB/s from separate allocations, 28 GB/s from one arena (the
-    1.2 MB attention projections sit below the 2 MiB huge-page floor when alone). A no-op with
-    fewer than two, without fastlm._C, or when they already share one allocation."""
-    ps = [m for m in linears if getattr(m, "packed", None) is not None and m.packed.device.type == "cpu"]
-    if len(ps) < 2 or not _ext.available() or len({m.packed.dtype for m in ps}) != 1:
+def share_arena_(linears, attr: str = "packed") -> None:
+    """Move the CPU panels `attr` ("packed" of PackedLinear, "qweight" of Int8Linear) of `linears`
+    (in the order a decode step reads them) into one contiguous huge-page allocation, each module's
+    buffer a view of it: the step then streams one run of memory. Measured on Zen 4 (one thread, CPU
+    time, the 48 bf16 GEMVs of GPT-2 small, same process): 20 GB/s from separate allocations, 28 GB/s
+    from one arena (the 1.2 MB attention projections sit below the 2 MiB huge-page floor when alone;
+    int8: the 1.8 MB c_attn and 0.6 MB attn.c_proj panels, see docs/design.md "CPU threads"). A no-op
+    with fewer than two, without fastlm._C, or when they already share one allocation."""
+    ps = [m for m in linears if getattr(m, attr, None) is not None and getattr(m, attr).device.type == "cpu"]
+    if len(ps) < 2 or not _ext.available() or len({getattr(m, attr).dtype for m in ps}) != 1:
         return
-    if len({m.packed.untyped_storage().data_ptr() for m in ps}) == 1:
+    if len({getattr(m, attr).untyped_storage().data_ptr() for m in ps}) == 1:
         return
-    arena = torch.ops.fastlm.hugepage_copy(torch.cat([m.packed.reshape(-1) for m in ps]))
+    arena = torch.ops.fastlm.hugepage_copy(torch.cat([getattr(m, attr).reshape(-1) for m in ps]))
     off = 0
     for m in ps:
-        n = m.packed.numel()
-        m.packed = arena[off:off + n].view(m.packed.shape)  # panels are 32-element rows: 64-byte aligned
+        t = getattr(m, attr)
+        n = t.numel()
+        # fp32 / bf16 panels are 16- / 32-element rows, int8 pair panels 32-byte rows: each view starts
+        # 32-byte aligned at least (the kernels use unaligned loads)
+        setattr(m, attr, arena[off:off + n].view(t.shape))
         off += n
 
 

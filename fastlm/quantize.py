@@ -44,6 +44,7 @@ from fastlm.linear import (
     Int8Linear,
     Int8TiedEmbedding,
     PackedLinear,
+    share_arena_,
 )
 
 log = logging.getLogger("fastlm")
@@ -247,6 +248,12 @@ def quantize_(model: nn.Module, mode: str | None) -> nn.Module:
         if tied_emb is not None:
             parent, attr, head = tied_emb
             setattr(parent, attr, Int8TiedEmbedding(head(), dtype))
+        if mode == "int8" and device.type == "cpu" and hasattr(model, "decode_linears"):
+            # the decode step's int8 panels in one huge-page run, in step order: alone, the 1.8 MB c_attn
+            # and 0.6 MB attn.c_proj panels sat on 4 KiB pages (below pack_int8_panels' 2 MiB floor) and
+            # streamed at ~60% of the rate of the others (docs/design.md "CPU threads")
+            share_arena_([lin for lin in model.decode_linears()
+                          if isinstance(lin, Int8Linear) and lin.qweight.dim() == 3], attr="qweight")
     model.__dict__["quantize_mode"] = mode
     return model
 

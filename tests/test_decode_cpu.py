@@ -239,3 +239,40 @@ def test_profile_counts_steps_and_every_op():
     assert prof("reset") == [0] * 11
     with pytest.raises(ValueError, match="gpt2_decode_profile: cmd must be"):
         prof("start")
+
+
+def test_int8_step_one_arena_and_schedules_agree():
+    """quantize="int8" puts every decode projection's pair panels in one huge-page run (step order,
+    fastlm.linear.share_arena_); the step's GEMVs are large enough here to be shared between 2 threads,
+    and the per-thread ranges with stealing (gemv_sched 1), the chunks in order (0) and the int8 software
+    prefetch on / off give the same logits bit for bit, equal to the step on separate allocations."""
+    cfg = tf.GPT2Config(n_layer=2, n_head=4, n_embd=256, n_inner=1024, vocab_size=1999, n_positions=64,
+                        initializer_range=0.4, bos_token_id=0, eos_token_id=0)
+    model = fastlm.from_pretrained(tf.GPT2LMHeadModel(cfg).eval(), quantize="int8")
+    lins = model.decode_linears()
+    assert len({lin.qweight.untyped_storage().data_ptr() for lin in lins}) == 1
+    ids = torch.randint(0, 1999, (1, 5))
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        outs = []
+        for sched, pf, separate in [(1, 0, False), (0, 0, False), (1, 1024, False), (0, 1024, True)]:
+            torch.ops.fastlm.gemv_sched(sched)
+            torch.ops.fastlm.int8_gemv_prefetch(pf)
+            saved = [lin.qweight for lin in lins]
+            if separate:
+                for lin in lins:
+                    lin.qweight = lin.qweight.clone()
+            cache = prefilled(model, ids, 16)
+            with torch.inference_mode():
+                assert model._cpu_decode_params(torch.zeros(1, 1, 256), cache) is not None
+                outs.append(model.decode_step(torch.tensor([7]), torch.tensor([5], dtype=torch.int32), cache, 6))
+            for lin, q in zip(lins, saved, strict=True):
+                lin.qweight = q
+    finally:
+        torch.set_num_threads(prev)
+        torch.ops.fastlm.gemv_sched(0)
+        torch.ops.fastlm.int8_gemv_prefetch(0)
+    assert torch.isfinite(outs[0]).all()
+    for y in outs[1:]:
+        assert torch.equal(y, outs[0])
