@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fastlm import ops
+from fastlm import cpu_split, ops
 from fastlm.backend import model_entry
+from fastlm.linear import Int8DynamicLinear
 from fastlm.linear_cpu import CPULinear
 from fastlm.models.common import (
     BaseModelOutput,
@@ -331,6 +332,23 @@ class BertModel(nn.Module):
         self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None
     ) -> BaseModelOutput:
         self.check_inputs(input_ids, attention_mask, token_type_ids)
+        n = cpu_split.n_chunks(input_ids) if self._batch_split_ok() else 1
+        if n > 1:  # CPU int8_dynamic: a chunk of the batch per thread (fastlm/cpu_split.py)
+            parts = cpu_split.run(self._encode, n, (input_ids, attention_mask, token_type_ids))
+            h = torch.cat([p[0] for p in parts])
+            pooled = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
+        else:
+            h, pooled = self._encode(input_ids, attention_mask, token_type_ids)
+        return BaseModelOutput(last_hidden_state=h, pooler_output=pooled)
+
+    def _batch_split_ok(self) -> bool:
+        """Whether the forward may split its batch over threads: int8_dynamic models (the path
+        measured, fastlm/cpu_split.py)."""
+        return bool(len(self.encoder.layer)) and isinstance(self.encoder.layer[0].attention.qkv, Int8DynamicLinear)
+
+    def _encode(self, input_ids: Tensor, attention_mask: Tensor | None,
+                token_type_ids: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The forward on checked inputs -> (last_hidden_state (B, S, C), pooler_output (B, C) or None)."""
         h = self.embeddings(input_ids, token_type_ids)  # (B, S, C)
         keep = None if attention_mask is None else attention_mask.to(device=self.device, dtype=torch.bool)
         bucket = BUCKET_ROWS and h.device.type == "cpu"  # CPU: packed rows padded to a bounded set of sizes
@@ -343,7 +361,7 @@ class BertModel(nn.Module):
             for layer in self.encoder.layer:
                 h, hq = layer(h, keep, xq=hq)
         pooled = self.pooler(h) if self.pooler is not None else None
-        return BaseModelOutput(last_hidden_state=h, pooler_output=pooled)
+        return h, pooled
 
     def _encode_unpadded(self, h: Tensor, keep: Tensor, bucket: bool = False) -> Tensor:
         """Remove padding once, run every layer on packed tokens (varlen attention), pad once at
