@@ -1,5 +1,6 @@
 // torch.ops.fastlm.cpu_pool_stats: what the work-sharing pool of the CPU decode kernels (cpu_pool.h)
 // has done in this process, for tests, `fastlm info`-style diagnostics and benchmarks.
+#include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -18,8 +19,21 @@ std::vector<int64_t> cpu_pool_stats() {
   return {s.threads, s.helper_chunks, s.helpers_started, s.shared_jobs, s.stalls, s.backoff_jobs};
 }
 
+// Sets the calling thread's rows scope (cpu_pool.h: pool_rows_scope) to `on` (0 or 1) and returns
+// the previous value, so a caller restores it.
+int64_t cpu_pool_scope(int64_t on) {
+  TORCH_CHECK_VALUE(on == 0 || on == 1, "cpu_pool_scope: on must be 0 or 1, got ", on);
+  bool& s = pool_rows_scope();
+  const int64_t prev = s ? 1 : 0;
+  s = on == 1;
+  return prev;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastlm, m) { m.def("cpu_pool_stats() -> int[]", &cpu_pool_stats); }
+TORCH_LIBRARY_FRAGMENT(fastlm, m) {
+  m.def("cpu_pool_stats() -> int[]", &cpu_pool_stats);
+  m.def("cpu_pool_scope(int on) -> int", &cpu_pool_scope);
+}
 
 }  // namespace fastlm

@@ -66,6 +66,17 @@ struct PoolStats {
   int64_t backoff_jobs = 0;   // jobs run on the caller alone during a back-off window
 };
 
+// Rows scope of the calling thread (torch.ops.fastlm.cpu_pool_scope): while on, the row ops of
+// ffn.cpp (LayerNorm, add + LayerNorm) share their rows through SharePool instead of an OpenMP
+// region. A GPT-2 prefill whose GEMMs run on this pool turns it on: an OpenMP region between two
+// pool jobs leaves libgomp's worker spinning (OMP_WAIT_POLICY unset: up to milliseconds) on the
+// core the pool's helper needs next (measured: ~0.6 s more CPU per B = 32 GPT-2 small prefill on
+// the 2-core Zen 4 than with OMP_WAIT_POLICY=PASSIVE; the 1-thread prefill is ~1.0 s).
+inline bool& pool_rows_scope() {
+  static thread_local bool on = false;
+  return on;
+}
+
 class SharePool {
   using Clock = std::chrono::steady_clock;
 

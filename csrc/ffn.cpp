@@ -1,6 +1,7 @@
 // FFN ops, torch side: input checks (each naming the argument), the CPU kernels,
 // and the CPU / CUDA registrations. The CUDA kernels are plain CUDA in cuda/ffn.cu.
 #include "cpu_kernels.h"
+#include "cpu_pool.h"
 #include "ffn.h"
 #include "fast_math.h"
 #include "linear_cpu.h"
@@ -252,13 +253,20 @@ void layer_norm_cpu_impl(const T* x, const T* r, const T* w, const T* b, T* y, T
     wf[j] = static_cast<float>(w[j]);
     bf[j] = static_cast<float>(b[j]);
   }
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / n), [&](int64_t r0, int64_t r1) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / n);
+  auto body = [&](int64_t r0, int64_t r1) {
     std::vector<float> v(n);
     for (int64_t i = r0; i < r1; ++i) {
       layer_norm_row<T>(x + i * n, r != nullptr ? r + i * n : nullptr, wf.data(), bf.data(), y + i * n,
                         s != nullptr ? s + i * n : nullptr, v.data(), n, eps);
     }
-  });
+  };
+  if (pool_rows_scope()) {  // between pool-run GEMMs (a GPT-2 prefill): no OpenMP region, see cpu_pool.h
+    SharePool::get().run((rows + grain - 1) / grain,
+                         [&](int64_t c) { body(c * grain, std::min(rows, (c + 1) * grain)); });
+  } else {
+    at::parallel_for(0, rows, grain, body);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> layer_norm_cpu_common(const at::Tensor& x_in, const at::Tensor* r_in,

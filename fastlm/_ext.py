@@ -5,6 +5,7 @@ fastlm works without it (the reference path runs instead); `fastlm info` says so
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -47,6 +48,10 @@ if _C is not None:
 
 
 if _C is not None:
+
+    @torch.library.register_fake("fastlm::argmax_rows")
+    def _argmax_rows_fake(x):
+        return x.new_empty((x.shape[0],), dtype=torch.long)
 
     @torch.library.register_fake("fastlm::packed_linear")
     def _packed_linear_fake(x, w, n, scale=None, bias=None, residual=None, activation="none"):
@@ -132,3 +137,20 @@ def cuda_enabled() -> bool:
 
 def cuda_archs() -> str:
     return _C.cuda_archs if _C is not None else ""
+
+
+@contextlib.contextmanager
+def pool_scope(on: bool = True):
+    """While inside, fastlm._C's CPU row ops (LayerNorm, add + LayerNorm) called from this thread share
+    their rows through fastlm's work-sharing pool (csrc/cpu_pool.h) instead of an OpenMP region; for
+    stretches whose GEMMs run on that pool (a GPT-2 prefill on packed panels), so no OpenMP worker
+    is left spinning on the core the pool's helper needs. A no-op without the extension or under
+    torch.compile. The previous setting is restored on exit."""
+    if _C is None or torch.compiler.is_compiling():
+        yield
+        return
+    prev = torch.ops.fastlm.cpu_pool_scope(1 if on else 0)
+    try:
+        yield
+    finally:
+        torch.ops.fastlm.cpu_pool_scope(prev)

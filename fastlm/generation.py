@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fastlm import _ext
 from fastlm.cache import StaticKVCache
 from fastlm.models.common import check_ids
 
@@ -480,6 +481,12 @@ def choose(scores: Tensor, do_sample: bool, generator: torch.Generator | None) -
     (transformers' multinomial), taken as argmax of p / Exp(1) noise, which needs no host sync and
     follows `generator`. A token at -inf has p = 0 and is never drawn."""
     if not do_sample:
+        if (scores.device.type == "cpu" and scores.dtype == torch.float32 and scores.dim() == 2
+                and _ext.available() and not torch.compiler.is_compiling()):
+            # the first index of the maximum (NaN largest), as torch.argmax, on the calling thread:
+            # torch's OpenMP argmax left libgomp's worker spinning on the core the next decode
+            # step's pool helper needs (csrc/argmax_cpu.cpp)
+            return torch.ops.fastlm.argmax_rows(scores)
         return scores.argmax(-1)
     probs = scores.softmax(-1)
     noise = torch.empty_like(probs).exponential_(generator=generator)

@@ -278,12 +278,21 @@ class GPT2LMHeadModel(GPT2Model):
         T = input_ids.shape[1]
         pos = torch.arange(T, device=input_ids.device)[None]  # (1, T)
         h = self.wte(input_ids) + self.wpe(pos)  # (B, T, C)
-        for i, block in enumerate(self.h):
-            h = block(h, key_padding_mask, KVStep(cache, i))
-        if last_only:
-            h = h[:, -1:]
-        h = ops.layer_norm(h, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
-        return linear(self.lm_head, h)
+        with _ext.pool_scope(self._pool_gemms(h)):
+            for i, block in enumerate(self.h):
+                h = block(h, key_padding_mask, KVStep(cache, i))
+            if last_only:
+                h = h[:, -1:]
+            h = ops.layer_norm(h, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
+            return linear(self.lm_head, h)
+
+    def _pool_gemms(self, h: Tensor) -> bool:
+        """Whether the blocks' GEMMs on `h` run on fastlm's CPU pool (packed fp32 / bf16 panels or
+        int8 weight-only panels on CPU): then the LayerNorms between them share rows through the same
+        pool (fastlm._ext.pool_scope), with no OpenMP region left spinning between two pool jobs."""
+        lin = self.h[0].attn.c_attn
+        return h.device.type == "cpu" and (
+            isinstance(lin, Int8Linear) or (isinstance(lin, PackedLinear) and lin.packed is not None))
 
     def prefill_chunk(self, input_ids: Tensor, start: int, cache: StaticKVCache, last_only: bool = False) -> Tensor:
         """A later block of unpadded prompts (chunked prefill): input_ids (B, T) are the tokens at
@@ -301,12 +310,13 @@ class GPT2LMHeadModel(GPT2Model):
             return self.prefill(input_ids, None, cache, last_only)
         pos = torch.arange(start, end, device=input_ids.device)[None]  # (1, T)
         h = self.wte(input_ids) + self.wpe(pos)  # (B, T, C)
-        for i, block in enumerate(self.h):
-            h = block(h, None, KVStep(cache, i, start=start))
-        if last_only:
-            h = h[:, -1:]
-        h = ops.layer_norm(h, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
-        return linear(self.lm_head, h)
+        with _ext.pool_scope(self._pool_gemms(h)):
+            for i, block in enumerate(self.h):
+                h = block(h, None, KVStep(cache, i, start=start))
+            if last_only:
+                h = h[:, -1:]
+            h = ops.layer_norm(h, self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
+            return linear(self.lm_head, h)
 
     def decode_step(self, tokens: Tensor, pos: Tensor, cache: StaticKVCache, kv_len: int | None = None) -> Tensor:
         """One token per sequence, tokens (B,) at positions pos (B,) int32 -> logits (B, vocab).
