@@ -73,12 +73,12 @@ at::Tensor argmax_rows(const at::Tensor& x_in) {
   TORCH_CHECK_TYPE(x_in.scalar_type() == at::kFloat, "argmax_rows: x must be float32, got ", x_in.scalar_type());
   TORCH_CHECK_VALUE(x_in.device().is_cpu() && x_in.dim() == 2 && x_in.size(1) >= 1, "argmax_rows: x must be a CPU ",
                     "tensor (rows, n) with n >= 1, got shape ", x_in.sizes(), " on ", x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const int64_t rows = x.size(0), n = x.size(1);
+  const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();  // rows read in place at any row stride
+  const int64_t rows = x.size(0), n = x.size(1), ld = x.stride(0);
   at::Tensor out = at::empty({rows}, x.options().dtype(at::kLong));
   const float* xp = x.const_data_ptr<float>();
   int64_t* op = out.mutable_data_ptr<int64_t>();
-  for (int64_t r = 0; r < rows; ++r) op[r] = row_argmax(xp + r * n, n);
+  for (int64_t r = 0; r < rows; ++r) op[r] = row_argmax(xp + r * ld, n);
   return out;
 }
 

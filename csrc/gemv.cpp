@@ -268,37 +268,34 @@ FASTLM_AVX2 inline void load_panel_row(const void* p, int64_t k, __m256& w0, __m
 
 // MR rows x 16 channels. Few rows leave the FMA latency exposed, so K is unrolled into U
 // independent accumulator sets (U * MR * 2 <= 12 vector registers).
-// Software prefetch distance in bytes of panel ahead of the loads (0: off), FASTLM_GEMV_PREFETCH.
-// torch.ops.fastlm.gemv_prefetch(bytes) changes it at run time (-1 queries), for A/B runs.
-std::atomic<int64_t> g_prefetch{[] {
-  const char* env = std::getenv("FASTLM_GEMV_PREFETCH");
-  return env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : int64_t{1024};
-}()};
-int64_t prefetch_bytes() { return g_prefetch.load(std::memory_order_relaxed); }
-
-int64_t gemv_prefetch(int64_t bytes) {
-  TORCH_CHECK_VALUE(bytes >= -1 && bytes <= (int64_t{1} << 20), "gemv_prefetch: bytes must be -1 (query) or in "
-                    "[0, 1 MiB] (0: no software prefetch), got ", bytes);
-  if (bytes >= 0) g_prefetch.store(bytes);
-  return prefetch_bytes();
-}
-
-// The same for the int8 pair-panel int16 kernels (FASTLM_INT8_GEMV_PREFETCH, torch.ops.fastlm.
-// int8_gemv_prefetch). Default 0: on Zen 4 the hardware prefetchers alone streamed the B = 1 int8 decode
-// faster than with _mm_prefetch 1 KB ahead (one thread, CPU time, alternating in one process: 0.81-0.87x
-// the step time with the panels in one huge-page arena; docs/design.md "CPU threads").
-std::atomic<int64_t> g_i16_prefetch{[] {
-  const char* env = std::getenv("FASTLM_INT8_GEMV_PREFETCH");
-  return env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : int64_t{0};
-}()};
-int64_t i16_prefetch_bytes() { return g_i16_prefetch.load(std::memory_order_relaxed); }
-
-int64_t int8_gemv_prefetch(int64_t bytes) {
-  TORCH_CHECK_VALUE(bytes >= -1 && bytes <= (int64_t{1} << 20), "int8_gemv_prefetch: bytes must be -1 (query) or in "
-                    "[0, 1 MiB] (0: no software prefetch), got ", bytes);
-  if (bytes >= 0) g_i16_prefetch.store(bytes);
-  return i16_prefetch_bytes();
-}
+// Software prefetch distance in bytes of panel ahead of the loads (0: off): one knob for the fp32 /
+// int8 (K, 16) panel kernels (FASTLM_GEMV_PREFETCH, default 1024) and one for the int8 pair-panel
+// int16 kernels (FASTLM_INT8_GEMV_PREFETCH, default 0: on Zen 4 the hardware prefetchers alone
+// streamed the B = 1 int8 decode faster than with _mm_prefetch 1 KB ahead, one thread, CPU time,
+// alternating in one process: 0.81-0.87x the step time with the panels in one huge-page arena;
+// docs/design.md "CPU threads"). torch.ops.fastlm.gemv_prefetch / int8_gemv_prefetch(bytes) change
+// them at run time (-1 queries), for A/B runs.
+struct PrefetchKnob {
+  const char* op;
+  std::atomic<int64_t> bytes;
+  PrefetchKnob(const char* op_name, const char* env_name, int64_t dflt) : op(op_name) {
+    const char* env = std::getenv(env_name);
+    bytes.store(env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : dflt);
+  }
+  int64_t get() const { return bytes.load(std::memory_order_relaxed); }
+  int64_t set(int64_t v) {
+    TORCH_CHECK_VALUE(v >= -1 && v <= (int64_t{1} << 20), op, ": bytes must be -1 (query) or in [0, 1 MiB] (0: no "
+                      "software prefetch), got ", v);
+    if (v >= 0) bytes.store(v);
+    return get();
+  }
+};
+PrefetchKnob g_prefetch{"gemv_prefetch", "FASTLM_GEMV_PREFETCH", 1024};
+PrefetchKnob g_i16_prefetch{"int8_gemv_prefetch", "FASTLM_INT8_GEMV_PREFETCH", 0};
+int64_t prefetch_bytes() { return g_prefetch.get(); }
+int64_t i16_prefetch_bytes() { return g_i16_prefetch.get(); }
+int64_t gemv_prefetch(int64_t bytes) { return g_prefetch.set(bytes); }
+int64_t int8_gemv_prefetch(int64_t bytes) { return g_i16_prefetch.set(bytes); }
 
 template <bool kInt8, int MR, bool kSplit = true>
 FASTLM_AVX2 void tile_avx2(const float* x, int64_t K, const void* p, const Epilogue& e, int64_t r0, int64_t n0,

@@ -37,6 +37,10 @@ def test_argmax_rows_nan_inf_and_views():
     assert torch.equal(torch.ops.fastlm.argmax_rows(x), x.argmax(-1))
     y = torch.randn(200, 6).t()  # not contiguous
     assert torch.equal(torch.ops.fastlm.argmax_rows(y), y.argmax(-1))
+    z = torch.randn(5, 300)[1:, 40:237]  # rows with unit stride, a row stride of 300 (read in place)
+    z[2, 0] = float("nan")
+    assert z.stride() == (300, 1)
+    assert torch.equal(torch.ops.fastlm.argmax_rows(z), z.argmax(-1))
 
 
 @pytest.mark.parametrize("bad,exc,match", [
