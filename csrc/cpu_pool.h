@@ -33,9 +33,9 @@
 //   turns this off).
 // - Load probe: when the calling thread was preempted while sharing (its involuntary context
 //   switches, getrusage RUSAGE_THREAD, sampled every 16 shared jobs, went up; on idle cores it keeps
-//   its core), the pool times the same stream of jobs alone and shared (A B B A segments of 256
-//   jobs, the time between jobs included) and runs the faster way for 4096 jobs, then probes again
-//   while the load lasts (adapt(); FASTLM_POOL_ADAPT=0 turns this off).
+//   its core), the pool times the same stream of jobs alone and shared (A B B A segments of 512
+//   jobs, the gaps between jobs up to 1 ms included) and runs the faster way for 8192 jobs, then
+//   probes again while the load lasts (adapt(); FASTLM_POOL_ADAPT=0 turns this off).
 // Run alone, the helpers sleep after their spin, so the caller has a core as one thread would. Idle
 // cores neither stall nor preempt the caller, so nothing changes there.
 //
@@ -130,6 +130,7 @@ class SharePool {
     if (alone) {
       backoff_jobs_.fetch_add(1, std::memory_order_relaxed);
       for (int64_t c = 0; c < n; ++c) fn(c);
+      if (phase_ == kProbe) job_end_ = Clock::now();
       return;
     }
     ensure_helpers(helpers);
@@ -161,6 +162,7 @@ class SharePool {
     }
     shared_jobs_.fetch_add(1, std::memory_order_relaxed);
     helper_chunks_.store(n - mine, std::memory_order_relaxed);
+    if (phase_ == kProbe) job_end_ = Clock::now();
     if (waited) {
       const auto t2 = Clock::now();
       wait_ns_.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(t2 - t1).count(),
@@ -202,8 +204,9 @@ class SharePool {
   static constexpr std::chrono::milliseconds kBackoffMin{10}, kBackoffMax{320};
   static constexpr int64_t kCleanJobs = 256;  // shared jobs without a stall that reset the back-off
   static constexpr int64_t kPreemptEvery = 16;  // shared jobs between two samples of the caller's preemptions
-  static constexpr int64_t kSeg = 256;          // jobs per segment of a load probe (~5 GPT-2 small decode steps)
-  static constexpr int64_t kRunJobs = 4096;     // jobs run the probe's way before the next decision
+  static constexpr int64_t kSeg = 512;          // jobs per segment of a load probe (~10 GPT-2 small decode steps)
+  static constexpr int64_t kRunJobs = 8192;     // jobs run the probe's way before the next decision
+  static constexpr std::chrono::milliseconds kGapCap{1};  // most of a gap between two jobs a probe counts
 
   SharePool() : pid_(getpid()) {
     const char* env = std::getenv("FASTLM_POOL_SPIN_US");
@@ -236,10 +239,11 @@ class SharePool {
 
   // Load probe (run_mutex_ held; phase_ kProbe or kRun), started when the caller was preempted while
   // sharing: jobs [0, kSeg) of the probe run on the caller alone, [kSeg, 3 kSeg) shared, [3 kSeg,
-  // 4 kSeg) alone again (A B B A, so a drift in the load or the work weighs on both), each segment
-  // timed from the start of its first job to the start of the next segment's, so the time between
-  // jobs (the caller's serial work, which a spinning helper slows when the cores are short) counts.
-  // The faster way (alone only if faster by 2%) then runs for kRunJobs jobs; after that, the pool
+  // 4 kSeg) alone again (A B B A, so a drift in the load or the work weighs on both); a job counts
+  // its own time plus the gap to the next job up to kGapCap, so the caller's serial work between
+  // ops (which a spinning helper slows when the cores are short) counts, and a pause of the caller
+  // (other work, the next request) does not. The faster way (alone only if faster by 2%) then runs
+  // for kRunJobs jobs; after that, the pool
   // probes again if it ran alone or the caller was preempted while sharing, else it shares as on
   // idle cores. Returns whether this job runs on the caller alone.
   bool adapt(Clock::time_point now) {
@@ -255,9 +259,16 @@ class SharePool {
       step_ = 0;
     }
     const int64_t i = step_++;
-    if (i == 0 || i == kSeg || i == 3 * kSeg) mark_[i == 0 ? 0 : (i == kSeg ? 1 : 2)] = now;
+    if (i == 0) {
+      probe_t_[0] = probe_t_[1] = Clock::duration::zero();
+    } else {  // job i - 1: its own time and the gap to this one, capped (the caller did other things)
+      const int64_t j = i - 1;
+      probe_t_[j >= kSeg && j < 3 * kSeg ? 1 : 0] +=
+          (job_end_ - job_start_) + std::min<Clock::duration>(now - job_end_, kGapCap);
+    }
+    job_start_ = now;
     if (i == 4 * kSeg) {
-      const auto alone_t = (mark_[1] - mark_[0]) + (now - mark_[2]), shared_t = mark_[2] - mark_[1];
+      const auto alone_t = probe_t_[0], shared_t = probe_t_[1];
       run_alone_ = alone_t * 50 < shared_t * 49;
       if (run_alone_) alone_runs_.fetch_add(1, std::memory_order_relaxed);
       run_preempted_ = false;
@@ -384,7 +395,8 @@ class SharePool {
   enum Phase { kShare, kProbe, kRun };
   Phase phase_ = kShare;
   int64_t step_ = 0;
-  Clock::time_point mark_[3]{};
+  Clock::time_point job_start_{}, job_end_{};  // of the last probe job
+  Clock::duration probe_t_[2]{};                // the probe's time alone, shared
   bool run_alone_ = false, run_preempted_ = false;
   bool adapt_on_ = true;
   int64_t preempt_jobs_ = 0;

@@ -258,7 +258,7 @@ with torch.inference_mode():
         assert torch.equal(p(x), ref), i
         if after is None and st()["probes"] > s0["probes"]:
             after = i
-        if after is not None and i > after + 1100:  # a whole probe (4 x 256 jobs) has run
+        if after is not None and i > after + 2100:  # a whole probe (4 x 512 jobs) has run
             break
 s1 = st()
 assert s1["shared"] > s0["shared"] and s1["probes"] > s0["probes"], (s0, s1)
