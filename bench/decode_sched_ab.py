@@ -1,21 +1,20 @@
 """GPT-2 small B = 1 decode: A/B of decode-GEMV knobs in ONE process, alternating (issue 19).
 
     THP_MEM_ALLOC_ENABLE=1 python bench/decode_sched_ab.py [--precision int8|fp32] [--rounds 8]
-        [--tokens 32] [--threads 2] [--variant NAME=sched:S,prefetch:P ...] [--profile]
+        [--tokens 32] [--threads 2] [--variant NAME=prefetch:P,arena:A ...] [--profile]
 
-Variants (NAME=sched:S,prefetch:P,arena:A) set torch.ops.fastlm.gemv_sched S (0: ~512 KB chunks
-claimed in order, the scheduling before; 1: one range per thread with stealing), the software
-prefetch distance P in bytes (int8: torch.ops.fastlm.int8_gemv_prefetch, before 1024, now 0; fp32:
-gemv_prefetch) and the panels' memory A (0: every projection's panels in its own allocation, huge
-pages only from 2 MiB up, as before; 1: all in one huge-page run in step order,
-fastlm.linear.share_arena_). Every round measures the read bandwidth (a 384 MB fp32 buffer summed by
-the same threads), then each variant's C++ decode step time per token (gpt2_decode_profile's timer:
-prefill and the Python loop are out), the calling thread's CPU time and the share of the CPUs that
-OTHER processes used meanwhile (/proc/stat). Prints per variant: best and median step ms/token, the
-median of the per-round ratios to the first variant (the A/B number), the best % of the same round's
-bandwidth floor (weight bytes / read bandwidth) and the per-op GEMV GB/s (--profile).
-Defaults now: sched 0, int8 prefetch 0, arena 1 (before: sched 0, prefetch 1024, arena 0).
-Greedy tokens must be identical across variants (the knobs change scheduling only).
+Variants (NAME=prefetch:P,arena:A) set the software prefetch distance P in bytes (int8:
+torch.ops.fastlm.int8_gemv_prefetch, before 1024, now 0; fp32: gemv_prefetch) and the panels' memory A
+(0: every projection's panels in its own allocation, huge pages only from 2 MiB up, as before; 1: all in
+one huge-page run in step order, fastlm.linear.share_arena_). Every round measures the read bandwidth (a
+384 MB fp32 buffer summed by the same threads), then each variant's C++ decode step time per token
+(gpt2_decode_profile's timer: prefill and the Python loop are out), the calling thread's CPU time and
+the share of the CPUs that OTHER processes used meanwhile (/proc/stat). Prints per variant: best and
+median step ms/token, the median of the per-round ratios to the first variant (the A/B number), the best
+% of the same round's bandwidth floor (weight bytes / read bandwidth) and the per-op GEMV GB/s
+(--profile). Defaults now: int8 prefetch 0, arena 1 (before: prefetch 1024, arena 0). (A third knob,
+gemv_sched: per-thread ranges with stealing for one-row GEMVs, was removed: no A/B, idle or loaded,
+chose it.) Greedy tokens must be identical across variants (the knobs change scheduling only).
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variant", action="append", default=None,
-                   help="NAME=sched:S,prefetch:P,arena:A (default: before=sched:0 and after=sched:1)")
+                   help="NAME=prefetch:P,arena:A (default: before=prefetch:1024,arena:0 and after=prefetch:0,arena:1)")
     p.add_argument("--profile", action="store_true")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -46,12 +45,11 @@ def main(argv=None) -> int:
 
     ops = torch.ops.fastlm
     variants = []
-    for v in a.variant or ["before=sched:0", "after=sched:1"]:
+    for v in a.variant or ["before=prefetch:1024,arena:0", "after=prefetch:0,arena:1"]:
         name, _, spec = v.partition("=")
         kv = dict(item.split(":") for item in spec.split(",") if item)
         pf_op = ops.int8_gemv_prefetch if a.precision == "int8" else ops.gemv_prefetch
-        variants.append((name, int(kv.get("sched", ops.gemv_sched(-1))), int(kv.get("prefetch", pf_op(-1))),
-                         int(kv.get("arena", 1))))
+        variants.append((name, int(kv.get("prefetch", pf_op(-1))), int(kv.get("arena", 1))))
     torch.manual_seed(0)
     d = "/tmp/fastlm-decode-profile-gpt2"
     if not os.path.exists(os.path.join(d, "config.json")):
@@ -102,8 +100,7 @@ def main(argv=None) -> int:
     for r in range(a.rounds + 1):
         gb = max(read_bw(buf) for _ in range(3))
         row = {}
-        for name, sched, pf, arena in variants:
-            ops.gemv_sched(sched)
+        for name, pf, arena in variants:
             pf_op(pf)
             for x, t in zip(lins, layouts[arena], strict=True):
                 setattr(x, attr, t)
@@ -121,7 +118,6 @@ def main(argv=None) -> int:
             base = row[variants[0][0]]
             for name in row:
                 ratio[name].append(row[name] / base)
-    ops.gemv_sched(0)
     ops.int8_gemv_prefetch(0)
     ops.gemv_prefetch(1024)
     same = all(torch.equal(toks[n], toks[variants[0][0]]) for n in toks)
@@ -133,8 +129,8 @@ def main(argv=None) -> int:
     print("| variant | best C++ step ms/token | median | median per-round ratio to first | best % of same-round floor "
           "| calling thread CPU ms/token (whole generate), median (best) |")
     print("|---|---|---|---|---|---|")
-    for name, sched, pf, arena in variants:
-        print(f"| {name} (sched {sched}, prefetch {pf}, arena {arena}) | {min(res[name]):.2f} | "
+    for name, pf, arena in variants:
+        print(f"| {name} (prefetch {pf}, arena {arena}) | {min(res[name]):.2f} | "
               f"{statistics.median(res[name]):.2f} | "
               f"{statistics.median(ratio[name]):.3f} | {max(floor_pct[name]):.0f}% | "
               f"{statistics.median(cpu_ms[name]):.2f} ({min(cpu_ms[name]):.2f}) |")

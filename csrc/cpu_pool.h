@@ -7,8 +7,11 @@
 // went from ~0.2 ms to 12-16 ms per call with 2 threads while other processes held the cores).
 // Here the range is cut into chunks claimed from one atomic counter: the caller claims chunks
 // itself from the start, a helper that is awake claims the next ones, and the caller waits only
-// for chunks a helper has already claimed (a running thread). A helper that wakes late finds
-// nothing left and goes back to waiting.
+// for chunks a helper has already claimed and not yet finished. A job is complete when all its
+// chunks are (a helper counts each chunk as it finishes it), not when the helpers have checked in:
+// a helper that has not started, or wakes late, finds nothing left (or another job's generation in
+// the counter, so no claim of the old job can succeed) and goes back to waiting, and the caller has
+// run the whole job alone without waiting for it.
 //
 // Waiting, bounded spin then sleep (the scheme of OpenMP runtimes: KMP_BLOCKTIME, GOMP_SPINCOUNT):
 // - a helper spins FASTLM_POOL_SPIN_US microseconds (default 100: the gap between consecutive ops
@@ -16,15 +19,25 @@
 //   posted;
 // - the caller, done with its own chunks, spins ~20 us for the helpers' last chunks, then sleeps on
 //   a condition variable that the helper finishing the job signals.
-// Contention back-off: a helper descheduled while it holds a claimed chunk (another process wants
-// the core) makes the caller wait a scheduler time slice (~1-4 ms) for it, every few jobs; two
-// threads then run slower than one (seen: decode time doubled with one competing process on a
-// 2-core machine). When the caller waits longer than FASTLM_POOL_STALL_US (default 1000 us) and 4x
-// its own time per chunk, the pool runs every job on the calling thread alone for a back-off
-// window (10 ms, doubling up to 320 ms while stalls recur right after a window; back to 10 ms after
-// 256 jobs without one), then shares work again. Idle cores never stall, so nothing changes there;
-// under load the step runs as fast as one thread, plus one stall per window.
-// FASTLM_POOL_STALL_US=0 turns the back-off off.
+// Under load (more runnable threads than cores) two threads can lose to one in two ways: a helper
+// descheduled while it holds a claimed chunk makes the caller wait a scheduler time slice (~1-4 ms)
+// for it (seen: decode time doubled with one competing process on a 2-core machine); and the helper,
+// spinning between jobs, takes CPU time that the caller's serial work (attention, LayerNorms, the
+// Python loop) then lacks (GPT-2 small int8 decode: 2 threads 1.1-1.3x slower than 1 under one
+// competing process, with few stalls). Yet under heavier load the helper's own share of the CPUs
+// makes two threads faster than one. Two mechanisms:
+// - Stall back-off: when the caller waits longer than FASTLM_POOL_STALL_US (default 1000 us) and 4x
+//   its own time per chunk for a helper's chunk, the pool runs every job on the calling thread alone
+//   for a back-off window (10 ms, doubling up to 320 ms while stalls recur right after a window; back
+//   to 10 ms after 256 shared jobs without one), then shares work again (FASTLM_POOL_STALL_US=0
+//   turns this off).
+// - Load probe: when the calling thread was preempted while sharing (its involuntary context
+//   switches, getrusage RUSAGE_THREAD, sampled every 16 shared jobs, went up; on idle cores it keeps
+//   its core), the pool times the same stream of jobs alone and shared (A B B A segments of 512
+//   jobs, the gaps between jobs up to 1 ms included) and runs the faster way for 8192 jobs, then
+//   probes again while the load lasts (adapt(); FASTLM_POOL_ADAPT=0 turns this off).
+// Run alone, the helpers sleep after their spin, so the caller has a core as one thread would. Idle
+// cores neither stall nor preempt the caller, so nothing changes there.
 //
 // Threads: at::get_num_threads() - 1 helpers, read at every call, so torch.set_num_threads and
 // OMP_NUM_THREADS / MKL_NUM_THREADS (which torch reads at start-up, and Ray and Spark set) size it
@@ -43,6 +56,7 @@
 #include <cstdlib>
 #include <functional>
 #include <mutex>
+#include <sys/resource.h>
 #include <thread>
 #include <unistd.h>
 #include <vector>
@@ -63,7 +77,10 @@ struct PoolStats {
   int64_t helpers_started = 0;
   int64_t shared_jobs = 0;    // jobs shared with helpers
   int64_t stalls = 0;         // shared jobs whose caller waited past the stall bound
-  int64_t backoff_jobs = 0;   // jobs run on the caller alone during a back-off window
+  int64_t backoff_jobs = 0;   // jobs run on the caller alone: back-off window, load probe or its choice
+  int64_t wait_us = 0;        // time the caller spent waiting for chunks a helper had claimed
+  int64_t probes = 0;         // load probes run (the caller had been preempted while sharing)
+  int64_t alone_runs = 0;     // probes that found the caller alone faster than sharing
 };
 
 // Rows scope of the calling thread (torch.ops.fastlm.cpu_pool_scope): while on, the row ops of
@@ -99,9 +116,21 @@ class SharePool {
       return;
     }
     const auto t0 = Clock::now();
-    if (t0 < serial_until_) {  // back-off window: the machine is too busy for helpers to pay
+    bool alone = false;
+    if (phase_ != kShare) {
+      alone = adapt(t0);  // probing, or running what the probe chose (stall windows do not apply)
+    } else if (t0 < serial_until_) {
+      alone = true;  // stall back-off window: the machine is too busy for helpers to pay
+    } else if (caller_preempted()) {  // more runnable threads than cores: measure whether sharing pays
+      probes_.fetch_add(1, std::memory_order_relaxed);
+      phase_ = kProbe;
+      step_ = 0;
+      alone = adapt(t0);
+    }
+    if (alone) {
       backoff_jobs_.fetch_add(1, std::memory_order_relaxed);
       for (int64_t c = 0; c < n; ++c) fn(c);
+      if (phase_ == kProbe) job_end_ = Clock::now();
       return;
     }
     ensure_helpers(helpers);
@@ -116,7 +145,7 @@ class SharePool {
       gen_.store(static_cast<uint32_t>(gen), std::memory_order_release);
     }
     wake_cv_.notify_all();
-    const int64_t mine = work(gen);
+    const int64_t mine = work(gen, false);
     const auto t1 = Clock::now();
     // chunks claimed by helpers are being run by threads that were running: spin briefly, then sleep
     bool waited = false;
@@ -133,8 +162,28 @@ class SharePool {
     }
     shared_jobs_.fetch_add(1, std::memory_order_relaxed);
     helper_chunks_.store(n - mine, std::memory_order_relaxed);
-    if (waited && stall_us_ > 0) judge(t0, t1, Clock::now(), mine);
-    else ++clean_jobs_;
+    if (phase_ == kProbe) job_end_ = Clock::now();
+    if (waited) {
+      const auto t2 = Clock::now();
+      wait_ns_.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(t2 - t1).count(),
+                         std::memory_order_relaxed);
+      if (stall_us_ > 0) judge(t0, t1, t2, mine);
+      else ++clean_jobs_;
+    } else {
+      ++clean_jobs_;
+    }
+  }
+
+  // Test hook (torch.ops.fastlm.cpu_pool_debug): mode 1 makes every helper sleep `us` after it sees a
+  // new job and before it claims anything (a helper that starts late: the caller must finish the job
+  // alone and not wait for it); mode 2 makes it sleep `us` after claiming its first chunk of a job and
+  // before running it (a helper descheduled while it holds work: the caller waits for that chunk
+  // only). 0 turns it off. Returns the previous {mode, us}.
+  std::vector<int64_t> debug(int64_t mode, int64_t us) {
+    std::vector<int64_t> prev = {debug_mode_.load(), debug_us_.load()};
+    debug_us_.store(us);
+    debug_mode_.store(static_cast<int>(mode));
+    return prev;
   }
 
   PoolStats stats() const {
@@ -145,18 +194,27 @@ class SharePool {
     s.shared_jobs = shared_jobs_.load(std::memory_order_relaxed);
     s.stalls = stalls_.load(std::memory_order_relaxed);
     s.backoff_jobs = backoff_jobs_.load(std::memory_order_relaxed);
+    s.wait_us = wait_ns_.load(std::memory_order_relaxed) / 1000;
+    s.probes = probes_.load(std::memory_order_relaxed);
+    s.alone_runs = alone_runs_.load(std::memory_order_relaxed);
     return s;
   }
 
  private:
   static constexpr std::chrono::milliseconds kBackoffMin{10}, kBackoffMax{320};
   static constexpr int64_t kCleanJobs = 256;  // shared jobs without a stall that reset the back-off
+  static constexpr int64_t kPreemptEvery = 16;  // shared jobs between two samples of the caller's preemptions
+  static constexpr int64_t kSeg = 512;          // jobs per segment of a load probe (~10 GPT-2 small decode steps)
+  static constexpr int64_t kRunJobs = 8192;     // jobs run the probe's way before the next decision
+  static constexpr std::chrono::milliseconds kGapCap{1};  // most of a gap between two jobs a probe counts
 
   SharePool() : pid_(getpid()) {
     const char* env = std::getenv("FASTLM_POOL_SPIN_US");
     spin_us_ = env != nullptr ? std::max(0, std::atoi(env)) : 100;
     env = std::getenv("FASTLM_POOL_STALL_US");
     stall_us_ = env != nullptr ? std::max(0, std::atoi(env)) : 1000;
+    env = std::getenv("FASTLM_POOL_ADAPT");
+    adapt_on_ = env == nullptr || std::atoi(env) != 0;
   }
 
   // Called with run_mutex_ held after a job whose caller had to wait for helpers (t1 .. t2).
@@ -168,9 +226,78 @@ class SharePool {
       return;
     }
     stalls_.fetch_add(1, std::memory_order_relaxed);
+    enter_backoff(t2);
+  }
+
+  // Starts a back-off window at `now` (run_mutex_ held): 10 ms, doubling up to 320 ms while the
+  // previous one ended less than kCleanJobs shared jobs ago.
+  void enter_backoff(Clock::time_point now) {
     backoff_ = clean_jobs_ < kCleanJobs ? std::min<Clock::duration>(2 * backoff_, kBackoffMax) : Clock::duration(kBackoffMin);
     clean_jobs_ = 0;
-    serial_until_ = t2 + backoff_;
+    serial_until_ = now + backoff_;
+  }
+
+  // Load probe (run_mutex_ held; phase_ kProbe or kRun), started when the caller was preempted while
+  // sharing: jobs [0, kSeg) of the probe run on the caller alone, [kSeg, 3 kSeg) shared, [3 kSeg,
+  // 4 kSeg) alone again (A B B A, so a drift in the load or the work weighs on both); a job counts
+  // its own time plus the gap to the next job up to kGapCap, so the caller's serial work between
+  // ops (which a spinning helper slows when the cores are short) counts, and a pause of the caller
+  // (other work, the next request) does not. The faster way (alone only if faster by 2%) then runs
+  // for kRunJobs jobs; after that, the pool
+  // probes again if it ran alone or the caller was preempted while sharing, else it shares as on
+  // idle cores. Returns whether this job runs on the caller alone.
+  bool adapt(Clock::time_point now) {
+    if (phase_ == kRun) {
+      if (!run_alone_ && caller_preempted()) run_preempted_ = true;
+      if (++step_ < kRunJobs) return run_alone_;
+      if (!run_alone_ && !run_preempted_) {
+        phase_ = kShare;
+        return false;
+      }
+      probes_.fetch_add(1, std::memory_order_relaxed);
+      phase_ = kProbe;
+      step_ = 0;
+    }
+    const int64_t i = step_++;
+    if (i == 0) {
+      probe_t_[0] = probe_t_[1] = Clock::duration::zero();
+    } else {  // job i - 1: its own time and the gap to this one, capped (the caller did other things)
+      const int64_t j = i - 1;
+      probe_t_[j >= kSeg && j < 3 * kSeg ? 1 : 0] +=
+          (job_end_ - job_start_) + std::min<Clock::duration>(now - job_end_, kGapCap);
+    }
+    job_start_ = now;
+    if (i == 4 * kSeg) {
+      const auto alone_t = probe_t_[0], shared_t = probe_t_[1];
+      run_alone_ = alone_t * 50 < shared_t * 49;
+      if (run_alone_) alone_runs_.fetch_add(1, std::memory_order_relaxed);
+      run_preempted_ = false;
+      preempt_tid_ = std::thread::id();  // a new baseline for the preemptions while sharing
+      phase_ = kRun;
+      step_ = 0;
+      return run_alone_;
+    }
+    return i < kSeg || i >= 3 * kSeg;
+  }
+
+  // Every kPreemptEvery-th shared job (run_mutex_ held): true when the calling thread was preempted
+  // (involuntary context switches, getrusage RUSAGE_THREAD) since the sample kPreemptEvery shared jobs
+  // before. On idle cores the caller keeps its core; it loses it when more threads want to run than
+  // there are cores (another process, or this process's own other threads). FASTLM_POOL_ADAPT=0
+  // turns this (and so the load probe) off: the stall bound alone then decides.
+  bool caller_preempted() {
+#if defined(RUSAGE_THREAD)
+    if (!adapt_on_ || (++preempt_jobs_ % kPreemptEvery) != 0) return false;
+    rusage ru{};
+    if (getrusage(RUSAGE_THREAD, &ru) != 0) return false;
+    const auto tid = std::this_thread::get_id();
+    const bool hit = tid == preempt_tid_ && ru.ru_nivcsw > preempt_nivcsw_;
+    preempt_tid_ = tid;
+    preempt_nivcsw_ = ru.ru_nivcsw;
+    return hit;
+#else
+    return false;
+#endif
   }
 
   void ensure_helpers(int helpers) {
@@ -181,19 +308,34 @@ class SharePool {
   }
 
   // Claims and runs chunks of job `gen` until none is left; returns how many this thread ran.
-  // The caller counts its own; helpers add theirs to done_.
-  int64_t work(uint64_t gen) {
+  // The caller counts its own; a helper adds each chunk to done_ as soon as it has run it (and wakes
+  // the caller if it sleeps), so the job is complete when its last chunk is, whatever the helper does
+  // next (a helper descheduled between two chunks holds nothing up).
+  int64_t work(uint64_t gen, bool helper) {
     int64_t ran = 0;
     uint64_t v = counter_.load(std::memory_order_acquire);
     for (;;) {
       if ((v >> 32) != gen || static_cast<int64_t>(v & 0xffffffffu) >= n_local(v, gen)) break;
       if (!counter_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
       // claimed chunk (v & mask) of job gen: the job cannot change until it is done
+      if (helper && ran == 0 && debug_mode_.load(std::memory_order_relaxed) == 2) debug_sleep();
       (*fn_.load(std::memory_order_relaxed))(static_cast<int64_t>(v & 0xffffffffu));
       ++ran;
+      if (helper) {
+        // after this the caller may finish the job and post the next: nothing of job gen is touched again
+        done_.fetch_add(1, std::memory_order_seq_cst);
+        if (waiting_.load(std::memory_order_seq_cst)) {  // the caller sleeps (or is about to): wake it
+          std::lock_guard<std::mutex> l(done_mutex_);
+          done_cv_.notify_one();
+        }
+      }
       v = counter_.load(std::memory_order_acquire);
     }
     return ran;
+  }
+
+  void debug_sleep() const {
+    std::this_thread::sleep_for(std::chrono::microseconds(debug_us_.load(std::memory_order_relaxed)));
   }
 
   // n_ of job gen when the counter still says gen (read after the acquire load of the counter;
@@ -219,16 +361,12 @@ class SharePool {
       }
       seen = g;
       if (idx >= max_helpers_.load(std::memory_order_relaxed)) continue;
+      if (debug_mode_.load(std::memory_order_relaxed) == 1) debug_sleep();
+      // a helper that comes late finds job g over (another generation in the counter, or no chunk
+      // left) and claims nothing: the caller never waits for a helper that has not claimed a chunk
       const uint64_t v = counter_.load(std::memory_order_acquire);
       if (static_cast<uint32_t>(v >> 32) != g) continue;  // that job is over
-      const int64_t ran = work(v >> 32);
-      if (ran > 0) {
-        done_.fetch_add(ran, std::memory_order_seq_cst);
-        if (waiting_.load(std::memory_order_seq_cst)) {  // the caller sleeps (or is about to): wake it
-          std::lock_guard<std::mutex> l(done_mutex_);
-          done_cv_.notify_one();
-        }
-      }
+      work(v >> 32, true);
     }
   }
 
@@ -253,8 +391,23 @@ class SharePool {
   Clock::time_point serial_until_{};
   Clock::duration backoff_{kBackoffMin};
   int64_t clean_jobs_ = 0;
+  // load probe (adapt(), guarded by run_mutex_)
+  enum Phase { kShare, kProbe, kRun };
+  Phase phase_ = kShare;
+  int64_t step_ = 0;
+  Clock::time_point job_start_{}, job_end_{};  // of the last probe job
+  Clock::duration probe_t_[2]{};                // the probe's time alone, shared
+  bool run_alone_ = false, run_preempted_ = false;
+  bool adapt_on_ = true;
+  int64_t preempt_jobs_ = 0;
+  long preempt_nivcsw_ = 0;
+  std::thread::id preempt_tid_{};
   // stats
-  std::atomic<int64_t> threads_{0}, helper_chunks_{0}, shared_jobs_{0}, stalls_{0}, backoff_jobs_{0};
+  std::atomic<int64_t> threads_{0}, helper_chunks_{0}, shared_jobs_{0}, stalls_{0}, backoff_jobs_{0}, wait_ns_{0},
+      probes_{0}, alone_runs_{0};
+  // test hook (debug())
+  std::atomic<int> debug_mode_{0};
+  std::atomic<int64_t> debug_us_{0};
 };
 
 }  // namespace fastlm

@@ -59,8 +59,6 @@ constexpr int64_t kDequantRows = 16;  // blocks with more rows than this dequant
 // (M = B) streams the int8 panels once; dequantising them per call to fp32
 // for M = 32 made int8 B = 32 decode slower than fp32 (bench/results/cpu-2026-12-07c-zen4.md)
 constexpr int64_t kI16Rows = 64;
-constexpr int64_t kMaxRanges = 64;            // threads up to this share a one-row GEMV by ranges (gemv_sched 1)
-constexpr int64_t kStealBytes = int64_t{64} << 10;  // weight bytes per claim in those ranges
 
 enum Act : int { kNone = 0, kGeluErf = 1, kGeluTanh = 2 };
 enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
@@ -146,23 +144,6 @@ int64_t gemv_tune(int64_t level) {
   TORCH_CHECK_VALUE(level >= -1 && level <= 1, "gemv_tune: level must be -1 (query), 0 or 1, got ", level);
   if (level >= 0) g_tune.store(static_cast<int>(level));
   return tune_level();
-}
-
-// How a one-row decode GEMV (M = 1) is shared between the pool's threads (torch.ops.fastlm.gemv_sched,
-// for A/B runs in one process): 0 (default) the chunks of ~512 KB claimed in order from the pool's
-// counter; 1 one contiguous range of panels per thread, claimed from its front in small steps, and a
-// thread done with its own range steals half of what is left of another's from its back. Same tiles on
-// the same panels either way: the outputs are identical. 1 was no faster on the loaded 2-core Zen 4
-// (0.92 vs 0.79 of the old step with the other int8 changes, alternating; docs/design.md "CPU
-// threads"), so it stays opt-in until a quiet A/B says otherwise.
-std::atomic<int> g_sched{0};
-inline int sched_level() { return g_sched.load(std::memory_order_relaxed); }
-
-int64_t gemv_sched(int64_t level) {
-  TORCH_CHECK_VALUE(level >= -1 && level <= 1, "gemv_sched: level must be -1 (query), 0 (chunks in order) or 1 "
-                    "(per-thread ranges with stealing), got ", level);
-  if (level >= 0) g_sched.store(static_cast<int>(level));
-  return sched_level();
 }
 
 // int8 pair panels (see "int8 pair panels" below): 2 (default) quantizes the activation row to int16
@@ -988,54 +969,6 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind,
       }
     }
   };
-  if (M == 1 && chunks > 1 && threads > 1 && threads <= kMaxRanges && sched_level() >= 1) {
-    // one row (the B = 1 decode GEMV): thread t's range of panels is [NB t / T, NB (t + 1) / T), run
-    // front to back in steps of ~kStealBytes (one contiguous stream per thread for the prefetchers, as
-    // one chunk each would be); a thread done with its range takes the back half of what is left of
-    // another's (at least one step), so the GEMV ends within ~one step of the slower thread, not
-    // one 512 KB chunk. range[t] packs (end << 32 | next); every claim is a CAS on it.
-    struct alignas(64) Range {
-      std::atomic<uint64_t> v;
-    };
-    Range ranges[kMaxRanges];
-    const int64_t T = threads;
-    for (int64_t t = 0; t < T; ++t)
-      ranges[t].v.store((static_cast<uint64_t>(NB * (t + 1) / T) << 32) | static_cast<uint64_t>(NB * t / T),
-                        std::memory_order_relaxed);
-    const int64_t step = std::max<int64_t>(1, kStealBytes / panel_bytes);
-    SharePool::get().run(T, [&](int64_t c) {
-      std::atomic<uint64_t>& own = ranges[c].v;
-      uint64_t v = own.load(std::memory_order_acquire);
-      for (;;) {  // own range, from the front
-        const int64_t nx = static_cast<int64_t>(v & 0xffffffffu), end = static_cast<int64_t>(v >> 32);
-        if (nx >= end) break;
-        const int64_t g = std::min(step, end - nx);
-        if (!own.compare_exchange_weak(v, v + static_cast<uint64_t>(g), std::memory_order_acq_rel,
-                                       std::memory_order_acquire))
-          continue;
-        panels(nx, nx + g);
-        v = own.load(std::memory_order_acquire);
-      }
-      for (bool stole = true; stole;) {  // then the back halves of the others'
-        stole = false;
-        for (int64_t o = 1; o < T; ++o) {
-          std::atomic<uint64_t>& r = ranges[(c + o) % T].v;
-          uint64_t u = r.load(std::memory_order_acquire);
-          for (;;) {
-            const int64_t nx = static_cast<int64_t>(u & 0xffffffffu), end = static_cast<int64_t>(u >> 32);
-            if (nx >= end) break;
-            const int64_t g = std::min(end - nx, std::max(step, (end - nx) / 2));
-            const uint64_t nu = (static_cast<uint64_t>(end - g) << 32) | static_cast<uint64_t>(nx);
-            if (!r.compare_exchange_weak(u, nu, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
-            panels(end - g, end);
-            stole = true;
-            u = r.load(std::memory_order_acquire);
-          }
-        }
-      }
-    });
-    return;
-  }
   SharePool::get().run(chunks, [&](int64_t c) { panels(c * grain, std::min(NB, c * grain + grain)); });
 }
 
@@ -1196,7 +1129,6 @@ TORCH_LIBRARY_FRAGMENT(fastlm, m) {
   m.def("cpu_isa(str isa='') -> str", &cpu_isa);
   m.def("gemv_tune(int level=-1) -> int", &gemv_tune);
   m.def("int8_gemv_mode(int level=-1) -> int", &int8_gemv_mode);
-  m.def("gemv_sched(int level=-1) -> int", &gemv_sched);
   m.def("gemv_prefetch(int bytes=-1) -> int", &gemv_prefetch);
   m.def("int8_gemv_prefetch(int bytes=-1) -> int", &int8_gemv_prefetch);
   m.def("hugepage_copy(Tensor src) -> Tensor");

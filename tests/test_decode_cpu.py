@@ -241,11 +241,11 @@ def test_profile_counts_steps_and_every_op():
         prof("start")
 
 
-def test_int8_step_one_arena_and_schedules_agree():
+def test_int8_step_one_arena_and_threads_agree():
     """quantize="int8" puts every decode projection's pair panels in one huge-page run (step order,
     fastlm.linear.share_arena_); the step's GEMVs are large enough here to be shared between 2 threads,
-    and the per-thread ranges with stealing (gemv_sched 1), the chunks in order (0) and the int8 software
-    prefetch on / off give the same logits bit for bit, equal to the step on separate allocations."""
+    and 2 threads, 1 thread and the int8 software prefetch on / off give the same logits bit for bit,
+    equal to the step on separate allocations."""
     cfg = tf.GPT2Config(n_layer=2, n_head=4, n_embd=256, n_inner=1024, vocab_size=1999, n_positions=64,
                         initializer_range=0.4, bos_token_id=0, eos_token_id=0)
     model = fastlm.from_pretrained(tf.GPT2LMHeadModel(cfg).eval(), quantize="int8")
@@ -256,8 +256,8 @@ def test_int8_step_one_arena_and_schedules_agree():
     torch.set_num_threads(2)
     try:
         outs = []
-        for sched, pf, separate in [(1, 0, False), (0, 0, False), (1, 1024, False), (0, 1024, True)]:
-            torch.ops.fastlm.gemv_sched(sched)
+        for threads, pf, separate in [(2, 0, False), (1, 0, False), (2, 1024, False), (2, 1024, True)]:
+            torch.set_num_threads(threads)
             torch.ops.fastlm.int8_gemv_prefetch(pf)
             saved = [lin.qweight for lin in lins]
             if separate:
@@ -271,7 +271,6 @@ def test_int8_step_one_arena_and_schedules_agree():
                 lin.qweight = q
     finally:
         torch.set_num_threads(prev)
-        torch.ops.fastlm.gemv_sched(0)
         torch.ops.fastlm.int8_gemv_prefetch(0)
     assert torch.isfinite(outs[0]).all()
     for y in outs[1:]:

@@ -197,25 +197,22 @@ def two_threads():
     prev = torch.get_num_threads()
     yield
     torch.set_num_threads(prev)
-    torch.ops.fastlm.gemv_sched(0)
     torch.ops.fastlm.int8_gemv_prefetch(0)
 
 
-# one row, work large enough to be shared (>= 64 KB of panels per thread): the per-thread ranges with
-# stealing (gemv_sched 1) against the ~512 KB chunks in order (gemv_sched 0), with and without software
-# prefetch; the same tiles on the same panels, so the outputs are identical, and within the fp64 bound
+# one row, work large enough to be shared (>= 64 KB of panels per thread): 1, 2 and 3 threads (chunks
+# of output channels claimed from the pool's counter), with and without software prefetch; the same
+# tiles on the same panels, so the outputs are identical, and within the fp64 bound
 @pytest.mark.parametrize("N,K", [(1025, 1025), (4099, 129), (97, 3073), (3000, 768)])
-@pytest.mark.parametrize("threads", [2, 3])
-def test_one_row_schedules_agree_bit_for_bit(path, two_threads, N, K, threads):
-    torch.set_num_threads(threads)
+def test_one_row_threads_agree_bit_for_bit(path, two_threads, N, K):
     x, q, s, wref = case(1, N, K, outlier=True)
     b, r = torch.randn(N), torch.randn(1, N)
     p = pack_int8_panels(q)
     ref = reference(x, wref, b, r, "gelu_tanh")
     outs = []
-    for sched in (0, 1):
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
         for pf in (0, 1024):
-            torch.ops.fastlm.gemv_sched(sched)
             torch.ops.fastlm.int8_gemv_prefetch(pf)
             torch.full((N + 64,), float("nan")).sum()  # leave NaN-filled memory for the output to land on
             y = op(x, p, N, s, b, r, "gelu_tanh")
@@ -226,11 +223,8 @@ def test_one_row_schedules_agree_bit_for_bit(path, two_threads, N, K, threads):
 
 
 def test_schedule_knobs_refuse_bad_values():
-    with pytest.raises(ValueError, match="gemv_sched: level must be"):
-        torch.ops.fastlm.gemv_sched(2)
     with pytest.raises(ValueError, match="int8_gemv_prefetch: bytes must be"):
         torch.ops.fastlm.int8_gemv_prefetch(-2)
     with pytest.raises(ValueError, match="gemv_prefetch: bytes must be"):
         torch.ops.fastlm.gemv_prefetch(1 << 21)
-    assert torch.ops.fastlm.gemv_sched(-1) in (0, 1)
     assert torch.ops.fastlm.int8_gemv_prefetch(-1) >= 0
