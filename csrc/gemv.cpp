@@ -278,51 +278,113 @@ int64_t i16_prefetch_bytes() { return g_i16_prefetch.get(); }
 int64_t gemv_prefetch(int64_t bytes) { return g_prefetch.set(bytes); }
 int64_t int8_gemv_prefetch(int64_t bytes) { return g_i16_prefetch.set(bytes); }
 
+// Accumulators as named variables, not an array: gcc 12 kept an `__m256 a[U][MR][2]` array in
+// memory and stored all 2 * MR accumulators on every k (the disassembly of tile_avx2<false, 6>: 12
+// ymm stores per 12 FMAs), which held this kernel to ~44 GFLOP/s on a Zen 4 core with AVX2 forced
+// (~40% of its FMA peak; gemm_avx2.cpp's tile, named accumulators, 93). Unused rows are compiled
+// out (if constexpr). MR <= 2 keeps two accumulator sets (even / odd k, summed at the end: the FMA
+// latency), MR >= 3 one; the per-row FMA order is that of the array kernel (bit-equal results).
+#define FASTLM_ROW(R, A0, A1, KK)                                  \
+  if constexpr (MR > R) {                                          \
+    const __m256 xb = _mm256_broadcast_ss(x + R * K + (KK));       \
+    A0 = _mm256_fmadd_ps(xb, w0, A0);                              \
+    A1 = _mm256_fmadd_ps(xb, w1, A1);                              \
+  }
+#define FASTLM_ROWS(KK)                \
+  FASTLM_ROW(0, c00, c01, KK)          \
+  FASTLM_ROW(1, c10, c11, KK)          \
+  FASTLM_ROW(2, c20, c21, KK)          \
+  FASTLM_ROW(3, c30, c31, KK)          \
+  FASTLM_ROW(4, c40, c41, KK)          \
+  FASTLM_ROW(5, c50, c51, KK)
+#define FASTLM_STORE(R, A0, A1, B0, B1)                                                   \
+  if constexpr (MR > R) {                                                                 \
+    _mm256_store_ps(acc + R * kNR, U == 2 ? _mm256_add_ps(A0, B0) : A0);                  \
+    _mm256_store_ps(acc + R * kNR + 8, U == 2 ? _mm256_add_ps(A1, B1) : A1);              \
+  }
+
 template <bool kInt8, int MR, bool kSplit = true>
 FASTLM_AVX2 void tile_avx2(const float* x, int64_t K, const void* p, const Epilogue& e, int64_t r0, int64_t n0,
                            int64_t nv) {
-  constexpr int U = MR == 1 ? 4 : (MR == 2 ? 2 : 1);
+  static_assert(MR >= 2 && MR <= kMR, "tile_avx2: 2 to 6 rows (one row: tile1_avx2)");
+  constexpr int U = MR == 2 ? 2 : 1;
   constexpr int64_t kRowBytes = kNR * (kInt8 ? 1 : 4);  // panel bytes per k
   const int64_t pf = prefetch_bytes();
   const char* pbytes = static_cast<const char*>(p);
-  __m256 a[U][MR][2];
-  for (int u = 0; u < U; ++u)
-    for (int r = 0; r < MR; ++r) a[u][r][0] = a[u][r][1] = _mm256_setzero_ps();
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+         c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  __m256 d00 = c00, d01 = c00, d10 = c00, d11 = c00;  // the odd-k set (U == 2)
   int64_t k = 0;
   for (; k + U <= K; k += U) {
     // one prefetch per cache line of panel (prefetches never fault past the end)
     if (pf > 0 && ((k * kRowBytes) & 63) < U * kRowBytes)
       _mm_prefetch(pbytes + k * kRowBytes + pf, _MM_HINT_T0);
-    for (int u = 0; u < U; ++u) {
-      __m256 w0, w1;
-      load_panel_row<kInt8, kSplit>(p, k + u, w0, w1);
-      for (int r = 0; r < MR; ++r) {
-        const __m256 xb = _mm256_broadcast_ss(x + r * K + k + u);
-        a[u][r][0] = _mm256_fmadd_ps(xb, w0, a[u][r][0]);
-        a[u][r][1] = _mm256_fmadd_ps(xb, w1, a[u][r][1]);
-      }
+    __m256 w0, w1;
+    load_panel_row<kInt8, kSplit>(p, k, w0, w1);
+    FASTLM_ROWS(k)
+    if constexpr (U == 2) {
+      load_panel_row<kInt8, kSplit>(p, k + 1, w0, w1);
+      FASTLM_ROW(0, d00, d01, k + 1)
+      FASTLM_ROW(1, d10, d11, k + 1)
     }
   }
   for (; k < K; ++k) {
     __m256 w0, w1;
     load_panel_row<kInt8, kSplit>(p, k, w0, w1);
-    for (int r = 0; r < MR; ++r) {
-      const __m256 xb = _mm256_broadcast_ss(x + r * K + k);
-      a[0][r][0] = _mm256_fmadd_ps(xb, w0, a[0][r][0]);
-      a[0][r][1] = _mm256_fmadd_ps(xb, w1, a[0][r][1]);
-    }
+    FASTLM_ROWS(k)
   }
   alignas(32) float acc[MR * kNR];
-  for (int r = 0; r < MR; ++r) {
-    __m256 s0 = a[0][r][0], s1 = a[0][r][1];
-    for (int u = 1; u < U; ++u) {
-      s0 = _mm256_add_ps(s0, a[u][r][0]);
-      s1 = _mm256_add_ps(s1, a[u][r][1]);
-    }
-    _mm256_store_ps(acc + r * kNR, s0);
-    _mm256_store_ps(acc + r * kNR + 8, s1);
-  }
+  FASTLM_STORE(0, c00, c01, d00, d01)
+  FASTLM_STORE(1, c10, c11, d10, d11)
+  FASTLM_STORE(2, c20, c21, c00, c00)
+  FASTLM_STORE(3, c30, c31, c00, c00)
+  FASTLM_STORE(4, c40, c41, c00, c00)
+  FASTLM_STORE(5, c50, c51, c00, c00)
   finish_tile(acc, MR, e, r0, n0, nv);
+}
+#undef FASTLM_ROW
+#undef FASTLM_ROWS
+#undef FASTLM_STORE
+
+// The array kernel, kept for one row with gemv_tune(0) only (the kernel before tile1_avx2, for A/B
+// runs and the bit-equality test of tests/test_gemv.py): 4 independent accumulator sets over K.
+template <bool kInt8, bool kSplit = true>
+FASTLM_AVX2 void tile1_avx2_old(const float* x, int64_t K, const void* p, const Epilogue& e, int64_t r0, int64_t n0,
+                                int64_t nv) {
+  constexpr int U = 4;
+  constexpr int64_t kRowBytes = kNR * (kInt8 ? 1 : 4);
+  const int64_t pf = prefetch_bytes();
+  const char* pbytes = static_cast<const char*>(p);
+  __m256 a[U][2];
+  for (int u = 0; u < U; ++u) a[u][0] = a[u][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + U <= K; k += U) {
+    if (pf > 0 && ((k * kRowBytes) & 63) < U * kRowBytes)
+      _mm_prefetch(pbytes + k * kRowBytes + pf, _MM_HINT_T0);
+    for (int u = 0; u < U; ++u) {
+      __m256 w0, w1;
+      load_panel_row<kInt8, kSplit>(p, k + u, w0, w1);
+      const __m256 xb = _mm256_broadcast_ss(x + k + u);
+      a[u][0] = _mm256_fmadd_ps(xb, w0, a[u][0]);
+      a[u][1] = _mm256_fmadd_ps(xb, w1, a[u][1]);
+    }
+  }
+  for (; k < K; ++k) {
+    __m256 w0, w1;
+    load_panel_row<kInt8, kSplit>(p, k, w0, w1);
+    const __m256 xb = _mm256_broadcast_ss(x + k);
+    a[0][0] = _mm256_fmadd_ps(xb, w0, a[0][0]);
+    a[0][1] = _mm256_fmadd_ps(xb, w1, a[0][1]);
+  }
+  alignas(32) float acc[kNR];
+  __m256 s0 = a[0][0], s1 = a[0][1];
+  for (int u = 1; u < U; ++u) {
+    s0 = _mm256_add_ps(s0, a[u][0]);
+    s1 = _mm256_add_ps(s1, a[u][1]);
+  }
+  _mm256_store_ps(acc, s0);
+  _mm256_store_ps(acc + 8, s1);
+  finish_tile(acc, 1, e, r0, n0, nv);
 }
 
 // One row (the decode GEMV, M = 1), 16 channels, AVX2. tile_avx2<kInt8, 1> kept its 4 x 2
@@ -832,14 +894,19 @@ void run_tile(int isa, bool int8, const float* x, int64_t K, const void* p, cons
     return;
   }
   if (isa == kAvx2) {
-    if (MR == 1 && tune_level() >= 1) {  // the decode GEMV (tune 0: the kernel before, for A/B runs)
-      if (int8) tile1_avx2<true>(x, K, p, e, r0, n0, nv);
-      else tile1_avx2<false>(x, K, p, e, r0, n0, nv);
-      return;
+    if constexpr (MR == 1) {  // the decode GEMV (tune 0: the kernel before, for A/B runs)
+      if (tune_level() >= 1) {
+        if (int8) tile1_avx2<true>(x, K, p, e, r0, n0, nv);
+        else tile1_avx2<false>(x, K, p, e, r0, n0, nv);
+      } else {
+        if (int8) tile1_avx2_old<true, false>(x, K, p, e, r0, n0, nv);
+        else tile1_avx2_old<false>(x, K, p, e, r0, n0, nv);
+      }
+    } else {
+      if (int8 && tune_level() == 0) tile_avx2<true, MR, false>(x, K, p, e, r0, n0, nv);  // the old loads (A/B)
+      else if (int8) tile_avx2<true, MR>(x, K, p, e, r0, n0, nv);
+      else tile_avx2<false, MR>(x, K, p, e, r0, n0, nv);
     }
-    if (int8 && tune_level() == 0) tile_avx2<true, MR, false>(x, K, p, e, r0, n0, nv);  // the old loads (A/B)
-    else if (int8) tile_avx2<true, MR>(x, K, p, e, r0, n0, nv);
-    else tile_avx2<false, MR>(x, K, p, e, r0, n0, nv);
     return;
   }
 #endif
@@ -961,9 +1028,13 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind,
           nb += 1;
           continue;
         }
-        for (int64_t r0 = m0; r0 < m0 + mc; r0 += kMR) {
-          const int mr = static_cast<int>(std::min<int64_t>(kMR, m0 + mc - r0));
+        // the rows in ceil(mc / kMR) tiles of balanced height (32 rows: 6, 6, 5, 5, 5, 5, not
+        // 6 x 5 + 2): no thin last tile that streams the panel again for one or two rows
+        const int64_t nt = (mc + kMR - 1) / kMR;
+        for (int64_t t = 0, r0 = m0; t < nt; ++t) {
+          const int mr = static_cast<int>(mc / nt + (t < mc % nt ? 1 : 0));
           tile(mr, isa, panel_int8, x + r0 * K, K, panel, e, r0, n0, nv);
+          r0 += mr;
         }
         nb += 1;
       }

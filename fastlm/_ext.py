@@ -106,6 +106,12 @@ if _C is not None:
     def _gpt2_decode_batch_cpu_fake(h, params, k_cache, v_cache, pos, kv_len, scales, vocab, eps, activation):
         return h.new_empty((h.shape[0], vocab))
 
+    if hasattr(torch.ops.fastlm, "copy_rows_"):  # csrc/copy_rows.cpp
+
+        @torch.library.register_fake("fastlm::copy_rows_")
+        def _copy_rows_fake(dst, src):
+            return dst
+
     if hasattr(torch.ops.fastlm, "packed_linear_bf16"):  # csrc/gemv_bf16.cpp, csrc/decode_bf16.cpp
 
         @torch.library.register_fake("fastlm::packed_linear_bf16")
@@ -137,6 +143,17 @@ def cuda_enabled() -> bool:
 
 def cuda_archs() -> str:
     return _C.cuda_archs if _C is not None else ""
+
+
+def copy_rows_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """dst.copy_(src) for same-shape, same-dtype tensors; on the CPU with fastlm._C and unit stride
+    along the last dimension, row by row on the calling thread (csrc/copy_rows.cpp: no OpenMP
+    region between two pool-run GEMMs of a prefill), else aten's copy_. Returns dst."""
+    if (_C is not None and dst.device.type == "cpu" and src.device.type == "cpu" and dst.dtype == src.dtype
+            and dst.shape == src.shape and 1 <= dst.dim() <= 6 and dst.stride(-1) == 1 and src.stride(-1) == 1
+            and hasattr(torch.ops.fastlm, "copy_rows_") and not torch.compiler.is_compiling()):
+        return torch.ops.fastlm.copy_rows_(dst, src)
+    return dst.copy_(src)
 
 
 @contextlib.contextmanager

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastlm import _ext
+
 
 class StaticKVCache:
     """K and V for every layer, (n_layer, B, H, capacity, D) each; layer i's cache is the
@@ -30,8 +32,8 @@ class StaticKVCache:
         """Write a prompt block k, v (B, H, T, D) into rows [0, T) of the first B sequences
         (a cache sized for a batch bucket may hold more)."""
         B, T = k.shape[0], k.shape[2]
-        self.k[layer, :B, :, :T].copy_(k)
-        self.v[layer, :B, :, :T].copy_(v)
+        _ext.copy_rows_(self.k[layer, :B, :, :T], k)  # CPU: no OpenMP region (csrc/copy_rows.cpp)
+        _ext.copy_rows_(self.v[layer, :B, :, :T], v)
 
     def append(self, layer: int, k: Tensor, v: Tensor, pos: Tensor) -> None:
         """Write one token per sequence, k, v (B, H, 1, D), at row pos[b] (int (B,), on device)."""

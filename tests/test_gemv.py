@@ -244,3 +244,47 @@ def test_decode_tile_equals_the_kernel_before_it(isa, K):
     check(outs[1][1], reference(x, q.float() * s[:, None], None, None, "none"), K)
     with pytest.raises(ValueError, match="gemv_tune: level must be"):
         torch.ops.fastlm.gemv_tune(2)
+
+
+@pytest.mark.parametrize("M", [1, 5, 7, 17, 32, 33, 97])
+@pytest.mark.parametrize("K", [129, 1025, 3073])
+@pytest.mark.parametrize("kind", ["fp32", "int8"])
+def test_register_tiles_balanced_rows(isa, M, K, kind):
+    """The row tiles (AVX2: named-register 2..6-row tiles, rows split into balanced tiles, 32 rows as
+    6, 6, 5, 5, 5, 5) against the fp64 reference at batched-decode row counts, long odd K, N = 45 (not a
+    multiple of 16), bias and residual; the allocator's recent blocks poisoned with NaN first."""
+    N = 45
+    x, w, b, r = torch.randn(M, K), torch.randn(N, K), torch.randn(N), torch.randn(M, N)
+    if kind == "int8":
+        q, s = quantize_int8(w)
+        packed, scale, wref = pack_panels(q), s, q.double() * s.double()[:, None]
+    else:
+        packed, scale, wref = pack_panels(w), None, w
+    for _ in range(3):
+        torch.full((M, N), float("nan"))
+    y = op(x, packed, N, scale, b, r, "none")
+    check(y, reference(x, wref, b, r, "none"), K)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8"])
+def test_avx2_rows_independent_of_the_tile_height(kind):
+    """On AVX2 every tile of 3 to 6 rows runs one FMA chain per row and channel in K order, so a row's
+    result is the same bits whatever tile it falls in: 32 rows (tiles 6, 6, 5, 5, 5, 5) equal the same
+    rows run 3, 4, 5 or 6 at a time (how a batched decode row can match a smaller batch's)."""
+    if "avx2" not in available_isas():
+        pytest.skip("this CPU does not run the AVX2 path")
+    K, N = 1025, 45
+    x, w = torch.randn(32, K), torch.randn(N, K)
+    if kind == "int8":
+        q, s = quantize_int8(w)
+        packed, scale = pack_panels(q), s
+    else:
+        packed, scale = pack_panels(w), None
+    torch.ops.fastlm.cpu_isa("avx2")
+    try:
+        whole = op(x, packed, N, scale, None, None, "none")
+        for h in (3, 4, 5, 6):
+            parts = torch.cat([op(x[i:i + h], packed, N, scale, None, None, "none") for i in range(0, 30, h)])
+            assert torch.equal(parts, whole[: parts.shape[0]]), h
+    finally:
+        torch.ops.fastlm.cpu_isa("auto")

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastlm.linear
 from fastlm import _ext, cpu_features
 from fastlm.linear import Int8DynamicLinear, PackedLinear, pack_panels
 from fastlm.testing import max_err
@@ -164,7 +165,9 @@ def test_packed_gemm_bad_input_names_the_argument():
         torch.ops.fastlm.packed_gemm_avx2(x.double(), w, 40)
 
 
-def test_packed_linear_prefill_takes_the_avx2_gemm_on_avx2():
+def test_packed_linear_prefill_routes_on_avx2(monkeypatch):
+    """Prefill rows on AVX2 take gemv.cpp's register tiles (packed_linear); AVX2_PREFILL_GEMM = True (the
+    A/B switch) takes csrc/gemm_avx2.cpp: each routed call is its kernel, bit for bit."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(300, 70)
     p = PackedLinear.from_linear(lin)
@@ -172,6 +175,9 @@ def test_packed_linear_prefill_takes_the_avx2_gemm_on_avx2():
     before = torch.ops.fastlm.cpu_isa("")
     try:
         torch.ops.fastlm.cpu_isa("avx2")
+        tiles = p(x, activation="gelu_tanh")
+        assert torch.equal(tiles, torch.ops.fastlm.packed_linear(x, p.packed, 70, None, p.bias, None, "gelu_tanh"))
+        monkeypatch.setattr(fastlm.linear, "AVX2_PREFILL_GEMM", True)
         got = p(x, activation="gelu_tanh")
         want = torch.ops.fastlm.packed_gemm_avx2(x, p.packed, 70, p.bias, None, "gelu_tanh")
         assert torch.equal(got, want)  # the routed call is the kernel, bit for bit
@@ -180,4 +186,4 @@ def test_packed_linear_prefill_takes_the_avx2_gemm_on_avx2():
     finally:
         torch.ops.fastlm.cpu_isa(before)
     ref = F.gelu(F.linear(x.double(), lin.weight.double(), lin.bias.double()), approximate="tanh")
-    assert max_err(got, ref) < 1e-4
+    assert max_err(got, ref) < 1e-4 and max_err(tiles, ref) < 1e-4

@@ -84,7 +84,10 @@ class GPT2Attention(nn.Module):
             if kv is not None:  # prefill: the prompt's keys and values go into rows [0, S)
                 kv.cache.prefill(kv.layer, k, v)
             y = ops.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, scale=self.scale)
-        y = y.transpose(1, 2).reshape(B, S, C)  # (B, S, H*D)
+        if y.device.type == "cpu" and S > 1 and y.is_contiguous():  # (B, H, S, D) -> (B, S, H*D), no OpenMP region
+            y = _ext.copy_rows_(y.new_empty(B, S, self.n_head, self.head_dim), y.transpose(1, 2)).view(B, S, C)
+        else:
+            y = y.transpose(1, 2).reshape(B, S, C)  # (B, S, H*D)
         return linear(self.c_proj, y)
 
 
