@@ -210,10 +210,20 @@ __attribute__((always_inline)) inline void finish_tile_body(const float* acc, in
     sc[j] = 1.0f;
     bi[j] = 0.0f;
   }
-  if (e.scale != nullptr)
-    for (int64_t j = 0; j < nv; ++j) sc[j] = e.scale[n0 + j];
-  if (e.bias != nullptr)
-    for (int64_t j = 0; j < nv; ++j) bi[j] = e.bias[n0 + j];
+  // full panels copy 16 lanes in fixed-count loops (vector moves; a variable count became memcpy calls,
+  // two per tile: a one-row decode GEMV runs ~3000 tiles for GPT-2's LM head)
+  if (e.scale != nullptr) {
+    if (nv == kNR)
+      for (int64_t j = 0; j < kNR; ++j) sc[j] = e.scale[n0 + j];
+    else
+      for (int64_t j = 0; j < nv; ++j) sc[j] = e.scale[n0 + j];
+  }
+  if (e.bias != nullptr) {
+    if (nv == kNR)
+      for (int64_t j = 0; j < kNR; ++j) bi[j] = e.bias[n0 + j];
+    else
+      for (int64_t j = 0; j < nv; ++j) bi[j] = e.bias[n0 + j];
+  }
   for (int r = 0; r < mr; ++r) {
     for (int64_t j = 0; j < kNR; ++j) v[j] = acc[r * kNR + j] * sc[j] + bi[j];
     if (e.act == kGeluErf) {
