@@ -205,6 +205,9 @@ struct Epilogue {
 #pragma GCC optimize("fp-contract=off")
 __attribute__((always_inline)) inline void finish_tile_body(const float* acc, int mr, const Epilogue& e, int64_t r0,
                                                             int64_t n0, int64_t nv) {
+#ifdef __clang__
+#pragma clang fp contract(off)  // clang ignores the GCC optimize pragma above
+#endif
   float sc[kNR], bi[kNR], v[kNR];
   for (int64_t j = 0; j < kNR; ++j) {
     sc[j] = 1.0f;
