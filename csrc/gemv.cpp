@@ -937,9 +937,9 @@ FASTLM_AVX2 void tile_i16_avx2(const int16_t* xq, const float* xs, int64_t K, co
 
 // Rows per int16 tile: AVX-512 up to 4 (4 x U int32 + 4 fp32 of 32 zmm), AVX2 and portable 2.
 // Rows per int16 tile (the most each ISA's kernels take, and the default):
-//   AVX-512BW 16: MR int32 block sums in zmm + the widened pair row (MR + 1 of 32; fp32 sums in a stack
-//     tile from MR 5 on): a 16-row prefill reads each panel once and widens each pair row once per 16
-//     dots, against 4 passes of 4-row tiles before;
+//   AVX-512BW 16 for K <= 768, else 4 (see kI16WideXBytes): MR int32 block sums in zmm + the widened
+//     pair row (MR + 1 of 32; fp32 sums in a stack tile from MR 5 on): a 16-row prefill reads each
+//     panel once and widens each pair row once per 16 dots, against 4 passes of 4-row tiles;
 //   AVX2 4 (2 MR int32 sums + 2 widened halves + broadcast + product: 12 of 16 ymm; 6 rows spilled
 //     and ran slower than 2, forced AVX2 on Zen 4, 1 thread: 4 rows 1.05-1.27x the speed of 2); portable 2.
 // torch.ops.fastlm.int8_tile_rows(rows) caps them at run time for A/B runs (0: the defaults, -1 queries);
@@ -954,11 +954,22 @@ int64_t int8_tile_rows(int64_t rows) {
   return g_i16_tile.load();
 }
 
-int i16_rows(int isa) {
+// The AVX-512 default depends on K: a wide tile streams its rows' interleaved pairs (K2 * 4 bytes a row)
+// once per panel, and past ~24 KB of them (K > 768 at 16 rows) they no longer stay in L1 beside the
+// panel: measured 1 thread, thread CPU time, M = 16, best of 10 alternating rounds, on the loaded
+// Zen 4: K = 768 16 rows 0.98-1.0x the time of 4; K = 1024 / 2048 / 3072 4 rows 0.98 / 0.97 / 0.96x
+// the time of 16 (and of 6, 8, 12; 5 rows, tiled 5 + 5 + 5 + 1, was the slowest).
+constexpr int64_t kI16WideXBytes = int64_t{24} << 10;
+
+int i16_rows(int isa, int64_t K) {
   const int cap = g_i16_tile.load(std::memory_order_relaxed);
   int most = 2, dflt = 2;
-  if (isa == kAvx512 && cpu_has_avx512bw()) most = dflt = kI16MaxRows512;
-  else if (isa != kPortable) most = dflt = kI16MaxRowsAvx2;
+  if (isa == kAvx512 && cpu_has_avx512bw()) {
+    most = kI16MaxRows512;
+    dflt = (K + 1) / 2 * 4 * kI16MaxRows512 <= kI16WideXBytes ? kI16MaxRows512 : 4;
+  } else if (isa != kPortable) {
+    most = dflt = kI16MaxRowsAvx2;
+  }
   return cap > 0 ? std::min(cap, most) : dflt;
 }
 
@@ -1070,7 +1081,7 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind,
 #endif
       quantize_rows_i16(x, M, K, xq_buf.data(), xs_buf.data());
   }
-  const int mri = i16_rows(isa);
+  const int mri = i16_rows(isa, K);
   // wide tiles (i16_wide) read their rows' activation pairs interleaved, (K2, mr) int32 at the tile's
   // row offset: one pointer and constant offsets for the mr broadcasts of each pair row (mr row
   // pointers did not fit the general registers); narrow tiles' rows are copied as they are
