@@ -5,7 +5,8 @@
 // a contiguous run of panels; a register tile of up to 6 rows x 16 channels broadcasts x[m, k] and
 // FMAs into two 8-float accumulators per row, so every weight byte is read once for all rows
 // (M <= 16 in one pass; larger M in blocks of 96 rows, int8 panels dequantised once per block;
-// the decode ops run int8 pair panels up to 64 rows in the int16-activation kernels instead).
+// the decode ops run int8 pair panels up to 64 rows in the int16-activation kernels instead, whose
+// register tiles hold up to 16 rows on AVX-512BW, 4 on AVX2, see i16_rows).
 // int8 is dequantised in registers (cvtepi8 -> cvtepi32_ps) and the scale applied after the dot.
 // Runtime ISA dispatch: an AVX2+FMA path and a portable path (FASTLM_CPU_ISA=portable or
 // torch.ops.fastlm.cpu_isa("portable") forces it).
@@ -177,17 +178,36 @@ struct Epilogue {
 };
 
 // acc (mr, 16) -> y rows r0.., channels n0..n0+nv: * scale + bias, activation, + residual.
-// Fixed-width loops over the 16 lanes, so gcc vectorises them (with ymm inside the AVX2 path).
-inline void finish_tile(const float* acc, int mr, const Epilogue& e, int64_t r0, int64_t n0, int64_t nv) {
+// Fixed-width loops over the 16 lanes, so gcc vectorises them. One source, compiled three ways
+// (baseline SSE2, AVX2, AVX-512F with 512-bit vectors) with floating-point contraction off, so every
+// version does the same IEEE operations in the same order: the same bits on any ISA (before, only the
+// out-of-line SSE2 copy ran, ~10% of the int16 prefill tiles' time with GELU).
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+__attribute__((always_inline)) inline void finish_tile_body(const float* acc, int mr, const Epilogue& e, int64_t r0,
+                                                            int64_t n0, int64_t nv) {
+#ifdef __clang__
+#pragma clang fp contract(off)  // clang ignores the GCC optimize pragma above
+#endif
   float sc[kNR], bi[kNR], v[kNR];
   for (int64_t j = 0; j < kNR; ++j) {
     sc[j] = 1.0f;
     bi[j] = 0.0f;
   }
-  if (e.scale != nullptr)
-    for (int64_t j = 0; j < nv; ++j) sc[j] = e.scale[n0 + j];
-  if (e.bias != nullptr)
-    for (int64_t j = 0; j < nv; ++j) bi[j] = e.bias[n0 + j];
+  // full panels copy 16 lanes in fixed-count loops (vector moves; a variable count became memcpy calls,
+  // two per tile: a one-row decode GEMV runs ~3000 tiles for GPT-2's LM head)
+  if (e.scale != nullptr) {
+    if (nv == kNR)
+      for (int64_t j = 0; j < kNR; ++j) sc[j] = e.scale[n0 + j];
+    else
+      for (int64_t j = 0; j < nv; ++j) sc[j] = e.scale[n0 + j];
+  }
+  if (e.bias != nullptr) {
+    if (nv == kNR)
+      for (int64_t j = 0; j < kNR; ++j) bi[j] = e.bias[n0 + j];
+    else
+      for (int64_t j = 0; j < nv; ++j) bi[j] = e.bias[n0 + j];
+  }
   for (int r = 0; r < mr; ++r) {
     for (int64_t j = 0; j < kNR; ++j) v[j] = acc[r * kNR + j] * sc[j] + bi[j];
     if (e.act == kGeluErf) {
@@ -206,6 +226,33 @@ inline void finish_tile(const float* acc, int mr, const Epilogue& e, int64_t r0,
       for (int64_t j = 0; j < nv; ++j) yr[j] = rr != nullptr ? v[j] + rr[j] : v[j];
     }
   }
+}
+
+__attribute__((noinline)) void finish_tile_base(const float* acc, int mr, const Epilogue& e, int64_t r0, int64_t n0,
+                                                int64_t nv) {
+  finish_tile_body(acc, mr, e, r0, n0, nv);
+}
+
+#ifdef FASTLM_X86
+__attribute__((noinline, target("avx2"))) void finish_tile_avx2(const float* acc, int mr, const Epilogue& e, int64_t r0,
+                                                                int64_t n0, int64_t nv) {
+  finish_tile_body(acc, mr, e, r0, n0, nv);
+}
+
+__attribute__((noinline, target("avx512f,avx2,prefer-vector-width=512"))) void finish_tile_avx512(
+    const float* acc, int mr, const Epilogue& e, int64_t r0, int64_t n0, int64_t nv) {
+  finish_tile_body(acc, mr, e, r0, n0, nv);
+}
+#endif
+#pragma GCC pop_options
+
+inline void finish_tile(const float* acc, int mr, const Epilogue& e, int64_t r0, int64_t n0, int64_t nv) {
+#ifdef FASTLM_X86
+  const int isa = current_isa();
+  if (isa == kAvx512) return finish_tile_avx512(acc, mr, e, r0, n0, nv);
+  if (isa == kAvx2) return finish_tile_avx2(acc, mr, e, r0, n0, nv);
+#endif
+  finish_tile_base(acc, mr, e, r0, n0, nv);
 }
 
 // ---- portable path ------------------------------------------------------------------------
@@ -739,6 +786,57 @@ void tile_i16_portable(const int16_t* xq, const float* xs, int64_t K, const int8
 #define FASTLM_DOT_BW(a, w, x) _mm512_add_epi32((a), _mm512_madd_epi16((w), (x)))
 FASTLM_I16_TILE_512(tile_i16_vnni, FASTLM_AVX512VNNI, FASTLM_DOT_VNNI)
 FASTLM_I16_TILE_512(tile_i16_avx512bw, FASTLM_AVX512BW, FASTLM_DOT_BW)
+
+// Wide int16 tiles (AVX-512BW, 5..16 rows): each widened pair row of panel (vpmovsxbw) feeds MR dots,
+// one per row's int32 block sum (MR zmm, named: gcc kept an array of them in memory, or rotated it
+// through register copies, ~2 moves per dot), so a 16-row prefill reads each panel once and widens
+// each pair row once per 16 dots. The rows' activation pairs come interleaved, (K2, MR) int32
+// (packed_gemm), for one pointer with constant offsets; the fp32 sums live in a stack tile, touched once
+// per block. Every row's int32 block sums and its fp32 sum order are those of the narrow tiles, so
+// the outputs are the same bits at any tile size.
+#define FASTLM_R16(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15)
+#define FASTLM_WDOT_VNNI(a, w, xp) asm("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(a) : "v"(w), "m"(*(xp)))
+#define FASTLM_WDOT_BW(a, w, xp) ((a) = _mm512_add_epi32((a), _mm512_madd_epi16((w), _mm512_set1_epi32(*(xp)))))
+#define FASTLM_I16_WIDE_512(NAME, TARGET, WDOT)                                                                \
+  template <int MR>                                                                                            \
+  TARGET void NAME(const int16_t* xq, const float* xs, int64_t K, const int8_t* p, const Epilogue& e,          \
+                   int64_t r0, int64_t n0, int64_t nv) {                                                       \
+    static_assert(MR >= 1 && MR <= 16, "wide int16 tiles hold 1..16 rows");                                   \
+    const int64_t K2 = (K + 1) / 2, nbk = (K + kQB - 1) / kQB;                                                 \
+    const int32_t* xt = reinterpret_cast<const int32_t*>(xq);                                                  \
+    alignas(64) float fw[MR * kNR];                                                                            \
+    for (int i = 0; i < MR * kNR; ++i) fw[i] = 0.0f;                                                           \
+    for (int64_t b = 0; b < nbk; ++b) {                                                                        \
+      const int64_t kk1 = std::min(K2, (b + 1) * kQP);                                                         \
+      FASTLM_R16(FASTLM_WIDE_DECL)                                                                             \
+      for (int64_t kk = b * kQP; kk < kk1; ++kk) {                                                             \
+        const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + kk * kPairRow))); \
+        const int32_t* xk = xt + kk * MR;                                                                      \
+        FASTLM_R16(FASTLM_WIDE_DOT)                                                                            \
+      }                                                                                                        \
+      FASTLM_R16(FASTLM_WIDE_FIN)                                                                              \
+    }                                                                                                          \
+    finish_tile(fw, MR, e, r0, n0, nv);                                                                        \
+  }
+#define FASTLM_WIDE_DECL(i) __m512i a##i = _mm512_setzero_si512();
+#define FASTLM_WIDE_FIN(i)                                                                                     \
+  if constexpr (MR > i)                                                                                        \
+    _mm512_store_ps(fw + i * kNR, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a##i), _mm512_set1_ps(xs[i * nbk + b]),   \
+                                                  _mm512_load_ps(fw + i * kNR)));
+#define FASTLM_WIDE_DOT(i) \
+  if constexpr (MR > i) FASTLM_WDOT_VNNI(a##i, w, xk + i);
+FASTLM_I16_WIDE_512(tile_i16_wide_vnni, FASTLM_AVX512VNNI, FASTLM_WDOT_VNNI)
+#undef FASTLM_WIDE_DOT
+#define FASTLM_WIDE_DOT(i) \
+  if constexpr (MR > i) FASTLM_WDOT_BW(a##i, w, xk + i);
+FASTLM_I16_WIDE_512(tile_i16_wide_avx512bw, FASTLM_AVX512BW, FASTLM_WDOT_BW)
+#undef FASTLM_WIDE_DOT
+#undef FASTLM_WIDE_DECL
+#undef FASTLM_WIDE_FIN
+#undef FASTLM_I16_WIDE_512
+#undef FASTLM_WDOT_VNNI
+#undef FASTLM_WDOT_BW
+#undef FASTLM_R16
 #undef FASTLM_I16_TILE_512
 #undef FASTLM_DOT_VNNI
 #undef FASTLM_DOT_BW
@@ -797,6 +895,34 @@ FASTLM_AVX2 void tile_i16_avx2(const int16_t* xq, const float* xs, int64_t K, co
     finish_tile(acc1, 1, e, r0, n0, nv);
     return;
   }
+  if constexpr (MR > 2) {  // wide tile: 2 widened half rows feed 2 * MR dots; fp32 sums in a stack tile
+    const int32_t* xt = reinterpret_cast<const int32_t*>(xq);  // interleaved: (K2, MR) pairs
+    alignas(32) float fw[MR * kNR];
+    for (int i = 0; i < MR * kNR; ++i) fw[i] = 0.0f;
+    for (int64_t b = 0; b < nbk; ++b) {
+      const int64_t kk1 = std::min(K2, (b + 1) * kQP);
+      __m256i a[MR][2];
+      for (int r = 0; r < MR; ++r) a[r][0] = a[r][1] = _mm256_setzero_si256();
+      for (int64_t kk = b * kQP; kk < kk1; ++kk) {
+        const int8_t* w = p + kk * kPairRow;
+        if (pf > 0 && (kk & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(w) + pf, _MM_HINT_T0);
+        const __m256i w0 = FASTLM_W256(w), w1 = FASTLM_W256(w + 16);
+        for (int r = 0; r < MR; ++r) {
+          const __m256i xb = _mm256_set1_epi32(xt[kk * MR + r]);
+          a[r][0] = _mm256_add_epi32(a[r][0], _mm256_madd_epi16(w0, xb));
+          a[r][1] = _mm256_add_epi32(a[r][1], _mm256_madd_epi16(w1, xb));
+        }
+      }
+      for (int r = 0; r < MR; ++r) {
+        const __m256 sc = _mm256_set1_ps(xs[r * nbk + b]);
+        _mm256_store_ps(fw + r * kNR, _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][0]), sc, _mm256_load_ps(fw + r * kNR)));
+        _mm256_store_ps(fw + r * kNR + 8,
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][1]), sc, _mm256_load_ps(fw + r * kNR + 8)));
+      }
+    }
+    finish_tile(fw, MR, e, r0, n0, nv);
+    return;
+  }
   const int32_t* xp[MR];
   for (int r = 0; r < MR; ++r) xp[r] = reinterpret_cast<const int32_t*>(xq + r * 2 * K2);
   __m256 f[MR][2];
@@ -853,19 +979,66 @@ FASTLM_AVX2 void tile_i16_avx2(const int16_t* xq, const float* xs, int64_t K, co
 #endif
 
 // Rows per int16 tile: AVX-512 up to 4 (4 x U int32 + 4 fp32 of 32 zmm), AVX2 and portable 2.
-int i16_rows(int isa) { return isa == kAvx512 && cpu_has_avx512bw() ? 4 : 2; }
+// Rows per int16 tile (the most each ISA's kernels take, and the default):
+//   AVX-512BW 16 for K <= 768, else 4 (see kI16WideXBytes): MR int32 block sums in zmm + the widened
+//     pair row (MR + 1 of 32; fp32 sums in a stack tile from MR 5 on): a 16-row prefill reads each
+//     panel once and widens each pair row once per 16 dots, against 4 passes of 4-row tiles;
+//   AVX2 4 (2 MR int32 sums + 2 widened halves + broadcast + product: 12 of 16 ymm; 6 rows spilled
+//     and ran slower than 2, forced AVX2 on Zen 4, 1 thread: 4 rows 1.05-1.27x the speed of 2); portable 2.
+// torch.ops.fastlm.int8_tile_rows(rows) caps them at run time for A/B runs (0: the defaults, -1 queries);
+// every row's int32 block sums and fp32 sum order are the same at any tile size, so the outputs are too.
+constexpr int kI16MaxRows512 = 16, kI16MaxRowsAvx2 = 4;
+std::atomic<int> g_i16_tile{0};
+
+int64_t int8_tile_rows(int64_t rows) {
+  TORCH_CHECK_VALUE(rows >= -1 && rows <= kI16MaxRows512, "int8_tile_rows: rows must be -1 (query), 0 (the "
+                    "defaults) or a cap in [1, ", kI16MaxRows512, "], got ", rows);
+  if (rows >= 0) g_i16_tile.store(static_cast<int>(rows));
+  return g_i16_tile.load();
+}
+
+// The AVX-512 default depends on K: a wide tile streams its rows' interleaved pairs (K2 * 4 bytes a row)
+// once per panel, and past ~24 KB of them (K > 768 at 16 rows) they no longer stay in L1 beside the
+// panel: measured 1 thread, thread CPU time, M = 16, best of 10 alternating rounds, on the loaded
+// Zen 4: K = 768 16 rows 0.98-1.0x the time of 4; K = 1024 / 2048 / 3072 4 rows 0.98 / 0.97 / 0.96x
+// the time of 16 (and of 6, 8, 12; 5 rows, tiled 5 + 5 + 5 + 1, was the slowest).
+constexpr int64_t kI16WideXBytes = int64_t{24} << 10;
+
+int i16_rows(int isa, int64_t K) {
+  const int cap = g_i16_tile.load(std::memory_order_relaxed);
+  int most = 2, dflt = 2;
+  if (isa == kAvx512 && cpu_has_avx512bw()) {
+    most = kI16MaxRows512;
+    dflt = (K + 1) / 2 * 4 * kI16MaxRows512 <= kI16WideXBytes ? kI16MaxRows512 : 4;
+  } else if (isa != kPortable) {
+    most = dflt = kI16MaxRowsAvx2;
+  }
+  return cap > 0 ? std::min(cap, most) : dflt;
+}
+
+// Whether an int16 tile of mr rows is a wide one (its activation pairs interleaved, see packed_gemm).
+bool i16_wide(int isa, int mr) {
+  if (isa == kAvx512 && cpu_has_avx512bw()) return mr > 4;
+  return isa != kPortable && mr > 2;
+}
 
 template <int MR>
 void run_tile_i16(int isa, const int16_t* xq, const float* xs, int64_t K, const int8_t* p, const Epilogue& e,
                   int64_t r0, int64_t n0, int64_t nv) {
 #ifdef FASTLM_X86
   if (isa == kAvx512 && cpu_has_avx512bw()) {
-    if (i8_mode() >= 2 && cpu_has_avx512vnni()) tile_i16_vnni<MR>(xq, xs, K, p, e, r0, n0, nv);
-    else tile_i16_avx512bw<MR>(xq, xs, K, p, e, r0, n0, nv);
+    const bool vnni = i8_mode() >= 2 && cpu_has_avx512vnni();
+    if constexpr (MR > 4) {  // i16_wide
+      if (vnni) tile_i16_wide_vnni<MR>(xq, xs, K, p, e, r0, n0, nv);
+      else tile_i16_wide_avx512bw<MR>(xq, xs, K, p, e, r0, n0, nv);
+    } else {
+      if (vnni) tile_i16_vnni<MR>(xq, xs, K, p, e, r0, n0, nv);
+      else tile_i16_avx512bw<MR>(xq, xs, K, p, e, r0, n0, nv);
+    }
     return;
   }
   if (isa != kPortable) {
-    if constexpr (MR <= 2) {
+    if constexpr (MR <= kI16MaxRowsAvx2) {
       tile_i16_avx2<MR>(xq, xs, K, p, e, r0, n0, nv);
       return;
     }
@@ -874,14 +1047,15 @@ void run_tile_i16(int isa, const int16_t* xq, const float* xs, int64_t K, const 
   tile_i16_portable<MR>(xq, xs, K, p, e, r0, n0, nv);
 }
 
+template <int... MRs>
+void tile_i16_dispatch(std::integer_sequence<int, MRs...>, int mr, int isa, const int16_t* xq, const float* xs,
+                       int64_t K, const int8_t* p, const Epilogue& e, int64_t r0, int64_t n0, int64_t nv) {
+  ((mr == MRs + 1 ? run_tile_i16<MRs + 1>(isa, xq, xs, K, p, e, r0, n0, nv) : void()), ...);
+}
+
 void tile_i16(int mr, int isa, const int16_t* xq, const float* xs, int64_t K, const int8_t* p, const Epilogue& e,
               int64_t r0, int64_t n0, int64_t nv) {
-  switch (mr) {
-    case 1: return run_tile_i16<1>(isa, xq, xs, K, p, e, r0, n0, nv);
-    case 2: return run_tile_i16<2>(isa, xq, xs, K, p, e, r0, n0, nv);
-    case 3: return run_tile_i16<3>(isa, xq, xs, K, p, e, r0, n0, nv);
-    default: return run_tile_i16<4>(isa, xq, xs, K, p, e, r0, n0, nv);
-  }
+  tile_i16_dispatch(std::make_integer_sequence<int, kI16MaxRows512>{}, mr, isa, xq, xs, K, p, e, r0, n0, nv);
 }
 
 template <int MR>
@@ -955,10 +1129,30 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind,
 #endif
       quantize_rows_i16(x, M, K, xq_buf.data(), xs_buf.data());
   }
+  const int mri = i16_rows(isa, K);
+  // wide tiles (i16_wide) read their rows' activation pairs interleaved, (K2, mr) int32 at the tile's
+  // row offset: one pointer and constant offsets for the mr broadcasts of each pair row (mr row
+  // pointers did not fit the general registers); narrow tiles' rows are copied as they are
+  thread_local std::vector<int16_t> xi_buf;
   const int16_t* xq = xq_buf.data();
+  if (i16 && M > 1 && i16_wide(isa, static_cast<int>(std::min<int64_t>(mri, M)))) {
+    if (static_cast<int64_t>(xi_buf.size()) < M * 2 * K2) xi_buf.resize(M * 2 * K2);
+    const int32_t* src = reinterpret_cast<const int32_t*>(xq_buf.data());
+    int32_t* dst = reinterpret_cast<int32_t*>(xi_buf.data());
+    for (int64_t r0 = 0; r0 < M; r0 += mri) {
+      const int64_t mr = std::min<int64_t>(mri, M - r0);
+      if (i16_wide(isa, static_cast<int>(mr))) {
+        for (int64_t r = 0; r < mr; ++r)
+          for (int64_t kk = 0; kk < K2; ++kk) dst[r0 * K2 + kk * mr + r] = src[(r0 + r) * K2 + kk];
+      } else {
+        std::memcpy(dst + r0 * K2, src + r0 * K2, mr * K2 * sizeof(int32_t));
+      }
+    }
+    xq = xi_buf.data();
+  }
   const float* xs = xs_buf.data();
   const int64_t xq_stride = 2 * K2, xs_stride = (K + kQB - 1) / kQB;
-  const int mri = i16_rows(isa);
+  static_assert(kI16Rows <= kMC, "int16 tiles are laid out from row 0: one block of rows");
   // chunks of at least ~512 KB of weights (FASTLM_GEMV_CHUNK_KB): long contiguous streams per thread
   // for the prefetchers (measured: 64 KB chunks 14.2 ms/token fp32, 256 KB 12.6, 512 KB ~2% faster
   // again in the decode step); small layers stay on the calling thread
@@ -1202,6 +1396,7 @@ TORCH_LIBRARY_FRAGMENT(fastlm, m) {
   m.def("int8_gemv_mode(int level=-1) -> int", &int8_gemv_mode);
   m.def("gemv_prefetch(int bytes=-1) -> int", &gemv_prefetch);
   m.def("int8_gemv_prefetch(int bytes=-1) -> int", &int8_gemv_prefetch);
+  m.def("int8_tile_rows(int rows=-1) -> int", &int8_tile_rows);
   m.def("hugepage_copy(Tensor src) -> Tensor");
 }
 

@@ -216,7 +216,7 @@ def test_fake():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("B", [17, 33])
+@pytest.mark.parametrize("B", [17, 21, 33, 40])
 def test_int8_batch_row_equals_the_row_alone_past_16_rows(B):
     """A decode step of B > 16 rows (past the GEMV's one-pass row count; int8 pair panels run the
     int16-activation kernels up to 64 rows): row b equals the B = 1 step on a copy of row b's

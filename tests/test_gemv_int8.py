@@ -76,8 +76,9 @@ def case(M, N, K, outlier=False):
     return x, q, s, q.double() * s.double()[:, None]
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 5, 16])
-@pytest.mark.parametrize("N,K", [(1, 1), (17, 97), (97, 129), (129, 768), (768, 17), (3072, 64), (45, 3072)])
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 7, 8, 9, 15, 16])
+@pytest.mark.parametrize("N,K", [(1, 1), (17, 97), (97, 129), (129, 768), (768, 17), (3072, 64), (45, 3072),
+                                 (33, 1025), (19, 3073)])
 def test_int16_gemv_within_the_bound(path, M, N, K):
     x, q, s, wref = case(M, N, K, outlier=True)
     b, r = torch.randn(N), torch.randn(M, N)
@@ -222,9 +223,43 @@ def test_one_row_threads_agree_bit_for_bit(path, two_threads, N, K):
         assert torch.equal(y, outs[0])
 
 
+# Rows per int16 tile (csrc/gemv.cpp i16_rows: AVX-512BW 16, the wide tiles from 5 rows on; AVX2 4, at
+# most 6; portable 2), capped with int8_tile_rows: every row's int32 block sums and its fp32 sum order
+# are the same at any tile size, so the outputs are the same bits; each within the fp64 bound, written
+# over NaN-filled memory (poisoned outputs)
+@pytest.fixture
+def tile_rows():
+    yield
+    torch.ops.fastlm.int8_tile_rows(0)
+
+
+@pytest.mark.parametrize("M", [5, 7, 8, 9, 15, 16])
+@pytest.mark.parametrize("N,K", [(45, 129), (97, 1025), (19, 3073)])
+def test_tile_sizes_agree_bit_for_bit(path, tile_rows, M, N, K):
+    x, q, s, wref = case(M, N, K, outlier=True)
+    b, r = torch.randn(N), torch.randn(M, N)
+    p = pack_int8_panels(q)
+    ref = reference(x, wref, b, r, "gelu")
+    bound = 1.13 * act_bound(x, wref)
+    outs = []
+    for cap in (1, 2, 3, 4, 5, 6, 7, 8, 11, 16, 0):
+        assert torch.ops.fastlm.int8_tile_rows(cap) == cap
+        torch.full((M * N + 64,), float("nan")).sum()  # leave NaN-filled memory for the output to land on
+        y = op(x, p, N, s, b, r, "gelu")
+        check(y, ref, K, bound)
+        outs.append(y)
+    for cap, y in zip((2, 3, 4, 5, 6, 7, 8, 11, 16, 0), outs[1:], strict=True):
+        assert torch.equal(y, outs[0]), f"rows per tile {cap} differ from 1"
+
+
 def test_schedule_knobs_refuse_bad_values():
     with pytest.raises(ValueError, match="int8_gemv_prefetch: bytes must be"):
         torch.ops.fastlm.int8_gemv_prefetch(-2)
     with pytest.raises(ValueError, match="gemv_prefetch: bytes must be"):
         torch.ops.fastlm.gemv_prefetch(1 << 21)
+    with pytest.raises(ValueError, match="int8_tile_rows: rows must be"):
+        torch.ops.fastlm.int8_tile_rows(17)
+    with pytest.raises(ValueError, match="int8_tile_rows: rows must be"):
+        torch.ops.fastlm.int8_tile_rows(-2)
+    assert torch.ops.fastlm.int8_tile_rows(-1) == 0
     assert torch.ops.fastlm.int8_gemv_prefetch(-1) >= 0
