@@ -11,17 +11,14 @@
 namespace fastlm {
 namespace {
 
-// [threads, helper_chunks, helpers_started, shared_jobs, stalls, backoff_jobs, wait_us, probes,
-// alone_runs]:
+// [threads, helper_chunks, helpers_started, shared_jobs, stalls, backoff_jobs, wait_us]:
 // at::get_num_threads() at the last call (the caller + the helpers it may use), chunks the helpers ran
 // in the last shared job, helper threads started, jobs shared with helpers, shared jobs whose caller
 // waited past the stall bound (FASTLM_POOL_STALL_US), jobs run on the caller alone in a back-off
-// window or a load probe, microseconds the caller spent waiting for chunks a helper had claimed (all
-// jobs), load probes run (FASTLM_POOL_ADAPT), probes that chose the caller alone.
+// window, microseconds the caller spent waiting for chunks a helper had claimed (all jobs).
 std::vector<int64_t> cpu_pool_stats() {
   const PoolStats s = SharePool::get().stats();
-  return {s.threads, s.helper_chunks, s.helpers_started, s.shared_jobs, s.stalls, s.backoff_jobs, s.wait_us, s.probes,
-          s.alone_runs};
+  return {s.threads, s.helper_chunks, s.helpers_started, s.shared_jobs, s.stalls, s.backoff_jobs, s.wait_us};
 }
 
 // Test hook: delays the pool's helpers (cpu_pool.h SharePool::debug). mode 0 off, 1: a helper sleeps

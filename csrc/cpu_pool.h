@@ -24,20 +24,16 @@
 // for it (seen: decode time doubled with one competing process on a 2-core machine); and the helper,
 // spinning between jobs, takes CPU time that the caller's serial work (attention, LayerNorms, the
 // Python loop) then lacks (GPT-2 small int8 decode: 2 threads 1.1-1.3x slower than 1 under one
-// competing process, with few stalls). Yet under heavier load the helper's own share of the CPUs
-// makes two threads faster than one. Two mechanisms:
+// competing process, with few stalls). The first is bounded:
 // - Stall back-off: when the caller waits longer than FASTLM_POOL_STALL_US (default 1000 us) and 4x
 //   its own time per chunk for a helper's chunk, the pool runs every job on the calling thread alone
 //   for a back-off window (10 ms, doubling up to 320 ms while stalls recur right after a window; back
 //   to 10 ms after 256 shared jobs without one), then shares work again (FASTLM_POOL_STALL_US=0
 //   turns this off).
-// - Load probe: when the calling thread was preempted while sharing (its involuntary context
-//   switches, getrusage RUSAGE_THREAD, sampled every 16 shared jobs, went up; on idle cores it keeps
-//   its core), the pool times the same stream of jobs alone and shared (A B B A segments of 512
-//   jobs, the gaps between jobs up to 1 ms included) and runs the faster way for 8192 jobs, then
-//   probes again while the load lasts (adapt(); FASTLM_POOL_ADAPT=0 turns this off).
 // Run alone, the helpers sleep after their spin, so the caller has a core as one thread would. Idle
-// cores neither stall nor preempt the caller, so nothing changes there.
+// cores do not stall, so nothing changes there. (A load probe that timed alone against shared when
+// the caller was preempted, and ran the faster, was tried and removed: in a quiet A/B with one
+// competing process it chose sharing in 2 of 3 loaded runs where 2 threads were slower than 1.)
 //
 // Threads: at::get_num_threads() - 1 helpers, read at every call, so torch.set_num_threads and
 // OMP_NUM_THREADS / MKL_NUM_THREADS (which torch reads at start-up, and Ray and Spark set) size it
@@ -56,7 +52,6 @@
 #include <cstdlib>
 #include <functional>
 #include <mutex>
-#include <sys/resource.h>
 #include <thread>
 #include <unistd.h>
 #include <vector>
@@ -77,10 +72,8 @@ struct PoolStats {
   int64_t helpers_started = 0;
   int64_t shared_jobs = 0;    // jobs shared with helpers
   int64_t stalls = 0;         // shared jobs whose caller waited past the stall bound
-  int64_t backoff_jobs = 0;   // jobs run on the caller alone: back-off window, load probe or its choice
+  int64_t backoff_jobs = 0;   // jobs run on the caller alone in a back-off window
   int64_t wait_us = 0;        // time the caller spent waiting for chunks a helper had claimed
-  int64_t probes = 0;         // load probes run (the caller had been preempted while sharing)
-  int64_t alone_runs = 0;     // probes that found the caller alone faster than sharing
 };
 
 // Rows scope of the calling thread (torch.ops.fastlm.cpu_pool_scope): while on, the row ops of
@@ -116,21 +109,9 @@ class SharePool {
       return;
     }
     const auto t0 = Clock::now();
-    bool alone = false;
-    if (phase_ != kShare) {
-      alone = adapt(t0);  // probing, or running what the probe chose (stall windows do not apply)
-    } else if (t0 < serial_until_) {
-      alone = true;  // stall back-off window: the machine is too busy for helpers to pay
-    } else if (caller_preempted()) {  // more runnable threads than cores: measure whether sharing pays
-      probes_.fetch_add(1, std::memory_order_relaxed);
-      phase_ = kProbe;
-      step_ = 0;
-      alone = adapt(t0);
-    }
-    if (alone) {
+    if (t0 < serial_until_) {  // stall back-off window: the machine is too busy for helpers to pay
       backoff_jobs_.fetch_add(1, std::memory_order_relaxed);
       for (int64_t c = 0; c < n; ++c) fn(c);
-      if (phase_ == kProbe) job_end_ = Clock::now();
       return;
     }
     ensure_helpers(helpers);
@@ -162,7 +143,6 @@ class SharePool {
     }
     shared_jobs_.fetch_add(1, std::memory_order_relaxed);
     helper_chunks_.store(n - mine, std::memory_order_relaxed);
-    if (phase_ == kProbe) job_end_ = Clock::now();
     if (waited) {
       const auto t2 = Clock::now();
       wait_ns_.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(t2 - t1).count(),
@@ -195,26 +175,18 @@ class SharePool {
     s.stalls = stalls_.load(std::memory_order_relaxed);
     s.backoff_jobs = backoff_jobs_.load(std::memory_order_relaxed);
     s.wait_us = wait_ns_.load(std::memory_order_relaxed) / 1000;
-    s.probes = probes_.load(std::memory_order_relaxed);
-    s.alone_runs = alone_runs_.load(std::memory_order_relaxed);
     return s;
   }
 
  private:
   static constexpr std::chrono::milliseconds kBackoffMin{10}, kBackoffMax{320};
   static constexpr int64_t kCleanJobs = 256;  // shared jobs without a stall that reset the back-off
-  static constexpr int64_t kPreemptEvery = 16;  // shared jobs between two samples of the caller's preemptions
-  static constexpr int64_t kSeg = 512;          // jobs per segment of a load probe (~10 GPT-2 small decode steps)
-  static constexpr int64_t kRunJobs = 8192;     // jobs run the probe's way before the next decision
-  static constexpr std::chrono::milliseconds kGapCap{1};  // most of a gap between two jobs a probe counts
 
   SharePool() : pid_(getpid()) {
     const char* env = std::getenv("FASTLM_POOL_SPIN_US");
     spin_us_ = env != nullptr ? std::max(0, std::atoi(env)) : 100;
     env = std::getenv("FASTLM_POOL_STALL_US");
     stall_us_ = env != nullptr ? std::max(0, std::atoi(env)) : 1000;
-    env = std::getenv("FASTLM_POOL_ADAPT");
-    adapt_on_ = env == nullptr || std::atoi(env) != 0;
   }
 
   // Called with run_mutex_ held after a job whose caller had to wait for helpers (t1 .. t2).
@@ -235,69 +207,6 @@ class SharePool {
     backoff_ = clean_jobs_ < kCleanJobs ? std::min<Clock::duration>(2 * backoff_, kBackoffMax) : Clock::duration(kBackoffMin);
     clean_jobs_ = 0;
     serial_until_ = now + backoff_;
-  }
-
-  // Load probe (run_mutex_ held; phase_ kProbe or kRun), started when the caller was preempted while
-  // sharing: jobs [0, kSeg) of the probe run on the caller alone, [kSeg, 3 kSeg) shared, [3 kSeg,
-  // 4 kSeg) alone again (A B B A, so a drift in the load or the work weighs on both); a job counts
-  // its own time plus the gap to the next job up to kGapCap, so the caller's serial work between
-  // ops (which a spinning helper slows when the cores are short) counts, and a pause of the caller
-  // (other work, the next request) does not. The faster way (alone only if faster by 2%) then runs
-  // for kRunJobs jobs; after that, the pool
-  // probes again if it ran alone or the caller was preempted while sharing, else it shares as on
-  // idle cores. Returns whether this job runs on the caller alone.
-  bool adapt(Clock::time_point now) {
-    if (phase_ == kRun) {
-      if (!run_alone_ && caller_preempted()) run_preempted_ = true;
-      if (++step_ < kRunJobs) return run_alone_;
-      if (!run_alone_ && !run_preempted_) {
-        phase_ = kShare;
-        return false;
-      }
-      probes_.fetch_add(1, std::memory_order_relaxed);
-      phase_ = kProbe;
-      step_ = 0;
-    }
-    const int64_t i = step_++;
-    if (i == 0) {
-      probe_t_[0] = probe_t_[1] = Clock::duration::zero();
-    } else {  // job i - 1: its own time and the gap to this one, capped (the caller did other things)
-      const int64_t j = i - 1;
-      probe_t_[j >= kSeg && j < 3 * kSeg ? 1 : 0] +=
-          (job_end_ - job_start_) + std::min<Clock::duration>(now - job_end_, kGapCap);
-    }
-    job_start_ = now;
-    if (i == 4 * kSeg) {
-      const auto alone_t = probe_t_[0], shared_t = probe_t_[1];
-      run_alone_ = alone_t * 50 < shared_t * 49;
-      if (run_alone_) alone_runs_.fetch_add(1, std::memory_order_relaxed);
-      run_preempted_ = false;
-      preempt_tid_ = std::thread::id();  // a new baseline for the preemptions while sharing
-      phase_ = kRun;
-      step_ = 0;
-      return run_alone_;
-    }
-    return i < kSeg || i >= 3 * kSeg;
-  }
-
-  // Every kPreemptEvery-th shared job (run_mutex_ held): true when the calling thread was preempted
-  // (involuntary context switches, getrusage RUSAGE_THREAD) since the sample kPreemptEvery shared jobs
-  // before. On idle cores the caller keeps its core; it loses it when more threads want to run than
-  // there are cores (another process, or this process's own other threads). FASTLM_POOL_ADAPT=0
-  // turns this (and so the load probe) off: the stall bound alone then decides.
-  bool caller_preempted() {
-#if defined(RUSAGE_THREAD)
-    if (!adapt_on_ || (++preempt_jobs_ % kPreemptEvery) != 0) return false;
-    rusage ru{};
-    if (getrusage(RUSAGE_THREAD, &ru) != 0) return false;
-    const auto tid = std::this_thread::get_id();
-    const bool hit = tid == preempt_tid_ && ru.ru_nivcsw > preempt_nivcsw_;
-    preempt_tid_ = tid;
-    preempt_nivcsw_ = ru.ru_nivcsw;
-    return hit;
-#else
-    return false;
-#endif
   }
 
   void ensure_helpers(int helpers) {
@@ -391,20 +300,8 @@ class SharePool {
   Clock::time_point serial_until_{};
   Clock::duration backoff_{kBackoffMin};
   int64_t clean_jobs_ = 0;
-  // load probe (adapt(), guarded by run_mutex_)
-  enum Phase { kShare, kProbe, kRun };
-  Phase phase_ = kShare;
-  int64_t step_ = 0;
-  Clock::time_point job_start_{}, job_end_{};  // of the last probe job
-  Clock::duration probe_t_[2]{};                // the probe's time alone, shared
-  bool run_alone_ = false, run_preempted_ = false;
-  bool adapt_on_ = true;
-  int64_t preempt_jobs_ = 0;
-  long preempt_nivcsw_ = 0;
-  std::thread::id preempt_tid_{};
   // stats
-  std::atomic<int64_t> threads_{0}, helper_chunks_{0}, shared_jobs_{0}, stalls_{0}, backoff_jobs_{0}, wait_ns_{0},
-      probes_{0}, alone_runs_{0};
+  std::atomic<int64_t> threads_{0}, helper_chunks_{0}, shared_jobs_{0}, stalls_{0}, backoff_jobs_{0}, wait_ns_{0};
   // test hook (debug())
   std::atomic<int> debug_mode_{0};
   std::atomic<int64_t> debug_us_{0};

@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def stats():
-    names = ["threads", "helper_chunks", "started", "shared", "stalls", "backoff", "wait_us", "probes", "alone_runs"]
+    names = ["threads", "helper_chunks", "started", "shared", "stalls", "backoff", "wait_us"]
     v = torch.ops.fastlm.cpu_pool_stats()
     assert len(v) == len(names)
     return dict(zip(names, v, strict=True))
@@ -121,7 +121,7 @@ def test_two_callers_at_once_are_both_right(big, threads):
         assert torch.equal(packed(x), want)
 
 
-# Run in a child with the stall back-off and the load probe off (FASTLM_POOL_STALL_US=0, FASTLM_POOL_ADAPT=0), so
+# Run in a child with the stall back-off off (FASTLM_POOL_STALL_US=0), so
 # that every job is shared whatever else runs on the machine and the delays are deterministic.
 LATE_HELPER = r"""
 import sys, time, torch
@@ -136,8 +136,8 @@ with torch.no_grad():
 p = PackedLinear.from_linear(lin)
 x = torch.randn(M, K, generator=g)
 def st():
-    return dict(zip(["threads", "helper_chunks", "started", "shared", "stalls", "backoff", "wait_us", "probes",
-                     "alone_runs"], ops.cpu_pool_stats()))
+    return dict(zip(["threads", "helper_chunks", "started", "shared", "stalls", "backoff", "wait_us"],
+                    ops.cpu_pool_stats()))
 def call():
     torch.full((M * N + 64,), float("nan")).sum()  # NaN-filled memory for the output to land on
     s0 = st()
@@ -193,7 +193,7 @@ print("ok")
 
 @pytest.mark.parametrize("M,N,K", [(1, 4099, 1024), (3, 2053, 129), (17, 1025, 97)])
 def test_late_or_stopped_helper(M, N, K):
-    env = dict(os.environ, PYTHONPATH=ROOT, FASTLM_POOL_STALL_US="0", FASTLM_POOL_ADAPT="0")
+    env = dict(os.environ, PYTHONPATH=ROOT, FASTLM_POOL_STALL_US="0")
     out = subprocess.run([sys.executable, "-c", LATE_HELPER, str(M), str(N), str(K)], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -249,28 +249,22 @@ torch.set_num_threads(1)
 with torch.inference_mode():
     ref = p(x)
 torch.set_num_threads(2)  # two threads on one core: the caller is preempted by its own helper
-names = ["threads", "helper_chunks", "started", "shared", "stalls", "backoff", "wait_us", "probes", "alone_runs"]
+names = ["threads", "helper_chunks", "started", "shared", "stalls", "backoff", "wait_us"]
 st = lambda: dict(zip(names, ops.cpu_pool_stats()))
 s0 = st()
-after = None
 with torch.inference_mode():
-    for i in range(20000):
+    for i in range(3000):
         assert torch.equal(p(x), ref), i
-        if after is None and st()["probes"] > s0["probes"]:
-            after = i
-        if after is not None and i > after + 2100:  # a whole probe (4 x 512 jobs) has run
-            break
 s1 = st()
-assert s1["shared"] > s0["shared"] and s1["probes"] > s0["probes"], (s0, s1)
-print("ok", s1["alone_runs"] - s0["alone_runs"])
+assert s1["shared"] + s1["backoff"] > s0["shared"] + s0["backoff"], (s0, s1)
+print("ok", s1["shared"] - s0["shared"], s1["stalls"] - s0["stalls"])
 """
 
 
-def test_load_probe_on_one_core():
-    """Two threads on one core: the caller is preempted while sharing, so the pool probes alone against
-    shared (and should run alone); every result keeps the bits of one thread."""
+def test_two_threads_on_one_core():
+    """Two threads on one core: the caller is preempted by its own helper while sharing (stalls, back-off
+    windows); every result keeps the bits of one thread and no call hangs."""
     env = dict(os.environ, PYTHONPATH=ROOT)
-    env.pop("FASTLM_POOL_ADAPT", None)
     out = subprocess.run([sys.executable, "-c", ONE_CORE], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1].startswith("ok")
