@@ -47,13 +47,11 @@ def int_mm(a: Tensor, b: Tensor) -> Tensor:
     return (a.double() @ b.double()).to(torch.int32)
 
 PANEL = 16  # output channels per CPU panel (csrc/gemv.cpp kNR)
-# float32 prefill with more rows than PREFILL_ROWS where fastlm._C's ISA is AVX2: gemv.cpp's register
-# tiles (the decode kernels), or with AVX2_PREFILL_GEMM = True csrc/gemm_avx2.cpp (kept for A/B runs).
-# Since gemv.cpp's AVX2 tiles keep their accumulators in registers they run 1.06-1.21x gemm_avx2.cpp
-# (one Zen 4 core capped at AVX2, thread CPU time, M 128-2048 x 768 / 3072) and a GPT-2 32 x 16-token
-# prefill took 0.86x the CPU time (one process alternating the two, 2 threads); docs/design.md.
+# float32 prefill (more rows than PREFILL_ROWS) on AVX2 runs gemv.cpp's register tiles, the decode
+# kernels: since they keep their accumulators in registers they ran 1.06-1.21x the cache-blocked
+# csrc/gemm_avx2.cpp they replaced (one Zen 4 core capped at AVX2, thread CPU time, M 128-2048 x 768 /
+# 3072) and a GPT-2 32 x 16-token prefill took 0.86x the CPU time; docs/design.md.
 PREFILL_ROWS = 16
-AVX2_PREFILL_GEMM = False
 ACTIVATIONS = (None, "gelu", "gelu_tanh")
 
 
@@ -260,10 +258,6 @@ class PackedLinear(FastLinear):
         if self.packed is not None and self.packed.dtype == torch.bfloat16 and _cpu_bf16_ok(x):
             return torch.ops.fastlm.packed_linear_bf16(x, self.packed, self.out_features, self.bias, residual, act)
         if self.packed is not None and _cpu_kernel_ok(x):
-            if (AVX2_PREFILL_GEMM and x.numel() > PREFILL_ROWS * self.in_features
-                    and torch.ops.fastlm.cpu_isa("") == "avx2"):
-                # A/B only: the cache-blocked 6 x 16 tile on the same panels (csrc/gemm_avx2.cpp)
-                return torch.ops.fastlm.packed_gemm_avx2(x, self.packed, self.out_features, self.bias, residual, act)
             return torch.ops.fastlm.packed_linear(x, self.packed, self.out_features, None, self.bias, residual, act)
         return _epilogue(F.linear(x, self.dense_weight(), self.bias), activation, residual)
 

@@ -1,6 +1,6 @@
 """The AVX2 GEMMs (issue 19.2): csrc/quant_avx2.cpp's exact int8 GEMM (int8_dynamic on CPUs without
-an int8 dot-product instruction) against a pure-torch int64 product, and csrc/gemm_avx2.cpp's
-float32 prefill GEMM on the decode panels against float64; both ISA paths (AVX2 and portable,
+an int8 dot-product instruction) against a pure-torch int64 product, and the float32 prefill GEMM on
+the decode panels (csrc/gemv.cpp's register tiles, packed_linear) against float64; both ISA paths (AVX2 and portable,
 forced at run time), awkward shapes, the outlier-channel variant of int8_dynamic, and that
 int8_dynamic / PackedLinear really take these kernels where fastlm's ISA is AVX2. Runs plain and
 under the AVX2 caps (.ci/avx2_subset)."""
@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastlm.linear
 from fastlm import _ext, cpu_features
 from fastlm.linear import Int8DynamicLinear, PackedLinear, pack_panels
 from fastlm.testing import max_err
@@ -146,7 +145,7 @@ def test_packed_gemm_matches_float64(isa, shape, N, act, bias, res):
     w = torch.randn(N, K, generator=g) * K**-0.5
     b = torch.randn(N, generator=g) if bias else None
     r = torch.randn(*shape[:-1], N, generator=g) if res else None
-    out = torch.ops.fastlm.packed_gemm_avx2(x, pack_panels(w), N, b, r, act)
+    out = torch.ops.fastlm.packed_linear(x, pack_panels(w), N, None, b, r, act)
     assert out.shape == (*shape[:-1], N) and torch.isfinite(out).all()
     ref = _ref_linear(x, w, b, act, r)
     torch_err = max_err(F.linear(x, w, b), _ref_linear(x, w, b, "none", None))
@@ -156,18 +155,17 @@ def test_packed_gemm_matches_float64(isa, shape, N, act, bias, res):
 def test_packed_gemm_bad_input_names_the_argument():
     x, w = torch.randn(20, 32), pack_panels(torch.randn(40, 32))
     with pytest.raises(ValueError, match="panels of shape"):
-        torch.ops.fastlm.packed_gemm_avx2(x, w, 50)
+        torch.ops.fastlm.packed_linear(x, w, 50, None, None, None, "none")
     with pytest.raises(ValueError, match="residual"):
-        torch.ops.fastlm.packed_gemm_avx2(x, w, 40, None, torch.randn(20, 41))
+        torch.ops.fastlm.packed_linear(x, w, 40, None, None, torch.randn(20, 41), "none")
     with pytest.raises(ValueError, match="activation"):
-        torch.ops.fastlm.packed_gemm_avx2(x, w, 40, None, None, "relu")
+        torch.ops.fastlm.packed_linear(x, w, 40, None, None, None, "relu")
     with pytest.raises(TypeError, match="float32"):
-        torch.ops.fastlm.packed_gemm_avx2(x.double(), w, 40)
+        torch.ops.fastlm.packed_linear(x.double(), w, 40, None, None, None, "none")
 
 
-def test_packed_linear_prefill_routes_on_avx2(monkeypatch):
-    """Prefill rows on AVX2 take gemv.cpp's register tiles (packed_linear); AVX2_PREFILL_GEMM = True (the
-    A/B switch) takes csrc/gemm_avx2.cpp: each routed call is its kernel, bit for bit."""
+def test_packed_linear_prefill_routes_on_avx2():
+    """Prefill rows on AVX2 take gemv.cpp's register tiles (packed_linear), bit for bit, as decode rows do."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(300, 70)
     p = PackedLinear.from_linear(lin)
@@ -175,13 +173,9 @@ def test_packed_linear_prefill_routes_on_avx2(monkeypatch):
     before = torch.ops.fastlm.cpu_isa("")
     try:
         torch.ops.fastlm.cpu_isa("avx2")
-        tiles = p(x, activation="gelu_tanh")
+        got = tiles = p(x, activation="gelu_tanh")
         assert torch.equal(tiles, torch.ops.fastlm.packed_linear(x, p.packed, 70, None, p.bias, None, "gelu_tanh"))
-        monkeypatch.setattr(fastlm.linear, "AVX2_PREFILL_GEMM", True)
-        got = p(x, activation="gelu_tanh")
-        want = torch.ops.fastlm.packed_gemm_avx2(x, p.packed, 70, p.bias, None, "gelu_tanh")
-        assert torch.equal(got, want)  # the routed call is the kernel, bit for bit
-        decode = p(x[:, :1])  # decode rows stay on gemv.cpp
+        decode = p(x[:, :1])
         assert torch.equal(decode, torch.ops.fastlm.packed_linear(x[:, :1], p.packed, 70, None, p.bias, None, "none"))
     finally:
         torch.ops.fastlm.cpu_isa(before)
