@@ -51,16 +51,20 @@ def check(y, ref, K):
     assert err <= tol, f"max err {err:.3g} > {tol:.3g}"
 
 
+def packed_weight(w, kind):
+    """w (N, K) float32 -> (panels, scale or None, the weight the kernel multiplies by, for the reference)."""
+    if kind == "int8":
+        q, s = quantize_int8(w)
+        return pack_panels(q), s, q.double() * s.double()[:, None]
+    return pack_panels(w), None, w
+
+
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 6, 7, 13, 16, 17, 100])
 @pytest.mark.parametrize("N,K", [(1, 17), (17, 97), (97, 129), (129, 768), (768, 33), (3072, 64)])
 @pytest.mark.parametrize("kind", ["fp32", "int8"])
 def test_packed_linear_shapes(isa, M, N, K, kind):
     x, w, b, r = torch.randn(M, K), torch.randn(N, K), torch.randn(N), torch.randn(M, N)
-    if kind == "int8":
-        q, s = quantize_int8(w)
-        packed, scale, wref = pack_panels(q), s, q.double() * s.double()[:, None]
-    else:
-        packed, scale, wref = pack_panels(w), None, w
+    packed, scale, wref = packed_weight(w, kind)
     y = op(x, packed, N, scale, b, r, "gelu")
     check(y, reference(x, wref, b, r, "gelu"), K)
 
@@ -255,11 +259,7 @@ def test_register_tiles_balanced_rows(isa, M, K, kind):
     multiple of 16), bias and residual; the allocator's recent blocks poisoned with NaN first."""
     N = 45
     x, w, b, r = torch.randn(M, K), torch.randn(N, K), torch.randn(N), torch.randn(M, N)
-    if kind == "int8":
-        q, s = quantize_int8(w)
-        packed, scale, wref = pack_panels(q), s, q.double() * s.double()[:, None]
-    else:
-        packed, scale, wref = pack_panels(w), None, w
+    packed, scale, wref = packed_weight(w, kind)
     for _ in range(3):
         torch.full((M, N), float("nan"))
     y = op(x, packed, N, scale, b, r, "none")
