@@ -136,17 +136,6 @@ std::string cpu_isa(c10::string_view isa) {
   return kIsaNames[current_isa()];
 }
 
-// A/B knob for benchmarks (torch.ops.fastlm.gemv_tune): 0 runs the kernels as they were before
-// issue 19's decode work, 1 (default) the current ones, so one process can alternate them.
-std::atomic<int> g_tune{1};
-inline int tune_level() { return g_tune.load(std::memory_order_relaxed); }
-
-int64_t gemv_tune(int64_t level) {
-  TORCH_CHECK_VALUE(level >= -1 && level <= 1, "gemv_tune: level must be -1 (query), 0 or 1, got ", level);
-  if (level >= 0) g_tune.store(static_cast<int>(level));
-  return tune_level();
-}
-
 // int8 pair panels (see "int8 pair panels" below): 2 (default) quantizes the activation row to int16
 // per block and runs the integer dot (AVX-512 VNNI vpdpwssd where the CPU has it), 1 the same without
 // VNNI (vpmaddwd + vpaddd), 0 keeps fp32 activations (the panel dequantised to fp32 once per call, as
@@ -273,20 +262,14 @@ void tile_portable(const float* x, int64_t K, const WT* p, const Epilogue& e, in
 
 // ---- AVX2 + FMA path ----------------------------------------------------------------------
 #ifdef FASTLM_X86
-template <bool kInt8, bool kSplit = true>
+template <bool kInt8>
 FASTLM_AVX2 inline void load_panel_row(const void* p, int64_t k, __m256& w0, __m256& w1) {
   if constexpr (kInt8) {
     // two 8-byte halves, each widened straight from memory (vpmovsxbd ymm, m64): no shuffle uop for
     // the upper half, which competes with the widening for the same vector pipes
     const int8_t* q = static_cast<const int8_t*>(p) + k * kNR;
-    if constexpr (kSplit) {
-      w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
-      w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8))));
-    } else {
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-      w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-      w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(b, b)));
-    }
+    w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+    w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8))));
   } else {
     const float* f = static_cast<const float*>(p) + k * kNR;
     w0 = _mm256_loadu_ps(f);
@@ -350,7 +333,7 @@ int64_t int8_gemv_prefetch(int64_t bytes) { return g_i16_prefetch.set(bytes); }
     _mm256_store_ps(acc + R * kNR + 8, U == 2 ? _mm256_add_ps(A1, B1) : A1);              \
   }
 
-template <bool kInt8, int MR, bool kSplit = true>
+template <bool kInt8, int MR>
 FASTLM_AVX2 void tile_avx2(const float* x, int64_t K, const void* p, const Epilogue& e, int64_t r0, int64_t n0,
                            int64_t nv) {
   static_assert(MR >= 2 && MR <= kMR, "tile_avx2: 2 to 6 rows (one row: tile1_avx2)");
@@ -367,17 +350,17 @@ FASTLM_AVX2 void tile_avx2(const float* x, int64_t K, const void* p, const Epilo
     if (pf > 0 && ((k * kRowBytes) & 63) < U * kRowBytes)
       _mm_prefetch(pbytes + k * kRowBytes + pf, _MM_HINT_T0);
     __m256 w0, w1;
-    load_panel_row<kInt8, kSplit>(p, k, w0, w1);
+    load_panel_row<kInt8>(p, k, w0, w1);
     FASTLM_ROWS(k)
     if constexpr (U == 2) {
-      load_panel_row<kInt8, kSplit>(p, k + 1, w0, w1);
+      load_panel_row<kInt8>(p, k + 1, w0, w1);
       FASTLM_ROW(0, d00, d01, k + 1)
       FASTLM_ROW(1, d10, d11, k + 1)
     }
   }
   for (; k < K; ++k) {
     __m256 w0, w1;
-    load_panel_row<kInt8, kSplit>(p, k, w0, w1);
+    load_panel_row<kInt8>(p, k, w0, w1);
     FASTLM_ROWS(k)
   }
   alignas(32) float acc[MR * kNR];
@@ -393,54 +376,13 @@ FASTLM_AVX2 void tile_avx2(const float* x, int64_t K, const void* p, const Epilo
 #undef FASTLM_ROWS
 #undef FASTLM_STORE
 
-// The array kernel, kept for one row with gemv_tune(0) only (the kernel before tile1_avx2, for A/B
-// runs and the bit-equality test of tests/test_gemv.py): 4 independent accumulator sets over K.
-template <bool kInt8, bool kSplit = true>
-FASTLM_AVX2 void tile1_avx2_old(const float* x, int64_t K, const void* p, const Epilogue& e, int64_t r0, int64_t n0,
-                                int64_t nv) {
-  constexpr int U = 4;
-  constexpr int64_t kRowBytes = kNR * (kInt8 ? 1 : 4);
-  const int64_t pf = prefetch_bytes();
-  const char* pbytes = static_cast<const char*>(p);
-  __m256 a[U][2];
-  for (int u = 0; u < U; ++u) a[u][0] = a[u][1] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + U <= K; k += U) {
-    if (pf > 0 && ((k * kRowBytes) & 63) < U * kRowBytes)
-      _mm_prefetch(pbytes + k * kRowBytes + pf, _MM_HINT_T0);
-    for (int u = 0; u < U; ++u) {
-      __m256 w0, w1;
-      load_panel_row<kInt8, kSplit>(p, k + u, w0, w1);
-      const __m256 xb = _mm256_broadcast_ss(x + k + u);
-      a[u][0] = _mm256_fmadd_ps(xb, w0, a[u][0]);
-      a[u][1] = _mm256_fmadd_ps(xb, w1, a[u][1]);
-    }
-  }
-  for (; k < K; ++k) {
-    __m256 w0, w1;
-    load_panel_row<kInt8, kSplit>(p, k, w0, w1);
-    const __m256 xb = _mm256_broadcast_ss(x + k);
-    a[0][0] = _mm256_fmadd_ps(xb, w0, a[0][0]);
-    a[0][1] = _mm256_fmadd_ps(xb, w1, a[0][1]);
-  }
-  alignas(32) float acc[kNR];
-  __m256 s0 = a[0][0], s1 = a[0][1];
-  for (int u = 1; u < U; ++u) {
-    s0 = _mm256_add_ps(s0, a[u][0]);
-    s1 = _mm256_add_ps(s1, a[u][1]);
-  }
-  _mm256_store_ps(acc, s0);
-  _mm256_store_ps(acc + 8, s1);
-  finish_tile(acc, 1, e, r0, n0, nv);
-}
-
 // One row (the decode GEMV, M = 1), 16 channels, AVX2. tile_avx2<kInt8, 1> kept its 4 x 2
 // accumulators in an array that gcc 12 stored to the stack on every step of K (8 ymm stores and
 // as many register moves per 4 rows of panel: ~40% more instructions than the math); named
 // accumulators stay in registers (objdump: no stack store in the loop). The int8 dequantisation
 // (vpmovsxbd from memory, vcvtdq2ps, FMA: 3 vector instructions per 8 weights) bounds this kernel
 // on a core, not the memory: measured in L2, 1 thread, 768 x 2048 int8 on Zen 4 with AVX2 forced,
-// 14.2 G weights/s before. Sums the 4 accumulator sets in the order of tile_avx2 (bit-equal).
+// 14.2 G weights/s before. Sums the 4 accumulator sets in that array kernel's order (the same bits).
 template <bool kInt8>
 FASTLM_AVX2 void tile1_avx2(const float* x, int64_t K, const void* p, const Epilogue& e, int64_t r0, int64_t n0,
                             int64_t nv) {
@@ -1068,17 +1010,11 @@ void run_tile(int isa, bool int8, const float* x, int64_t K, const void* p, cons
     return;
   }
   if (isa == kAvx2) {
-    if constexpr (MR == 1) {  // the decode GEMV (tune 0: the kernel before, for A/B runs)
-      if (tune_level() >= 1) {
-        if (int8) tile1_avx2<true>(x, K, p, e, r0, n0, nv);
-        else tile1_avx2<false>(x, K, p, e, r0, n0, nv);
-      } else {
-        if (int8) tile1_avx2_old<true, false>(x, K, p, e, r0, n0, nv);
-        else tile1_avx2_old<false>(x, K, p, e, r0, n0, nv);
-      }
+    if constexpr (MR == 1) {  // the decode GEMV
+      if (int8) tile1_avx2<true>(x, K, p, e, r0, n0, nv);
+      else tile1_avx2<false>(x, K, p, e, r0, n0, nv);
     } else {
-      if (int8 && tune_level() == 0) tile_avx2<true, MR, false>(x, K, p, e, r0, n0, nv);  // the old loads (A/B)
-      else if (int8) tile_avx2<true, MR>(x, K, p, e, r0, n0, nv);
+      if (int8) tile_avx2<true, MR>(x, K, p, e, r0, n0, nv);
       else tile_avx2<false, MR>(x, K, p, e, r0, n0, nv);
     }
     return;
@@ -1379,7 +1315,6 @@ at::Tensor hugepage_copy(const at::Tensor& src) {
 
 namespace cpu {
 bool avx512_allowed() { return current_isa() == kAvx512; }
-int tune() { return tune_level(); }
 int isa_level() { return current_isa(); }
 
 void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind, int64_t N, const float* scale,
@@ -1392,7 +1327,6 @@ TORCH_LIBRARY_FRAGMENT(fastlm, m) {
   m.def("packed_linear(Tensor x, Tensor w, int n, Tensor? scale=None, Tensor? bias=None, Tensor? residual=None, "
         "str activation='none') -> Tensor");
   m.def("cpu_isa(str isa='') -> str", &cpu_isa);
-  m.def("gemv_tune(int level=-1) -> int", &gemv_tune);
   m.def("int8_gemv_mode(int level=-1) -> int", &int8_gemv_mode);
   m.def("gemv_prefetch(int bytes=-1) -> int", &gemv_prefetch);
   m.def("int8_gemv_prefetch(int bytes=-1) -> int", &int8_gemv_prefetch);
