@@ -65,37 +65,16 @@ enum Act : int { kNone = 0, kGeluErf = 1, kGeluTanh = 2 };
 enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 const char* const kIsaNames[] = {"portable", "avx2", "avx512"};
 
-bool cpu_has_avx2() {
 #ifdef FASTLM_X86
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#define FASTLM_CPU_HAS(feature) __builtin_cpu_supports(feature)
 #else
-  return false;
+#define FASTLM_CPU_HAS(feature) false
 #endif
-}
-
-bool cpu_has_avx512() {
-#ifdef FASTLM_X86
-  return cpu_has_avx2() && __builtin_cpu_supports("avx512f");
-#else
-  return false;
-#endif
-}
-
-bool cpu_has_avx512bw() {
-#ifdef FASTLM_X86
-  return cpu_has_avx512() && __builtin_cpu_supports("avx512bw");
-#else
-  return false;
-#endif
-}
-
-bool cpu_has_avx512vnni() {
-#ifdef FASTLM_X86
-  return cpu_has_avx512bw() && __builtin_cpu_supports("avx512vnni");
-#else
-  return false;
-#endif
-}
+bool cpu_has_avx2() { return FASTLM_CPU_HAS("avx2") && FASTLM_CPU_HAS("fma"); }
+bool cpu_has_avx512() { return cpu_has_avx2() && FASTLM_CPU_HAS("avx512f"); }
+bool cpu_has_avx512bw() { return cpu_has_avx512() && FASTLM_CPU_HAS("avx512bw"); }
+bool cpu_has_avx512vnni() { return cpu_has_avx512bw() && FASTLM_CPU_HAS("avx512vnni"); }
+#undef FASTLM_CPU_HAS
 
 // The best ISA this CPU runs, capped by FASTLM_CPU_ISA ("portable", "avx2" or "avx512").
 int best_isa() {
