@@ -761,7 +761,6 @@ FASTLM_I16_WIDE_512(tile_i16_wide_avx512bw, FASTLM_AVX512BW, FASTLM_WDOT_BW)
 template <int MR>
 FASTLM_AVX2 void tile_i16_avx2(const int16_t* xq, const float* xs, int64_t K, const int8_t* p, const Epilogue& e,
                                int64_t r0, int64_t n0, int64_t nv) {
-  constexpr int U = 1;
   const int64_t K2 = (K + 1) / 2, nbk = (K + kQB - 1) / kQB;
   const int64_t pf = i16_prefetch_bytes();
   if constexpr (MR == 1) {  // named accumulators (an array of them went through the stack each step)
@@ -843,44 +842,22 @@ FASTLM_AVX2 void tile_i16_avx2(const int16_t* xq, const float* xs, int64_t K, co
   for (int r = 0; r < MR; ++r) f[r][0] = f[r][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nbk; ++b) {
     const int64_t kk1 = std::min(K2, (b + 1) * kQP);
-    __m256i a[U][MR][2];
-    for (int u = 0; u < U; ++u)
-      for (int r = 0; r < MR; ++r) a[u][r][0] = a[u][r][1] = _mm256_setzero_si256();
-    int64_t kk = b * kQP;
-    for (; kk + U <= kk1; kk += U) {
-      if (pf > 0)
-        for (int64_t o = (kk * kPairRow + 63) & ~int64_t{63}; o < (kk + U) * kPairRow; o += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(p) + o + pf, _MM_HINT_T0);
-      for (int u = 0; u < U; ++u) {
-        const int8_t* w = p + (kk + u) * kPairRow;
-        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
-        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));
-        for (int r = 0; r < MR; ++r) {
-          const __m256i xb = _mm256_set1_epi32(xp[r][kk + u]);
-          a[u][r][0] = _mm256_add_epi32(a[u][r][0], _mm256_madd_epi16(w0, xb));
-          a[u][r][1] = _mm256_add_epi32(a[u][r][1], _mm256_madd_epi16(w1, xb));
-        }
-      }
-    }
-    for (; kk < kk1; ++kk) {
+    __m256i a[MR][2];
+    for (int r = 0; r < MR; ++r) a[r][0] = a[r][1] = _mm256_setzero_si256();
+    for (int64_t kk = b * kQP; kk < kk1; ++kk) {
       const int8_t* w = p + kk * kPairRow;
-      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
-      const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));
+      if (pf > 0 && (kk & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(w) + pf, _MM_HINT_T0);
+      const __m256i w0 = FASTLM_W256(w), w1 = FASTLM_W256(w + 16);
       for (int r = 0; r < MR; ++r) {
         const __m256i xb = _mm256_set1_epi32(xp[r][kk]);
-        a[0][r][0] = _mm256_add_epi32(a[0][r][0], _mm256_madd_epi16(w0, xb));
-        a[0][r][1] = _mm256_add_epi32(a[0][r][1], _mm256_madd_epi16(w1, xb));
+        a[r][0] = _mm256_add_epi32(a[r][0], _mm256_madd_epi16(w0, xb));
+        a[r][1] = _mm256_add_epi32(a[r][1], _mm256_madd_epi16(w1, xb));
       }
     }
     for (int r = 0; r < MR; ++r) {
-      __m256i s0 = a[0][r][0], s1 = a[0][r][1];
-      for (int u = 1; u < U; ++u) {
-        s0 = _mm256_add_epi32(s0, a[u][r][0]);
-        s1 = _mm256_add_epi32(s1, a[u][r][1]);
-      }
       const __m256 sc = _mm256_set1_ps(xs[r * nbk + b]);
-      f[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), sc, f[r][0]);
-      f[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), sc, f[r][1]);
+      f[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][0]), sc, f[r][0]);
+      f[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][1]), sc, f[r][1]);
     }
   }
   alignas(32) float acc[MR * kNR];
