@@ -503,63 +503,93 @@ constexpr int64_t kQB = 64;       // activation elements per int16 scale (even: 
 constexpr int64_t kQP = kQB / 2;  // pairs per block
 constexpr int64_t kPairRow = 2 * kNR;  // bytes of pair panel per pair of k
 
-// Rows of x (M, K) -> xq (M, 2 * ceil(K / 2)) int16 (zero padded), xs (M, ceil(K / kQB)) fp32.
-// A block holding inf / NaN gets a NaN scale, so the output is NaN as with fp32 activations.
-// (qb, sb non-null: one row's single short block, written there; used by the AVX2 version.)
-void quantize_rows_i16(const float* x, int64_t M, int64_t K, int16_t* q, float* s, int16_t* qb = nullptr,
-                       float* sb = nullptr) {
-  const int64_t K2 = (K + 1) / 2, nbk = (K + kQB - 1) / kQB;
-  if (qb != nullptr) {
-    q = qb;
-    s = sb;
+// Whether an int16 tile of mr rows is a wide one (its activation pairs interleaved, see pair_slot).
+bool i16_wide(int isa, int mr) {
+  if (isa == kAvx512 && cpu_has_avx512bw()) return mr > 4;
+  return isa != kPortable && mr > 2;
+}
+
+// Where row m of x (M rows) puts its int16 pairs in xq, in int32 units: pair kk at base + kk * step.
+// The int16 tiles take the rows in tiles of `rows` from row 0 (packed_gemm); a wide tile (i16_wide)
+// of mr rows reads them interleaved, (K2, mr) at its row offset r0 * K2 (one pointer and constant
+// offsets for the mr broadcasts of each pair row: mr row pointers did not fit the general registers),
+// any other tile row by row.
+struct PairSlot {
+  int64_t base, step;
+};
+
+PairSlot pair_slot(int isa, int64_t rows, int64_t M, int64_t K2, int64_t m) {
+  const int64_t r0 = m / rows * rows, mr = std::min(rows, M - r0);
+  return i16_wide(isa, static_cast<int>(mr)) ? PairSlot{r0 * K2 + (m - r0), mr} : PairSlot{m * K2, 1};
+}
+
+// A block's scale from its lanes' |x| maxima ml and x * 0 sums cl: *s = absmax / 32767, NaN where the
+// block holds inf / NaN. Returns the factor x is multiplied by before rounding to int16.
+inline float block_scale(const float* ml, const float* cl, int lanes, float* s) {
+  float amax = 0.0f, chk = 0.0f;
+  for (int j = 0; j < lanes; ++j) {
+    amax = std::max(amax, ml[j]);
+    chk += cl[j];
   }
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xr = x + m * K;
-    int16_t* qr = q + m * 2 * K2;
-    float* sr = s + m * nbk;
-    for (int64_t b = 0; b < nbk; ++b) {
-      const int64_t k0 = b * kQB, k1 = std::min(K, k0 + kQB);
-      // 16 lanes of elementwise max / sum (gcc vectorises these; a scalar max chain does not)
-      float ml[16] = {}, cl[16] = {};
-      int64_t k = k0;
-      for (; k + 16 <= k1; k += 16)
-        for (int j = 0; j < 16; ++j) {
-          ml[j] = std::max(ml[j], std::fabs(xr[k + j]));
-          cl[j] += xr[k + j] * 0.0f;  // NaN if any element is inf or NaN
-        }
-      for (; k < k1; ++k) {
-        ml[0] = std::max(ml[0], std::fabs(xr[k]));
-        cl[0] += xr[k] * 0.0f;
-      }
-      float amax = 0.0f, chk = 0.0f;
-      for (int j = 0; j < 16; ++j) {
-        amax = std::max(amax, ml[j]);
-        chk += cl[j];
-      }
-      const bool finite = chk == 0.0f;
-      const float inv = finite && amax > 0.0f ? 32767.0f / amax : 0.0f;
-      sr[b] = finite ? amax / 32767.0f : std::numeric_limits<float>::quiet_NaN();
-      for (int64_t k = k0; k < k1; ++k)  // round to nearest even, as vcvtps2dq
-        qr[k] = static_cast<int16_t>(std::nearbyint(std::min(32767.0f, std::max(-32767.0f, xr[k] * inv))));
+  const bool finite = chk == 0.0f;
+  *s = finite ? amax / 32767.0f : std::numeric_limits<float>::quiet_NaN();
+  return finite && amax > 0.0f ? 32767.0f / amax : 0.0f;
+}
+
+// One block of n <= kQB activations -> its scale *s and int16 values, element k at q[2 (k / 2) step + k % 2]
+// (a pair per int32, pairs step int32 apart). A block holding inf / NaN gets a NaN scale, so the output
+// is NaN as with fp32 activations.
+void quantize_block_i16(const float* xr, int64_t n, int16_t* q, int64_t step, float* s) {
+  // 16 lanes of elementwise max / sum (gcc vectorises these; a scalar max chain does not)
+  float ml[16] = {}, cl[16] = {};
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16)
+    for (int j = 0; j < 16; ++j) {
+      ml[j] = std::max(ml[j], std::fabs(xr[k + j]));
+      cl[j] += xr[k + j] * 0.0f;  // NaN if any element is inf or NaN
     }
-    if ((K & 1) && qb == nullptr) qr[K] = 0;
+  for (; k < n; ++k) {
+    ml[0] = std::max(ml[0], std::fabs(xr[k]));
+    cl[0] += xr[k] * 0.0f;
+  }
+  const float inv = block_scale(ml, cl, 16, s);
+  for (int64_t k = 0; k < n; ++k)  // round to nearest even, as vcvtps2dq
+    q[2 * (k >> 1) * step + (k & 1)] =
+        static_cast<int16_t>(std::nearbyint(std::min(32767.0f, std::max(-32767.0f, xr[k] * inv))));
+}
+
+// Rows of x (M, K) -> xq (M * 2 * ceil(K / 2) int16, zero padded; rows placed by pair_slot for tiles of
+// `rows`), xs (M, ceil(K / kQB)) fp32.
+void quantize_rows_i16(const float* x, int64_t M, int64_t K, int16_t* q, float* s, int isa, int64_t rows) {
+  const int64_t K2 = (K + 1) / 2, nbk = (K + kQB - 1) / kQB;
+  for (int64_t m = 0; m < M; ++m) {
+    const PairSlot slot = pair_slot(isa, rows, M, K2, m);
+    int16_t* qr = q + 2 * slot.base;
+    for (int64_t b = 0; b < nbk; ++b) {
+      const int64_t k0 = b * kQB;  // even: element k0 starts pair k0 / 2
+      quantize_block_i16(x + m * K + k0, std::min(kQB, K - k0), qr + k0 * slot.step, slot.step, s + m * nbk + b);
+    }
+    if (K & 1) qr[2 * (K >> 1) * slot.step + 1] = 0;
   }
 }
 
 #ifdef FASTLM_X86
 // quantize_rows_i16 with AVX2 (the same values: |x| max, x * 0 sums for inf / NaN, vcvtps2dq rounds
 // to nearest even as std::nearbyint): one call per GEMV on the calling thread, before the pool runs.
-FASTLM_AVX2 void quantize_rows_i16_avx2(const float* x, int64_t M, int64_t K, int16_t* q, float* s) {
+FASTLM_AVX2 void quantize_rows_i16_avx2(const float* x, int64_t M, int64_t K, int16_t* q, float* s, int isa,
+                                        int64_t rows) {
   const int64_t K2 = (K + 1) / 2, nbk = (K + kQB - 1) / kQB;
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * K;
-    int16_t* qr = q + m * 2 * K2;
+    const PairSlot slot = pair_slot(isa, rows, M, K2, m);
+    const int64_t step = slot.step;
+    int16_t* qr = q + 2 * slot.base;
     float* sr = s + m * nbk;
     for (int64_t b = 0; b < nbk; ++b) {
       const int64_t k0 = b * kQB, k1 = std::min(K, k0 + kQB);
       if (k1 - k0 < kQB) {  // a short last block: the scalar code
-        quantize_rows_i16(xr + k0, 1, k1 - k0, nullptr, nullptr, qr + k0, sr + b);
+        quantize_block_i16(xr + k0, k1 - k0, qr + k0 * step, step, sr + b);
         continue;
       }
       __m256 mx = _mm256_setzero_ps(), ck = _mm256_setzero_ps();
@@ -571,23 +601,26 @@ FASTLM_AVX2 void quantize_rows_i16_avx2(const float* x, int64_t M, int64_t K, in
       alignas(32) float ml[8], cl[8];
       _mm256_store_ps(ml, mx);
       _mm256_store_ps(cl, ck);
-      float amax = 0.0f, chk = 0.0f;
-      for (int j = 0; j < 8; ++j) {
-        amax = std::max(amax, ml[j]);
-        chk += cl[j];
-      }
-      const bool finite = chk == 0.0f;
-      const float inv = finite && amax > 0.0f ? 32767.0f / amax : 0.0f;
-      sr[b] = finite ? amax / 32767.0f : std::numeric_limits<float>::quiet_NaN();
+      const float inv = block_scale(ml, cl, 8, sr + b);
       const __m256 iv = _mm256_set1_ps(inv), hi = _mm256_set1_ps(32767.0f), lo = _mm256_set1_ps(-32767.0f);
       for (int64_t k = k0; k < k1; k += 16) {
         const __m256 v0 = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(xr + k), iv)));
         const __m256 v1 = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(xr + k + 8), iv)));
-        const __m256i p16 = _mm256_packs_epi32(_mm256_cvtps_epi32(v0), _mm256_cvtps_epi32(v1));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + k), _mm256_permute4x64_epi64(p16, 0xD8));
+        const __m256i p16 = _mm256_permute4x64_epi64(
+            _mm256_packs_epi32(_mm256_cvtps_epi32(v0), _mm256_cvtps_epi32(v1)), 0xD8);  // pairs k / 2 ..
+        if (step == 1) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + k), p16);
+        } else {  // a wide tile's row: its 8 pairs step int32 apart
+          alignas(32) int16_t t[16];
+          _mm256_store_si256(reinterpret_cast<__m256i*>(t), p16);
+          for (int64_t i = 0; i < 8; ++i) {
+            qr[(k + 2 * i) * step] = t[2 * i];
+            qr[(k + 2 * i) * step + 1] = t[2 * i + 1];
+          }
+        }
       }
     }
-    if (K & 1) qr[K] = 0;
+    if (K & 1) qr[2 * (K >> 1) * step + 1] = 0;
   }
 }
 #endif
@@ -705,7 +738,7 @@ FASTLM_I16_TILE_512(tile_i16_avx512bw, FASTLM_AVX512BW, FASTLM_DOT_BW)
 // one per row's int32 block sum (MR zmm, named: gcc kept an array of them in memory, or rotated it
 // through register copies, ~2 moves per dot), so a 16-row prefill reads each panel once and widens
 // each pair row once per 16 dots. The rows' activation pairs come interleaved, (K2, MR) int32
-// (packed_gemm), for one pointer with constant offsets; the fp32 sums live in a stack tile, touched once
+// (pair_slot), for one pointer with constant offsets; the fp32 sums live in a stack tile, touched once
 // per block. Every row's int32 block sums and its fp32 sum order are those of the narrow tiles, so
 // the outputs are the same bits at any tile size.
 #define FASTLM_R16(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15)
@@ -907,12 +940,6 @@ int i16_rows(int isa, int64_t K) {
   return cap > 0 ? std::min(cap, most) : dflt;
 }
 
-// Whether an int16 tile of mr rows is a wide one (its activation pairs interleaved, see packed_gemm).
-bool i16_wide(int isa, int mr) {
-  if (isa == kAvx512 && cpu_has_avx512bw()) return mr > 4;
-  return isa != kPortable && mr > 2;
-}
-
 template <int MR>
 void run_tile_i16(int isa, const int16_t* xq, const float* xs, int64_t K, const int8_t* p, const Epilogue& e,
                   int64_t r0, int64_t n0, int64_t nv) {
@@ -1002,6 +1029,7 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind,
   // int8 pair panels, decode-sized M (<= kI16Rows): int16 activations quantized once here, on the
   // calling thread; each row's result is independent of M (exact int32 block sums per row)
   const bool i16 = pairs8 && M <= i16_max_rows && i8_mode() >= 1;
+  const int mri = i16_rows(isa, K);
   thread_local std::vector<int16_t> xq_buf;
   thread_local std::vector<float> xs_buf;
   if (i16) {
@@ -1009,32 +1037,12 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind,
     if (static_cast<int64_t>(xq_buf.size()) < M * 2 * K2) xq_buf.resize(M * 2 * K2);
     if (static_cast<int64_t>(xs_buf.size()) < M * nbk) xs_buf.resize(M * nbk);
 #ifdef FASTLM_X86
-    if (isa != kPortable) quantize_rows_i16_avx2(x, M, K, xq_buf.data(), xs_buf.data());
+    if (isa != kPortable) quantize_rows_i16_avx2(x, M, K, xq_buf.data(), xs_buf.data(), isa, mri);
     else
 #endif
-      quantize_rows_i16(x, M, K, xq_buf.data(), xs_buf.data());
+      quantize_rows_i16(x, M, K, xq_buf.data(), xs_buf.data(), isa, mri);
   }
-  const int mri = i16_rows(isa, K);
-  // wide tiles (i16_wide) read their rows' activation pairs interleaved, (K2, mr) int32 at the tile's
-  // row offset: one pointer and constant offsets for the mr broadcasts of each pair row (mr row
-  // pointers did not fit the general registers); narrow tiles' rows are copied as they are
-  thread_local std::vector<int16_t> xi_buf;
-  const int16_t* xq = xq_buf.data();
-  if (i16 && M > 1 && i16_wide(isa, static_cast<int>(std::min<int64_t>(mri, M)))) {
-    if (static_cast<int64_t>(xi_buf.size()) < M * 2 * K2) xi_buf.resize(M * 2 * K2);
-    const int32_t* src = reinterpret_cast<const int32_t*>(xq_buf.data());
-    int32_t* dst = reinterpret_cast<int32_t*>(xi_buf.data());
-    for (int64_t r0 = 0; r0 < M; r0 += mri) {
-      const int64_t mr = std::min<int64_t>(mri, M - r0);
-      if (i16_wide(isa, static_cast<int>(mr))) {
-        for (int64_t r = 0; r < mr; ++r)
-          for (int64_t kk = 0; kk < K2; ++kk) dst[r0 * K2 + kk * mr + r] = src[(r0 + r) * K2 + kk];
-      } else {
-        std::memcpy(dst + r0 * K2, src + r0 * K2, mr * K2 * sizeof(int32_t));
-      }
-    }
-    xq = xi_buf.data();
-  }
+  const int16_t* xq = xq_buf.data();  // a tile of rows from r0 reads from xq + r0 * xq_stride (pair_slot)
   const float* xs = xs_buf.data();
   const int64_t xq_stride = 2 * K2, xs_stride = (K + kQB - 1) / kQB;
   static_assert(kI16Rows <= kMC, "int16 tiles are laid out from row 0: one block of rows");
