@@ -152,15 +152,14 @@ struct Epilogue {
 // out-of-line SSE2 copy ran, ~10% of the int16 prefill tiles' time with GELU).
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
-// f(j) for the nv live lanes of a panel: a full panel in a fixed-count loop, so its copies are vector
-// moves (a variable count became memcpy calls, two per tile: a one-row decode GEMV runs ~3000 tiles
-// for GPT-2's LM head)
-template <typename F>
-__attribute__((always_inline)) inline void for_lanes(int64_t nv, F&& f) {
+// dst[j] = src[j] for the nv live lanes of a panel: a full panel in a fixed-count loop (vector moves; a
+// variable count became memcpy calls, two per tile: a one-row decode GEMV runs ~3000 tiles for GPT-2's
+// LM head)
+__attribute__((always_inline)) inline void load_lanes(float* dst, const float* src, int64_t nv) {
   if (nv == kNR)
-    for (int64_t j = 0; j < kNR; ++j) f(j);
+    for (int64_t j = 0; j < kNR; ++j) dst[j] = src[j];
   else
-    for (int64_t j = 0; j < nv; ++j) f(j);
+    for (int64_t j = 0; j < nv; ++j) dst[j] = src[j];
 }
 
 __attribute__((always_inline)) inline void finish_tile_body(const float* acc, int mr, const Epilogue& e, int64_t r0,
@@ -173,8 +172,8 @@ __attribute__((always_inline)) inline void finish_tile_body(const float* acc, in
     sc[j] = 1.0f;
     bi[j] = 0.0f;
   }
-  if (e.scale != nullptr) for_lanes(nv, [&](int64_t j) __attribute__((always_inline)) { sc[j] = e.scale[n0 + j]; });
-  if (e.bias != nullptr) for_lanes(nv, [&](int64_t j) __attribute__((always_inline)) { bi[j] = e.bias[n0 + j]; });
+  if (e.scale != nullptr) load_lanes(sc, e.scale + n0, nv);
+  if (e.bias != nullptr) load_lanes(bi, e.bias + n0, nv);
   for (int r = 0; r < mr; ++r) {
     for (int64_t j = 0; j < kNR; ++j) v[j] = acc[r * kNR + j] * sc[j] + bi[j];
     if (e.act == kGeluErf) {
@@ -184,8 +183,14 @@ __attribute__((always_inline)) inline void finish_tile_body(const float* acc, in
     }
     float* yr = e.y + (r0 + r) * e.N + n0;
     const float* rr = e.residual != nullptr ? e.residual + (r0 + r) * e.N + n0 : nullptr;
-    if (rr != nullptr) for_lanes(nv, [&](int64_t j) __attribute__((always_inline)) { yr[j] = v[j] + rr[j]; });
-    else for_lanes(nv, [&](int64_t j) __attribute__((always_inline)) { yr[j] = v[j]; });
+    if (nv == kNR) {
+      if (rr != nullptr)
+        for (int64_t j = 0; j < kNR; ++j) yr[j] = v[j] + rr[j];
+      else
+        for (int64_t j = 0; j < kNR; ++j) yr[j] = v[j];
+    } else {
+      for (int64_t j = 0; j < nv; ++j) yr[j] = rr != nullptr ? v[j] + rr[j] : v[j];
+    }
   }
 }
 
