@@ -616,12 +616,9 @@ FASTLM_AVX2 void quantize_rows_i16_avx2(const float* x, int64_t M, int64_t K, in
         if (step == 1) {
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + k), p16);
         } else {  // a wide tile's row: its 8 pairs step int32 apart
-          alignas(32) int16_t t[16];
+          alignas(32) int32_t t[8];
           _mm256_store_si256(reinterpret_cast<__m256i*>(t), p16);
-          for (int64_t i = 0; i < 8; ++i) {
-            qr[(k + 2 * i) * step] = t[2 * i];
-            qr[(k + 2 * i) * step + 1] = t[2 * i + 1];
-          }
+          for (int64_t i = 0; i < 8; ++i) std::memcpy(qr + (k + 2 * i) * step, t + i, sizeof(int32_t));
         }
       }
     }
