@@ -65,37 +65,16 @@ enum Act : int { kNone = 0, kGeluErf = 1, kGeluTanh = 2 };
 enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 const char* const kIsaNames[] = {"portable", "avx2", "avx512"};
 
-bool cpu_has_avx2() {
 #ifdef FASTLM_X86
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#define FASTLM_CPU_HAS(feature) __builtin_cpu_supports(feature)
 #else
-  return false;
+#define FASTLM_CPU_HAS(feature) false
 #endif
-}
-
-bool cpu_has_avx512() {
-#ifdef FASTLM_X86
-  return cpu_has_avx2() && __builtin_cpu_supports("avx512f");
-#else
-  return false;
-#endif
-}
-
-bool cpu_has_avx512bw() {
-#ifdef FASTLM_X86
-  return cpu_has_avx512() && __builtin_cpu_supports("avx512bw");
-#else
-  return false;
-#endif
-}
-
-bool cpu_has_avx512vnni() {
-#ifdef FASTLM_X86
-  return cpu_has_avx512bw() && __builtin_cpu_supports("avx512vnni");
-#else
-  return false;
-#endif
-}
+bool cpu_has_avx2() { return FASTLM_CPU_HAS("avx2") && FASTLM_CPU_HAS("fma"); }
+bool cpu_has_avx512() { return cpu_has_avx2() && FASTLM_CPU_HAS("avx512f"); }
+bool cpu_has_avx512bw() { return cpu_has_avx512() && FASTLM_CPU_HAS("avx512bw"); }
+bool cpu_has_avx512vnni() { return cpu_has_avx512bw() && FASTLM_CPU_HAS("avx512vnni"); }
+#undef FASTLM_CPU_HAS
 
 // The best ISA this CPU runs, capped by FASTLM_CPU_ISA ("portable", "avx2" or "avx512").
 int best_isa() {
@@ -136,17 +115,6 @@ std::string cpu_isa(c10::string_view isa) {
   return kIsaNames[current_isa()];
 }
 
-// A/B knob for benchmarks (torch.ops.fastlm.gemv_tune): 0 runs the kernels as they were before
-// issue 19's decode work, 1 (default) the current ones, so one process can alternate them.
-std::atomic<int> g_tune{1};
-inline int tune_level() { return g_tune.load(std::memory_order_relaxed); }
-
-int64_t gemv_tune(int64_t level) {
-  TORCH_CHECK_VALUE(level >= -1 && level <= 1, "gemv_tune: level must be -1 (query), 0 or 1, got ", level);
-  if (level >= 0) g_tune.store(static_cast<int>(level));
-  return tune_level();
-}
-
 // int8 pair panels (see "int8 pair panels" below): 2 (default) quantizes the activation row to int16
 // per block and runs the integer dot (AVX-512 VNNI vpdpwssd where the CPU has it), 1 the same without
 // VNNI (vpmaddwd + vpaddd), 0 keeps fp32 activations (the panel dequantised to fp32 once per call, as
@@ -184,6 +152,16 @@ struct Epilogue {
 // out-of-line SSE2 copy ran, ~10% of the int16 prefill tiles' time with GELU).
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
+// dst[j] = src[j] for the nv live lanes of a panel: a full panel in a fixed-count loop (vector moves; a
+// variable count became memcpy calls, two per tile: a one-row decode GEMV runs ~3000 tiles for GPT-2's
+// LM head)
+__attribute__((always_inline)) inline void load_lanes(float* dst, const float* src, int64_t nv) {
+  if (nv == kNR)
+    for (int64_t j = 0; j < kNR; ++j) dst[j] = src[j];
+  else
+    for (int64_t j = 0; j < nv; ++j) dst[j] = src[j];
+}
+
 __attribute__((always_inline)) inline void finish_tile_body(const float* acc, int mr, const Epilogue& e, int64_t r0,
                                                             int64_t n0, int64_t nv) {
 #ifdef __clang__
@@ -194,20 +172,8 @@ __attribute__((always_inline)) inline void finish_tile_body(const float* acc, in
     sc[j] = 1.0f;
     bi[j] = 0.0f;
   }
-  // full panels copy 16 lanes in fixed-count loops (vector moves; a variable count became memcpy calls,
-  // two per tile: a one-row decode GEMV runs ~3000 tiles for GPT-2's LM head)
-  if (e.scale != nullptr) {
-    if (nv == kNR)
-      for (int64_t j = 0; j < kNR; ++j) sc[j] = e.scale[n0 + j];
-    else
-      for (int64_t j = 0; j < nv; ++j) sc[j] = e.scale[n0 + j];
-  }
-  if (e.bias != nullptr) {
-    if (nv == kNR)
-      for (int64_t j = 0; j < kNR; ++j) bi[j] = e.bias[n0 + j];
-    else
-      for (int64_t j = 0; j < nv; ++j) bi[j] = e.bias[n0 + j];
-  }
+  if (e.scale != nullptr) load_lanes(sc, e.scale + n0, nv);
+  if (e.bias != nullptr) load_lanes(bi, e.bias + n0, nv);
   for (int r = 0; r < mr; ++r) {
     for (int64_t j = 0; j < kNR; ++j) v[j] = acc[r * kNR + j] * sc[j] + bi[j];
     if (e.act == kGeluErf) {
@@ -273,20 +239,14 @@ void tile_portable(const float* x, int64_t K, const WT* p, const Epilogue& e, in
 
 // ---- AVX2 + FMA path ----------------------------------------------------------------------
 #ifdef FASTLM_X86
-template <bool kInt8, bool kSplit = true>
+template <bool kInt8>
 FASTLM_AVX2 inline void load_panel_row(const void* p, int64_t k, __m256& w0, __m256& w1) {
   if constexpr (kInt8) {
     // two 8-byte halves, each widened straight from memory (vpmovsxbd ymm, m64): no shuffle uop for
     // the upper half, which competes with the widening for the same vector pipes
     const int8_t* q = static_cast<const int8_t*>(p) + k * kNR;
-    if constexpr (kSplit) {
-      w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
-      w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8))));
-    } else {
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-      w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-      w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(b, b)));
-    }
+    w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+    w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8))));
   } else {
     const float* f = static_cast<const float*>(p) + k * kNR;
     w0 = _mm256_loadu_ps(f);
@@ -350,7 +310,7 @@ int64_t int8_gemv_prefetch(int64_t bytes) { return g_i16_prefetch.set(bytes); }
     _mm256_store_ps(acc + R * kNR + 8, U == 2 ? _mm256_add_ps(A1, B1) : A1);              \
   }
 
-template <bool kInt8, int MR, bool kSplit = true>
+template <bool kInt8, int MR>
 FASTLM_AVX2 void tile_avx2(const float* x, int64_t K, const void* p, const Epilogue& e, int64_t r0, int64_t n0,
                            int64_t nv) {
   static_assert(MR >= 2 && MR <= kMR, "tile_avx2: 2 to 6 rows (one row: tile1_avx2)");
@@ -367,17 +327,17 @@ FASTLM_AVX2 void tile_avx2(const float* x, int64_t K, const void* p, const Epilo
     if (pf > 0 && ((k * kRowBytes) & 63) < U * kRowBytes)
       _mm_prefetch(pbytes + k * kRowBytes + pf, _MM_HINT_T0);
     __m256 w0, w1;
-    load_panel_row<kInt8, kSplit>(p, k, w0, w1);
+    load_panel_row<kInt8>(p, k, w0, w1);
     FASTLM_ROWS(k)
     if constexpr (U == 2) {
-      load_panel_row<kInt8, kSplit>(p, k + 1, w0, w1);
+      load_panel_row<kInt8>(p, k + 1, w0, w1);
       FASTLM_ROW(0, d00, d01, k + 1)
       FASTLM_ROW(1, d10, d11, k + 1)
     }
   }
   for (; k < K; ++k) {
     __m256 w0, w1;
-    load_panel_row<kInt8, kSplit>(p, k, w0, w1);
+    load_panel_row<kInt8>(p, k, w0, w1);
     FASTLM_ROWS(k)
   }
   alignas(32) float acc[MR * kNR];
@@ -393,54 +353,13 @@ FASTLM_AVX2 void tile_avx2(const float* x, int64_t K, const void* p, const Epilo
 #undef FASTLM_ROWS
 #undef FASTLM_STORE
 
-// The array kernel, kept for one row with gemv_tune(0) only (the kernel before tile1_avx2, for A/B
-// runs and the bit-equality test of tests/test_gemv.py): 4 independent accumulator sets over K.
-template <bool kInt8, bool kSplit = true>
-FASTLM_AVX2 void tile1_avx2_old(const float* x, int64_t K, const void* p, const Epilogue& e, int64_t r0, int64_t n0,
-                                int64_t nv) {
-  constexpr int U = 4;
-  constexpr int64_t kRowBytes = kNR * (kInt8 ? 1 : 4);
-  const int64_t pf = prefetch_bytes();
-  const char* pbytes = static_cast<const char*>(p);
-  __m256 a[U][2];
-  for (int u = 0; u < U; ++u) a[u][0] = a[u][1] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + U <= K; k += U) {
-    if (pf > 0 && ((k * kRowBytes) & 63) < U * kRowBytes)
-      _mm_prefetch(pbytes + k * kRowBytes + pf, _MM_HINT_T0);
-    for (int u = 0; u < U; ++u) {
-      __m256 w0, w1;
-      load_panel_row<kInt8, kSplit>(p, k + u, w0, w1);
-      const __m256 xb = _mm256_broadcast_ss(x + k + u);
-      a[u][0] = _mm256_fmadd_ps(xb, w0, a[u][0]);
-      a[u][1] = _mm256_fmadd_ps(xb, w1, a[u][1]);
-    }
-  }
-  for (; k < K; ++k) {
-    __m256 w0, w1;
-    load_panel_row<kInt8, kSplit>(p, k, w0, w1);
-    const __m256 xb = _mm256_broadcast_ss(x + k);
-    a[0][0] = _mm256_fmadd_ps(xb, w0, a[0][0]);
-    a[0][1] = _mm256_fmadd_ps(xb, w1, a[0][1]);
-  }
-  alignas(32) float acc[kNR];
-  __m256 s0 = a[0][0], s1 = a[0][1];
-  for (int u = 1; u < U; ++u) {
-    s0 = _mm256_add_ps(s0, a[u][0]);
-    s1 = _mm256_add_ps(s1, a[u][1]);
-  }
-  _mm256_store_ps(acc, s0);
-  _mm256_store_ps(acc + 8, s1);
-  finish_tile(acc, 1, e, r0, n0, nv);
-}
-
 // One row (the decode GEMV, M = 1), 16 channels, AVX2. tile_avx2<kInt8, 1> kept its 4 x 2
 // accumulators in an array that gcc 12 stored to the stack on every step of K (8 ymm stores and
 // as many register moves per 4 rows of panel: ~40% more instructions than the math); named
 // accumulators stay in registers (objdump: no stack store in the loop). The int8 dequantisation
 // (vpmovsxbd from memory, vcvtdq2ps, FMA: 3 vector instructions per 8 weights) bounds this kernel
 // on a core, not the memory: measured in L2, 1 thread, 768 x 2048 int8 on Zen 4 with AVX2 forced,
-// 14.2 G weights/s before. Sums the 4 accumulator sets in the order of tile_avx2 (bit-equal).
+// 14.2 G weights/s before. Sums the 4 accumulator sets in that array kernel's order (the same bits).
 template <bool kInt8>
 FASTLM_AVX2 void tile1_avx2(const float* x, int64_t K, const void* p, const Epilogue& e, int64_t r0, int64_t n0,
                             int64_t nv) {
@@ -589,63 +508,93 @@ constexpr int64_t kQB = 64;       // activation elements per int16 scale (even: 
 constexpr int64_t kQP = kQB / 2;  // pairs per block
 constexpr int64_t kPairRow = 2 * kNR;  // bytes of pair panel per pair of k
 
-// Rows of x (M, K) -> xq (M, 2 * ceil(K / 2)) int16 (zero padded), xs (M, ceil(K / kQB)) fp32.
-// A block holding inf / NaN gets a NaN scale, so the output is NaN as with fp32 activations.
-// (qb, sb non-null: one row's single short block, written there; used by the AVX2 version.)
-void quantize_rows_i16(const float* x, int64_t M, int64_t K, int16_t* q, float* s, int16_t* qb = nullptr,
-                       float* sb = nullptr) {
-  const int64_t K2 = (K + 1) / 2, nbk = (K + kQB - 1) / kQB;
-  if (qb != nullptr) {
-    q = qb;
-    s = sb;
+// Whether an int16 tile of mr rows is a wide one (its activation pairs interleaved, see pair_slot).
+bool i16_wide(int isa, int mr) {
+  if (isa == kAvx512 && cpu_has_avx512bw()) return mr > 4;
+  return isa != kPortable && mr > 2;
+}
+
+// Where row m of x (M rows) puts its int16 pairs in xq, in int32 units: pair kk at base + kk * step.
+// The int16 tiles take the rows in tiles of `rows` from row 0 (packed_gemm); a wide tile (i16_wide)
+// of mr rows reads them interleaved, (K2, mr) at its row offset r0 * K2 (one pointer and constant
+// offsets for the mr broadcasts of each pair row: mr row pointers did not fit the general registers),
+// any other tile row by row.
+struct PairSlot {
+  int64_t base, step;
+};
+
+PairSlot pair_slot(int isa, int64_t rows, int64_t M, int64_t K2, int64_t m) {
+  const int64_t r0 = m / rows * rows, mr = std::min(rows, M - r0);
+  return i16_wide(isa, static_cast<int>(mr)) ? PairSlot{r0 * K2 + (m - r0), mr} : PairSlot{m * K2, 1};
+}
+
+// A block's scale from its lanes' |x| maxima ml and x * 0 sums cl: *s = absmax / 32767, NaN where the
+// block holds inf / NaN. Returns the factor x is multiplied by before rounding to int16.
+inline float block_scale(const float* ml, const float* cl, int lanes, float* s) {
+  float amax = 0.0f, chk = 0.0f;
+  for (int j = 0; j < lanes; ++j) {
+    amax = std::max(amax, ml[j]);
+    chk += cl[j];
   }
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xr = x + m * K;
-    int16_t* qr = q + m * 2 * K2;
-    float* sr = s + m * nbk;
-    for (int64_t b = 0; b < nbk; ++b) {
-      const int64_t k0 = b * kQB, k1 = std::min(K, k0 + kQB);
-      // 16 lanes of elementwise max / sum (gcc vectorises these; a scalar max chain does not)
-      float ml[16] = {}, cl[16] = {};
-      int64_t k = k0;
-      for (; k + 16 <= k1; k += 16)
-        for (int j = 0; j < 16; ++j) {
-          ml[j] = std::max(ml[j], std::fabs(xr[k + j]));
-          cl[j] += xr[k + j] * 0.0f;  // NaN if any element is inf or NaN
-        }
-      for (; k < k1; ++k) {
-        ml[0] = std::max(ml[0], std::fabs(xr[k]));
-        cl[0] += xr[k] * 0.0f;
-      }
-      float amax = 0.0f, chk = 0.0f;
-      for (int j = 0; j < 16; ++j) {
-        amax = std::max(amax, ml[j]);
-        chk += cl[j];
-      }
-      const bool finite = chk == 0.0f;
-      const float inv = finite && amax > 0.0f ? 32767.0f / amax : 0.0f;
-      sr[b] = finite ? amax / 32767.0f : std::numeric_limits<float>::quiet_NaN();
-      for (int64_t k = k0; k < k1; ++k)  // round to nearest even, as vcvtps2dq
-        qr[k] = static_cast<int16_t>(std::nearbyint(std::min(32767.0f, std::max(-32767.0f, xr[k] * inv))));
+  const bool finite = chk == 0.0f;
+  *s = finite ? amax / 32767.0f : std::numeric_limits<float>::quiet_NaN();
+  return finite && amax > 0.0f ? 32767.0f / amax : 0.0f;
+}
+
+// One block of n <= kQB activations -> its scale *s and int16 values, element k at q[2 (k / 2) step + k % 2]
+// (a pair per int32, pairs step int32 apart). A block holding inf / NaN gets a NaN scale, so the output
+// is NaN as with fp32 activations.
+void quantize_block_i16(const float* xr, int64_t n, int16_t* q, int64_t step, float* s) {
+  // 16 lanes of elementwise max / sum (gcc vectorises these; a scalar max chain does not)
+  float ml[16] = {}, cl[16] = {};
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16)
+    for (int j = 0; j < 16; ++j) {
+      ml[j] = std::max(ml[j], std::fabs(xr[k + j]));
+      cl[j] += xr[k + j] * 0.0f;  // NaN if any element is inf or NaN
     }
-    if ((K & 1) && qb == nullptr) qr[K] = 0;
+  for (; k < n; ++k) {
+    ml[0] = std::max(ml[0], std::fabs(xr[k]));
+    cl[0] += xr[k] * 0.0f;
+  }
+  const float inv = block_scale(ml, cl, 16, s);
+  for (int64_t k = 0; k < n; ++k)  // round to nearest even, as vcvtps2dq
+    q[2 * (k >> 1) * step + (k & 1)] =
+        static_cast<int16_t>(std::nearbyint(std::min(32767.0f, std::max(-32767.0f, xr[k] * inv))));
+}
+
+// Rows of x (M, K) -> xq (M * 2 * ceil(K / 2) int16, zero padded; rows placed by pair_slot for tiles of
+// `rows`), xs (M, ceil(K / kQB)) fp32.
+void quantize_rows_i16(const float* x, int64_t M, int64_t K, int16_t* q, float* s, int isa, int64_t rows) {
+  const int64_t K2 = (K + 1) / 2, nbk = (K + kQB - 1) / kQB;
+  for (int64_t m = 0; m < M; ++m) {
+    const PairSlot slot = pair_slot(isa, rows, M, K2, m);
+    int16_t* qr = q + 2 * slot.base;
+    for (int64_t b = 0; b < nbk; ++b) {
+      const int64_t k0 = b * kQB;  // even: element k0 starts pair k0 / 2
+      quantize_block_i16(x + m * K + k0, std::min(kQB, K - k0), qr + k0 * slot.step, slot.step, s + m * nbk + b);
+    }
+    if (K & 1) qr[2 * (K >> 1) * slot.step + 1] = 0;
   }
 }
 
 #ifdef FASTLM_X86
 // quantize_rows_i16 with AVX2 (the same values: |x| max, x * 0 sums for inf / NaN, vcvtps2dq rounds
 // to nearest even as std::nearbyint): one call per GEMV on the calling thread, before the pool runs.
-FASTLM_AVX2 void quantize_rows_i16_avx2(const float* x, int64_t M, int64_t K, int16_t* q, float* s) {
+FASTLM_AVX2 void quantize_rows_i16_avx2(const float* x, int64_t M, int64_t K, int16_t* q, float* s, int isa,
+                                        int64_t rows) {
   const int64_t K2 = (K + 1) / 2, nbk = (K + kQB - 1) / kQB;
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * K;
-    int16_t* qr = q + m * 2 * K2;
+    const PairSlot slot = pair_slot(isa, rows, M, K2, m);
+    const int64_t step = slot.step;
+    int16_t* qr = q + 2 * slot.base;
     float* sr = s + m * nbk;
     for (int64_t b = 0; b < nbk; ++b) {
       const int64_t k0 = b * kQB, k1 = std::min(K, k0 + kQB);
       if (k1 - k0 < kQB) {  // a short last block: the scalar code
-        quantize_rows_i16(xr + k0, 1, k1 - k0, nullptr, nullptr, qr + k0, sr + b);
+        quantize_block_i16(xr + k0, k1 - k0, qr + k0 * step, step, sr + b);
         continue;
       }
       __m256 mx = _mm256_setzero_ps(), ck = _mm256_setzero_ps();
@@ -657,23 +606,23 @@ FASTLM_AVX2 void quantize_rows_i16_avx2(const float* x, int64_t M, int64_t K, in
       alignas(32) float ml[8], cl[8];
       _mm256_store_ps(ml, mx);
       _mm256_store_ps(cl, ck);
-      float amax = 0.0f, chk = 0.0f;
-      for (int j = 0; j < 8; ++j) {
-        amax = std::max(amax, ml[j]);
-        chk += cl[j];
-      }
-      const bool finite = chk == 0.0f;
-      const float inv = finite && amax > 0.0f ? 32767.0f / amax : 0.0f;
-      sr[b] = finite ? amax / 32767.0f : std::numeric_limits<float>::quiet_NaN();
+      const float inv = block_scale(ml, cl, 8, sr + b);
       const __m256 iv = _mm256_set1_ps(inv), hi = _mm256_set1_ps(32767.0f), lo = _mm256_set1_ps(-32767.0f);
       for (int64_t k = k0; k < k1; k += 16) {
         const __m256 v0 = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(xr + k), iv)));
         const __m256 v1 = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(xr + k + 8), iv)));
-        const __m256i p16 = _mm256_packs_epi32(_mm256_cvtps_epi32(v0), _mm256_cvtps_epi32(v1));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + k), _mm256_permute4x64_epi64(p16, 0xD8));
+        const __m256i p16 = _mm256_permute4x64_epi64(
+            _mm256_packs_epi32(_mm256_cvtps_epi32(v0), _mm256_cvtps_epi32(v1)), 0xD8);  // pairs k / 2 ..
+        if (step == 1) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + k), p16);
+        } else {  // a wide tile's row: its 8 pairs step int32 apart
+          alignas(32) int32_t t[8];
+          _mm256_store_si256(reinterpret_cast<__m256i*>(t), p16);
+          for (int64_t i = 0; i < 8; ++i) std::memcpy(qr + (k + 2 * i) * step, t + i, sizeof(int32_t));
+        }
       }
     }
-    if (K & 1) qr[K] = 0;
+    if (K & 1) qr[2 * (K >> 1) * step + 1] = 0;
   }
 }
 #endif
@@ -791,7 +740,7 @@ FASTLM_I16_TILE_512(tile_i16_avx512bw, FASTLM_AVX512BW, FASTLM_DOT_BW)
 // one per row's int32 block sum (MR zmm, named: gcc kept an array of them in memory, or rotated it
 // through register copies, ~2 moves per dot), so a 16-row prefill reads each panel once and widens
 // each pair row once per 16 dots. The rows' activation pairs come interleaved, (K2, MR) int32
-// (packed_gemm), for one pointer with constant offsets; the fp32 sums live in a stack tile, touched once
+// (pair_slot), for one pointer with constant offsets; the fp32 sums live in a stack tile, touched once
 // per block. Every row's int32 block sums and its fp32 sum order are those of the narrow tiles, so
 // the outputs are the same bits at any tile size.
 #define FASTLM_R16(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15)
@@ -847,7 +796,6 @@ FASTLM_I16_WIDE_512(tile_i16_wide_avx512bw, FASTLM_AVX512BW, FASTLM_WDOT_BW)
 template <int MR>
 FASTLM_AVX2 void tile_i16_avx2(const int16_t* xq, const float* xs, int64_t K, const int8_t* p, const Epilogue& e,
                                int64_t r0, int64_t n0, int64_t nv) {
-  constexpr int U = 1;
   const int64_t K2 = (K + 1) / 2, nbk = (K + kQB - 1) / kQB;
   const int64_t pf = i16_prefetch_bytes();
   if constexpr (MR == 1) {  // named accumulators (an array of them went through the stack each step)
@@ -929,44 +877,22 @@ FASTLM_AVX2 void tile_i16_avx2(const int16_t* xq, const float* xs, int64_t K, co
   for (int r = 0; r < MR; ++r) f[r][0] = f[r][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nbk; ++b) {
     const int64_t kk1 = std::min(K2, (b + 1) * kQP);
-    __m256i a[U][MR][2];
-    for (int u = 0; u < U; ++u)
-      for (int r = 0; r < MR; ++r) a[u][r][0] = a[u][r][1] = _mm256_setzero_si256();
-    int64_t kk = b * kQP;
-    for (; kk + U <= kk1; kk += U) {
-      if (pf > 0)
-        for (int64_t o = (kk * kPairRow + 63) & ~int64_t{63}; o < (kk + U) * kPairRow; o += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(p) + o + pf, _MM_HINT_T0);
-      for (int u = 0; u < U; ++u) {
-        const int8_t* w = p + (kk + u) * kPairRow;
-        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
-        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));
-        for (int r = 0; r < MR; ++r) {
-          const __m256i xb = _mm256_set1_epi32(xp[r][kk + u]);
-          a[u][r][0] = _mm256_add_epi32(a[u][r][0], _mm256_madd_epi16(w0, xb));
-          a[u][r][1] = _mm256_add_epi32(a[u][r][1], _mm256_madd_epi16(w1, xb));
-        }
-      }
-    }
-    for (; kk < kk1; ++kk) {
+    __m256i a[MR][2];
+    for (int r = 0; r < MR; ++r) a[r][0] = a[r][1] = _mm256_setzero_si256();
+    for (int64_t kk = b * kQP; kk < kk1; ++kk) {
       const int8_t* w = p + kk * kPairRow;
-      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
-      const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));
+      if (pf > 0 && (kk & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(w) + pf, _MM_HINT_T0);
+      const __m256i w0 = FASTLM_W256(w), w1 = FASTLM_W256(w + 16);
       for (int r = 0; r < MR; ++r) {
         const __m256i xb = _mm256_set1_epi32(xp[r][kk]);
-        a[0][r][0] = _mm256_add_epi32(a[0][r][0], _mm256_madd_epi16(w0, xb));
-        a[0][r][1] = _mm256_add_epi32(a[0][r][1], _mm256_madd_epi16(w1, xb));
+        a[r][0] = _mm256_add_epi32(a[r][0], _mm256_madd_epi16(w0, xb));
+        a[r][1] = _mm256_add_epi32(a[r][1], _mm256_madd_epi16(w1, xb));
       }
     }
     for (int r = 0; r < MR; ++r) {
-      __m256i s0 = a[0][r][0], s1 = a[0][r][1];
-      for (int u = 1; u < U; ++u) {
-        s0 = _mm256_add_epi32(s0, a[u][r][0]);
-        s1 = _mm256_add_epi32(s1, a[u][r][1]);
-      }
       const __m256 sc = _mm256_set1_ps(xs[r * nbk + b]);
-      f[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), sc, f[r][0]);
-      f[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), sc, f[r][1]);
+      f[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][0]), sc, f[r][0]);
+      f[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][1]), sc, f[r][1]);
     }
   }
   alignas(32) float acc[MR * kNR];
@@ -1016,12 +942,6 @@ int i16_rows(int isa, int64_t K) {
   return cap > 0 ? std::min(cap, most) : dflt;
 }
 
-// Whether an int16 tile of mr rows is a wide one (its activation pairs interleaved, see packed_gemm).
-bool i16_wide(int isa, int mr) {
-  if (isa == kAvx512 && cpu_has_avx512bw()) return mr > 4;
-  return isa != kPortable && mr > 2;
-}
-
 template <int MR>
 void run_tile_i16(int isa, const int16_t* xq, const float* xs, int64_t K, const int8_t* p, const Epilogue& e,
                   int64_t r0, int64_t n0, int64_t nv) {
@@ -1068,17 +988,11 @@ void run_tile(int isa, bool int8, const float* x, int64_t K, const void* p, cons
     return;
   }
   if (isa == kAvx2) {
-    if constexpr (MR == 1) {  // the decode GEMV (tune 0: the kernel before, for A/B runs)
-      if (tune_level() >= 1) {
-        if (int8) tile1_avx2<true>(x, K, p, e, r0, n0, nv);
-        else tile1_avx2<false>(x, K, p, e, r0, n0, nv);
-      } else {
-        if (int8) tile1_avx2_old<true, false>(x, K, p, e, r0, n0, nv);
-        else tile1_avx2_old<false>(x, K, p, e, r0, n0, nv);
-      }
+    if constexpr (MR == 1) {  // the decode GEMV
+      if (int8) tile1_avx2<true>(x, K, p, e, r0, n0, nv);
+      else tile1_avx2<false>(x, K, p, e, r0, n0, nv);
     } else {
-      if (int8 && tune_level() == 0) tile_avx2<true, MR, false>(x, K, p, e, r0, n0, nv);  // the old loads (A/B)
-      else if (int8) tile_avx2<true, MR>(x, K, p, e, r0, n0, nv);
+      if (int8) tile_avx2<true, MR>(x, K, p, e, r0, n0, nv);
       else tile_avx2<false, MR>(x, K, p, e, r0, n0, nv);
     }
     return;
@@ -1117,6 +1031,7 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind,
   // int8 pair panels, decode-sized M (<= kI16Rows): int16 activations quantized once here, on the
   // calling thread; each row's result is independent of M (exact int32 block sums per row)
   const bool i16 = pairs8 && M <= i16_max_rows && i8_mode() >= 1;
+  const int mri = i16_rows(isa, K);
   thread_local std::vector<int16_t> xq_buf;
   thread_local std::vector<float> xs_buf;
   if (i16) {
@@ -1124,32 +1039,12 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind,
     if (static_cast<int64_t>(xq_buf.size()) < M * 2 * K2) xq_buf.resize(M * 2 * K2);
     if (static_cast<int64_t>(xs_buf.size()) < M * nbk) xs_buf.resize(M * nbk);
 #ifdef FASTLM_X86
-    if (isa != kPortable) quantize_rows_i16_avx2(x, M, K, xq_buf.data(), xs_buf.data());
+    if (isa != kPortable) quantize_rows_i16_avx2(x, M, K, xq_buf.data(), xs_buf.data(), isa, mri);
     else
 #endif
-      quantize_rows_i16(x, M, K, xq_buf.data(), xs_buf.data());
+      quantize_rows_i16(x, M, K, xq_buf.data(), xs_buf.data(), isa, mri);
   }
-  const int mri = i16_rows(isa, K);
-  // wide tiles (i16_wide) read their rows' activation pairs interleaved, (K2, mr) int32 at the tile's
-  // row offset: one pointer and constant offsets for the mr broadcasts of each pair row (mr row
-  // pointers did not fit the general registers); narrow tiles' rows are copied as they are
-  thread_local std::vector<int16_t> xi_buf;
-  const int16_t* xq = xq_buf.data();
-  if (i16 && M > 1 && i16_wide(isa, static_cast<int>(std::min<int64_t>(mri, M)))) {
-    if (static_cast<int64_t>(xi_buf.size()) < M * 2 * K2) xi_buf.resize(M * 2 * K2);
-    const int32_t* src = reinterpret_cast<const int32_t*>(xq_buf.data());
-    int32_t* dst = reinterpret_cast<int32_t*>(xi_buf.data());
-    for (int64_t r0 = 0; r0 < M; r0 += mri) {
-      const int64_t mr = std::min<int64_t>(mri, M - r0);
-      if (i16_wide(isa, static_cast<int>(mr))) {
-        for (int64_t r = 0; r < mr; ++r)
-          for (int64_t kk = 0; kk < K2; ++kk) dst[r0 * K2 + kk * mr + r] = src[(r0 + r) * K2 + kk];
-      } else {
-        std::memcpy(dst + r0 * K2, src + r0 * K2, mr * K2 * sizeof(int32_t));
-      }
-    }
-    xq = xi_buf.data();
-  }
+  const int16_t* xq = xq_buf.data();  // a tile of rows from r0 reads from xq + r0 * xq_stride (pair_slot)
   const float* xs = xs_buf.data();
   const int64_t xq_stride = 2 * K2, xs_stride = (K + kQB - 1) / kQB;
   static_assert(kI16Rows <= kMC, "int16 tiles are laid out from row 0: one block of rows");
@@ -1379,7 +1274,6 @@ at::Tensor hugepage_copy(const at::Tensor& src) {
 
 namespace cpu {
 bool avx512_allowed() { return current_isa() == kAvx512; }
-int tune() { return tune_level(); }
 int isa_level() { return current_isa(); }
 
 void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind, int64_t N, const float* scale,
@@ -1392,7 +1286,6 @@ TORCH_LIBRARY_FRAGMENT(fastlm, m) {
   m.def("packed_linear(Tensor x, Tensor w, int n, Tensor? scale=None, Tensor? bias=None, Tensor? residual=None, "
         "str activation='none') -> Tensor");
   m.def("cpu_isa(str isa='') -> str", &cpu_isa);
-  m.def("gemv_tune(int level=-1) -> int", &gemv_tune);
   m.def("int8_gemv_mode(int level=-1) -> int", &int8_gemv_mode);
   m.def("gemv_prefetch(int bytes=-1) -> int", &gemv_prefetch);
   m.def("int8_gemv_prefetch(int bytes=-1) -> int", &int8_gemv_prefetch);
