@@ -1104,6 +1104,73 @@ void tile(int mr, int isa, bool int8, const float* x, int64_t K, const void* p, 
 // (ceil(N / 16), ceil(K / 2), 32).
 enum WKind : int { kWF32 = 0, kWI8 = 1, kWI8Pairs = 2 };
 
+// One int8 pair panel (ceil(K / 2), 32) -> an fp32 (K, 16) panel (the exact values q, the scale is
+// applied in the epilogue): the prefill blocks (more than kDequantRows rows) run the fp32 register
+// tiles on it. Each pair row is 16 int16 lanes (k even in the low byte, k odd in the high byte) widened
+// to int32; an arithmetic shift right by 8 gives the odd k, a shift left by 24 then right by 24 the even
+// one (both sign-extended), then vcvtdq2ps: ~4 vector instructions per 16 weights. Before this was a
+// scalar loop, ~0.4 ns a weight on Zen 4 (1 thread), which at 17-95 rows cost as much as the FMAs
+// (int8 prefill ran 0.45-0.88x the rate of fp32 panels there, bench/int8_prefill_rate.py).
+void dequant_pairs_portable(const int8_t* q, int64_t K, float* out) {
+  for (int64_t k = 0; k < K; ++k) {
+    const int8_t* row = q + (k >> 1) * kPairRow + (k & 1);
+    for (int64_t j = 0; j < kNR; ++j) out[k * kNR + j] = static_cast<float>(row[2 * j]);
+  }
+}
+
+#ifdef FASTLM_X86
+FASTLM_AVX2 void dequant_pairs_avx2(const int8_t* q, int64_t K, float* out) {
+  const int64_t K2 = K / 2;  // whole pairs; an odd K's last k below
+  for (int64_t kk = 0; kk < K2; ++kk) {
+    const int8_t* r = q + kk * kPairRow;
+    float* o = out + 2 * kk * kNR;
+    for (int h = 0; h < 2; ++h) {  // channels 0-7, 8-15
+      const __m256i v = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 16 * h)));
+      _mm256_storeu_ps(o + 8 * h, _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24)));
+      _mm256_storeu_ps(o + kNR + 8 * h, _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 8)));
+    }
+  }
+  if (K & 1)
+    for (int64_t j = 0; j < kNR; ++j) out[(K - 1) * kNR + j] = static_cast<float>(q[K2 * kPairRow + 2 * j]);
+}
+
+FASTLM_AVX512 void dequant_pairs_avx512(const int8_t* q, int64_t K, float* out) {
+  const int64_t K2 = K / 2;
+  for (int64_t kk = 0; kk < K2; ++kk) {
+    const __m512i v = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + kk * kPairRow)));
+    _mm512_storeu_ps(out + 2 * kk * kNR, _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24)));
+    _mm512_storeu_ps(out + (2 * kk + 1) * kNR, _mm512_cvtepi32_ps(_mm512_srai_epi32(v, 8)));
+  }
+  if (K & 1)
+    for (int64_t j = 0; j < kNR; ++j) out[(K - 1) * kNR + j] = static_cast<float>(q[K2 * kPairRow + 2 * j]);
+}
+#endif
+
+void dequant_pairs(int isa, const int8_t* q, int64_t K, float* out) {
+#ifdef FASTLM_X86
+  if (isa == kAvx512) return dequant_pairs_avx512(q, K, out);
+  if (isa == kAvx2) return dequant_pairs_avx2(q, K, out);
+#endif
+  dequant_pairs_portable(q, K, out);
+}
+
+// The older (K, 16) int8 panels: n int8 -> fp32 (packed_gemm itself is built for the baseline ISA).
+#ifdef FASTLM_X86
+FASTLM_AVX2 void dequant_i8_avx2(const int8_t* q, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i)))));
+  for (; i < n; ++i) out[i] = static_cast<float>(q[i]);
+}
+#endif
+
+void dequant_i8(int isa, const int8_t* q, int64_t n, float* out) {
+#ifdef FASTLM_X86
+  if (isa != kPortable) return dequant_i8_avx2(q, n, out);
+#endif
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(q[i]);
+}
+
 // i16_max_rows: int8 pair panels with M <= this run the int16-activation kernels (packed_linear:
 // kDequantRows, so prefill / forward numerics stay fp32-activation past 16 rows; the decode ops:
 // kI16Rows, so a batched decode row equals the B = 1 step's).
@@ -1189,12 +1256,9 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind,
         if (dequant) {  // int8 panels -> fp32 once per block of rows
           const int8_t* q = static_cast<const int8_t*>(panel);
           if (pairs8) {  // pair panels -> (K, 16) fp32 panels
-            for (int64_t pi = 0; pi < np; ++pi)
-              for (int64_t k = 0; k < K; ++k)
-                for (int64_t j = 0; j < kNR; ++j)
-                  deq[(pi * K + k) * kNR + j] = static_cast<float>(q[pi * panel_bytes + (k >> 1) * kPairRow + 2 * j + (k & 1)]);
+            for (int64_t pi = 0; pi < np; ++pi) dequant_pairs(isa, q + pi * panel_bytes, K, deq.data() + pi * K * kNR);
           } else {
-            for (int64_t i = 0; i < np * K * kNR; ++i) deq[i] = static_cast<float>(q[i]);
+            dequant_i8(isa, q, np * K * kNR, deq.data());
           }
           panel = deq.data();
           panel_int8 = false;
