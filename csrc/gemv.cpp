@@ -1144,7 +1144,74 @@ FASTLM_AVX512 void dequant_pairs_avx512(const int8_t* q, int64_t K, float* out) 
   if (K & 1)
     for (int64_t j = 0; j < kNR; ++j) out[(K - 1) * kNR + j] = static_cast<float>(q[K2 * kPairRow + 2 * j]);
 }
+
+// The first row tile of an AVX-512 prefill block on two int8 pair panels: tile2_avx512's MR rows x 32
+// channels, with each pair row widened in registers (dequant_pairs_avx512's instructions) and the fp32
+// values both fed to the FMAs and stored to the block's fp32 panels p0 / p1, which the block's other row
+// tiles then read (tile2). The conversion then overlaps the first tile's FMAs instead of running as a
+// pass of its own before them (the FMAs bound the tile, the widening runs beside them on other vector
+// pipes). Same fp32 values, same FMA order per accumulator as tile2_avx512: the same bits.
+template <int MR>
+FASTLM_AVX512 void tile2w_avx512(const float* x, int64_t K, const int8_t* q0, const int8_t* q1, float* p0, float* p1,
+                                 const Epilogue& e, int64_t r0, int64_t n0, int64_t nv1) {
+  __m512 a0[MR], a1[MR];
+  for (int r = 0; r < MR; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+  const int64_t K2 = K / 2;
+  for (int64_t kk = 0; kk < K2; ++kk) {
+    const int64_t k = 2 * kk;
+    const __m512i v0 = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q0 + kk * kPairRow)));
+    const __m512i v1 = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q1 + kk * kPairRow)));
+    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v0, 24), 24));
+    const __m512 w1 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v1, 24), 24));
+    _mm512_storeu_ps(p0 + k * kNR, w0);
+    _mm512_storeu_ps(p1 + k * kNR, w1);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 xb = _mm512_set1_ps(x[r * K + k]);
+      a0[r] = _mm512_fmadd_ps(xb, w0, a0[r]);
+      a1[r] = _mm512_fmadd_ps(xb, w1, a1[r]);
+    }
+    const __m512 u0 = _mm512_cvtepi32_ps(_mm512_srai_epi32(v0, 8));
+    const __m512 u1 = _mm512_cvtepi32_ps(_mm512_srai_epi32(v1, 8));
+    _mm512_storeu_ps(p0 + (k + 1) * kNR, u0);
+    _mm512_storeu_ps(p1 + (k + 1) * kNR, u1);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 xb = _mm512_set1_ps(x[r * K + k + 1]);
+      a0[r] = _mm512_fmadd_ps(xb, u0, a0[r]);
+      a1[r] = _mm512_fmadd_ps(xb, u1, a1[r]);
+    }
+  }
+  if (K & 1) {  // the last k: the even half of a zero-padded pair row
+    for (int64_t j = 0; j < kNR; ++j) {
+      p0[(K - 1) * kNR + j] = static_cast<float>(q0[K2 * kPairRow + 2 * j]);
+      p1[(K - 1) * kNR + j] = static_cast<float>(q1[K2 * kPairRow + 2 * j]);
+    }
+    const __m512 w0 = _mm512_loadu_ps(p0 + (K - 1) * kNR), w1 = _mm512_loadu_ps(p1 + (K - 1) * kNR);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 xb = _mm512_set1_ps(x[r * K + K - 1]);
+      a0[r] = _mm512_fmadd_ps(xb, w0, a0[r]);
+      a1[r] = _mm512_fmadd_ps(xb, w1, a1[r]);
+    }
+  }
+  alignas(64) float acc[MR * kNR];
+  for (int r = 0; r < MR; ++r) _mm512_store_ps(acc + r * kNR, a0[r]);
+  finish_tile(acc, MR, e, r0, n0, kNR);
+  for (int r = 0; r < MR; ++r) _mm512_store_ps(acc + r * kNR, a1[r]);
+  finish_tile(acc, MR, e, r0, n0 + kNR, nv1);
+}
+
+template <int... MRs>
+void tile2w_dispatch(std::integer_sequence<int, MRs...>, int mr, const float* x, int64_t K, const int8_t* q0,
+                     const int8_t* q1, float* p0, float* p1, const Epilogue& e, int64_t r0, int64_t n0, int64_t nv1) {
+  ((mr == MRs + 1 ? tile2w_avx512<MRs + 1>(x, K, q0, q1, p0, p1, e, r0, n0, nv1) : void()), ...);
+}
 #endif
+
+// g_widen_first (A/B knob, FASTLM_INT8_WIDEN_FIRST, default 1): 1 widens AVX-512 pair panels inside the
+// first row tile of a prefill block (tile2w_avx512), 0 in a pass of their own (dequant_pairs) first.
+std::atomic<int> g_widen_first{[] {
+  const char* env = std::getenv("FASTLM_INT8_WIDEN_FIRST");
+  return env != nullptr ? std::atoi(env) : 1;
+}()};
 
 void dequant_pairs(int isa, const int8_t* q, int64_t K, float* out) {
 #ifdef FASTLM_X86
@@ -1252,17 +1319,19 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind,
       for (int64_t nb = b0; nb < b1;) {
         const int64_t np = pair_block && nb + 1 < b1 ? 2 : 1;  // panels in this step
         const void* panel = static_cast<const char*>(w) + nb * panel_bytes;
-        bool panel_int8 = int8;
-        if (dequant) {  // int8 panels -> fp32 once per block of rows
+        const bool panel_int8 = int8 && !dequant;
+        // AVX-512, two pair panels: widened in the block's first row tile (tile2w_avx512), below
+        const bool widen_first = dequant && pairs8 && np == 2 && g_widen_first.load(std::memory_order_relaxed) != 0;
+        const int8_t* q_pairs = static_cast<const int8_t*>(panel);
+        if (dequant && !widen_first) {  // int8 panels -> fp32 once per block of rows
           const int8_t* q = static_cast<const int8_t*>(panel);
           if (pairs8) {  // pair panels -> (K, 16) fp32 panels
             for (int64_t pi = 0; pi < np; ++pi) dequant_pairs(isa, q + pi * panel_bytes, K, deq.data() + pi * K * kNR);
           } else {
             dequant_i8(isa, q, np * K * kNR, deq.data());
           }
-          panel = deq.data();
-          panel_int8 = false;
         }
+        if (dequant) panel = deq.data();
         const int64_t n0 = nb * kNR;
 #ifdef FASTLM_X86
         if (np == 2) {
@@ -1270,7 +1339,11 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind,
           const int64_t nv1 = std::min(kNR, N - n0 - kNR);
           for (int64_t r0 = m0; r0 < m0 + mc; r0 += kMR2) {
             const int mr = static_cast<int>(std::min<int64_t>(kMR2, m0 + mc - r0));
-            tile2(mr, x + r0 * K, K, p0, p0 + K * kNR, e, r0, n0, nv1);
+            if (widen_first && r0 == m0)
+              tile2w_dispatch(std::make_integer_sequence<int, kMR2>{}, mr, x + r0 * K, K, q_pairs,
+                              q_pairs + panel_bytes, deq.data(), deq.data() + K * kNR, e, r0, n0, nv1);
+            else
+              tile2(mr, x + r0 * K, K, p0, p0 + K * kNR, e, r0, n0, nv1);
           }
           nb += 2;
           continue;
