@@ -4,10 +4,13 @@
 // (ceil(N / 16), K, 16), fp32 or int8 (per-channel symmetric, `scale` (N,)). Each thread streams
 // a contiguous run of panels; a register tile of up to 6 rows x 16 channels broadcasts x[m, k] and
 // FMAs into two 8-float accumulators per row, so every weight byte is read once for all rows
-// (M <= 16 in one pass; larger M in blocks of 96 rows, int8 panels dequantised once per block;
-// the decode ops run int8 pair panels up to 64 rows in the int16-activation kernels instead, whose
-// register tiles hold up to 16 rows on AVX-512BW, 4 on AVX2, see i16_rows).
-// int8 is dequantised in registers (cvtepi8 -> cvtepi32_ps) and the scale applied after the dot.
+// (M <= 16 in one pass; larger M in blocks of 96 rows). int8 pair panels (Int8Linear's CPU layout) run
+// the int16-activation kernels up to 16 rows (the decode ops up to 64; register tiles of up to 16 rows
+// on AVX-512BW, 4 on AVX2, see i16_rows); past that (prefill) they keep fp32 activations: each panel
+// is widened to exact fp32 values once per block of rows (vectorised, dequant_pairs; on AVX-512 inside
+// the block's first row tile, tile2w_avx512) and the fp32 prefill tiles run on it, so int8 prefill
+// at 17-95 rows runs at the fp32 panels' rate (before: a scalar dequantisation, 0.45-0.88x).
+// Elsewhere int8 is widened in registers (cvtepi8 -> cvtepi32_ps) and the scale applied after the dot.
 // Runtime ISA dispatch: an AVX2+FMA path and a portable path (FASTLM_CPU_ISA=portable or
 // torch.ops.fastlm.cpu_isa("portable") forces it).
 //
@@ -53,7 +56,7 @@ namespace {
 
 constexpr int64_t kNR = 16;  // output channels per panel
 constexpr int kMR = 6;       // rows per register tile: 12 accumulators + 2 weight vectors + 1 broadcast
-constexpr int64_t kMC = 96;  // rows per block of x (L2-sized); int8 panels are dequantised once per block
+constexpr int64_t kMC = 96;  // rows per block of x (L2-sized); int8 panels are widened to fp32 once per block
 constexpr int64_t kDequantRows = 16;  // blocks with more rows than this dequantise the panel to fp32 first
 // the decode ops (cpu::packed_gemm: gpt2_decode_cpu, gpt2_decode_batch_cpu) run int8 pair panels in
 // the int16-activation kernels (no dequantisation) up to this many rows: a batched decode step
@@ -1134,6 +1137,65 @@ FASTLM_AVX2 void dequant_pairs_avx2(const int8_t* q, int64_t K, float* out) {
     for (int64_t j = 0; j < kNR; ++j) out[(K - 1) * kNR + j] = static_cast<float>(q[K2 * kPairRow + 2 * j]);
 }
 
+// AVX2: the first row tile (3 to 6 rows: a block of more than 16 rows splits into tiles of at least
+// 3) of a prefill block on one int8 pair panel, tile_avx2<false, MR>'s FMAs in its order (the same bits)
+// with the panel widened in registers and stored to the block's fp32 panel p for the other row tiles.
+// 2 MR accumulators + 2 weight vectors + a broadcast fill the 16 ymm, so the odd k's weights are widened
+// again from memory (vpmovsxwd m128) instead of keeping the int32 pair vectors.
+#define FASTLM_WROW(R, A0, A1, KK)                                \
+  if constexpr (MR > R) {                                         \
+    const __m256 xb = _mm256_broadcast_ss(x + R * K + (KK));      \
+    A0 = _mm256_fmadd_ps(xb, w0, A0);                             \
+    A1 = _mm256_fmadd_ps(xb, w1, A1);                             \
+  }
+#define FASTLM_WROWS(KK)                                                                                     \
+  FASTLM_WROW(0, c00, c01, KK) FASTLM_WROW(1, c10, c11, KK) FASTLM_WROW(2, c20, c21, KK)                     \
+  FASTLM_WROW(3, c30, c31, KK) FASTLM_WROW(4, c40, c41, KK) FASTLM_WROW(5, c50, c51, KK)
+#define FASTLM_WSTORE(R, A0, A1)              \
+  if constexpr (MR > R) {                     \
+    _mm256_store_ps(acc + R * kNR, A0);       \
+    _mm256_store_ps(acc + R * kNR + 8, A1);   \
+  }
+template <int MR>
+FASTLM_AVX2 void tile_avx2w(const float* x, int64_t K, const int8_t* q, float* p, const Epilogue& e, int64_t r0,
+                            int64_t n0, int64_t nv) {
+  static_assert(MR >= 3 && MR <= kMR, "tile_avx2w: 3 to 6 rows (tile_avx2's one-accumulator-set tiles)");
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+         c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  const int64_t K2 = K / 2;
+  for (int64_t kk = 0; kk < K2; ++kk) {
+    const __m128i* r = reinterpret_cast<const __m128i*>(q + kk * kPairRow);
+    const int64_t k = 2 * kk;
+    __m256 w0 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128(r)), 24), 24));
+    __m256 w1 =
+        _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128(r + 1)), 24), 24));
+    _mm256_storeu_ps(p + k * kNR, w0);
+    _mm256_storeu_ps(p + k * kNR + 8, w1);
+    FASTLM_WROWS(k)
+    w0 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128(r)), 8));
+    w1 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128(r + 1)), 8));
+    _mm256_storeu_ps(p + (k + 1) * kNR, w0);
+    _mm256_storeu_ps(p + (k + 1) * kNR + 8, w1);
+    FASTLM_WROWS(k + 1)
+  }
+  if (K & 1) {  // the last k: the even half of a zero-padded pair row
+    for (int64_t j = 0; j < kNR; ++j) p[(K - 1) * kNR + j] = static_cast<float>(q[K2 * kPairRow + 2 * j]);
+    const __m256 w0 = _mm256_loadu_ps(p + (K - 1) * kNR), w1 = _mm256_loadu_ps(p + (K - 1) * kNR + 8);
+    FASTLM_WROWS(K - 1)
+  }
+  alignas(32) float acc[MR * kNR];
+  FASTLM_WSTORE(0, c00, c01)
+  FASTLM_WSTORE(1, c10, c11)
+  FASTLM_WSTORE(2, c20, c21)
+  FASTLM_WSTORE(3, c30, c31)
+  FASTLM_WSTORE(4, c40, c41)
+  FASTLM_WSTORE(5, c50, c51)
+  finish_tile(acc, MR, e, r0, n0, nv);
+}
+#undef FASTLM_WROW
+#undef FASTLM_WROWS
+#undef FASTLM_WSTORE
+
 FASTLM_AVX512 void dequant_pairs_avx512(const int8_t* q, int64_t K, float* out) {
   const int64_t K2 = K / 2;
   for (int64_t kk = 0; kk < K2; ++kk) {
@@ -1206,8 +1268,8 @@ void tile2w_dispatch(std::integer_sequence<int, MRs...>, int mr, const float* x,
 }
 #endif
 
-// g_widen_first (A/B knob, FASTLM_INT8_WIDEN_FIRST, default 1): 1 widens AVX-512 pair panels inside the
-// first row tile of a prefill block (tile2w_avx512), 0 in a pass of their own (dequant_pairs) first.
+// g_widen_first (A/B knob, FASTLM_INT8_WIDEN_FIRST, default 1): 1 widens pair panels inside the first
+// row tile of a prefill block (tile2w_avx512, tile_avx2w), 0 in a pass of their own (dequant_pairs) first.
 std::atomic<int> g_widen_first{[] {
   const char* env = std::getenv("FASTLM_INT8_WIDEN_FIRST");
   return env != nullptr ? std::atoi(env) : 1;
@@ -1320,8 +1382,10 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind,
         const int64_t np = pair_block && nb + 1 < b1 ? 2 : 1;  // panels in this step
         const void* panel = static_cast<const char*>(w) + nb * panel_bytes;
         const bool panel_int8 = int8 && !dequant;
-        // AVX-512, two pair panels: widened in the block's first row tile (tile2w_avx512), below
-        const bool widen_first = dequant && pairs8 && np == 2 && g_widen_first.load(std::memory_order_relaxed) != 0;
+        // pair panels in a prefill block: widened in the block's first row tile (AVX-512, two panels:
+        // tile2w_avx512; AVX2, one panel of at least 3 rows a tile: tile_avx2w), below
+        const bool widen_first = dequant && pairs8 && mc > kDequantRows && (np == 2 || isa == kAvx2) &&
+                                 g_widen_first.load(std::memory_order_relaxed) != 0;
         const int8_t* q_pairs = static_cast<const int8_t*>(panel);
         if (dequant && !widen_first) {  // int8 panels -> fp32 once per block of rows
           const int8_t* q = static_cast<const int8_t*>(panel);
@@ -1364,6 +1428,17 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind,
         const int64_t nt = (mc + kMR - 1) / kMR;
         for (int64_t t = 0, r0 = m0; t < nt; ++t) {
           const int mr = static_cast<int>(mc / nt + (t < mc % nt ? 1 : 0));
+#ifdef FASTLM_X86
+          if (widen_first && t == 0) {  // AVX2: widened in the first row tile (tile_avx2w)
+            float* pd = deq.data();
+            if (mr == 3) tile_avx2w<3>(x + r0 * K, K, q_pairs, pd, e, r0, n0, nv);
+            else if (mr == 4) tile_avx2w<4>(x + r0 * K, K, q_pairs, pd, e, r0, n0, nv);
+            else if (mr == 5) tile_avx2w<5>(x + r0 * K, K, q_pairs, pd, e, r0, n0, nv);
+            else tile_avx2w<6>(x + r0 * K, K, q_pairs, pd, e, r0, n0, nv);
+            r0 += mr;
+            continue;
+          }
+#endif
           tile(mr, isa, panel_int8, x + r0 * K, K, panel, e, r0, n0, nv);
           r0 += mr;
         }
