@@ -7,9 +7,10 @@
 // (M <= 16 in one pass; larger M in blocks of 96 rows). int8 pair panels (Int8Linear's CPU layout) run
 // the int16-activation kernels up to 16 rows (the decode ops up to 64; register tiles of up to 16 rows
 // on AVX-512BW, 4 on AVX2, see i16_rows); past that (prefill) they keep fp32 activations: each panel
-// is widened to exact fp32 values once per block of rows (vectorised, dequant_pairs; on AVX-512 inside
-// the block's first row tile, tile2w_avx512) and the fp32 prefill tiles run on it, so int8 prefill
-// at 17-95 rows runs at the fp32 panels' rate (before: a scalar dequantisation, 0.45-0.88x).
+// is widened to exact fp32 values once per block of rows, inside the block's first row tile
+// (tile2w_avx512, tile_avx2w; the portable path in a pass before, dequant_pairs), and the fp32 prefill
+// tiles run on it, so int8 prefill at 17-95 rows runs at the fp32 panels' rate (before: a scalar
+// dequantisation pass, 0.45-0.88x; bench/int8_prefill_rate.py).
 // Elsewhere int8 is widened in registers (cvtepi8 -> cvtepi32_ps) and the scale applied after the dot.
 // Runtime ISA dispatch: an AVX2+FMA path and a portable path (FASTLM_CPU_ISA=portable or
 // torch.ops.fastlm.cpu_isa("portable") forces it).
