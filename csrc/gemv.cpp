@@ -4,10 +4,14 @@
 // (ceil(N / 16), K, 16), fp32 or int8 (per-channel symmetric, `scale` (N,)). Each thread streams
 // a contiguous run of panels; a register tile of up to 6 rows x 16 channels broadcasts x[m, k] and
 // FMAs into two 8-float accumulators per row, so every weight byte is read once for all rows
-// (M <= 16 in one pass; larger M in blocks of 96 rows, int8 panels dequantised once per block;
-// the decode ops run int8 pair panels up to 64 rows in the int16-activation kernels instead, whose
-// register tiles hold up to 16 rows on AVX-512BW, 4 on AVX2, see i16_rows).
-// int8 is dequantised in registers (cvtepi8 -> cvtepi32_ps) and the scale applied after the dot.
+// (M <= 16 in one pass; larger M in blocks of 96 rows). int8 pair panels (Int8Linear's CPU layout) run
+// the int16-activation kernels up to 16 rows (the decode ops up to 64; register tiles of up to 16 rows
+// on AVX-512BW, 4 on AVX2, see i16_rows); past that (prefill) they keep fp32 activations: each panel
+// is widened to exact fp32 values once per block of rows, inside the block's first row tile
+// (tile2w_avx512, tile_avx2w; the portable path in a pass before, dequant_pairs), and the fp32 prefill
+// tiles run on it, so int8 prefill at 17-95 rows runs at the fp32 panels' rate (before: a scalar
+// dequantisation pass, 0.45-0.88x; bench/int8_prefill_rate.py).
+// Elsewhere int8 is widened in registers (cvtepi8 -> cvtepi32_ps) and the scale applied after the dot.
 // Runtime ISA dispatch: an AVX2+FMA path and a portable path (FASTLM_CPU_ISA=portable or
 // torch.ops.fastlm.cpu_isa("portable") forces it).
 //
@@ -53,7 +57,7 @@ namespace {
 
 constexpr int64_t kNR = 16;  // output channels per panel
 constexpr int kMR = 6;       // rows per register tile: 12 accumulators + 2 weight vectors + 1 broadcast
-constexpr int64_t kMC = 96;  // rows per block of x (L2-sized); int8 panels are dequantised once per block
+constexpr int64_t kMC = 96;  // rows per block of x (L2-sized); int8 panels are widened to fp32 once per block
 constexpr int64_t kDequantRows = 16;  // blocks with more rows than this dequantise the panel to fp32 first
 // the decode ops (cpu::packed_gemm: gpt2_decode_cpu, gpt2_decode_batch_cpu) run int8 pair panels in
 // the int16-activation kernels (no dequantisation) up to this many rows: a batched decode step
@@ -1018,6 +1022,199 @@ void tile(int mr, int isa, bool int8, const float* x, int64_t K, const void* p, 
 // (ceil(N / 16), ceil(K / 2), 32).
 enum WKind : int { kWF32 = 0, kWI8 = 1, kWI8Pairs = 2 };
 
+// One int8 pair panel (ceil(K / 2), 32) -> an fp32 (K, 16) panel (the exact values q, the scale is
+// applied in the epilogue): the prefill blocks (more than kDequantRows rows) run the fp32 register
+// tiles on it. Each pair row is 16 int16 lanes (k even in the low byte, k odd in the high byte) widened
+// to int32; an arithmetic shift right by 8 gives the odd k, a shift left by 24 then right by 24 the even
+// one (both sign-extended), then vcvtdq2ps: ~4 vector instructions per 16 weights. Before this was a
+// scalar loop, ~0.4 ns a weight on Zen 4 (1 thread), which at 17-95 rows cost as much as the FMAs
+// (int8 prefill ran 0.45-0.88x the rate of fp32 panels there, bench/int8_prefill_rate.py).
+void dequant_pairs_portable(const int8_t* q, int64_t K, float* out) {
+  for (int64_t k = 0; k < K; ++k) {
+    const int8_t* row = q + (k >> 1) * kPairRow + (k & 1);
+    for (int64_t j = 0; j < kNR; ++j) out[k * kNR + j] = static_cast<float>(row[2 * j]);
+  }
+}
+
+#ifdef FASTLM_X86
+FASTLM_AVX2 void dequant_pairs_avx2(const int8_t* q, int64_t K, float* out) {
+  const int64_t K2 = K / 2;  // whole pairs; an odd K's last k below
+  for (int64_t kk = 0; kk < K2; ++kk) {
+    const int8_t* r = q + kk * kPairRow;
+    float* o = out + 2 * kk * kNR;
+    for (int h = 0; h < 2; ++h) {  // channels 0-7, 8-15
+      const __m256i v = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 16 * h)));
+      _mm256_storeu_ps(o + 8 * h, _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24)));
+      _mm256_storeu_ps(o + kNR + 8 * h, _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 8)));
+    }
+  }
+  if (K & 1)
+    for (int64_t j = 0; j < kNR; ++j) out[(K - 1) * kNR + j] = static_cast<float>(q[K2 * kPairRow + 2 * j]);
+}
+
+// AVX2: the first row tile (3 to 6 rows: a block of more than 16 rows splits into tiles of at least
+// 3) of a prefill block on one int8 pair panel, tile_avx2<false, MR>'s FMAs in its order (the same bits)
+// with the panel widened in registers and stored to the block's fp32 panel p for the other row tiles.
+// 2 MR accumulators + 2 weight vectors + a broadcast fill the 16 ymm, so the odd k's weights are widened
+// again from memory (vpmovsxwd m128) instead of keeping the int32 pair vectors.
+#define FASTLM_WROW(R, A0, A1, KK)                                \
+  if constexpr (MR > R) {                                         \
+    const __m256 xb = _mm256_broadcast_ss(x + R * K + (KK));      \
+    A0 = _mm256_fmadd_ps(xb, w0, A0);                             \
+    A1 = _mm256_fmadd_ps(xb, w1, A1);                             \
+  }
+#define FASTLM_WROWS(KK)                                                                                     \
+  FASTLM_WROW(0, c00, c01, KK) FASTLM_WROW(1, c10, c11, KK) FASTLM_WROW(2, c20, c21, KK)                     \
+  FASTLM_WROW(3, c30, c31, KK) FASTLM_WROW(4, c40, c41, KK) FASTLM_WROW(5, c50, c51, KK)
+#define FASTLM_WSTORE(R, A0, A1)              \
+  if constexpr (MR > R) {                     \
+    _mm256_store_ps(acc + R * kNR, A0);       \
+    _mm256_store_ps(acc + R * kNR + 8, A1);   \
+  }
+template <int MR>
+FASTLM_AVX2 void tile_avx2w(const float* x, int64_t K, const int8_t* q, float* p, const Epilogue& e, int64_t r0,
+                            int64_t n0, int64_t nv) {
+  static_assert(MR >= 3 && MR <= kMR, "tile_avx2w: 3 to 6 rows (tile_avx2's one-accumulator-set tiles)");
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+         c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  const int64_t K2 = K / 2;
+  for (int64_t kk = 0; kk < K2; ++kk) {
+    const __m128i* r = reinterpret_cast<const __m128i*>(q + kk * kPairRow);
+    const int64_t k = 2 * kk;
+    __m256 w0 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128(r)), 24), 24));
+    __m256 w1 =
+        _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128(r + 1)), 24), 24));
+    _mm256_storeu_ps(p + k * kNR, w0);
+    _mm256_storeu_ps(p + k * kNR + 8, w1);
+    FASTLM_WROWS(k)
+    w0 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128(r)), 8));
+    w1 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128(r + 1)), 8));
+    _mm256_storeu_ps(p + (k + 1) * kNR, w0);
+    _mm256_storeu_ps(p + (k + 1) * kNR + 8, w1);
+    FASTLM_WROWS(k + 1)
+  }
+  if (K & 1) {  // the last k: the even half of a zero-padded pair row
+    for (int64_t j = 0; j < kNR; ++j) p[(K - 1) * kNR + j] = static_cast<float>(q[K2 * kPairRow + 2 * j]);
+    const __m256 w0 = _mm256_loadu_ps(p + (K - 1) * kNR), w1 = _mm256_loadu_ps(p + (K - 1) * kNR + 8);
+    FASTLM_WROWS(K - 1)
+  }
+  alignas(32) float acc[MR * kNR];
+  FASTLM_WSTORE(0, c00, c01)
+  FASTLM_WSTORE(1, c10, c11)
+  FASTLM_WSTORE(2, c20, c21)
+  FASTLM_WSTORE(3, c30, c31)
+  FASTLM_WSTORE(4, c40, c41)
+  FASTLM_WSTORE(5, c50, c51)
+  finish_tile(acc, MR, e, r0, n0, nv);
+}
+#undef FASTLM_WROW
+#undef FASTLM_WROWS
+#undef FASTLM_WSTORE
+
+FASTLM_AVX512 void dequant_pairs_avx512(const int8_t* q, int64_t K, float* out) {
+  const int64_t K2 = K / 2;
+  for (int64_t kk = 0; kk < K2; ++kk) {
+    const __m512i v = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + kk * kPairRow)));
+    _mm512_storeu_ps(out + 2 * kk * kNR, _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24)));
+    _mm512_storeu_ps(out + (2 * kk + 1) * kNR, _mm512_cvtepi32_ps(_mm512_srai_epi32(v, 8)));
+  }
+  if (K & 1)
+    for (int64_t j = 0; j < kNR; ++j) out[(K - 1) * kNR + j] = static_cast<float>(q[K2 * kPairRow + 2 * j]);
+}
+
+// The first row tile of an AVX-512 prefill block on two int8 pair panels: tile2_avx512's MR rows x 32
+// channels, with each pair row widened in registers (dequant_pairs_avx512's instructions) and the fp32
+// values both fed to the FMAs and stored to the block's fp32 panels p0 / p1, which the block's other row
+// tiles then read (tile2). The conversion then overlaps the first tile's FMAs instead of running as a
+// pass of its own before them (the FMAs bound the tile, the widening runs beside them on other vector
+// pipes). Same fp32 values, same FMA order per accumulator as tile2_avx512: the same bits.
+template <int MR>
+FASTLM_AVX512 void tile2w_avx512(const float* x, int64_t K, const int8_t* q0, const int8_t* q1, float* p0, float* p1,
+                                 const Epilogue& e, int64_t r0, int64_t n0, int64_t nv1) {
+  __m512 a0[MR], a1[MR];
+  for (int r = 0; r < MR; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+  const int64_t K2 = K / 2;
+  for (int64_t kk = 0; kk < K2; ++kk) {
+    const int64_t k = 2 * kk;
+    const __m512i v0 = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q0 + kk * kPairRow)));
+    const __m512i v1 = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q1 + kk * kPairRow)));
+    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v0, 24), 24));
+    const __m512 w1 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v1, 24), 24));
+    _mm512_storeu_ps(p0 + k * kNR, w0);
+    _mm512_storeu_ps(p1 + k * kNR, w1);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 xb = _mm512_set1_ps(x[r * K + k]);
+      a0[r] = _mm512_fmadd_ps(xb, w0, a0[r]);
+      a1[r] = _mm512_fmadd_ps(xb, w1, a1[r]);
+    }
+    const __m512 u0 = _mm512_cvtepi32_ps(_mm512_srai_epi32(v0, 8));
+    const __m512 u1 = _mm512_cvtepi32_ps(_mm512_srai_epi32(v1, 8));
+    _mm512_storeu_ps(p0 + (k + 1) * kNR, u0);
+    _mm512_storeu_ps(p1 + (k + 1) * kNR, u1);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 xb = _mm512_set1_ps(x[r * K + k + 1]);
+      a0[r] = _mm512_fmadd_ps(xb, u0, a0[r]);
+      a1[r] = _mm512_fmadd_ps(xb, u1, a1[r]);
+    }
+  }
+  if (K & 1) {  // the last k: the even half of a zero-padded pair row
+    for (int64_t j = 0; j < kNR; ++j) {
+      p0[(K - 1) * kNR + j] = static_cast<float>(q0[K2 * kPairRow + 2 * j]);
+      p1[(K - 1) * kNR + j] = static_cast<float>(q1[K2 * kPairRow + 2 * j]);
+    }
+    const __m512 w0 = _mm512_loadu_ps(p0 + (K - 1) * kNR), w1 = _mm512_loadu_ps(p1 + (K - 1) * kNR);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 xb = _mm512_set1_ps(x[r * K + K - 1]);
+      a0[r] = _mm512_fmadd_ps(xb, w0, a0[r]);
+      a1[r] = _mm512_fmadd_ps(xb, w1, a1[r]);
+    }
+  }
+  alignas(64) float acc[MR * kNR];
+  for (int r = 0; r < MR; ++r) _mm512_store_ps(acc + r * kNR, a0[r]);
+  finish_tile(acc, MR, e, r0, n0, kNR);
+  for (int r = 0; r < MR; ++r) _mm512_store_ps(acc + r * kNR, a1[r]);
+  finish_tile(acc, MR, e, r0, n0 + kNR, nv1);
+}
+
+template <int... MRs>
+void tile2w_dispatch(std::integer_sequence<int, MRs...>, int mr, const float* x, int64_t K, const int8_t* q0,
+                     const int8_t* q1, float* p0, float* p1, const Epilogue& e, int64_t r0, int64_t n0, int64_t nv1) {
+  ((mr == MRs + 1 ? tile2w_avx512<MRs + 1>(x, K, q0, q1, p0, p1, e, r0, n0, nv1) : void()), ...);
+}
+#endif
+
+// g_widen_first (A/B knob, FASTLM_INT8_WIDEN_FIRST, default 1): 1 widens pair panels inside the first
+// row tile of a prefill block (tile2w_avx512, tile_avx2w), 0 in a pass of their own (dequant_pairs) first.
+std::atomic<int> g_widen_first{[] {
+  const char* env = std::getenv("FASTLM_INT8_WIDEN_FIRST");
+  return env != nullptr ? std::atoi(env) : 1;
+}()};
+
+void dequant_pairs(int isa, const int8_t* q, int64_t K, float* out) {
+#ifdef FASTLM_X86
+  if (isa == kAvx512) return dequant_pairs_avx512(q, K, out);
+  if (isa == kAvx2) return dequant_pairs_avx2(q, K, out);
+#endif
+  dequant_pairs_portable(q, K, out);
+}
+
+// The older (K, 16) int8 panels: n int8 -> fp32 (packed_gemm itself is built for the baseline ISA).
+#ifdef FASTLM_X86
+FASTLM_AVX2 void dequant_i8_avx2(const int8_t* q, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i)))));
+  for (; i < n; ++i) out[i] = static_cast<float>(q[i]);
+}
+#endif
+
+void dequant_i8(int isa, const int8_t* q, int64_t n, float* out) {
+#ifdef FASTLM_X86
+  if (isa != kPortable) return dequant_i8_avx2(q, n, out);
+#endif
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(q[i]);
+}
+
 // i16_max_rows: int8 pair panels with M <= this run the int16-activation kernels (packed_linear:
 // kDequantRows, so prefill / forward numerics stay fp32-activation past 16 rows; the decode ops:
 // kI16Rows, so a batched decode row equals the B = 1 step's).
@@ -1080,20 +1277,21 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind,
       for (int64_t nb = b0; nb < b1;) {
         const int64_t np = pair_block && nb + 1 < b1 ? 2 : 1;  // panels in this step
         const void* panel = static_cast<const char*>(w) + nb * panel_bytes;
-        bool panel_int8 = int8;
-        if (dequant) {  // int8 panels -> fp32 once per block of rows
+        const bool panel_int8 = int8 && !dequant;
+        // pair panels in a prefill block: widened in the block's first row tile (AVX-512, two panels:
+        // tile2w_avx512; AVX2, one panel of at least 3 rows a tile: tile_avx2w), below
+        const bool widen_first = dequant && pairs8 && mc > kDequantRows && (np == 2 || isa == kAvx2) &&
+                                 g_widen_first.load(std::memory_order_relaxed) != 0;
+        const int8_t* q_pairs = static_cast<const int8_t*>(panel);
+        if (dequant && !widen_first) {  // int8 panels -> fp32 once per block of rows
           const int8_t* q = static_cast<const int8_t*>(panel);
           if (pairs8) {  // pair panels -> (K, 16) fp32 panels
-            for (int64_t pi = 0; pi < np; ++pi)
-              for (int64_t k = 0; k < K; ++k)
-                for (int64_t j = 0; j < kNR; ++j)
-                  deq[(pi * K + k) * kNR + j] = static_cast<float>(q[pi * panel_bytes + (k >> 1) * kPairRow + 2 * j + (k & 1)]);
+            for (int64_t pi = 0; pi < np; ++pi) dequant_pairs(isa, q + pi * panel_bytes, K, deq.data() + pi * K * kNR);
           } else {
-            for (int64_t i = 0; i < np * K * kNR; ++i) deq[i] = static_cast<float>(q[i]);
+            dequant_i8(isa, q, np * K * kNR, deq.data());
           }
-          panel = deq.data();
-          panel_int8 = false;
         }
+        if (dequant) panel = deq.data();
         const int64_t n0 = nb * kNR;
 #ifdef FASTLM_X86
         if (np == 2) {
@@ -1101,7 +1299,11 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind,
           const int64_t nv1 = std::min(kNR, N - n0 - kNR);
           for (int64_t r0 = m0; r0 < m0 + mc; r0 += kMR2) {
             const int mr = static_cast<int>(std::min<int64_t>(kMR2, m0 + mc - r0));
-            tile2(mr, x + r0 * K, K, p0, p0 + K * kNR, e, r0, n0, nv1);
+            if (widen_first && r0 == m0)
+              tile2w_dispatch(std::make_integer_sequence<int, kMR2>{}, mr, x + r0 * K, K, q_pairs,
+                              q_pairs + panel_bytes, deq.data(), deq.data() + K * kNR, e, r0, n0, nv1);
+            else
+              tile2(mr, x + r0 * K, K, p0, p0 + K * kNR, e, r0, n0, nv1);
           }
           nb += 2;
           continue;
@@ -1122,6 +1324,17 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind,
         const int64_t nt = (mc + kMR - 1) / kMR;
         for (int64_t t = 0, r0 = m0; t < nt; ++t) {
           const int mr = static_cast<int>(mc / nt + (t < mc % nt ? 1 : 0));
+#ifdef FASTLM_X86
+          if (widen_first && t == 0) {  // AVX2: widened in the first row tile (tile_avx2w)
+            float* pd = deq.data();
+            if (mr == 3) tile_avx2w<3>(x + r0 * K, K, q_pairs, pd, e, r0, n0, nv);
+            else if (mr == 4) tile_avx2w<4>(x + r0 * K, K, q_pairs, pd, e, r0, n0, nv);
+            else if (mr == 5) tile_avx2w<5>(x + r0 * K, K, q_pairs, pd, e, r0, n0, nv);
+            else tile_avx2w<6>(x + r0 * K, K, q_pairs, pd, e, r0, n0, nv);
+            r0 += mr;
+            continue;
+          }
+#endif
           tile(mr, isa, panel_int8, x + r0 * K, K, panel, e, r0, n0, nv);
           r0 += mr;
         }
