@@ -1183,13 +1183,6 @@ void tile2w_dispatch(std::integer_sequence<int, MRs...>, int mr, const float* x,
 }
 #endif
 
-// g_widen_first (A/B knob, FASTLM_INT8_WIDEN_FIRST, default 1): 1 widens pair panels inside the first
-// row tile of a prefill block (tile2w_avx512, tile_avx2w), 0 in a pass of their own (dequant_pairs) first.
-std::atomic<int> g_widen_first{[] {
-  const char* env = std::getenv("FASTLM_INT8_WIDEN_FIRST");
-  return env != nullptr ? std::atoi(env) : 1;
-}()};
-
 void dequant_pairs(int isa, const int8_t* q, int64_t K, float* out) {
 #ifdef FASTLM_X86
   if (isa == kAvx512) return dequant_pairs_avx512(q, K, out);
@@ -1280,8 +1273,7 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind,
         const bool panel_int8 = int8 && !dequant;
         // pair panels in a prefill block: widened in the block's first row tile (AVX-512, two panels:
         // tile2w_avx512; AVX2, one panel of at least 3 rows a tile: tile_avx2w), below
-        const bool widen_first = dequant && pairs8 && mc > kDequantRows && (np == 2 || isa == kAvx2) &&
-                                 g_widen_first.load(std::memory_order_relaxed) != 0;
+        const bool widen_first = dequant && pairs8 && mc > kDequantRows && (np == 2 || isa == kAvx2);
         const int8_t* q_pairs = static_cast<const int8_t*>(panel);
         if (dequant && !widen_first) {  // int8 panels -> fp32 once per block of rows
           const int8_t* q = static_cast<const int8_t*>(panel);
