@@ -167,13 +167,46 @@ def test_int8_dynamic_on_the_avx2_gemm_equals_the_exact_reference(monkeypatch, M
     monkeypatch.setattr(cpu_features, "int8_gemm_path", lambda: "fastlm_avx2")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         got = run()
-    calls = sum(e.count for e in prof.key_averages() if e.key == "fastlm::int8_gemm_avx2")
-    assert calls == 4  # every GEMM of the layer went through the kernel
+    calls = _gemm_calls(prof, "int8_gemm_avx2") + _gemm_calls(prof, "int8_gemm_avx2_panels")
+    assert calls == 4  # every GEMM of the layer went through the kernel (panels where built under the AVX2 caps)
     for g_, r_ in zip(got, ref, strict=True):
         assert torch.equal(g_, r_)
     # and the layer is what it claims: close to the float32 product on its dequantized weight
     want = F.gelu(x @ lin.dequantized().t() + lin.bias)
     assert max_err(got[0], want) < 0.05 * want.abs().max().item()
+
+
+def _gemm_calls(prof, name):
+    return sum(e.count for e in prof.key_averages() if e.key == f"fastlm::{name}")
+
+
+def test_int8_dynamic_keeps_pair_panels_where_the_avx2_gemm_runs(monkeypatch):
+    """Where the int8 GEMM is fastlm's AVX2 kernel the weight is packed once into int8 pair panels
+    (its only copy) and read in place; state_dict round-trips to and from a module of the other
+    layout (built where torch._int_mm runs), and a path change after the layout was made still
+    gives the exact product."""
+    torch.manual_seed(0)
+    x = torch.randn(17, 97)
+    monkeypatch.setattr(cpu_features, "int8_gemm_path", lambda: "fastlm_avx2")
+    m = Int8DynamicLinear.from_linear(torch.nn.Linear(97, 45))
+    assert m.qweight.shape == (3, 49, 32) and m.qweight.is_contiguous()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y = m(x)
+    assert _gemm_calls(prof, "int8_gemm_avx2_panels") == 1 and _gemm_calls(prof, "int8_gemm_avx2") == 0
+    monkeypatch.setattr(cpu_features, "int8_gemm_path", lambda: "float64")
+    assert torch.equal(m(x), y)  # panels, but the path changed: unpacked per call, the same sums
+    m2 = Int8DynamicLinear.from_linear(torch.nn.Linear(97, 45))
+    assert m2.qweight.shape == (45, 97) and m2.qweight.t().is_contiguous()
+    m2.load_state_dict(m.state_dict())
+    assert m2.qweight.shape == (45, 97) and m2.qweight.t().is_contiguous()
+    assert torch.equal(m2(x), y) and torch.equal(m2.dequantized(), m.dequantized())
+    monkeypatch.setattr(cpu_features, "int8_gemm_path", lambda: "fastlm_avx2")
+    m3 = Int8DynamicLinear.from_linear(torch.nn.Linear(97, 45))
+    m3.load_state_dict(m2.state_dict())
+    assert m3.qweight.shape == (3, 49, 32) and torch.equal(m3.qweight, m.qweight)
+    assert torch.equal(m3(x), y)
+    m2.to("cpu")  # .to() re-lays out for the path now in force
+    assert m2.qweight.shape == (3, 49, 32) and torch.equal(m2(x), y)
 
 
 def test_the_forced_avx2_route_takes_fastlm_s_int8_gemm():
