@@ -35,7 +35,8 @@ def int_mm(a: Tensor, b: Tensor) -> Tensor:
     """a (M, K) int8 @ b (K, N) int8 -> (M, N) int32, exact. On CPU the path is
     fastlm.cpu_features.int8_gemm_path(): torch._int_mm where the CPU has an int8 dot-product
     instruction and torch's sums are exact; fastlm._C's AVX2 int8 GEMM (csrc/quant_avx2.cpp, exact
-    int32 sums, reads b in place) where it has none or fastlm's ISA is capped at AVX2; else a
+    int32 sums, b packed per call; Int8DynamicLinear keeps its weight in that kernel's int8 pair
+    panels there instead) where it has none or fastlm's ISA is capped at AVX2; else a
     float64 product, exact for |sums| < 2^53 (here < 127 * 127 * K)."""
     if a.device.type != "cpu":
         return torch._int_mm(a, b)
