@@ -3,8 +3,13 @@
 // quantize="int8_dynamic" there (fastlm.linear.int_mm picks it, see fastlm/cpu_features.py).
 //
 //   int8_gemm_avx2(a int8 (M, K), b int8 (K, N)) -> int32 (M, N), c[m, n] = sum_k a[m, k] * b[k, n]
-//     b is read in the layout Int8DynamicLinear keeps (qweight.t(): (K, N) with unit column stride,
-//     any row stride): no second copy of the weight. a needs a unit column stride.
+//     b (K, N) with unit column stride, any row stride (Int8DynamicLinear's qweight.t() where its
+//     GEMM is torch._int_mm), packed into int16 panels per call. a needs a unit column stride.
+//   int8_gemm_avx2_panels(a int8 (M, K), panels int8 (ceil(N / 16), ceil(K / 2), 32), n = N) -> the same
+//     product on b packed once into int8 pair panels (fastlm.linear.pack_int8_panels of b.t(), the
+//     layout of Int8Linear's weight): Int8DynamicLinear's one weight layout on CPUs whose int8 GEMM
+//     is this kernel. The panels are widened in the row tiles (vpmovsxbw from memory) below
+//     kWidenPanelRows rows, else into an int16 copy once per call (a vpmovsxbw stream).
 //
 // Why this route: torch._int_mm without VNNI is either oneDNN's AVX2 int8 GEMM, whose u8 x s8
 // vpmaddubsw saturates its int16 pair sums (255 * 127 * 2 > 32767: wrong by up to ~1e5, see
@@ -14,13 +19,27 @@
 // every product and pair sum is exact, and the int32 accumulation is exact while
 // |sum| < 2^31 (K < 2^31 / 128^2 = 131072), the contract of torch._int_mm.
 //
-// Blocking: a is widened once to int16 rows of ceil(K / 2) pairs (zero-padded); b is packed per
-// panel of 16 output channels into int16 (k, k + 1) pairs, (ceil(K / 2), 16, 2), into a
-// temporary once per call, and each work item (16 panels x a block of rows whose int16 copy is
-// ~256 KB, L2-resident) runs row tiles of 6 rows x 16 channels over them (12 int32 accumulators;
-// per pair of k: 2 panel loads, 6 broadcasts, 12 vpmaddwd, 12 vpaddd). Work items go to the pool of
-// the decode kernels (cpu_pool.h). A portable path (plain C++ int32 sums) runs where the
-// CPU has no AVX2 or FASTLM_CPU_ISA=portable caps it (cpu::isa_level() == 0).
+// Blocking: a is widened once to int16 rows of ceil(K / 2) pairs (zero-padded); b's panels of 16
+// output channels in int16 (k, k + 1) pairs, (ceil(K / 2), 16, 2) (packed or widened per call, or
+// int8 read in place), and each work item (16 panels x a block of rows whose int16 copy is ~256 KB,
+// L2-resident) runs row tiles of 6 rows x 16 channels over them (12 int32 accumulators; per pair of
+// k: 2 panel loads, 6 broadcasts, 12 vpmaddwd, 12 vpaddd). Work items go to the pool of the decode
+// kernels (cpu_pool.h). A portable path (plain C++ int32 sums) runs where the CPU has no AVX2 or
+// FASTLM_CPU_ISA=portable caps it (cpu::isa_level() == 0).
+//
+// Where the time goes (Zen 4 at 3.65 GHz capped at AVX2, one thread, thread CPU time, 2026-12-07):
+// the tiles are bound by the vector ALU work, one vpmaddwd (2 per cycle) + one vpaddd per 16
+// multiply-adds: an L1-resident tile ran ~190 G int8 ops/s whatever its shape (6 x 16, 4 x 24,
+// 3 x 32, 2 x 48: the broadcasts and loads are not the limit), the whole GEMM at M 512-1024 ~165-175
+// (int8_gemm_avx2: the per-call pack 1.5-3% of it there, 12% at M = 128, 27-46% at M 12-36;
+// widen_rows 0.6-2.6%). Tried and not taken (standalone, same process, against this kernel):
+// 4 x 24 tiles (1.02-1.07x on pre-packed int16 panels, 0.95-1.03x in the op with the pack per
+// call), K blocking so a panel slice stays in L1 (0.89-0.95x), int8 panels widened per work item
+// into an L1 buffer (0.96-1.03x), int8 panels widened in the tiles at M >= 512 (0.96-1.0x: 2 more
+// ALU ops per 24). The sign trick (vpsignb + vpmaddubsw on |a| and sign(a) * b, then vpmaddwd with
+// ones and vpaddd; exact for b in [-127, 127]) needs 4 ALU ops per 32 multiply-adds, 2 of them
+// multiplies, as vpmovsxbw + vpmaddwd + vpaddd do: no fewer. oneDNN's u8 x s8 AVX2 kernel (inexact)
+// skips the sign op: 3 per 32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -110,15 +129,23 @@ FASTLM_Q_AVX2 void pack_panel_avx2(const int8_t* b, int64_t ldb, int64_t K, int6
     _mm256_store_si256(reinterpret_cast<__m256i*>(t + R * kNR + 8), A1);           \
   }
 
-template <int MR>
-FASTLM_Q_AVX2 void tile_avx2(const int16_t* a16, int64_t lda32, const int16_t* panel, int64_t K2, int32_t* c,
+// panel: int16 pairs (K2, 16, 2), or (W = int8_t) the int8 pair panels of pack_int8_panels, widened
+// in registers (vpmovsxbw from memory: 2 more ALU ops per 24).
+template <int MR, typename W>
+FASTLM_Q_AVX2 void tile_avx2(const int16_t* a16, int64_t lda32, const W* panel, int64_t K2, int32_t* c,
                              int64_t ldc, int64_t nv) {
   const int32_t* a32 = reinterpret_cast<const int32_t*>(a16);
   __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
           c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   for (int64_t p = 0; p < K2; ++p) {
-    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + p * 32));
-    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + p * 32 + 16));
+    __m256i w0, w1;
+    if constexpr (sizeof(W) == 1) {
+      w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + p * 32)));
+      w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + p * 32 + 16)));
+    } else {
+      w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + p * 32));
+      w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + p * 32 + 16));
+    }
     FASTLM_Q_ROW(0, c00, c01)
     FASTLM_Q_ROW(1, c10, c11)
     FASTLM_Q_ROW(2, c20, c21)
@@ -138,31 +165,90 @@ FASTLM_Q_AVX2 void tile_avx2(const int16_t* a16, int64_t lda32, const int16_t* p
 #undef FASTLM_Q_ROW
 #undef FASTLM_Q_STORE
 
-FASTLM_Q_AVX2 void panel_rows_avx2(const int16_t* a16, int64_t M, int64_t K2, const int16_t* panel, int32_t* c,
-                                   int64_t N, int64_t nv) {
+template <typename W>
+FASTLM_Q_AVX2 void panel_rows_avx2(const int16_t* a16, int64_t M, int64_t K2, const W* panel, int32_t* c, int64_t N,
+                                   int64_t nv) {
   int64_t m = 0;
-  for (; m + kMR <= M; m += kMR) tile_avx2<kMR>(a16 + m * K2 * 2, K2, panel, K2, c + m * N, N, nv);
+  for (; m + kMR <= M; m += kMR) tile_avx2<kMR, W>(a16 + m * K2 * 2, K2, panel, K2, c + m * N, N, nv);
   const int64_t rest = M - m;
   const int16_t* a = a16 + m * K2 * 2;
   int32_t* cm = c + m * N;
-  if (rest == 5) tile_avx2<5>(a, K2, panel, K2, cm, N, nv);
-  if (rest == 4) tile_avx2<4>(a, K2, panel, K2, cm, N, nv);
-  if (rest == 3) tile_avx2<3>(a, K2, panel, K2, cm, N, nv);
-  if (rest == 2) tile_avx2<2>(a, K2, panel, K2, cm, N, nv);
-  if (rest == 1) tile_avx2<1>(a, K2, panel, K2, cm, N, nv);
+  if (rest == 5) tile_avx2<5, W>(a, K2, panel, K2, cm, N, nv);
+  if (rest == 4) tile_avx2<4, W>(a, K2, panel, K2, cm, N, nv);
+  if (rest == 3) tile_avx2<3, W>(a, K2, panel, K2, cm, N, nv);
+  if (rest == 2) tile_avx2<2, W>(a, K2, panel, K2, cm, N, nv);
+  if (rest == 1) tile_avx2<1, W>(a, K2, panel, K2, cm, N, nv);
+}
+
+// int8 pair panels -> the same panels in int16 (n int8 elements, a multiple of 16)
+FASTLM_Q_AVX2 void widen_panels_avx2(const int8_t* src, int64_t n, int16_t* out) {
+  for (int64_t i = 0; i < n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
 }
 #endif
 
-void panel_rows_portable(const int16_t* a16, int64_t M, int64_t K2, const int16_t* panel, int32_t* c, int64_t N,
+template <typename W>
+void panel_rows_portable(const int16_t* a16, int64_t M, int64_t K2, const W* panel, int32_t* c, int64_t N,
                          int64_t nv) {
   for (int64_t m = 0; m < M; ++m) {
     int32_t acc[kNR] = {0};
     const int16_t* ar = a16 + m * K2 * 2;
     for (int64_t p = 0; p < K2; ++p)
       for (int64_t j = 0; j < kNR; ++j)
-        acc[j] += int32_t{ar[2 * p]} * panel[(p * kNR + j) * 2] + int32_t{ar[2 * p + 1]} * panel[(p * kNR + j) * 2 + 1];
+        acc[j] += int32_t{ar[2 * p]} * int32_t{panel[(p * kNR + j) * 2]} +
+                  int32_t{ar[2 * p + 1]} * int32_t{panel[(p * kNR + j) * 2 + 1]};
     std::memcpy(c + m * N, acc, nv * sizeof(int32_t));
   }
+}
+
+// Rows of M at which int8_gemm_avx2_panels widens the int8 panels to an int16 temporary (a
+// vpmovsxbw stream, once per call) instead of in the tiles (2 more ALU ops per 24 on every row tile).
+constexpr int64_t kWidenPanelRows = 256;
+
+bool use_avx2() {
+#ifdef FASTLM_Q_X86
+  return cpu::isa_level() >= 1;
+#else
+  return false;
+#endif
+}
+
+// a (M, K) int8, rows lda apart -> a16 (M, ceil(K / 2) pairs) int16 in a new buffer
+std::vector<int16_t> widen_a(const int8_t* a, int64_t lda, int64_t M, int64_t K) {
+  const int64_t K2 = (K + 1) / 2;
+  std::vector<int16_t> a16(static_cast<size_t>(M * K2 * 2));
+  widen_rows(a, lda, M, K, K2, a16.data());
+  return a16;
+}
+
+// c (M, N) = a16 x the NB panels (K2, 16, 2) of W (int16 pairs or int8 pair panels), panels K2 * 32 apart.
+// Work items: kChunkPanels panels x mc rows; x's int16 block (mc rows, ~kABlockBytes) stays in L2
+// while the chunk's panels stream past it (one panel per pass over all of x re-read x from L3 for
+// every 16 channels: 288 MB per BERT FFN GEMM).
+template <typename W>
+void run_panels(const int16_t* a16, int64_t M, int64_t K2, const W* panels, int64_t N, int32_t* c) {
+  const int64_t NB = (N + kNR - 1) / kNR;
+  const bool avx2 = use_avx2();
+  const int64_t mc = std::min<int64_t>(std::max<int64_t>(kMR * 4, (kABlockBytes / (K2 * 4)) / kMR * kMR), 512);
+  const int64_t m_blocks = (M + mc - 1) / mc, n_chunks = (NB + kChunkPanels - 1) / kChunkPanels;
+  SharePool::get().run(m_blocks * n_chunks, [&](int64_t it) {
+    const int64_t nc = it / m_blocks, m0 = (it % m_blocks) * mc, rows = std::min(mc, M - m0);
+    const int64_t b1 = std::min(NB, (nc + 1) * kChunkPanels);
+    for (int64_t nb = nc * kChunkPanels; nb < b1; ++nb) {
+      const int64_t n0 = nb * kNR, nv = std::min(kNR, N - n0);
+      const W* panel = panels + nb * K2 * kNR * 2;
+      const int16_t* ab = a16 + m0 * K2 * 2;
+      int32_t* cb = c + m0 * N + n0;
+#ifdef FASTLM_Q_X86
+      if (avx2) {
+        panel_rows_avx2<W>(ab, rows, K2, panel, cb, N, nv);
+        continue;
+      }
+#endif
+      panel_rows_portable<W>(ab, rows, K2, panel, cb, N, nv);
+    }
+  });
 }
 
 }  // namespace
@@ -172,13 +258,9 @@ void panel_rows_portable(const int16_t* a16, int64_t M, int64_t K2, const int16_
 void int8_gemm_avx2_raw(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int32_t* c, int64_t M, int64_t K,
                         int64_t N) {
   const int64_t K2 = (K + 1) / 2;
-  std::vector<int16_t> a16(static_cast<size_t>(M * K2 * 2));
-  widen_rows(a, lda, M, K, K2, a16.data());
+  const std::vector<int16_t> a16 = widen_a(a, lda, M, K);
   const int64_t NB = (N + kNR - 1) / kNR;
-  bool avx2 = false;
-#ifdef FASTLM_Q_X86
-  avx2 = cpu::isa_level() >= 1;
-#endif
+  const bool avx2 = use_avx2();
   // every panel packed once per call into one temporary (the weight itself stays int8 (K, N))
   std::vector<int16_t> packed(static_cast<size_t>(NB * K2 * kNR * 2));
   at::parallel_for(0, NB, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K)), [&](int64_t b0, int64_t b1) {
@@ -194,28 +276,27 @@ void int8_gemm_avx2_raw(const int8_t* a, int64_t lda, const int8_t* b, int64_t l
       pack_panel_portable(b, ldb, K, K2, n0, nv, out);
     }
   });
-  // work items: kChunkPanels panels x mc rows; x's int16 block (mc rows, ~kABlockBytes) stays in L2
-  // while the chunk's panels stream past it (one panel per pass over all of x re-read x from L3 for
-  // every 16 channels: 288 MB per BERT FFN GEMM)
-  const int64_t mc = std::min<int64_t>(std::max<int64_t>(kMR * 4, (kABlockBytes / (K2 * 4)) / kMR * kMR), 512);
-  const int64_t m_blocks = (M + mc - 1) / mc, n_chunks = (NB + kChunkPanels - 1) / kChunkPanels;
-  SharePool::get().run(m_blocks * n_chunks, [&](int64_t it) {
-    const int64_t nc = it / m_blocks, m0 = (it % m_blocks) * mc, rows = std::min(mc, M - m0);
-    const int64_t b1 = std::min(NB, (nc + 1) * kChunkPanels);
-    for (int64_t nb = nc * kChunkPanels; nb < b1; ++nb) {
-      const int64_t n0 = nb * kNR, nv = std::min(kNR, N - n0);
-      const int16_t* panel = packed.data() + nb * K2 * kNR * 2;
-      const int16_t* ab = a16.data() + m0 * K2 * 2;
-      int32_t* cb = c + m0 * N + n0;
+  run_panels<int16_t>(a16.data(), M, K2, packed.data(), N, c);
+}
+
+// The same on int8 pair panels (ceil(N / 16), ceil(K / 2), 32) (fastlm.linear.pack_int8_panels).
+void int8_gemm_avx2_panels_raw(const int8_t* a, int64_t lda, const int8_t* panels, int32_t* c, int64_t M, int64_t K,
+                               int64_t N) {
+  const int64_t K2 = (K + 1) / 2, NB = (N + kNR - 1) / kNR;
+  const std::vector<int16_t> a16 = widen_a(a, lda, M, K);
+  if (M < kWidenPanelRows) return run_panels<int8_t>(a16.data(), M, K2, panels, N, c);
+  std::vector<int16_t> wide(static_cast<size_t>(NB * K2 * kNR * 2));
+  const bool avx2 = use_avx2();
+  at::parallel_for(0, NB, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K)), [&](int64_t b0, int64_t b1) {
+    const int8_t* src = panels + b0 * K2 * kNR * 2;
+    int16_t* out = wide.data() + b0 * K2 * kNR * 2;
+    const int64_t n = (b1 - b0) * K2 * kNR * 2;
 #ifdef FASTLM_Q_X86
-      if (avx2) {
-        panel_rows_avx2(ab, rows, K2, panel, cb, N, nv);
-        continue;
-      }
+    if (avx2) return widen_panels_avx2(src, n, out);
 #endif
-      panel_rows_portable(ab, rows, K2, panel, cb, N, nv);
-    }
+    for (int64_t i = 0; i < n; ++i) out[i] = src[i];
   });
+  run_panels<int16_t>(a16.data(), M, K2, wide.data(), N, c);
 }
 
 at::Tensor int8_gemm_avx2(const at::Tensor& a_in, const at::Tensor& b_in) {
@@ -240,8 +321,39 @@ at::Tensor int8_gemm_avx2(const at::Tensor& a_in, const at::Tensor& b_in) {
   return c;
 }
 
-TORCH_LIBRARY_FRAGMENT(fastlm, m) { m.def("int8_gemm_avx2(Tensor a, Tensor b) -> Tensor"); }
+at::Tensor int8_gemm_avx2_panels(const at::Tensor& a_in, const at::Tensor& panels, int64_t n) {
+  const char* op = "int8_gemm_avx2_panels";
+  TORCH_CHECK_TYPE(a_in.scalar_type() == at::kChar && panels.scalar_type() == at::kChar, op,
+                   ": a and panels must be int8, got ", a_in.scalar_type(), " and ", panels.scalar_type());
+  TORCH_CHECK_VALUE(a_in.device().is_cpu() && panels.device().is_cpu(), op, ": a and panels must be CPU tensors, got ",
+                    a_in.device(), " and ", panels.device());
+  TORCH_CHECK_VALUE(a_in.dim() == 2, op, ": a must be 2-D (M, K), got shape ", a_in.sizes());
+  const int64_t M = a_in.size(0), K = a_in.size(1);
+  TORCH_CHECK_VALUE(K < 131072, op, ": K must be < 131072 for exact int32 sums, got ", K);
+  TORCH_CHECK_VALUE(n >= 0, op, ": n must be >= 0, got ", n);
+  const int64_t NB = (n + kNR - 1) / kNR, K2 = (K + 1) / 2;
+  TORCH_CHECK_VALUE(panels.dim() == 3 && panels.size(0) == NB && panels.size(1) == K2 && panels.size(2) == 2 * kNR &&
+                        panels.is_contiguous(),
+                    op, ": panels must be contiguous int8 pair panels of shape (ceil(n / 16), ceil(K / 2), 32) = (",
+                    NB, ", ", K2, ", 32) for a of shape ", a_in.sizes(), " and n = ", n, ", got ", panels.sizes(),
+                    panels.is_contiguous() ? "" : " (not contiguous)");
+  at::Tensor c = at::empty({M, n}, a_in.options().dtype(at::kInt));
+  if (M == 0 || n == 0) return c;
+  if (K == 0) return c.zero_();
+  const at::Tensor a = a_in.stride(1) == 1 ? a_in : a_in.contiguous();
+  int8_gemm_avx2_panels_raw(a.const_data_ptr<int8_t>(), std::max<int64_t>(a.stride(0), 1),
+                            panels.const_data_ptr<int8_t>(), c.mutable_data_ptr<int32_t>(), M, K, n);
+  return c;
+}
 
-TORCH_LIBRARY_IMPL(fastlm, CPU, m) { m.impl("int8_gemm_avx2", &int8_gemm_avx2); }
+TORCH_LIBRARY_FRAGMENT(fastlm, m) {
+  m.def("int8_gemm_avx2(Tensor a, Tensor b) -> Tensor");
+  m.def("int8_gemm_avx2_panels(Tensor a, Tensor panels, int n) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
+  m.impl("int8_gemm_avx2", &int8_gemm_avx2);
+  m.impl("int8_gemm_avx2_panels", &int8_gemm_avx2_panels);
+}
 
 }  // namespace fastlm

@@ -35,7 +35,8 @@ def int_mm(a: Tensor, b: Tensor) -> Tensor:
     """a (M, K) int8 @ b (K, N) int8 -> (M, N) int32, exact. On CPU the path is
     fastlm.cpu_features.int8_gemm_path(): torch._int_mm where the CPU has an int8 dot-product
     instruction and torch's sums are exact; fastlm._C's AVX2 int8 GEMM (csrc/quant_avx2.cpp, exact
-    int32 sums, reads b in place) where it has none or fastlm's ISA is capped at AVX2; else a
+    int32 sums, b packed per call; Int8DynamicLinear keeps its weight in that kernel's int8 pair
+    panels there instead) where it has none or fastlm's ISA is capped at AVX2; else a
     float64 product, exact for |sums| < 2^53 (here < 127 * 127 * K)."""
     if a.device.type != "cpu":
         return torch._int_mm(a, b)
@@ -364,9 +365,15 @@ class Int8DynamicLinear(FastLinear):
     y = acc * x_scale[m] * scale[n] + x[:, outliers] @ w_out + b, w_out (n_o, N) float32 the
     original columns. The int8 weight stays the only copy of the others.
 
-    `qweight` is (N, K) viewed from (K, N) row-major memory, the layout torch._int_mm reads without a
-    per-call transpose. With fastlm._C the quantization and the epilogue (scales, outlier product,
-    bias, GELU, residual) are one fused pass each (csrc/quant_cpu.cpp), the epilogue writing its
+    `qweight`, the one copy of the int8 weight, in the layout of the CPU's int8 GEMM (chosen when the
+    module is built or moved, `.to()`): on CPU where that GEMM is fastlm's AVX2 kernel
+    (cpu_features.int8_gemm_path() == "fastlm_avx2": no int8 dot-product instruction, or fastlm._C's
+    ISA capped at AVX2) int8 pair panels (ceil(N / 16), ceil(K / 2), 32) (pack_int8_panels, Int8Linear's
+    layout), which the kernel reads without a per-call pack (torch.ops.fastlm.int8_gemm_avx2_panels);
+    elsewhere (N, K) viewed from (K, N) row-major memory, the layout torch._int_mm reads without a
+    per-call transpose. state_dict holds that layout; load_state_dict takes either. With fastlm._C
+    the quantization and the epilogue (scales, outlier product, bias, GELU, residual) are one fused
+    pass each (csrc/quant_cpu.cpp), the epilogue writing its
     float32 result over the GEMM's int32 output (same size: no second buffer); without it, torch
     ops compute the same. `next_outliers`: the outlier set of the int8 linear this one's LayerNorm'd
     output feeds (forward_add_layer_norm), set by fastlm.quantize_. CPU float32 only."""
@@ -397,6 +404,7 @@ class Int8DynamicLinear(FastLinear):
         self.register_buffer("outliers", outliers)
         self.register_buffer("w_out", w_out)
         self.register_buffer("next_outliers", None)
+        self._relayout()
 
     @classmethod
     def from_linear(cls, lin: nn.Module, outliers: Tensor | None = None) -> Int8DynamicLinear:
@@ -413,14 +421,51 @@ class Int8DynamicLinear(FastLinear):
         self.scale = scale.to(self.qweight.device)
         if w_out is not None:
             self.w_out = w_out.to(self.qweight.device)
-        if not self.qweight.t().is_contiguous():
-            self.qweight = self.qweight.t().contiguous().t()
+        self._relayout()
         return self
+
+    def _panels_here(self, device: torch.device) -> bool:
+        return device.type == "cpu" and cpu_features.int8_gemm_path() == "fastlm_avx2"
+
+    def _in_layout(self, q: Tensor) -> Tensor:
+        """An int8 weight, (N, K) or pair panels, in the layout this module keeps on q's device."""
+        if q.dim() == 3:
+            q = unpack_int8_panels(q, self.out_features, self.in_features)
+        if self._panels_here(q.device):
+            return pack_int8_panels(q)
+        return q if q.t().is_contiguous() else q.t().contiguous().t()  # (N, K) view of (K, N) memory
+
+    def _relayout(self) -> None:
+        with torch.no_grad():
+            q = self.qweight
+            if (q.dim() == 3) != self._panels_here(q.device) or (q.dim() == 2 and not q.t().is_contiguous()):
+                self.qweight = self._in_layout(q)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "qweight"
+        q = state_dict.get(key)
+        if isinstance(q, Tensor) and q.dim() in (2, 3) and q.dim() != self.qweight.dim():
+            state_dict[key] = self._in_layout(q.to(self.qweight.device))  # saved where the other layout ran
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _qweight_nk(self) -> Tensor:
+        """The int8 weight as (N, K), whatever the layout (a copy from pair panels)."""
+        q = self.qweight
+        return unpack_int8_panels(q, self.out_features, self.in_features) if q.dim() == 3 else q
+
+    def _int_mm(self, xq: Tensor) -> Tensor:
+        """xq (M, K) int8 @ the weight^T -> (M, N) int32, exact (fastlm.linear.int_mm's paths)."""
+        q = self.qweight
+        if q.dim() == 3:
+            if cpu_features.int8_gemm_path() == "fastlm_avx2":
+                return torch.ops.fastlm.int8_gemm_avx2_panels(xq, q, self.out_features)
+            q = unpack_int8_panels(q, self.out_features, self.in_features)  # the path changed since: slow
+        return int_mm(xq, q.t())
 
     def dequantized(self) -> Tensor:
         """The (N, K) float32 weight the layer computes with: q * scale, and the float32 columns
         of the outlier channels."""
-        w = self.qweight.float() * self.scale[:, None]
+        w = self._qweight_nk().float() * self.scale[:, None]
         if self.outliers is not None:
             w[:, self.outliers] = self.w_out.t()
         return w
@@ -461,7 +506,7 @@ class Int8DynamicLinear(FastLinear):
         xs = xm.abs().amax(dim=1, keepdim=True) / 127.0  # (M, 1) per-token scale
         xs = torch.where(xs > 0, xs, torch.ones_like(xs))
         xq = torch.round(xm / xs).clamp_(-127, 127).to(torch.int8)
-        acc = int_mm(xq, self.qweight.t())  # (M, N) int32
+        acc = self._int_mm(xq)  # (M, N) int32
         y = acc.float().mul_(xs).mul_(self.scale)
         if self.outliers is not None:
             y.add_(x2[:, self.outliers] @ self.w_out)  # (M, n_o) @ (n_o, N), float32
@@ -483,7 +528,7 @@ class Int8DynamicLinear(FastLinear):
         xs (M,) float32, xo (M, n_o) float32 the outlier channels (required when the layer has
         them) -> act(xq W^T * xs * scale + xo @ w_out + b) + residual, (M, N) float32. Needs fastlm._C."""
         x_out, w_out = self._outlier_args(xo)
-        acc = int_mm(xq, self.qweight.t())  # (M, N) int32
+        acc = self._int_mm(xq)  # (M, N) int32
         torch.ops.fastlm.int8_linear_epilogue_(acc, xs, self.scale, self.bias, _act_name(activation), residual,
                                                x_out, w_out)
         return acc.view(torch.float32)  # the epilogue's result, written over acc
@@ -498,7 +543,7 @@ class Int8DynamicLinear(FastLinear):
         if xq is None or not self.takes(xq):
             xq = self.quantize_input(x)
         x_out, w_out = self._outlier_args(xq.xo)
-        acc = int_mm(xq.q, self.qweight.t())  # (M, N) int32
+        acc = self._int_mm(xq.q)  # (M, N) int32
         q, s, yo = torch.ops.fastlm.int8_linear_epilogue_quant(acc, xq.scale, self.scale, self.bias,
                                                                _act_name(activation), x_out, w_out, outliers)
         return Int8Rows(q, s, None if outliers is None else yo, outliers)
@@ -512,7 +557,7 @@ class Int8DynamicLinear(FastLinear):
         for bit). xq: Int8Rows for this layer, residual (M, N) float32 -> (h (M, N) float32,
         Int8Rows of h). Needs fastlm._C."""
         x_out, w_out = self._outlier_args(xq.xo)
-        acc = int_mm(xq.q, self.qweight.t())  # (M, N) int32
+        acc = self._int_mm(xq.q)  # (M, N) int32
         hq, hs, ho = torch.ops.fastlm.int8_linear_epilogue_ln_quant_(
             acc, xq.scale, self.scale, self.bias, residual, ln_weight, ln_bias, float(eps), x_out, w_out, outliers)
         return acc.view(torch.float32), Int8Rows(hq, hs, None if outliers is None else ho, outliers)  # h over acc

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fastlm import _ext, cpu_features
-from fastlm.linear import Int8DynamicLinear, PackedLinear, pack_panels
+from fastlm.linear import Int8DynamicLinear, PackedLinear, pack_int8_panels, pack_panels
 from fastlm.testing import max_err
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"fastlm._C did not load: {_ext.LOAD_ERROR}")
@@ -48,6 +48,55 @@ def test_int8_gemm_is_exact(isa, M, K, N):
     assert torch.equal(got, _int64_ref(a, b))
 
 
+def _f64_ref(a, b):
+    return (a.double() @ b.double()).to(torch.int32)  # exact: |sums| < 2^31 < 2^53
+
+
+def _gemm(layout, a, b):
+    """The kernel on b (K, N) as given ("kn": packed per call) or packed once into int8 pair panels."""
+    if layout == "kn":
+        return torch.ops.fastlm.int8_gemm_avx2(a, b)
+    return torch.ops.fastlm.int8_gemm_avx2_panels(a, pack_int8_panels(b.t()), b.shape[1])
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("layout", ["kn", "panels"])
+@pytest.mark.parametrize("M", [1, 17, 97, 1025])
+@pytest.mark.parametrize("K", [129, 768, 1025, 3073])
+@pytest.mark.parametrize("N", [45, 768])
+def test_int8_gemm_register_tiles_exact_on_awkward_shapes(isa, layout, M, K, N):
+    """Every row remainder of the 6-row tiles (1025 = 6 * 170 + 5, 97, 17, 1), channel tails of the
+    16-channel panels (45 = 32 + 13), odd K (the zero second row of the last pair), K beyond one
+    row block, and on int8 pair panels both routes (M < 256: widened in the tiles; 1025: widened
+    into an int16 copy first): bit-equal to a float64 product, on a heap poisoned with a pattern
+    first (the output is allocated inside the op: a tile that skipped a row or a channel shows it)."""
+    if isa == "portable" and M * K * N > 700e6:
+        pytest.skip("the portable loop is scalar: the large shapes run on the AVX2 path only")
+    g = torch.Generator().manual_seed(M * 131 + K * 7 + N)
+    a = torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (K, N), dtype=torch.int8, generator=g)
+    poison = torch.full((M * N + 64,), 0x7F7F7F7F, dtype=torch.int32)
+    del poison  # the op's at::empty output likely reuses these bytes
+    got = _gemm(layout, a, b)
+    assert got.dtype == torch.int32 and got.shape == (M, N)
+    assert torch.equal(got, _f64_ref(a, b))
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("layout", ["kn", "panels"])
+@pytest.mark.parametrize("va, vb", [(-128, -128), (127, 127), (-128, 127), (-127, 127)])
+def test_int8_gemm_extreme_values_everywhere(isa, layout, va, vb):
+    """Constant extreme operands: every pair sum is 2 * va * vb (32768 for -128 * -128, which no
+    int16 sum can hold), and with K = 131071 (the op's limit) the int32 sums reach
+    131071 * 16384 = 2^31 - 16384, exact."""
+    for M, K, N in [(5, 3073, 45), (300, 3073, 45), (1, 131071, 24)]:
+        a = torch.full((M, K), va, dtype=torch.int8)
+        b = torch.full((K, N), vb, dtype=torch.int8)
+        got = _gemm(layout, a, b)
+        assert torch.equal(got, torch.full((M, N), K * va * vb, dtype=torch.int32))
+        assert torch.equal(got, _f64_ref(a, b))
+
+
 def test_int8_gemm_reads_strided_operands_in_place():
     # b as Int8DynamicLinear keeps it (qweight.t(): (K, N) with a row stride > N), a a slice of wider rows
     g = torch.Generator().manual_seed(3)
@@ -68,6 +117,22 @@ def test_int8_gemm_bad_input_names_the_argument():
         torch.ops.fastlm.int8_gemm_avx2(a, torch.zeros(9, 4, dtype=torch.int8))
     with pytest.raises(ValueError, match="2-D"):
         torch.ops.fastlm.int8_gemm_avx2(a[0], torch.zeros(8, 4, dtype=torch.int8))
+
+
+def test_int8_gemm_panels_bad_input_names_the_argument():
+    a = torch.zeros(3, 8, dtype=torch.int8)
+    pan = pack_int8_panels(torch.zeros(20, 8, dtype=torch.int8))  # (2, 4, 32)
+    assert torch.equal(torch.ops.fastlm.int8_gemm_avx2_panels(a, pan, 20), torch.zeros(3, 20, dtype=torch.int32))
+    with pytest.raises(TypeError, match="int8"):
+        torch.ops.fastlm.int8_gemm_avx2_panels(a.float(), pan, 20)
+    with pytest.raises(ValueError, match="panels must be"):
+        torch.ops.fastlm.int8_gemm_avx2_panels(a, pan, 40)  # n needs 3 panels
+    with pytest.raises(ValueError, match="panels must be"):
+        torch.ops.fastlm.int8_gemm_avx2_panels(torch.zeros(3, 10, dtype=torch.int8), pan, 20)  # K2 5 != 4
+    with pytest.raises(ValueError, match="not contiguous"):
+        torch.ops.fastlm.int8_gemm_avx2_panels(a, pan.transpose(0, 1).contiguous().transpose(0, 1), 20)
+    with pytest.raises(ValueError, match="2-D"):
+        torch.ops.fastlm.int8_gemm_avx2_panels(a[0], pan, 20)
 
 
 @pytest.fixture
@@ -102,13 +167,46 @@ def test_int8_dynamic_on_the_avx2_gemm_equals_the_exact_reference(monkeypatch, M
     monkeypatch.setattr(cpu_features, "int8_gemm_path", lambda: "fastlm_avx2")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         got = run()
-    calls = sum(e.count for e in prof.key_averages() if e.key == "fastlm::int8_gemm_avx2")
-    assert calls == 4  # every GEMM of the layer went through the kernel
+    calls = _gemm_calls(prof, "int8_gemm_avx2") + _gemm_calls(prof, "int8_gemm_avx2_panels")
+    assert calls == 4  # every GEMM of the layer went through the kernel (panels where built under the AVX2 caps)
     for g_, r_ in zip(got, ref, strict=True):
         assert torch.equal(g_, r_)
     # and the layer is what it claims: close to the float32 product on its dequantized weight
     want = F.gelu(x @ lin.dequantized().t() + lin.bias)
     assert max_err(got[0], want) < 0.05 * want.abs().max().item()
+
+
+def _gemm_calls(prof, name):
+    return sum(e.count for e in prof.key_averages() if e.key == f"fastlm::{name}")
+
+
+def test_int8_dynamic_keeps_pair_panels_where_the_avx2_gemm_runs(monkeypatch):
+    """Where the int8 GEMM is fastlm's AVX2 kernel the weight is packed once into int8 pair panels
+    (its only copy) and read in place; state_dict round-trips to and from a module of the other
+    layout (built where torch._int_mm runs), and a path change after the layout was made still
+    gives the exact product."""
+    torch.manual_seed(0)
+    x = torch.randn(17, 97)
+    monkeypatch.setattr(cpu_features, "int8_gemm_path", lambda: "fastlm_avx2")
+    m = Int8DynamicLinear.from_linear(torch.nn.Linear(97, 45))
+    assert m.qweight.shape == (3, 49, 32) and m.qweight.is_contiguous()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y = m(x)
+    assert _gemm_calls(prof, "int8_gemm_avx2_panels") == 1 and _gemm_calls(prof, "int8_gemm_avx2") == 0
+    monkeypatch.setattr(cpu_features, "int8_gemm_path", lambda: "float64")
+    assert torch.equal(m(x), y)  # panels, but the path changed: unpacked per call, the same sums
+    m2 = Int8DynamicLinear.from_linear(torch.nn.Linear(97, 45))
+    assert m2.qweight.shape == (45, 97) and m2.qweight.t().is_contiguous()
+    m2.load_state_dict(m.state_dict())
+    assert m2.qweight.shape == (45, 97) and m2.qweight.t().is_contiguous()
+    assert torch.equal(m2(x), y) and torch.equal(m2.dequantized(), m.dequantized())
+    monkeypatch.setattr(cpu_features, "int8_gemm_path", lambda: "fastlm_avx2")
+    m3 = Int8DynamicLinear.from_linear(torch.nn.Linear(97, 45))
+    m3.load_state_dict(m2.state_dict())
+    assert m3.qweight.shape == (3, 49, 32) and torch.equal(m3.qweight, m.qweight)
+    assert torch.equal(m3(x), y)
+    m2.to("cpu")  # .to() re-lays out for the path now in force
+    assert m2.qweight.shape == (3, 49, 32) and torch.equal(m2(x), y)
 
 
 def test_the_forced_avx2_route_takes_fastlm_s_int8_gemm():
