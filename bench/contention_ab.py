@@ -72,8 +72,8 @@ def worker(precision: str, reps: int, tokens: int) -> None:
         step_ms()
     best = {1: float("inf"), 2: float("inf")}
     pairs = []
-    # over the 2-thread reps: shared jobs, stalls, jobs run alone
-    stats = [0, 0, 0]
+    # over the 2-thread reps: shared jobs, stalls, jobs run alone, busy back-offs (builds that have them)
+    stats = [0, 0, 0, 0]
     for _ in range(reps):
         ms = {}
         for t in (1, 2):
@@ -83,7 +83,7 @@ def worker(precision: str, reps: int, tokens: int) -> None:
             best[t] = min(best[t], ms[t])
             s1 = list(ops.cpu_pool_stats())
             if t == 2:
-                for i, j in enumerate((3, 4, 5)):
+                for i, j in enumerate((3, 4, 5, 7)):
                     if j < len(s1):
                         stats[i] += s1[j] - s0[j]
         pairs.append(ms[2] / ms[1])
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that `finally` stops the competitor
     pair: dict[tuple[str, str], list[float]] = {}
     print("round | load | variant | 1T ms | 2T ms | 2T/1T best | 2T/1T median of pairs | 2T pool: shared jobs, "
-          "stalls, jobs alone")
+          "stalls, jobs alone, busy back-offs")
     for rnd in range(a.rounds):
         for load in (("idle", "loaded") if rnd % 2 == 0 else ("loaded", "idle")):
             comp = competitor(cores) if load == "loaded" else None
