@@ -1,18 +1,17 @@
 """GPT-2 small B = 1 decode under CPU contention: 2 threads / 1 thread for several builds or knobs, alternating.
 
-    PYTHONPATH=. python bench/contention_ab.py [--precision int8] [--rounds 3] [--reps 4]
+    PYTHONPATH=. python bench/contention_ab.py [--precision int8] [--rounds 3] [--reps 4] [--competitors 1]
         [--variant NAME=PATH[;ENV=VALUE...] ...]
 
-Each variant is a fastlm build (the directory put first on PYTHONPATH, e.g. /work/main for the old one)
-plus environment variables for its worker (FASTLM_AB_SCHED=S sets torch.ops.fastlm.gemv_sched(S) in the
-builds that still have that knob, before its removal). Per round, idle and loaded blocks alternate
-(loaded = --competitors Python busy loops, default 1, pinned to the same cores, bench/contention.py's competitor), and in each
-block every variant runs one worker process (variant order alternating between rounds). A worker loads a
-random-weight GPT-2 small once, then alternates 1 and 2 threads (torch.set_num_threads) --reps times, 32
-new tokens from a 16-token prompt, timing the C++ decode step (gpt2_decode_profile: no prefill, no
-Python loop); its cell is the best rep, and the median over the reps of 2T / 1T of adjacent reps (less
-sensitive to other jobs' load drifting). The pool's counters (torch.ops.fastlm.cpu_pool_stats) over the
-2-thread reps are printed too.
+Each variant is a fastlm build (the directory put first on PYTHONPATH, e.g. /work/main for the old one) plus
+environment variables for its worker (FASTLM_AB_SCHED=S sets torch.ops.fastlm.gemv_sched(S) in the builds that still
+have that knob, before its removal). Per round, idle and loaded blocks alternate (loaded = --competitors Python busy
+loops, default 1, pinned to the same cores, bench/contention.py's competitor), and in each block every variant runs
+one worker process (variant order alternating between rounds). A worker loads a random-weight GPT-2 small once, then
+alternates 1 and 2 threads (torch.set_num_threads) --reps times, 32 new tokens from a 16-token prompt, timing the C++
+decode step (gpt2_decode_profile: no prefill, no Python loop); its cell is the best rep, and the median over the reps
+of 2T / 1T of adjacent reps (less sensitive to other jobs' load drifting). The pool's counters
+(torch.ops.fastlm.cpu_pool_stats) over the 2-thread reps are printed too.
 
 Prints per variant: 2T/1T idle and loaded (best of the rounds; the ratio that counts, both threads
 counts measured in the same process), loaded/idle per thread count, and every variant against the first
