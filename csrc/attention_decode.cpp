@@ -26,7 +26,7 @@ namespace {
 void attend_one(const float* q, const float* k, int64_t ks, const float* v, int64_t vs, int64_t S, int64_t D,
                 float scale, float* out, float* s) {
 #ifdef FASTLM_ATTEND_X86
-  if (cpu::isa_level() >= 1 && cpu::tune() >= 1) return attend::avx2<float>(q, k, ks, v, vs, S, D, scale, out, s);
+  if (cpu::isa_level() >= 1) return attend::avx2<float>(q, k, ks, v, vs, S, D, scale, out, s);
 #endif
   attend::portable<float>(q, k, ks, v, vs, S, D, scale, out, s);
 }

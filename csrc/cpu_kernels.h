@@ -14,10 +14,6 @@ bool avx512_allowed();
 // The ISA of the packed-linear kernels as a level: 0 portable, 1 AVX2 + FMA, 2 AVX-512F (gemv.cpp).
 int isa_level();
 
-// The benchmark A/B level of torch.ops.fastlm.gemv_tune (gemv.cpp): 0 the kernels before issue 19's
-// decode work, 1 (default) the current ones.
-int tune();
-
 // y (M, N) = act(x (M, K) @ W^T * scale + bias) + residual, W packed as (ceil(N / 16), K, 16)
 // fp32 (wkind 0) or int8 (wkind 1) panels, or int8 pair panels (ceil(N / 16), ceil(K / 2), 32)
 // (wkind 2; gemv.cpp). scale (N,) is required for int8, else null; bias (N,),

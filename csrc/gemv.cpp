@@ -4,10 +4,14 @@
 // (ceil(N / 16), K, 16), fp32 or int8 (per-channel symmetric, `scale` (N,)). Each thread streams
 // a contiguous run of panels; a register tile of up to 6 rows x 16 channels broadcasts x[m, k] and
 // FMAs into two 8-float accumulators per row, so every weight byte is read once for all rows
-// (M <= 16 in one pass; larger M in blocks of 96 rows, int8 panels dequantised once per block;
-// the decode ops run int8 pair panels up to 64 rows in the int16-activation kernels instead, whose
-// register tiles hold up to 16 rows on AVX-512BW, 4 on AVX2, see i16_rows).
-// int8 is dequantised in registers (cvtepi8 -> cvtepi32_ps) and the scale applied after the dot.
+// (M <= 16 in one pass; larger M in blocks of 96 rows). int8 pair panels (Int8Linear's CPU layout) run
+// the int16-activation kernels up to 16 rows (the decode ops up to 64; register tiles of up to 16 rows
+// on AVX-512BW, 4 on AVX2, see i16_rows); past that (prefill) they keep fp32 activations: each panel
+// is widened to exact fp32 values once per block of rows, inside the block's first row tile
+// (tile2w_avx512, tile_avx2w; the portable path in a pass before, dequant_pairs), and the fp32 prefill
+// tiles run on it, so int8 prefill at 17-95 rows runs at the fp32 panels' rate (before: a scalar
+// dequantisation pass, 0.45-0.88x; bench/int8_prefill_rate.py).
+// Elsewhere int8 is widened in registers (cvtepi8 -> cvtepi32_ps) and the scale applied after the dot.
 // Runtime ISA dispatch: an AVX2+FMA path and a portable path (FASTLM_CPU_ISA=portable or
 // torch.ops.fastlm.cpu_isa("portable") forces it).
 //
@@ -53,7 +57,7 @@ namespace {
 
 constexpr int64_t kNR = 16;  // output channels per panel
 constexpr int kMR = 6;       // rows per register tile: 12 accumulators + 2 weight vectors + 1 broadcast
-constexpr int64_t kMC = 96;  // rows per block of x (L2-sized); int8 panels are dequantised once per block
+constexpr int64_t kMC = 96;  // rows per block of x (L2-sized); int8 panels are widened to fp32 once per block
 constexpr int64_t kDequantRows = 16;  // blocks with more rows than this dequantise the panel to fp32 first
 // the decode ops (cpu::packed_gemm: gpt2_decode_cpu, gpt2_decode_batch_cpu) run int8 pair panels in
 // the int16-activation kernels (no dequantisation) up to this many rows: a batched decode step
@@ -65,37 +69,16 @@ enum Act : int { kNone = 0, kGeluErf = 1, kGeluTanh = 2 };
 enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 const char* const kIsaNames[] = {"portable", "avx2", "avx512"};
 
-bool cpu_has_avx2() {
 #ifdef FASTLM_X86
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#define FASTLM_CPU_HAS(feature) __builtin_cpu_supports(feature)
 #else
-  return false;
+#define FASTLM_CPU_HAS(feature) false
 #endif
-}
-
-bool cpu_has_avx512() {
-#ifdef FASTLM_X86
-  return cpu_has_avx2() && __builtin_cpu_supports("avx512f");
-#else
-  return false;
-#endif
-}
-
-bool cpu_has_avx512bw() {
-#ifdef FASTLM_X86
-  return cpu_has_avx512() && __builtin_cpu_supports("avx512bw");
-#else
-  return false;
-#endif
-}
-
-bool cpu_has_avx512vnni() {
-#ifdef FASTLM_X86
-  return cpu_has_avx512bw() && __builtin_cpu_supports("avx512vnni");
-#else
-  return false;
-#endif
-}
+bool cpu_has_avx2() { return FASTLM_CPU_HAS("avx2") && FASTLM_CPU_HAS("fma"); }
+bool cpu_has_avx512() { return cpu_has_avx2() && FASTLM_CPU_HAS("avx512f"); }
+bool cpu_has_avx512bw() { return cpu_has_avx512() && FASTLM_CPU_HAS("avx512bw"); }
+bool cpu_has_avx512vnni() { return cpu_has_avx512bw() && FASTLM_CPU_HAS("avx512vnni"); }
+#undef FASTLM_CPU_HAS
 
 // The best ISA this CPU runs, capped by FASTLM_CPU_ISA ("portable", "avx2" or "avx512").
 int best_isa() {
@@ -136,17 +119,6 @@ std::string cpu_isa(c10::string_view isa) {
   return kIsaNames[current_isa()];
 }
 
-// A/B knob for benchmarks (torch.ops.fastlm.gemv_tune): 0 runs the kernels as they were before
-// issue 19's decode work, 1 (default) the current ones, so one process can alternate them.
-std::atomic<int> g_tune{1};
-inline int tune_level() { return g_tune.load(std::memory_order_relaxed); }
-
-int64_t gemv_tune(int64_t level) {
-  TORCH_CHECK_VALUE(level >= -1 && level <= 1, "gemv_tune: level must be -1 (query), 0 or 1, got ", level);
-  if (level >= 0) g_tune.store(static_cast<int>(level));
-  return tune_level();
-}
-
 // int8 pair panels (see "int8 pair panels" below): 2 (default) quantizes the activation row to int16
 // per block and runs the integer dot (AVX-512 VNNI vpdpwssd where the CPU has it), 1 the same without
 // VNNI (vpmaddwd + vpaddd), 0 keeps fp32 activations (the panel dequantised to fp32 once per call, as
@@ -184,6 +156,16 @@ struct Epilogue {
 // out-of-line SSE2 copy ran, ~10% of the int16 prefill tiles' time with GELU).
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
+// dst[j] = src[j] for the nv live lanes of a panel: a full panel in a fixed-count loop (vector moves; a
+// variable count became memcpy calls, two per tile: a one-row decode GEMV runs ~3000 tiles for GPT-2's
+// LM head)
+__attribute__((always_inline)) inline void load_lanes(float* dst, const float* src, int64_t nv) {
+  if (nv == kNR)
+    for (int64_t j = 0; j < kNR; ++j) dst[j] = src[j];
+  else
+    for (int64_t j = 0; j < nv; ++j) dst[j] = src[j];
+}
+
 __attribute__((always_inline)) inline void finish_tile_body(const float* acc, int mr, const Epilogue& e, int64_t r0,
                                                             int64_t n0, int64_t nv) {
 #ifdef __clang__
@@ -194,20 +176,8 @@ __attribute__((always_inline)) inline void finish_tile_body(const float* acc, in
     sc[j] = 1.0f;
     bi[j] = 0.0f;
   }
-  // full panels copy 16 lanes in fixed-count loops (vector moves; a variable count became memcpy calls,
-  // two per tile: a one-row decode GEMV runs ~3000 tiles for GPT-2's LM head)
-  if (e.scale != nullptr) {
-    if (nv == kNR)
-      for (int64_t j = 0; j < kNR; ++j) sc[j] = e.scale[n0 + j];
-    else
-      for (int64_t j = 0; j < nv; ++j) sc[j] = e.scale[n0 + j];
-  }
-  if (e.bias != nullptr) {
-    if (nv == kNR)
-      for (int64_t j = 0; j < kNR; ++j) bi[j] = e.bias[n0 + j];
-    else
-      for (int64_t j = 0; j < nv; ++j) bi[j] = e.bias[n0 + j];
-  }
+  if (e.scale != nullptr) load_lanes(sc, e.scale + n0, nv);
+  if (e.bias != nullptr) load_lanes(bi, e.bias + n0, nv);
   for (int r = 0; r < mr; ++r) {
     for (int64_t j = 0; j < kNR; ++j) v[j] = acc[r * kNR + j] * sc[j] + bi[j];
     if (e.act == kGeluErf) {
@@ -273,20 +243,14 @@ void tile_portable(const float* x, int64_t K, const WT* p, const Epilogue& e, in
 
 // ---- AVX2 + FMA path ----------------------------------------------------------------------
 #ifdef FASTLM_X86
-template <bool kInt8, bool kSplit = true>
+template <bool kInt8>
 FASTLM_AVX2 inline void load_panel_row(const void* p, int64_t k, __m256& w0, __m256& w1) {
   if constexpr (kInt8) {
     // two 8-byte halves, each widened straight from memory (vpmovsxbd ymm, m64): no shuffle uop for
     // the upper half, which competes with the widening for the same vector pipes
     const int8_t* q = static_cast<const int8_t*>(p) + k * kNR;
-    if constexpr (kSplit) {
-      w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
-      w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8))));
-    } else {
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-      w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-      w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(b, b)));
-    }
+    w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+    w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8))));
   } else {
     const float* f = static_cast<const float*>(p) + k * kNR;
     w0 = _mm256_loadu_ps(f);
@@ -350,7 +314,7 @@ int64_t int8_gemv_prefetch(int64_t bytes) { return g_i16_prefetch.set(bytes); }
     _mm256_store_ps(acc + R * kNR + 8, U == 2 ? _mm256_add_ps(A1, B1) : A1);              \
   }
 
-template <bool kInt8, int MR, bool kSplit = true>
+template <bool kInt8, int MR>
 FASTLM_AVX2 void tile_avx2(const float* x, int64_t K, const void* p, const Epilogue& e, int64_t r0, int64_t n0,
                            int64_t nv) {
   static_assert(MR >= 2 && MR <= kMR, "tile_avx2: 2 to 6 rows (one row: tile1_avx2)");
@@ -367,17 +331,17 @@ FASTLM_AVX2 void tile_avx2(const float* x, int64_t K, const void* p, const Epilo
     if (pf > 0 && ((k * kRowBytes) & 63) < U * kRowBytes)
       _mm_prefetch(pbytes + k * kRowBytes + pf, _MM_HINT_T0);
     __m256 w0, w1;
-    load_panel_row<kInt8, kSplit>(p, k, w0, w1);
+    load_panel_row<kInt8>(p, k, w0, w1);
     FASTLM_ROWS(k)
     if constexpr (U == 2) {
-      load_panel_row<kInt8, kSplit>(p, k + 1, w0, w1);
+      load_panel_row<kInt8>(p, k + 1, w0, w1);
       FASTLM_ROW(0, d00, d01, k + 1)
       FASTLM_ROW(1, d10, d11, k + 1)
     }
   }
   for (; k < K; ++k) {
     __m256 w0, w1;
-    load_panel_row<kInt8, kSplit>(p, k, w0, w1);
+    load_panel_row<kInt8>(p, k, w0, w1);
     FASTLM_ROWS(k)
   }
   alignas(32) float acc[MR * kNR];
@@ -393,54 +357,13 @@ FASTLM_AVX2 void tile_avx2(const float* x, int64_t K, const void* p, const Epilo
 #undef FASTLM_ROWS
 #undef FASTLM_STORE
 
-// The array kernel, kept for one row with gemv_tune(0) only (the kernel before tile1_avx2, for A/B
-// runs and the bit-equality test of tests/test_gemv.py): 4 independent accumulator sets over K.
-template <bool kInt8, bool kSplit = true>
-FASTLM_AVX2 void tile1_avx2_old(const float* x, int64_t K, const void* p, const Epilogue& e, int64_t r0, int64_t n0,
-                                int64_t nv) {
-  constexpr int U = 4;
-  constexpr int64_t kRowBytes = kNR * (kInt8 ? 1 : 4);
-  const int64_t pf = prefetch_bytes();
-  const char* pbytes = static_cast<const char*>(p);
-  __m256 a[U][2];
-  for (int u = 0; u < U; ++u) a[u][0] = a[u][1] = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + U <= K; k += U) {
-    if (pf > 0 && ((k * kRowBytes) & 63) < U * kRowBytes)
-      _mm_prefetch(pbytes + k * kRowBytes + pf, _MM_HINT_T0);
-    for (int u = 0; u < U; ++u) {
-      __m256 w0, w1;
-      load_panel_row<kInt8, kSplit>(p, k + u, w0, w1);
-      const __m256 xb = _mm256_broadcast_ss(x + k + u);
-      a[u][0] = _mm256_fmadd_ps(xb, w0, a[u][0]);
-      a[u][1] = _mm256_fmadd_ps(xb, w1, a[u][1]);
-    }
-  }
-  for (; k < K; ++k) {
-    __m256 w0, w1;
-    load_panel_row<kInt8, kSplit>(p, k, w0, w1);
-    const __m256 xb = _mm256_broadcast_ss(x + k);
-    a[0][0] = _mm256_fmadd_ps(xb, w0, a[0][0]);
-    a[0][1] = _mm256_fmadd_ps(xb, w1, a[0][1]);
-  }
-  alignas(32) float acc[kNR];
-  __m256 s0 = a[0][0], s1 = a[0][1];
-  for (int u = 1; u < U; ++u) {
-    s0 = _mm256_add_ps(s0, a[u][0]);
-    s1 = _mm256_add_ps(s1, a[u][1]);
-  }
-  _mm256_store_ps(acc, s0);
-  _mm256_store_ps(acc + 8, s1);
-  finish_tile(acc, 1, e, r0, n0, nv);
-}
-
 // One row (the decode GEMV, M = 1), 16 channels, AVX2. tile_avx2<kInt8, 1> kept its 4 x 2
 // accumulators in an array that gcc 12 stored to the stack on every step of K (8 ymm stores and
 // as many register moves per 4 rows of panel: ~40% more instructions than the math); named
 // accumulators stay in registers (objdump: no stack store in the loop). The int8 dequantisation
 // (vpmovsxbd from memory, vcvtdq2ps, FMA: 3 vector instructions per 8 weights) bounds this kernel
 // on a core, not the memory: measured in L2, 1 thread, 768 x 2048 int8 on Zen 4 with AVX2 forced,
-// 14.2 G weights/s before. Sums the 4 accumulator sets in the order of tile_avx2 (bit-equal).
+// 14.2 G weights/s before. Sums the 4 accumulator sets in that array kernel's order (the same bits).
 template <bool kInt8>
 FASTLM_AVX2 void tile1_avx2(const float* x, int64_t K, const void* p, const Epilogue& e, int64_t r0, int64_t n0,
                             int64_t nv) {
@@ -589,63 +512,93 @@ constexpr int64_t kQB = 64;       // activation elements per int16 scale (even: 
 constexpr int64_t kQP = kQB / 2;  // pairs per block
 constexpr int64_t kPairRow = 2 * kNR;  // bytes of pair panel per pair of k
 
-// Rows of x (M, K) -> xq (M, 2 * ceil(K / 2)) int16 (zero padded), xs (M, ceil(K / kQB)) fp32.
-// A block holding inf / NaN gets a NaN scale, so the output is NaN as with fp32 activations.
-// (qb, sb non-null: one row's single short block, written there; used by the AVX2 version.)
-void quantize_rows_i16(const float* x, int64_t M, int64_t K, int16_t* q, float* s, int16_t* qb = nullptr,
-                       float* sb = nullptr) {
-  const int64_t K2 = (K + 1) / 2, nbk = (K + kQB - 1) / kQB;
-  if (qb != nullptr) {
-    q = qb;
-    s = sb;
+// Whether an int16 tile of mr rows is a wide one (its activation pairs interleaved, see pair_slot).
+bool i16_wide(int isa, int mr) {
+  if (isa == kAvx512 && cpu_has_avx512bw()) return mr > 4;
+  return isa != kPortable && mr > 2;
+}
+
+// Where row m of x (M rows) puts its int16 pairs in xq, in int32 units: pair kk at base + kk * step.
+// The int16 tiles take the rows in tiles of `rows` from row 0 (packed_gemm); a wide tile (i16_wide)
+// of mr rows reads them interleaved, (K2, mr) at its row offset r0 * K2 (one pointer and constant
+// offsets for the mr broadcasts of each pair row: mr row pointers did not fit the general registers),
+// any other tile row by row.
+struct PairSlot {
+  int64_t base, step;
+};
+
+PairSlot pair_slot(int isa, int64_t rows, int64_t M, int64_t K2, int64_t m) {
+  const int64_t r0 = m / rows * rows, mr = std::min(rows, M - r0);
+  return i16_wide(isa, static_cast<int>(mr)) ? PairSlot{r0 * K2 + (m - r0), mr} : PairSlot{m * K2, 1};
+}
+
+// A block's scale from its lanes' |x| maxima ml and x * 0 sums cl: *s = absmax / 32767, NaN where the
+// block holds inf / NaN. Returns the factor x is multiplied by before rounding to int16.
+inline float block_scale(const float* ml, const float* cl, int lanes, float* s) {
+  float amax = 0.0f, chk = 0.0f;
+  for (int j = 0; j < lanes; ++j) {
+    amax = std::max(amax, ml[j]);
+    chk += cl[j];
   }
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xr = x + m * K;
-    int16_t* qr = q + m * 2 * K2;
-    float* sr = s + m * nbk;
-    for (int64_t b = 0; b < nbk; ++b) {
-      const int64_t k0 = b * kQB, k1 = std::min(K, k0 + kQB);
-      // 16 lanes of elementwise max / sum (gcc vectorises these; a scalar max chain does not)
-      float ml[16] = {}, cl[16] = {};
-      int64_t k = k0;
-      for (; k + 16 <= k1; k += 16)
-        for (int j = 0; j < 16; ++j) {
-          ml[j] = std::max(ml[j], std::fabs(xr[k + j]));
-          cl[j] += xr[k + j] * 0.0f;  // NaN if any element is inf or NaN
-        }
-      for (; k < k1; ++k) {
-        ml[0] = std::max(ml[0], std::fabs(xr[k]));
-        cl[0] += xr[k] * 0.0f;
-      }
-      float amax = 0.0f, chk = 0.0f;
-      for (int j = 0; j < 16; ++j) {
-        amax = std::max(amax, ml[j]);
-        chk += cl[j];
-      }
-      const bool finite = chk == 0.0f;
-      const float inv = finite && amax > 0.0f ? 32767.0f / amax : 0.0f;
-      sr[b] = finite ? amax / 32767.0f : std::numeric_limits<float>::quiet_NaN();
-      for (int64_t k = k0; k < k1; ++k)  // round to nearest even, as vcvtps2dq
-        qr[k] = static_cast<int16_t>(std::nearbyint(std::min(32767.0f, std::max(-32767.0f, xr[k] * inv))));
+  const bool finite = chk == 0.0f;
+  *s = finite ? amax / 32767.0f : std::numeric_limits<float>::quiet_NaN();
+  return finite && amax > 0.0f ? 32767.0f / amax : 0.0f;
+}
+
+// One block of n <= kQB activations -> its scale *s and int16 values, element k at q[2 (k / 2) step + k % 2]
+// (a pair per int32, pairs step int32 apart). A block holding inf / NaN gets a NaN scale, so the output
+// is NaN as with fp32 activations.
+void quantize_block_i16(const float* xr, int64_t n, int16_t* q, int64_t step, float* s) {
+  // 16 lanes of elementwise max / sum (gcc vectorises these; a scalar max chain does not)
+  float ml[16] = {}, cl[16] = {};
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16)
+    for (int j = 0; j < 16; ++j) {
+      ml[j] = std::max(ml[j], std::fabs(xr[k + j]));
+      cl[j] += xr[k + j] * 0.0f;  // NaN if any element is inf or NaN
     }
-    if ((K & 1) && qb == nullptr) qr[K] = 0;
+  for (; k < n; ++k) {
+    ml[0] = std::max(ml[0], std::fabs(xr[k]));
+    cl[0] += xr[k] * 0.0f;
+  }
+  const float inv = block_scale(ml, cl, 16, s);
+  for (int64_t k = 0; k < n; ++k)  // round to nearest even, as vcvtps2dq
+    q[2 * (k >> 1) * step + (k & 1)] =
+        static_cast<int16_t>(std::nearbyint(std::min(32767.0f, std::max(-32767.0f, xr[k] * inv))));
+}
+
+// Rows of x (M, K) -> xq (M * 2 * ceil(K / 2) int16, zero padded; rows placed by pair_slot for tiles of
+// `rows`), xs (M, ceil(K / kQB)) fp32.
+void quantize_rows_i16(const float* x, int64_t M, int64_t K, int16_t* q, float* s, int isa, int64_t rows) {
+  const int64_t K2 = (K + 1) / 2, nbk = (K + kQB - 1) / kQB;
+  for (int64_t m = 0; m < M; ++m) {
+    const PairSlot slot = pair_slot(isa, rows, M, K2, m);
+    int16_t* qr = q + 2 * slot.base;
+    for (int64_t b = 0; b < nbk; ++b) {
+      const int64_t k0 = b * kQB;  // even: element k0 starts pair k0 / 2
+      quantize_block_i16(x + m * K + k0, std::min(kQB, K - k0), qr + k0 * slot.step, slot.step, s + m * nbk + b);
+    }
+    if (K & 1) qr[2 * (K >> 1) * slot.step + 1] = 0;
   }
 }
 
 #ifdef FASTLM_X86
 // quantize_rows_i16 with AVX2 (the same values: |x| max, x * 0 sums for inf / NaN, vcvtps2dq rounds
 // to nearest even as std::nearbyint): one call per GEMV on the calling thread, before the pool runs.
-FASTLM_AVX2 void quantize_rows_i16_avx2(const float* x, int64_t M, int64_t K, int16_t* q, float* s) {
+FASTLM_AVX2 void quantize_rows_i16_avx2(const float* x, int64_t M, int64_t K, int16_t* q, float* s, int isa,
+                                        int64_t rows) {
   const int64_t K2 = (K + 1) / 2, nbk = (K + kQB - 1) / kQB;
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * K;
-    int16_t* qr = q + m * 2 * K2;
+    const PairSlot slot = pair_slot(isa, rows, M, K2, m);
+    const int64_t step = slot.step;
+    int16_t* qr = q + 2 * slot.base;
     float* sr = s + m * nbk;
     for (int64_t b = 0; b < nbk; ++b) {
       const int64_t k0 = b * kQB, k1 = std::min(K, k0 + kQB);
       if (k1 - k0 < kQB) {  // a short last block: the scalar code
-        quantize_rows_i16(xr + k0, 1, k1 - k0, nullptr, nullptr, qr + k0, sr + b);
+        quantize_block_i16(xr + k0, k1 - k0, qr + k0 * step, step, sr + b);
         continue;
       }
       __m256 mx = _mm256_setzero_ps(), ck = _mm256_setzero_ps();
@@ -657,23 +610,23 @@ FASTLM_AVX2 void quantize_rows_i16_avx2(const float* x, int64_t M, int64_t K, in
       alignas(32) float ml[8], cl[8];
       _mm256_store_ps(ml, mx);
       _mm256_store_ps(cl, ck);
-      float amax = 0.0f, chk = 0.0f;
-      for (int j = 0; j < 8; ++j) {
-        amax = std::max(amax, ml[j]);
-        chk += cl[j];
-      }
-      const bool finite = chk == 0.0f;
-      const float inv = finite && amax > 0.0f ? 32767.0f / amax : 0.0f;
-      sr[b] = finite ? amax / 32767.0f : std::numeric_limits<float>::quiet_NaN();
+      const float inv = block_scale(ml, cl, 8, sr + b);
       const __m256 iv = _mm256_set1_ps(inv), hi = _mm256_set1_ps(32767.0f), lo = _mm256_set1_ps(-32767.0f);
       for (int64_t k = k0; k < k1; k += 16) {
         const __m256 v0 = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(xr + k), iv)));
         const __m256 v1 = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(xr + k + 8), iv)));
-        const __m256i p16 = _mm256_packs_epi32(_mm256_cvtps_epi32(v0), _mm256_cvtps_epi32(v1));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + k), _mm256_permute4x64_epi64(p16, 0xD8));
+        const __m256i p16 = _mm256_permute4x64_epi64(
+            _mm256_packs_epi32(_mm256_cvtps_epi32(v0), _mm256_cvtps_epi32(v1)), 0xD8);  // pairs k / 2 ..
+        if (step == 1) {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + k), p16);
+        } else {  // a wide tile's row: its 8 pairs step int32 apart
+          alignas(32) int32_t t[8];
+          _mm256_store_si256(reinterpret_cast<__m256i*>(t), p16);
+          for (int64_t i = 0; i < 8; ++i) std::memcpy(qr + (k + 2 * i) * step, t + i, sizeof(int32_t));
+        }
       }
     }
-    if (K & 1) qr[K] = 0;
+    if (K & 1) qr[2 * (K >> 1) * step + 1] = 0;
   }
 }
 #endif
@@ -791,7 +744,7 @@ FASTLM_I16_TILE_512(tile_i16_avx512bw, FASTLM_AVX512BW, FASTLM_DOT_BW)
 // one per row's int32 block sum (MR zmm, named: gcc kept an array of them in memory, or rotated it
 // through register copies, ~2 moves per dot), so a 16-row prefill reads each panel once and widens
 // each pair row once per 16 dots. The rows' activation pairs come interleaved, (K2, MR) int32
-// (packed_gemm), for one pointer with constant offsets; the fp32 sums live in a stack tile, touched once
+// (pair_slot), for one pointer with constant offsets; the fp32 sums live in a stack tile, touched once
 // per block. Every row's int32 block sums and its fp32 sum order are those of the narrow tiles, so
 // the outputs are the same bits at any tile size.
 #define FASTLM_R16(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15)
@@ -847,7 +800,6 @@ FASTLM_I16_WIDE_512(tile_i16_wide_avx512bw, FASTLM_AVX512BW, FASTLM_WDOT_BW)
 template <int MR>
 FASTLM_AVX2 void tile_i16_avx2(const int16_t* xq, const float* xs, int64_t K, const int8_t* p, const Epilogue& e,
                                int64_t r0, int64_t n0, int64_t nv) {
-  constexpr int U = 1;
   const int64_t K2 = (K + 1) / 2, nbk = (K + kQB - 1) / kQB;
   const int64_t pf = i16_prefetch_bytes();
   if constexpr (MR == 1) {  // named accumulators (an array of them went through the stack each step)
@@ -929,44 +881,22 @@ FASTLM_AVX2 void tile_i16_avx2(const int16_t* xq, const float* xs, int64_t K, co
   for (int r = 0; r < MR; ++r) f[r][0] = f[r][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nbk; ++b) {
     const int64_t kk1 = std::min(K2, (b + 1) * kQP);
-    __m256i a[U][MR][2];
-    for (int u = 0; u < U; ++u)
-      for (int r = 0; r < MR; ++r) a[u][r][0] = a[u][r][1] = _mm256_setzero_si256();
-    int64_t kk = b * kQP;
-    for (; kk + U <= kk1; kk += U) {
-      if (pf > 0)
-        for (int64_t o = (kk * kPairRow + 63) & ~int64_t{63}; o < (kk + U) * kPairRow; o += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(p) + o + pf, _MM_HINT_T0);
-      for (int u = 0; u < U; ++u) {
-        const int8_t* w = p + (kk + u) * kPairRow;
-        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
-        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));
-        for (int r = 0; r < MR; ++r) {
-          const __m256i xb = _mm256_set1_epi32(xp[r][kk + u]);
-          a[u][r][0] = _mm256_add_epi32(a[u][r][0], _mm256_madd_epi16(w0, xb));
-          a[u][r][1] = _mm256_add_epi32(a[u][r][1], _mm256_madd_epi16(w1, xb));
-        }
-      }
-    }
-    for (; kk < kk1; ++kk) {
+    __m256i a[MR][2];
+    for (int r = 0; r < MR; ++r) a[r][0] = a[r][1] = _mm256_setzero_si256();
+    for (int64_t kk = b * kQP; kk < kk1; ++kk) {
       const int8_t* w = p + kk * kPairRow;
-      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
-      const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));
+      if (pf > 0 && (kk & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(w) + pf, _MM_HINT_T0);
+      const __m256i w0 = FASTLM_W256(w), w1 = FASTLM_W256(w + 16);
       for (int r = 0; r < MR; ++r) {
         const __m256i xb = _mm256_set1_epi32(xp[r][kk]);
-        a[0][r][0] = _mm256_add_epi32(a[0][r][0], _mm256_madd_epi16(w0, xb));
-        a[0][r][1] = _mm256_add_epi32(a[0][r][1], _mm256_madd_epi16(w1, xb));
+        a[r][0] = _mm256_add_epi32(a[r][0], _mm256_madd_epi16(w0, xb));
+        a[r][1] = _mm256_add_epi32(a[r][1], _mm256_madd_epi16(w1, xb));
       }
     }
     for (int r = 0; r < MR; ++r) {
-      __m256i s0 = a[0][r][0], s1 = a[0][r][1];
-      for (int u = 1; u < U; ++u) {
-        s0 = _mm256_add_epi32(s0, a[u][r][0]);
-        s1 = _mm256_add_epi32(s1, a[u][r][1]);
-      }
       const __m256 sc = _mm256_set1_ps(xs[r * nbk + b]);
-      f[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), sc, f[r][0]);
-      f[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), sc, f[r][1]);
+      f[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][0]), sc, f[r][0]);
+      f[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r][1]), sc, f[r][1]);
     }
   }
   alignas(32) float acc[MR * kNR];
@@ -1016,12 +946,6 @@ int i16_rows(int isa, int64_t K) {
   return cap > 0 ? std::min(cap, most) : dflt;
 }
 
-// Whether an int16 tile of mr rows is a wide one (its activation pairs interleaved, see packed_gemm).
-bool i16_wide(int isa, int mr) {
-  if (isa == kAvx512 && cpu_has_avx512bw()) return mr > 4;
-  return isa != kPortable && mr > 2;
-}
-
 template <int MR>
 void run_tile_i16(int isa, const int16_t* xq, const float* xs, int64_t K, const int8_t* p, const Epilogue& e,
                   int64_t r0, int64_t n0, int64_t nv) {
@@ -1068,17 +992,11 @@ void run_tile(int isa, bool int8, const float* x, int64_t K, const void* p, cons
     return;
   }
   if (isa == kAvx2) {
-    if constexpr (MR == 1) {  // the decode GEMV (tune 0: the kernel before, for A/B runs)
-      if (tune_level() >= 1) {
-        if (int8) tile1_avx2<true>(x, K, p, e, r0, n0, nv);
-        else tile1_avx2<false>(x, K, p, e, r0, n0, nv);
-      } else {
-        if (int8) tile1_avx2_old<true, false>(x, K, p, e, r0, n0, nv);
-        else tile1_avx2_old<false>(x, K, p, e, r0, n0, nv);
-      }
+    if constexpr (MR == 1) {  // the decode GEMV
+      if (int8) tile1_avx2<true>(x, K, p, e, r0, n0, nv);
+      else tile1_avx2<false>(x, K, p, e, r0, n0, nv);
     } else {
-      if (int8 && tune_level() == 0) tile_avx2<true, MR, false>(x, K, p, e, r0, n0, nv);  // the old loads (A/B)
-      else if (int8) tile_avx2<true, MR>(x, K, p, e, r0, n0, nv);
+      if (int8) tile_avx2<true, MR>(x, K, p, e, r0, n0, nv);
       else tile_avx2<false, MR>(x, K, p, e, r0, n0, nv);
     }
     return;
@@ -1104,6 +1022,192 @@ void tile(int mr, int isa, bool int8, const float* x, int64_t K, const void* p, 
 // (ceil(N / 16), ceil(K / 2), 32).
 enum WKind : int { kWF32 = 0, kWI8 = 1, kWI8Pairs = 2 };
 
+// One int8 pair panel (ceil(K / 2), 32) -> an fp32 (K, 16) panel (the exact values q, the scale is
+// applied in the epilogue): the prefill blocks (more than kDequantRows rows) run the fp32 register
+// tiles on it. Each pair row is 16 int16 lanes (k even in the low byte, k odd in the high byte) widened
+// to int32; an arithmetic shift right by 8 gives the odd k, a shift left by 24 then right by 24 the even
+// one (both sign-extended), then vcvtdq2ps: ~4 vector instructions per 16 weights. Before this was a
+// scalar loop, ~0.4 ns a weight on Zen 4 (1 thread), which at 17-95 rows cost as much as the FMAs
+// (int8 prefill ran 0.45-0.88x the rate of fp32 panels there, bench/int8_prefill_rate.py).
+void dequant_pairs_portable(const int8_t* q, int64_t K, float* out) {
+  for (int64_t k = 0; k < K; ++k) {
+    const int8_t* row = q + (k >> 1) * kPairRow + (k & 1);
+    for (int64_t j = 0; j < kNR; ++j) out[k * kNR + j] = static_cast<float>(row[2 * j]);
+  }
+}
+
+#ifdef FASTLM_X86
+FASTLM_AVX2 void dequant_pairs_avx2(const int8_t* q, int64_t K, float* out) {
+  const int64_t K2 = K / 2;  // whole pairs; an odd K's last k below
+  for (int64_t kk = 0; kk < K2; ++kk) {
+    const int8_t* r = q + kk * kPairRow;
+    float* o = out + 2 * kk * kNR;
+    for (int h = 0; h < 2; ++h) {  // channels 0-7, 8-15
+      const __m256i v = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 16 * h)));
+      _mm256_storeu_ps(o + 8 * h, _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24)));
+      _mm256_storeu_ps(o + kNR + 8 * h, _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 8)));
+    }
+  }
+  if (K & 1)
+    for (int64_t j = 0; j < kNR; ++j) out[(K - 1) * kNR + j] = static_cast<float>(q[K2 * kPairRow + 2 * j]);
+}
+
+// AVX2: the first row tile (3 to 6 rows: a block of more than 16 rows splits into tiles of at least
+// 3) of a prefill block on one int8 pair panel, tile_avx2<false, MR>'s FMAs in its order (the same bits)
+// with the panel widened in registers and stored to the block's fp32 panel p for the other row tiles.
+// 2 MR accumulators + 2 weight vectors + a broadcast fill the 16 ymm, so the odd k's weights are widened
+// again from memory (vpmovsxwd m128) instead of keeping the int32 pair vectors.
+#define FASTLM_WROW(R, A0, A1, KK)                                \
+  if constexpr (MR > R) {                                         \
+    const __m256 xb = _mm256_broadcast_ss(x + R * K + (KK));      \
+    A0 = _mm256_fmadd_ps(xb, w0, A0);                             \
+    A1 = _mm256_fmadd_ps(xb, w1, A1);                             \
+  }
+#define FASTLM_WROWS(KK)                                                                                     \
+  FASTLM_WROW(0, c00, c01, KK) FASTLM_WROW(1, c10, c11, KK) FASTLM_WROW(2, c20, c21, KK)                     \
+  FASTLM_WROW(3, c30, c31, KK) FASTLM_WROW(4, c40, c41, KK) FASTLM_WROW(5, c50, c51, KK)
+#define FASTLM_WSTORE(R, A0, A1)              \
+  if constexpr (MR > R) {                     \
+    _mm256_store_ps(acc + R * kNR, A0);       \
+    _mm256_store_ps(acc + R * kNR + 8, A1);   \
+  }
+template <int MR>
+FASTLM_AVX2 void tile_avx2w(const float* x, int64_t K, const int8_t* q, float* p, const Epilogue& e, int64_t r0,
+                            int64_t n0, int64_t nv) {
+  static_assert(MR >= 3 && MR <= kMR, "tile_avx2w: 3 to 6 rows (tile_avx2's one-accumulator-set tiles)");
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+         c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  const int64_t K2 = K / 2;
+  for (int64_t kk = 0; kk < K2; ++kk) {
+    const __m128i* r = reinterpret_cast<const __m128i*>(q + kk * kPairRow);
+    const int64_t k = 2 * kk;
+    __m256 w0 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128(r)), 24), 24));
+    __m256 w1 =
+        _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128(r + 1)), 24), 24));
+    _mm256_storeu_ps(p + k * kNR, w0);
+    _mm256_storeu_ps(p + k * kNR + 8, w1);
+    FASTLM_WROWS(k)
+    w0 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128(r)), 8));
+    w1 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128(r + 1)), 8));
+    _mm256_storeu_ps(p + (k + 1) * kNR, w0);
+    _mm256_storeu_ps(p + (k + 1) * kNR + 8, w1);
+    FASTLM_WROWS(k + 1)
+  }
+  if (K & 1) {  // the last k: the even half of a zero-padded pair row
+    for (int64_t j = 0; j < kNR; ++j) p[(K - 1) * kNR + j] = static_cast<float>(q[K2 * kPairRow + 2 * j]);
+    const __m256 w0 = _mm256_loadu_ps(p + (K - 1) * kNR), w1 = _mm256_loadu_ps(p + (K - 1) * kNR + 8);
+    FASTLM_WROWS(K - 1)
+  }
+  alignas(32) float acc[MR * kNR];
+  FASTLM_WSTORE(0, c00, c01)
+  FASTLM_WSTORE(1, c10, c11)
+  FASTLM_WSTORE(2, c20, c21)
+  FASTLM_WSTORE(3, c30, c31)
+  FASTLM_WSTORE(4, c40, c41)
+  FASTLM_WSTORE(5, c50, c51)
+  finish_tile(acc, MR, e, r0, n0, nv);
+}
+#undef FASTLM_WROW
+#undef FASTLM_WROWS
+#undef FASTLM_WSTORE
+
+FASTLM_AVX512 void dequant_pairs_avx512(const int8_t* q, int64_t K, float* out) {
+  const int64_t K2 = K / 2;
+  for (int64_t kk = 0; kk < K2; ++kk) {
+    const __m512i v = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + kk * kPairRow)));
+    _mm512_storeu_ps(out + 2 * kk * kNR, _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24)));
+    _mm512_storeu_ps(out + (2 * kk + 1) * kNR, _mm512_cvtepi32_ps(_mm512_srai_epi32(v, 8)));
+  }
+  if (K & 1)
+    for (int64_t j = 0; j < kNR; ++j) out[(K - 1) * kNR + j] = static_cast<float>(q[K2 * kPairRow + 2 * j]);
+}
+
+// The first row tile of an AVX-512 prefill block on two int8 pair panels: tile2_avx512's MR rows x 32
+// channels, with each pair row widened in registers (dequant_pairs_avx512's instructions) and the fp32
+// values both fed to the FMAs and stored to the block's fp32 panels p0 / p1, which the block's other row
+// tiles then read (tile2). The conversion then overlaps the first tile's FMAs instead of running as a
+// pass of its own before them (the FMAs bound the tile, the widening runs beside them on other vector
+// pipes). Same fp32 values, same FMA order per accumulator as tile2_avx512: the same bits.
+template <int MR>
+FASTLM_AVX512 void tile2w_avx512(const float* x, int64_t K, const int8_t* q0, const int8_t* q1, float* p0, float* p1,
+                                 const Epilogue& e, int64_t r0, int64_t n0, int64_t nv1) {
+  __m512 a0[MR], a1[MR];
+  for (int r = 0; r < MR; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+  const int64_t K2 = K / 2;
+  for (int64_t kk = 0; kk < K2; ++kk) {
+    const int64_t k = 2 * kk;
+    const __m512i v0 = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q0 + kk * kPairRow)));
+    const __m512i v1 = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q1 + kk * kPairRow)));
+    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v0, 24), 24));
+    const __m512 w1 = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v1, 24), 24));
+    _mm512_storeu_ps(p0 + k * kNR, w0);
+    _mm512_storeu_ps(p1 + k * kNR, w1);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 xb = _mm512_set1_ps(x[r * K + k]);
+      a0[r] = _mm512_fmadd_ps(xb, w0, a0[r]);
+      a1[r] = _mm512_fmadd_ps(xb, w1, a1[r]);
+    }
+    const __m512 u0 = _mm512_cvtepi32_ps(_mm512_srai_epi32(v0, 8));
+    const __m512 u1 = _mm512_cvtepi32_ps(_mm512_srai_epi32(v1, 8));
+    _mm512_storeu_ps(p0 + (k + 1) * kNR, u0);
+    _mm512_storeu_ps(p1 + (k + 1) * kNR, u1);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 xb = _mm512_set1_ps(x[r * K + k + 1]);
+      a0[r] = _mm512_fmadd_ps(xb, u0, a0[r]);
+      a1[r] = _mm512_fmadd_ps(xb, u1, a1[r]);
+    }
+  }
+  if (K & 1) {  // the last k: the even half of a zero-padded pair row
+    for (int64_t j = 0; j < kNR; ++j) {
+      p0[(K - 1) * kNR + j] = static_cast<float>(q0[K2 * kPairRow + 2 * j]);
+      p1[(K - 1) * kNR + j] = static_cast<float>(q1[K2 * kPairRow + 2 * j]);
+    }
+    const __m512 w0 = _mm512_loadu_ps(p0 + (K - 1) * kNR), w1 = _mm512_loadu_ps(p1 + (K - 1) * kNR);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 xb = _mm512_set1_ps(x[r * K + K - 1]);
+      a0[r] = _mm512_fmadd_ps(xb, w0, a0[r]);
+      a1[r] = _mm512_fmadd_ps(xb, w1, a1[r]);
+    }
+  }
+  alignas(64) float acc[MR * kNR];
+  for (int r = 0; r < MR; ++r) _mm512_store_ps(acc + r * kNR, a0[r]);
+  finish_tile(acc, MR, e, r0, n0, kNR);
+  for (int r = 0; r < MR; ++r) _mm512_store_ps(acc + r * kNR, a1[r]);
+  finish_tile(acc, MR, e, r0, n0 + kNR, nv1);
+}
+
+template <int... MRs>
+void tile2w_dispatch(std::integer_sequence<int, MRs...>, int mr, const float* x, int64_t K, const int8_t* q0,
+                     const int8_t* q1, float* p0, float* p1, const Epilogue& e, int64_t r0, int64_t n0, int64_t nv1) {
+  ((mr == MRs + 1 ? tile2w_avx512<MRs + 1>(x, K, q0, q1, p0, p1, e, r0, n0, nv1) : void()), ...);
+}
+#endif
+
+void dequant_pairs(int isa, const int8_t* q, int64_t K, float* out) {
+#ifdef FASTLM_X86
+  if (isa == kAvx512) return dequant_pairs_avx512(q, K, out);
+  if (isa == kAvx2) return dequant_pairs_avx2(q, K, out);
+#endif
+  dequant_pairs_portable(q, K, out);
+}
+
+// The older (K, 16) int8 panels: n int8 -> fp32 (packed_gemm itself is built for the baseline ISA).
+#ifdef FASTLM_X86
+FASTLM_AVX2 void dequant_i8_avx2(const int8_t* q, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i)))));
+  for (; i < n; ++i) out[i] = static_cast<float>(q[i]);
+}
+#endif
+
+void dequant_i8(int isa, const int8_t* q, int64_t n, float* out) {
+#ifdef FASTLM_X86
+  if (isa != kPortable) return dequant_i8_avx2(q, n, out);
+#endif
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(q[i]);
+}
+
 // i16_max_rows: int8 pair panels with M <= this run the int16-activation kernels (packed_linear:
 // kDequantRows, so prefill / forward numerics stay fp32-activation past 16 rows; the decode ops:
 // kI16Rows, so a batched decode row equals the B = 1 step's).
@@ -1117,6 +1221,7 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind,
   // int8 pair panels, decode-sized M (<= kI16Rows): int16 activations quantized once here, on the
   // calling thread; each row's result is independent of M (exact int32 block sums per row)
   const bool i16 = pairs8 && M <= i16_max_rows && i8_mode() >= 1;
+  const int mri = i16_rows(isa, K);
   thread_local std::vector<int16_t> xq_buf;
   thread_local std::vector<float> xs_buf;
   if (i16) {
@@ -1124,32 +1229,12 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind,
     if (static_cast<int64_t>(xq_buf.size()) < M * 2 * K2) xq_buf.resize(M * 2 * K2);
     if (static_cast<int64_t>(xs_buf.size()) < M * nbk) xs_buf.resize(M * nbk);
 #ifdef FASTLM_X86
-    if (isa != kPortable) quantize_rows_i16_avx2(x, M, K, xq_buf.data(), xs_buf.data());
+    if (isa != kPortable) quantize_rows_i16_avx2(x, M, K, xq_buf.data(), xs_buf.data(), isa, mri);
     else
 #endif
-      quantize_rows_i16(x, M, K, xq_buf.data(), xs_buf.data());
+      quantize_rows_i16(x, M, K, xq_buf.data(), xs_buf.data(), isa, mri);
   }
-  const int mri = i16_rows(isa, K);
-  // wide tiles (i16_wide) read their rows' activation pairs interleaved, (K2, mr) int32 at the tile's
-  // row offset: one pointer and constant offsets for the mr broadcasts of each pair row (mr row
-  // pointers did not fit the general registers); narrow tiles' rows are copied as they are
-  thread_local std::vector<int16_t> xi_buf;
-  const int16_t* xq = xq_buf.data();
-  if (i16 && M > 1 && i16_wide(isa, static_cast<int>(std::min<int64_t>(mri, M)))) {
-    if (static_cast<int64_t>(xi_buf.size()) < M * 2 * K2) xi_buf.resize(M * 2 * K2);
-    const int32_t* src = reinterpret_cast<const int32_t*>(xq_buf.data());
-    int32_t* dst = reinterpret_cast<int32_t*>(xi_buf.data());
-    for (int64_t r0 = 0; r0 < M; r0 += mri) {
-      const int64_t mr = std::min<int64_t>(mri, M - r0);
-      if (i16_wide(isa, static_cast<int>(mr))) {
-        for (int64_t r = 0; r < mr; ++r)
-          for (int64_t kk = 0; kk < K2; ++kk) dst[r0 * K2 + kk * mr + r] = src[(r0 + r) * K2 + kk];
-      } else {
-        std::memcpy(dst + r0 * K2, src + r0 * K2, mr * K2 * sizeof(int32_t));
-      }
-    }
-    xq = xi_buf.data();
-  }
+  const int16_t* xq = xq_buf.data();  // a tile of rows from r0 reads from xq + r0 * xq_stride (pair_slot)
   const float* xs = xs_buf.data();
   const int64_t xq_stride = 2 * K2, xs_stride = (K + kQB - 1) / kQB;
   static_assert(kI16Rows <= kMC, "int16 tiles are laid out from row 0: one block of rows");
@@ -1185,20 +1270,20 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind,
       for (int64_t nb = b0; nb < b1;) {
         const int64_t np = pair_block && nb + 1 < b1 ? 2 : 1;  // panels in this step
         const void* panel = static_cast<const char*>(w) + nb * panel_bytes;
-        bool panel_int8 = int8;
-        if (dequant) {  // int8 panels -> fp32 once per block of rows
+        const bool panel_int8 = int8 && !dequant;
+        // pair panels in a prefill block: widened in the block's first row tile (AVX-512, two panels:
+        // tile2w_avx512; AVX2, one panel of at least 3 rows a tile: tile_avx2w), below
+        const bool widen_first = dequant && pairs8 && mc > kDequantRows && (np == 2 || isa == kAvx2);
+        const int8_t* q_pairs = static_cast<const int8_t*>(panel);
+        if (dequant && !widen_first) {  // int8 panels -> fp32 once per block of rows
           const int8_t* q = static_cast<const int8_t*>(panel);
           if (pairs8) {  // pair panels -> (K, 16) fp32 panels
-            for (int64_t pi = 0; pi < np; ++pi)
-              for (int64_t k = 0; k < K; ++k)
-                for (int64_t j = 0; j < kNR; ++j)
-                  deq[(pi * K + k) * kNR + j] = static_cast<float>(q[pi * panel_bytes + (k >> 1) * kPairRow + 2 * j + (k & 1)]);
+            for (int64_t pi = 0; pi < np; ++pi) dequant_pairs(isa, q + pi * panel_bytes, K, deq.data() + pi * K * kNR);
           } else {
-            for (int64_t i = 0; i < np * K * kNR; ++i) deq[i] = static_cast<float>(q[i]);
+            dequant_i8(isa, q, np * K * kNR, deq.data());
           }
-          panel = deq.data();
-          panel_int8 = false;
         }
+        if (dequant) panel = deq.data();
         const int64_t n0 = nb * kNR;
 #ifdef FASTLM_X86
         if (np == 2) {
@@ -1206,7 +1291,11 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind,
           const int64_t nv1 = std::min(kNR, N - n0 - kNR);
           for (int64_t r0 = m0; r0 < m0 + mc; r0 += kMR2) {
             const int mr = static_cast<int>(std::min<int64_t>(kMR2, m0 + mc - r0));
-            tile2(mr, x + r0 * K, K, p0, p0 + K * kNR, e, r0, n0, nv1);
+            if (widen_first && r0 == m0)
+              tile2w_dispatch(std::make_integer_sequence<int, kMR2>{}, mr, x + r0 * K, K, q_pairs,
+                              q_pairs + panel_bytes, deq.data(), deq.data() + K * kNR, e, r0, n0, nv1);
+            else
+              tile2(mr, x + r0 * K, K, p0, p0 + K * kNR, e, r0, n0, nv1);
           }
           nb += 2;
           continue;
@@ -1227,6 +1316,17 @@ void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind,
         const int64_t nt = (mc + kMR - 1) / kMR;
         for (int64_t t = 0, r0 = m0; t < nt; ++t) {
           const int mr = static_cast<int>(mc / nt + (t < mc % nt ? 1 : 0));
+#ifdef FASTLM_X86
+          if (widen_first && t == 0) {  // AVX2: widened in the first row tile (tile_avx2w)
+            float* pd = deq.data();
+            if (mr == 3) tile_avx2w<3>(x + r0 * K, K, q_pairs, pd, e, r0, n0, nv);
+            else if (mr == 4) tile_avx2w<4>(x + r0 * K, K, q_pairs, pd, e, r0, n0, nv);
+            else if (mr == 5) tile_avx2w<5>(x + r0 * K, K, q_pairs, pd, e, r0, n0, nv);
+            else tile_avx2w<6>(x + r0 * K, K, q_pairs, pd, e, r0, n0, nv);
+            r0 += mr;
+            continue;
+          }
+#endif
           tile(mr, isa, panel_int8, x + r0 * K, K, panel, e, r0, n0, nv);
           r0 += mr;
         }
@@ -1379,7 +1479,6 @@ at::Tensor hugepage_copy(const at::Tensor& src) {
 
 namespace cpu {
 bool avx512_allowed() { return current_isa() == kAvx512; }
-int tune() { return tune_level(); }
 int isa_level() { return current_isa(); }
 
 void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind, int64_t N, const float* scale,
@@ -1392,7 +1491,6 @@ TORCH_LIBRARY_FRAGMENT(fastlm, m) {
   m.def("packed_linear(Tensor x, Tensor w, int n, Tensor? scale=None, Tensor? bias=None, Tensor? residual=None, "
         "str activation='none') -> Tensor");
   m.def("cpu_isa(str isa='') -> str", &cpu_isa);
-  m.def("gemv_tune(int level=-1) -> int", &gemv_tune);
   m.def("int8_gemv_mode(int level=-1) -> int", &int8_gemv_mode);
   m.def("gemv_prefetch(int bytes=-1) -> int", &gemv_prefetch);
   m.def("int8_gemv_prefetch(int bytes=-1) -> int", &int8_gemv_prefetch);

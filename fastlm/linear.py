@@ -270,7 +270,10 @@ class Int8Linear(FastLinear):
     block of 64 elements (scale absmax / 32767, round to nearest) and sums int8 x int16 products in
     int32: its extra error is at most sum over blocks of absmax_b / 65534 * sum_k |q * scale| (a
     relative 2^-16 of each block's absmax; torch.ops.fastlm.int8_gemv_mode(0) keeps fp32
-    activations). CPU int8 panels in the older (ceil(N/16), K, 16) layout (pack_panels) still run.
+    activations). CPU prefill widens each int8 panel to its exact fp32 values once per block of 96
+    rows (on AVX-512 / AVX2 inside the block's first register tile) and runs the fp32 register tiles
+    on it: about the rate of fp32 panels (PackedLinear) from 17 rows on, the same fp32 rounding.
+    CPU int8 panels in the older (ceil(N/16), K, 16) layout (pack_panels) still run.
     Kernels: CPU float32 (fastlm._C packed_linear, AVX-512 VNNI / AVX-512BW / AVX2 / portable) and
     CUDA fp16/bf16/fp32 (the int8 GEMV for M <= 16 rows; prefill dequantises into a temporary and
     runs cuBLAS)."""

@@ -60,7 +60,8 @@ def packed_weight(w, kind):
 
 
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 6, 7, 13, 16, 17, 100])
-@pytest.mark.parametrize("N,K", [(1, 17), (17, 97), (97, 129), (129, 768), (768, 33), (3072, 64)])
+@pytest.mark.parametrize("N,K", [(1, 17), (17, 97), (97, 129), (129, 768), (768, 33), (3072, 64), (45, 1), (45, 3),
+                                 (45, 98), (45, 99)])
 @pytest.mark.parametrize("kind", ["fp32", "int8"])
 def test_packed_linear_shapes(isa, M, N, K, kind):
     x, w, b, r = torch.randn(M, K), torch.randn(N, K), torch.randn(N), torch.randn(M, N)
@@ -225,29 +226,6 @@ def test_large_panels_are_huge_page_aligned_small_ones_plain():
     assert torch.equal(unpack_panels(pb, 3072), big) and torch.equal(unpack_panels(ps, 40), small)
     x = torch.randn(3, 768)
     check(op(x, pb, 3072, None, None, None, "none"), reference(x, big, None, None, "none"), 768)
-
-
-@pytest.mark.parametrize("K", [1, 3, 97, 768])
-def test_decode_tile_equals_the_kernel_before_it(isa, K):
-    """gemv_tune(1) (the current kernels: on AVX2 the register-only one-row tile) gives the same bits as
-    gemv_tune(0) (the kernels before issue 19's decode work) for one row, fp32 and int8 panels: the same
-    FMA order, only the registers differ. And both match the fp64 reference."""
-    x, w = torch.randn(1, K), torch.randn(45, K)
-    q, s = quantize_int8(w)
-    b, r = torch.randn(45), torch.randn(1, 45)
-    outs = {}
-    try:
-        for level in (0, 1):
-            torch.ops.fastlm.gemv_tune(level)
-            outs[level] = (op(x, pack_panels(w), 45, None, b, r, "gelu"),
-                           op(x, pack_panels(q), 45, s, None, None, "none"))
-    finally:
-        torch.ops.fastlm.gemv_tune(1)
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
-    check(outs[1][0], reference(x, w, b, r, "gelu"), K)
-    check(outs[1][1], reference(x, q.float() * s[:, None], None, None, "none"), K)
-    with pytest.raises(ValueError, match="gemv_tune: level must be"):
-        torch.ops.fastlm.gemv_tune(2)
 
 
 @pytest.mark.parametrize("M", [1, 5, 7, 17, 32, 33, 97])

@@ -263,3 +263,45 @@ def test_schedule_knobs_refuse_bad_values():
         torch.ops.fastlm.int8_tile_rows(-2)
     assert torch.ops.fastlm.int8_tile_rows(-1) == 0
     assert torch.ops.fastlm.int8_gemv_prefetch(-1) >= 0
+
+
+# ---- prefill: more than 16 rows on pair panels (fp32 activations, fp32 rounding only) ----------------
+@pytest.fixture(params=ISAS)
+def isa(request):
+    if request.param not in available_isas():
+        pytest.skip(f"this CPU does not run the {request.param} path")
+    torch.ops.fastlm.cpu_isa(request.param)
+    yield request.param
+    torch.ops.fastlm.cpu_isa("auto")
+
+
+@pytest.mark.parametrize("M", [17, 24, 33, 64, 95, 96, 97, 200])
+@pytest.mark.parametrize("N,K", [(45, 129), (45, 1025), (45, 3073), (129, 768), (33, 1)])
+@pytest.mark.parametrize("act", ["none", "gelu"])
+def test_prefill_rows_are_exact_weight_only(isa, M, N, K, act):
+    """Pair panels at prefill row counts (17-95 rows: one block of rows; 96, 97, 200: blocks of 96): the
+    fp32-activation contract of Int8Linear, x @ (q * scale)^T + bias (+ GELU) + residual to fp32 rounding
+    (test_gemv.check's bound, no int16 term), odd K, N = 45 (a partial last panel and an odd panel
+    count for the AVX-512 two-panel tiles), outliers in x; written over NaN-filled memory."""
+    x, q, s, wref = case(M, N, K, outlier=True)
+    b, r = torch.randn(N), torch.randn(M, N)
+    p = pack_int8_panels(q)
+    torch.full((M * N + 64,), float("nan")).sum()  # leave NaN-filled memory for the output to land on
+    y = op(x, p, N, s, b, r, act)
+    check(y, reference(x, wref, b, r, act), K)
+    # the same fp32 values the older (K, 16) int8 panels run with (dequantised to the same fp32 panels,
+    # the same register tiles): the same bits
+    assert torch.equal(y, op(x, pack_panels(q), N, s, b, r, act))
+
+
+def test_prefill_rows_threads_agree(two_threads):
+    """Prefill on pair panels shared by 1, 2 and 3 threads (chunks of panels): the same bits."""
+    x, q, s, wref = case(48, 2304, 768)
+    p = pack_int8_panels(q)
+    outs = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        outs.append(op(x, p, 2304, s, None, None, "none"))
+    check(outs[0], reference(x, wref), 768)
+    for y in outs[1:]:
+        assert torch.equal(y, outs[0])
