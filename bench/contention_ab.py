@@ -1,18 +1,17 @@
 """GPT-2 small B = 1 decode under CPU contention: 2 threads / 1 thread for several builds or knobs, alternating.
 
-    PYTHONPATH=. python bench/contention_ab.py [--precision int8] [--rounds 3] [--reps 4]
+    PYTHONPATH=. python bench/contention_ab.py [--precision int8] [--rounds 3] [--reps 4] [--competitors 1]
         [--variant NAME=PATH[;ENV=VALUE...] ...]
 
-Each variant is a fastlm build (the directory put first on PYTHONPATH, e.g. /work/main for the old one)
-plus environment variables for its worker (FASTLM_AB_SCHED=S sets torch.ops.fastlm.gemv_sched(S) in the
-builds that still have that knob, before its removal). Per round, idle and loaded blocks alternate
-(loaded = one Python busy loop pinned to the same cores, bench/contention.py's competitor), and in each
-block every variant runs one worker process (variant order alternating between rounds). A worker loads a
-random-weight GPT-2 small once, then alternates 1 and 2 threads (torch.set_num_threads) --reps times, 32
-new tokens from a 16-token prompt, timing the C++ decode step (gpt2_decode_profile: no prefill, no
-Python loop); its cell is the best rep, and the median over the reps of 2T / 1T of adjacent reps (less
-sensitive to other jobs' load drifting). The pool's counters (torch.ops.fastlm.cpu_pool_stats) over the
-2-thread reps are printed too.
+Each variant is a fastlm build (the directory put first on PYTHONPATH, e.g. /work/main for the old one) plus
+environment variables for its worker (FASTLM_AB_SCHED=S sets torch.ops.fastlm.gemv_sched(S) in the builds that still
+have that knob, before its removal). Per round, idle and loaded blocks alternate (loaded = --competitors Python busy
+loops, default 1, pinned to the same cores, bench/contention.py's competitor), and in each block every variant runs
+one worker process (variant order alternating between rounds). A worker loads a random-weight GPT-2 small once, then
+alternates 1 and 2 threads (torch.set_num_threads) --reps times, 32 new tokens from a 16-token prompt, timing the C++
+decode step (gpt2_decode_profile: no prefill, no Python loop); its cell is the best rep, and the median over the reps
+of 2T / 1T of adjacent reps (less sensitive to other jobs' load drifting). The pool's counters
+(torch.ops.fastlm.cpu_pool_stats) over the 2-thread reps are printed too.
 
 Prints per variant: 2T/1T idle and loaded (best of the rounds; the ratio that counts, both threads
 counts measured in the same process), loaded/idle per thread count, and every variant against the first
@@ -72,8 +71,8 @@ def worker(precision: str, reps: int, tokens: int) -> None:
         step_ms()
     best = {1: float("inf"), 2: float("inf")}
     pairs = []
-    # over the 2-thread reps: shared jobs, stalls, jobs run alone
-    stats = [0, 0, 0]
+    # over the 2-thread reps: shared jobs, stalls, jobs run alone, busy back-offs (builds that have them)
+    stats = [0, 0, 0, 0]
     for _ in range(reps):
         ms = {}
         for t in (1, 2):
@@ -83,7 +82,7 @@ def worker(precision: str, reps: int, tokens: int) -> None:
             best[t] = min(best[t], ms[t])
             s1 = list(ops.cpu_pool_stats())
             if t == 2:
-                for i, j in enumerate((3, 4, 5)):
+                for i, j in enumerate((3, 4, 5, 7)):
                     if j < len(s1):
                         stats[i] += s1[j] - s0[j]
         pairs.append(ms[2] / ms[1])
@@ -97,6 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=4)
     p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--competitors", type=int, default=1, help="CPU-bound processes in the loaded blocks")
     p.add_argument("--variant", action="append", default=None, help="NAME=PATH[;ENV=VALUE...]")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -110,18 +110,19 @@ def main(argv=None) -> int:
         variants.append((name, os.path.abspath(path), dict(e.split("=", 1) for e in envs)))
     cores = sorted(os.sched_getaffinity(0))[:2]
     os.sched_setaffinity(0, cores)  # the workers inherit it
-    print(f"cores {cores}; load average {os.getloadavg()[0]:.2f}; {a.precision}; variants: "
+    print(f"cores {cores}; load average {os.getloadavg()[0]:.2f}; {a.precision}; {a.competitors} competitor(s) "
+          "when loaded; variants: "
           + "; ".join(f"{n}={p} {e}" for n, p, e in variants), flush=True)
     best: dict[tuple[str, str, int], float] = {}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that `finally` stops the competitor
     pair: dict[tuple[str, str], list[float]] = {}
     print("round | load | variant | 1T ms | 2T ms | 2T/1T best | 2T/1T median of pairs | 2T pool: shared jobs, "
-          "stalls, jobs alone")
+          "stalls, jobs alone, busy back-offs")
     for rnd in range(a.rounds):
         for load in (("idle", "loaded") if rnd % 2 == 0 else ("loaded", "idle")):
-            comp = competitor(cores) if load == "loaded" else None
+            comps = [competitor(cores) for _ in range(a.competitors)] if load == "loaded" else []
             try:
-                time.sleep(0.5 if comp else 0)
+                time.sleep(0.5 if comps else 0)
                 for name, path, envs in (variants if rnd % 2 == 0 else variants[::-1]):
                     env = dict(os.environ, PYTHONPATH=path + os.pathsep + HERE, **envs)
                     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", "--precision",
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
                           f"{r['ms2'] / r['ms1']:.3f} | {r['pair']:.3f} | {', '.join(map(str, r['stats']))}",
                           flush=True)
             finally:
-                if comp is not None:
+                for comp in comps:
                     comp.kill()
                     comp.wait()
     print("\nbest of the rounds per cell (ms/token), ratios:")

@@ -18,7 +18,8 @@ namespace {
 // window, microseconds the caller spent waiting for chunks a helper had claimed (all jobs).
 std::vector<int64_t> cpu_pool_stats() {
   const PoolStats s = SharePool::get().stats();
-  return {s.threads, s.helper_chunks, s.helpers_started, s.shared_jobs, s.stalls, s.backoff_jobs, s.wait_us};
+  return {s.threads,      s.helper_chunks, s.helpers_started, s.shared_jobs,       s.stalls,
+          s.backoff_jobs, s.wait_us,       s.busy_backoffs,   s.run_delay_permille};
 }
 
 // Test hook: delays the pool's helpers (cpu_pool.h SharePool::debug). mode 0 off, 1: a helper sleeps

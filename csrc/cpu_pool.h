@@ -30,6 +30,14 @@
 //   for a back-off window (10 ms, doubling up to 320 ms while stalls recur right after a window; back
 //   to 10 ms after 256 shared jobs without one), then shares work again (FASTLM_POOL_STALL_US=0
 //   turns this off).
+// - Busy back-off: every 20 ms of shared work the pool reads how long its threads (the caller and its
+//   helpers) were runnable but waiting for a CPU (run_delay in /proc/self/task/<tid>/schedstat); when
+//   that reaches FASTLM_POOL_BUSY_PCT percent of the window per thread (default 20; 0 turns it off),
+//   more threads want the CPUs than there are, and the pool runs every job on the caller alone for a
+//   window (20 ms, doubling up to 640 ms while the first window after one is still busy), then measures
+//   again. This catches the second loss (a spinning helper taking the caller's CPU), which shows as run
+//   queue waits rather than as stalls; an idle machine has next to no run_delay (a helper woken from
+//   sleep waits microseconds), so nothing changes there.
 // Run alone, the helpers sleep after their spin, so the caller has a core as one thread would. Idle
 // cores do not stall, so nothing changes there. (A load probe that timed alone against shared when
 // the caller was preempted, and ran the faster, was tried and removed: in a quiet A/B with one
@@ -49,10 +57,13 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <functional>
 #include <mutex>
 #include <thread>
+#include <fcntl.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 #include <vector>
 
@@ -74,6 +85,8 @@ struct PoolStats {
   int64_t stalls = 0;         // shared jobs whose caller waited past the stall bound
   int64_t backoff_jobs = 0;   // jobs run on the caller alone in a back-off window
   int64_t wait_us = 0;        // time the caller spent waiting for chunks a helper had claimed
+  int64_t busy_backoffs = 0;  // back-off windows started because the pool's threads waited for a CPU
+  int64_t run_delay_permille = -1;  // in the last measured window: their run-queue wait / wall, per thread (-1: none yet)
 };
 
 // Rows scope of the calling thread (torch.ops.fastlm.cpu_pool_scope): while on, the row ops of
@@ -115,6 +128,11 @@ class SharePool {
       return;
     }
     ensure_helpers(helpers);
+    if (busy_permille_ > 0 && cpus_busy(t0, helpers)) {  // starts a back-off window: run this job alone too
+      backoff_jobs_.fetch_add(1, std::memory_order_relaxed);
+      for (int64_t c = 0; c < n; ++c) fn(c);
+      return;
+    }
     fn_.store(&fn, std::memory_order_relaxed);
     n_.store(n, std::memory_order_relaxed);
     max_helpers_ = helpers;
@@ -175,18 +193,25 @@ class SharePool {
     s.stalls = stalls_.load(std::memory_order_relaxed);
     s.backoff_jobs = backoff_jobs_.load(std::memory_order_relaxed);
     s.wait_us = wait_ns_.load(std::memory_order_relaxed) / 1000;
+    s.busy_backoffs = busy_backoffs_.load(std::memory_order_relaxed);
+    s.run_delay_permille = run_delay_permille_.load(std::memory_order_relaxed);
     return s;
   }
 
  private:
   static constexpr std::chrono::milliseconds kBackoffMin{10}, kBackoffMax{320};
   static constexpr int64_t kCleanJobs = 256;  // shared jobs without a stall that reset the back-off
+  static constexpr std::chrono::milliseconds kDelayWindow{20}, kBusyBackoffMin{20}, kBusyBackoffMax{640};
+  static constexpr int kBusyPctDefault = 20;
+  static constexpr int kMaxHelpers = 256;  // helpers whose thread ids the busy check reads
 
   SharePool() : pid_(getpid()) {
     const char* env = std::getenv("FASTLM_POOL_SPIN_US");
     spin_us_ = env != nullptr ? std::max(0, std::atoi(env)) : 100;
     env = std::getenv("FASTLM_POOL_STALL_US");
     stall_us_ = env != nullptr ? std::max(0, std::atoi(env)) : 1000;
+    env = std::getenv("FASTLM_POOL_BUSY_PCT");
+    busy_permille_ = env != nullptr ? 10 * std::clamp(std::atoi(env), 0, 100) : 10 * kBusyPctDefault;
   }
 
   // Called with run_mutex_ held after a job whose caller had to wait for helpers (t1 .. t2).
@@ -207,6 +232,85 @@ class SharePool {
     backoff_ = clean_jobs_ < kCleanJobs ? std::min<Clock::duration>(2 * backoff_, kBackoffMax) : Clock::duration(kBackoffMin);
     clean_jobs_ = 0;
     serial_until_ = now + backoff_;
+  }
+
+  // The busy check (run_mutex_ held, before a shared job at `now`): over windows of kDelayWindow wall
+  // time while the pool shares work, the time its threads (this caller and the `helpers` it may use)
+  // spent runnable but waiting for a CPU (run_delay of /proc/self/task/<tid>/schedstat, the
+  // scheduler's own account: Documentation/scheduler/sched-stats.rst). When the average per thread
+  // reaches busy_permille_ of the window, the machine has more runnable threads than CPUs for them
+  // and every shared job waits on a preempted thread: starts a back-off window (runs this job alone
+  // too) and returns true. Windows restart after a back-off, a change of caller thread or helper
+  // count; reading the files costs ~10 us per window. Where schedstat cannot be read the check is off.
+  bool cpus_busy(Clock::time_point now, int helpers) {
+    const pid_t me = this_tid();
+    int64_t delay = 0;
+    if (!delay_armed_ || me != delay_caller_ || helpers != delay_helpers_) {
+      if (!read_run_delay(me, helpers, &delay)) return false;  // a helper not started yet, or no schedstat
+      delay_armed_ = true;
+      delay_caller_ = me;
+      delay_helpers_ = helpers;
+      delay_base_ = delay;
+      delay_t0_ = now;
+      return false;
+    }
+    if (now - delay_t0_ < kDelayWindow) return false;
+    if (!read_run_delay(me, helpers, &delay)) {
+      delay_armed_ = false;
+      return false;
+    }
+    const int64_t wall = std::chrono::duration_cast<std::chrono::nanoseconds>(now - delay_t0_).count() * (helpers + 1);
+    const int64_t permille = std::max<int64_t>(0, delay - delay_base_) * 1000 / std::max<int64_t>(1, wall);
+    run_delay_permille_.store(permille, std::memory_order_relaxed);
+    delay_base_ = delay;
+    delay_t0_ = now;
+    if (permille < busy_permille_) {
+      ++busy_clean_windows_;
+      return false;
+    }
+    busy_backoffs_.fetch_add(1, std::memory_order_relaxed);
+    // 20 ms, doubling up to 640 ms while the machine is still busy in the first window after one
+    busy_backoff_ = busy_clean_windows_ == 0 ? std::min<Clock::duration>(2 * busy_backoff_, kBusyBackoffMax)
+                                             : Clock::duration(kBusyBackoffMin);
+    busy_clean_windows_ = 0;
+    serial_until_ = std::max(serial_until_, now + busy_backoff_);
+    delay_armed_ = false;
+    return true;
+  }
+
+  // Sum of run_delay (ns) of the caller `me` and helpers [0, helpers); false if one cannot be read.
+  bool read_run_delay(pid_t me, int helpers, int64_t* sum) const {
+    int64_t total = 0, d = 0;
+    if (!thread_run_delay(me, &d)) return false;
+    total += d;
+    for (int i = 0; i < helpers && i < kMaxHelpers; ++i) {
+      const pid_t t = helper_tids_[i].load(std::memory_order_acquire);
+      if (t == 0 || !thread_run_delay(t, &d)) return false;
+      total += d;
+    }
+    *sum = total;
+    return true;
+  }
+
+  // /proc/self/task/<tid>/schedstat: "<ns on cpu> <ns waiting on a run queue> <timeslices>".
+  static bool thread_run_delay(pid_t tid, int64_t* out) {
+    char path[64], buf[128];
+    std::snprintf(path, sizeof(path), "/proc/self/task/%d/schedstat", static_cast<int>(tid));
+    const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return false;
+    const ssize_t len = ::read(fd, buf, sizeof(buf) - 1);
+    ::close(fd);
+    if (len <= 0) return false;
+    buf[len] = 0;
+    long long on_cpu = 0, waited = 0;
+    if (std::sscanf(buf, "%lld %lld", &on_cpu, &waited) != 2) return false;
+    *out = waited;
+    return true;
+  }
+
+  static pid_t this_tid() {
+    static thread_local const pid_t tid = static_cast<pid_t>(::syscall(SYS_gettid));
+    return tid;
   }
 
   void ensure_helpers(int helpers) {
@@ -252,6 +356,7 @@ class SharePool {
   int64_t n_local(uint64_t v, uint64_t gen) const { return (v >> 32) == gen ? n_.load(std::memory_order_relaxed) : 0; }
 
   void helper_loop(int idx) {
+    if (idx < kMaxHelpers) helper_tids_[idx].store(this_tid(), std::memory_order_release);
     uint32_t seen = gen_.load(std::memory_order_acquire);
     for (;;) {
       uint32_t g = gen_.load(std::memory_order_acquire);
@@ -282,6 +387,7 @@ class SharePool {
   const pid_t pid_;
   int spin_us_ = 100;
   int stall_us_ = 1000;
+  int busy_permille_ = 10 * kBusyPctDefault;
   std::atomic<int> started_{0};  // helpers started (written under run_mutex_)
   std::mutex run_mutex_;
   std::mutex wake_mutex_;
@@ -300,8 +406,18 @@ class SharePool {
   Clock::time_point serial_until_{};
   Clock::duration backoff_{kBackoffMin};
   int64_t clean_jobs_ = 0;
+  // busy check (guarded by run_mutex_)
+  std::atomic<pid_t> helper_tids_[kMaxHelpers] = {};
+  bool delay_armed_ = false;
+  pid_t delay_caller_ = 0;
+  int delay_helpers_ = 0;
+  int64_t delay_base_ = 0;
+  Clock::time_point delay_t0_{};
+  Clock::duration busy_backoff_{kBusyBackoffMin};
+  int64_t busy_clean_windows_ = 0;
   // stats
   std::atomic<int64_t> threads_{0}, helper_chunks_{0}, shared_jobs_{0}, stalls_{0}, backoff_jobs_{0}, wait_ns_{0};
+  std::atomic<int64_t> busy_backoffs_{0}, run_delay_permille_{-1};
   // test hook (debug())
   std::atomic<int> debug_mode_{0};
   std::atomic<int64_t> debug_us_{0};

@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def stats():
-    names = ["threads", "helper_chunks", "started", "shared", "stalls", "backoff", "wait_us"]
+    names = ["threads", "helper_chunks", "started", "shared", "stalls", "backoff", "wait_us", "busy", "delay_permille"]
     v = torch.ops.fastlm.cpu_pool_stats()
     assert len(v) == len(names)
     return dict(zip(names, v, strict=True))
@@ -121,7 +121,7 @@ def test_two_callers_at_once_are_both_right(big, threads):
         assert torch.equal(packed(x), want)
 
 
-# Run in a child with the stall back-off off (FASTLM_POOL_STALL_US=0), so
+# Run in a child with the stall and busy back-offs off (FASTLM_POOL_STALL_US=0, FASTLM_POOL_BUSY_PCT=0), so
 # that every job is shared whatever else runs on the machine and the delays are deterministic.
 LATE_HELPER = r"""
 import sys, time, torch
@@ -136,8 +136,8 @@ with torch.no_grad():
 p = PackedLinear.from_linear(lin)
 x = torch.randn(M, K, generator=g)
 def st():
-    return dict(zip(["threads", "helper_chunks", "started", "shared", "stalls", "backoff", "wait_us"],
-                    ops.cpu_pool_stats()))
+    return dict(zip(["threads", "helper_chunks", "started", "shared", "stalls", "backoff", "wait_us", "busy",
+                     "delay_permille"], ops.cpu_pool_stats()))
 def call():
     torch.full((M * N + 64,), float("nan")).sum()  # NaN-filled memory for the output to land on
     s0 = st()
@@ -193,7 +193,7 @@ print("ok")
 
 @pytest.mark.parametrize("M,N,K", [(1, 4099, 1024), (3, 2053, 129), (17, 1025, 97)])
 def test_late_or_stopped_helper(M, N, K):
-    env = dict(os.environ, PYTHONPATH=ROOT, FASTLM_POOL_STALL_US="0")
+    env = dict(os.environ, PYTHONPATH=ROOT, FASTLM_POOL_STALL_US="0", FASTLM_POOL_BUSY_PCT="0")
     out = subprocess.run([sys.executable, "-c", LATE_HELPER, str(M), str(N), str(K)], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -249,7 +249,7 @@ torch.set_num_threads(1)
 with torch.inference_mode():
     ref = p(x)
 torch.set_num_threads(2)  # two threads on one core: the caller is preempted by its own helper
-names = ["threads", "helper_chunks", "started", "shared", "stalls", "backoff", "wait_us"]
+names = ["threads", "helper_chunks", "started", "shared", "stalls", "backoff", "wait_us", "busy", "delay_permille"]
 st = lambda: dict(zip(names, ops.cpu_pool_stats()))
 s0 = st()
 with torch.inference_mode():
@@ -268,3 +268,56 @@ def test_two_threads_on_one_core():
     out = subprocess.run([sys.executable, "-c", ONE_CORE], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1].startswith("ok")
+
+
+BUSY = r"""
+import os, sys, time, torch
+from fastlm.linear import PackedLinear
+os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # the helper started later inherits it
+ops = torch.ops.fastlm
+names = ["threads", "helper_chunks", "started", "shared", "stalls", "backoff", "wait_us", "busy", "delay_permille"]
+st = lambda: dict(zip(names, ops.cpu_pool_stats(), strict=True))
+g = torch.Generator().manual_seed(2)
+lin = torch.nn.Linear(768, 2053)
+with torch.no_grad():
+    lin.weight.copy_(torch.randn(2053, 768, generator=g))
+p = PackedLinear.from_linear(lin)
+x = torch.randn(1, 768, generator=g)
+torch.set_num_threads(1)
+with torch.inference_mode():
+    ref = p(x)
+torch.testing.assert_close(ref.double(), torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double()),
+                           rtol=1e-4, atol=1e-3)
+torch.set_num_threads(2)  # caller and helper on one core: each waits for the CPU about half the time
+s0 = st()
+t_end = time.perf_counter() + 1.5
+with torch.inference_mode():
+    while time.perf_counter() < t_end:
+        torch.full((2053 + 64,), float("nan")).sum()  # NaN-filled memory for the output to land on
+        assert torch.equal(p(x), ref)
+s1 = st()
+print("ok", s1["busy"] - s0["busy"], s1["delay_permille"], s1["shared"] - s0["shared"], s1["backoff"] - s0["backoff"])
+"""
+
+
+@pytest.mark.parametrize("busy_pct", [None, "0"])
+def test_busy_cpus_start_a_back_off(busy_pct):
+    """Caller and helper pinned to one core wait for it about half the time (run_delay in
+    /proc/self/task/<tid>/schedstat): the busy check starts back-off windows (FASTLM_POOL_BUSY_PCT=0
+    turns it off), with the stall back-off off so the busy check alone decides; the bits stay those of
+    one thread."""
+    if not os.path.exists(f"/proc/self/task/{threading.get_native_id()}/schedstat"):
+        pytest.skip("this kernel has no schedstat (CONFIG_SCHED_INFO): the busy check is off here")
+    env = dict(os.environ, PYTHONPATH=ROOT, FASTLM_POOL_STALL_US="0")
+    env.pop("FASTLM_POOL_BUSY_PCT", None)
+    if busy_pct is not None:
+        env["FASTLM_POOL_BUSY_PCT"] = busy_pct
+    out = subprocess.run([sys.executable, "-c", BUSY], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    word, busy, permille, shared, alone = out.stdout.strip().splitlines()[-1].split()
+    assert word == "ok"
+    busy, permille, shared, alone = int(busy), int(permille), int(shared), int(alone)
+    if busy_pct == "0":
+        assert busy == 0 and permille == -1 and alone == 0 and shared > 0, (busy, permille, shared, alone)
+    else:
+        assert busy >= 1 and permille >= 200 and alone > 0, (busy, permille, shared, alone)
