@@ -246,7 +246,11 @@ class SharePool {
     const pid_t me = this_tid();
     int64_t delay = 0;
     if (!delay_armed_ || me != delay_caller_ || helpers != delay_helpers_) {
-      if (!read_run_delay(me, helpers, &delay)) return false;  // a helper not started yet, or no schedstat
+      if (!read_run_delay(me, helpers, &delay)) {  // a helper not started yet, or no schedstat
+        int64_t own = 0;
+        if (!thread_run_delay(me, &own)) busy_permille_ = 0;  // no schedstat (no /proc): off for good
+        return false;
+      }
       delay_armed_ = true;
       delay_caller_ = me;
       delay_helpers_ = helpers;
