@@ -353,9 +353,7 @@ FASTLM_AVX2 void tile_avx2(const float* x, int64_t K, const void* p, const Epilo
   FASTLM_STORE(5, c50, c51, c00, c00)
   finish_tile(acc, MR, e, r0, n0, nv);
 }
-#undef FASTLM_ROW
-#undef FASTLM_ROWS
-#undef FASTLM_STORE
+#undef FASTLM_STORE  // FASTLM_ROW(S) serve tile_avx2w below too
 
 // One row (the decode GEMV, M = 1), 16 channels, AVX2. tile_avx2<kInt8, 1> kept its 4 x 2
 // accumulators in an array that gcc 12 stored to the stack on every step of K (8 ymm stores and
@@ -1057,15 +1055,6 @@ FASTLM_AVX2 void dequant_pairs_avx2(const int8_t* q, int64_t K, float* out) {
 // with the panel widened in registers and stored to the block's fp32 panel p for the other row tiles.
 // 2 MR accumulators + 2 weight vectors + a broadcast fill the 16 ymm, so the odd k's weights are widened
 // again from memory (vpmovsxwd m128) instead of keeping the int32 pair vectors.
-#define FASTLM_WROW(R, A0, A1, KK)                                \
-  if constexpr (MR > R) {                                         \
-    const __m256 xb = _mm256_broadcast_ss(x + R * K + (KK));      \
-    A0 = _mm256_fmadd_ps(xb, w0, A0);                             \
-    A1 = _mm256_fmadd_ps(xb, w1, A1);                             \
-  }
-#define FASTLM_WROWS(KK)                                                                                     \
-  FASTLM_WROW(0, c00, c01, KK) FASTLM_WROW(1, c10, c11, KK) FASTLM_WROW(2, c20, c21, KK)                     \
-  FASTLM_WROW(3, c30, c31, KK) FASTLM_WROW(4, c40, c41, KK) FASTLM_WROW(5, c50, c51, KK)
 #define FASTLM_WSTORE(R, A0, A1)              \
   if constexpr (MR > R) {                     \
     _mm256_store_ps(acc + R * kNR, A0);       \
@@ -1086,17 +1075,17 @@ FASTLM_AVX2 void tile_avx2w(const float* x, int64_t K, const int8_t* q, float* p
         _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128(r + 1)), 24), 24));
     _mm256_storeu_ps(p + k * kNR, w0);
     _mm256_storeu_ps(p + k * kNR + 8, w1);
-    FASTLM_WROWS(k)
+    FASTLM_ROWS(k)
     w0 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128(r)), 8));
     w1 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_cvtepi16_epi32(_mm_loadu_si128(r + 1)), 8));
     _mm256_storeu_ps(p + (k + 1) * kNR, w0);
     _mm256_storeu_ps(p + (k + 1) * kNR + 8, w1);
-    FASTLM_WROWS(k + 1)
+    FASTLM_ROWS(k + 1)
   }
   if (K & 1) {  // the last k: the even half of a zero-padded pair row
     for (int64_t j = 0; j < kNR; ++j) p[(K - 1) * kNR + j] = static_cast<float>(q[K2 * kPairRow + 2 * j]);
     const __m256 w0 = _mm256_loadu_ps(p + (K - 1) * kNR), w1 = _mm256_loadu_ps(p + (K - 1) * kNR + 8);
-    FASTLM_WROWS(K - 1)
+    FASTLM_ROWS(K - 1)
   }
   alignas(32) float acc[MR * kNR];
   FASTLM_WSTORE(0, c00, c01)
@@ -1107,8 +1096,8 @@ FASTLM_AVX2 void tile_avx2w(const float* x, int64_t K, const int8_t* q, float* p
   FASTLM_WSTORE(5, c50, c51)
   finish_tile(acc, MR, e, r0, n0, nv);
 }
-#undef FASTLM_WROW
-#undef FASTLM_WROWS
+#undef FASTLM_ROW
+#undef FASTLM_ROWS
 #undef FASTLM_WSTORE
 
 FASTLM_AVX512 void dequant_pairs_avx512(const int8_t* q, int64_t K, float* out) {
