@@ -2,6 +2,11 @@
 // a fused op (decode_cpu.cpp) calls them directly, without the dispatcher or a tensor per step.
 #pragma once
 #include <cstdint>
+#include <functional>
+
+namespace at {
+class Tensor;
+}
 
 namespace fastlm {
 namespace cpu {
@@ -10,6 +15,9 @@ namespace cpu {
 // cpu_isa() call, does not cap it at "avx2" / "portable"). Every op file asks this one question,
 // so forcing the AVX2 path on an AVX-512 machine forces it everywhere in fastlm._C.
 bool avx512_allowed();
+
+// Whether the int8 kernels may use AVX-512 VNNI (avx512_allowed() and the CPU has AVX-512 BW + VNNI).
+bool avx512vnni_allowed();
 
 // The ISA of the packed-linear kernels as a level: 0 portable, 1 AVX2 + FMA, 2 AVX-512F (gemv.cpp).
 int isa_level();
@@ -40,6 +48,18 @@ void layer_norm(const float* x, const float* r, const float* w, const float* b, 
 // of n floats; the same arithmetic as every row of layer_norm_ext / add_layer_norm_ext.
 void add_layer_norm_row(const float* x, const float* r, const float* w, const float* b, float* y, float* v, int64_t n,
                         float eps);
+
+// int8_gemm_vnni.cpp: c = a (M, K) int8 @ w^T, w (N, K) int8 packed as uint8 quad panels
+// (ceil(N / 16), ceil(K / 4), 64) holding w + 128 (fastlm.linear.pack_int8_quads), exact int32,
+// handed to `rows(m0, mb, c, ldc)` block by block: rows m0..m0+mb-1 of the product, ldc apart. The
+// calls may run in parallel (different rows each); a row block is valid only during its call.
+using RowsFn = std::function<void(int64_t m0, int64_t mb, const int32_t* c, int64_t ldc)>;
+void int8_gemm_vnni_rows(const int8_t* a, int64_t lda, int64_t M, int64_t K, const uint8_t* quads, int64_t N,
+                         const RowsFn& rows);
+// Whether int8_gemm_vnni_rows runs its AVX-512 VNNI tiles here (else a portable int32 loop).
+bool vnni_gemm_native();
+// TORCH_CHECKs of a (M, K) int8 (unit column stride, K within the exact bound) and quads for n channels.
+void check_vnni_operands(const char* op, const at::Tensor& a, const at::Tensor& quads, int64_t n);
 
 }  // namespace cpu
 }  // namespace fastlm

@@ -1468,6 +1468,7 @@ at::Tensor hugepage_copy(const at::Tensor& src) {
 
 namespace cpu {
 bool avx512_allowed() { return current_isa() == kAvx512; }
+bool avx512vnni_allowed() { return avx512_allowed() && cpu_has_avx512vnni(); }
 int isa_level() { return current_isa(); }
 
 void packed_gemm(const float* x, int64_t M, int64_t K, const void* w, int wkind, int64_t N, const float* scale,

@@ -29,6 +29,14 @@
 //     (as above), then (q, scale) = quantize_rows_int8(h, outliers), h_out = h[:, outliers]. Bit for bit
 //     int8_linear_epilogue, add_layer_norm_ext (ffn.cpp's LayerNorm rows, called here) and
 //     quantize_rows_int8 in sequence.
+//   int8_linear_vnni(xq (M, K) int8, quads, n, x_scale, w_scale, bias?, activation, residual?, x_out?, w_out?)
+//   int8_linear_vnni_quant(xq, quads, n, x_scale, w_scale, bias?, activation, x_out?, w_out?, outliers?)
+//   int8_linear_vnni_ln_quant(xq, quads, n, x_scale, w_scale, bias?, residual, ln_weight, ln_bias, eps, x_out?,
+//                             w_out?, outliers?) -> (h (M, n) f32, q, scale, h_out)
+//     the three epilogues above on the AVX-512 VNNI GEMM of xq and the weight's quad panels
+//     (int8_gemm_vnni.cpp, fastlm.linear.pack_int8_quads), fused: each block of rows is multiplied
+//     into an L2-resident int32 buffer and run through the same row functions at once. Bit for bit
+//     the unfused op on the exact product (acc = xq @ w^T).
 // In place, each row is read into a per-thread scratch row before its slot is written.
 // The loops are plain C++ that gcc vectorises, cloned per ISA (AVX-512, AVX2, baseline) and picked at
 // load time, as in ffn.cpp.
@@ -220,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_int8_cpu(const at::Tensor& x_in
 
 namespace {
 
-// Checks shared by the two epilogues; returns the activation code and contiguous operands.
+// Checks shared by the epilogues; returns the activation code and contiguous operands.
 struct EpilogueArgs {
   int act;
   int64_t M, N, n_o = 0;
@@ -233,24 +241,21 @@ struct EpilogueArgs {
   }
 };
 
-EpilogueArgs check_epilogue(const char* op, const at::Tensor& acc_in, const at::Tensor& xs_in,
-                            const at::Tensor& ws_in, const c10::optional<at::Tensor>& bias,
-                            c10::string_view activation, const c10::optional<at::Tensor>& residual,
-                            const c10::optional<at::Tensor>& x_out, const c10::optional<at::Tensor>& w_out) {
+// The checks of everything but the int32 product, for an (M, N) output.
+EpilogueArgs check_epilogue_mn(const char* op, int64_t M, int64_t N, const at::Tensor& xs_in,
+                               const at::Tensor& ws_in, const c10::optional<at::Tensor>& bias,
+                               c10::string_view activation, const c10::optional<at::Tensor>& residual,
+                               const c10::optional<at::Tensor>& x_out, const c10::optional<at::Tensor>& w_out) {
   EpilogueArgs a;
   a.act = parse_act(activation);
-  TORCH_CHECK_TYPE(acc_in.scalar_type() == at::kInt, op, ": acc must be int32, got ", acc_in.scalar_type());
-  TORCH_CHECK_VALUE(acc_in.dim() == 2 && acc_in.numel() > 0, op, ": acc must be a non-empty 2-D (M, N) tensor, "
-                    "got shape ", acc_in.sizes());
-  a.M = acc_in.size(0);
-  a.N = acc_in.size(1);
+  a.M = M;
+  a.N = N;
   TORCH_CHECK_TYPE(xs_in.scalar_type() == at::kFloat, op, ": x_scale must be float32, got ", xs_in.scalar_type());
   TORCH_CHECK_VALUE(xs_in.dim() == 1 && xs_in.size(0) == a.M, op, ": x_scale must have shape (", a.M, ",), got ",
                     xs_in.sizes());
   TORCH_CHECK_TYPE(ws_in.scalar_type() == at::kFloat, op, ": w_scale must be float32, got ", ws_in.scalar_type());
   TORCH_CHECK_VALUE(ws_in.dim() == 1 && ws_in.size(0) == a.N, op, ": w_scale must have shape (", a.N, ",), got ",
                     ws_in.sizes());
-  check_cpu(acc_in, op, "acc");
   check_cpu(xs_in, op, "x_scale");
   check_cpu(ws_in, op, "w_scale");
   if (bias.has_value()) {
@@ -282,9 +287,22 @@ EpilogueArgs check_epilogue(const char* op, const at::Tensor& acc_in, const at::
     a.xo = x_out->contiguous();
     a.wo = w_out->contiguous();
   }
-  a.acc = acc_in.contiguous();
   a.xs = xs_in.contiguous();
   a.ws = ws_in.contiguous();
+  return a;
+}
+
+EpilogueArgs check_epilogue(const char* op, const at::Tensor& acc_in, const at::Tensor& xs_in,
+                            const at::Tensor& ws_in, const c10::optional<at::Tensor>& bias,
+                            c10::string_view activation, const c10::optional<at::Tensor>& residual,
+                            const c10::optional<at::Tensor>& x_out, const c10::optional<at::Tensor>& w_out) {
+  TORCH_CHECK_TYPE(acc_in.scalar_type() == at::kInt, op, ": acc must be int32, got ", acc_in.scalar_type());
+  TORCH_CHECK_VALUE(acc_in.dim() == 2 && acc_in.numel() > 0, op, ": acc must be a non-empty 2-D (M, N) tensor, "
+                    "got shape ", acc_in.sizes());
+  check_cpu(acc_in, op, "acc");
+  EpilogueArgs a =
+      check_epilogue_mn(op, acc_in.size(0), acc_in.size(1), xs_in, ws_in, bias, activation, residual, x_out, w_out);
+  a.acc = acc_in.contiguous();
   return a;
 }
 
@@ -292,6 +310,81 @@ RowFn pick(const EpilogueArgs& a) {
   return a.act == 0 ? pick_row<0>(a.b.defined(), a.r.defined())
        : a.act == 1 ? pick_row<1>(a.b.defined(), a.r.defined())
                     : pick_row<2>(a.b.defined(), a.r.defined());
+}
+
+// Where an epilogue's int32 rows come from: an (M, N) product in memory (torch._int_mm's or
+// int8_gemm_avx2's output: `acc`), or the AVX-512 VNNI GEMM of xq (M, K) int8 and the weight's quad
+// panels, made block by block (int8_gemm_vnni.cpp) so each block's rows reach the epilogue from L2.
+struct AccRows {
+  const int32_t* acc = nullptr;
+  const int8_t* xq = nullptr;
+  int64_t lda = 0, K = 0;
+  const uint8_t* quads = nullptr;
+};
+
+AccRows rows_of(const at::Tensor& acc) {
+  AccRows s;
+  s.acc = acc.const_data_ptr<int32_t>();
+  return s;
+}
+
+AccRows rows_of(const at::Tensor& xq, const at::Tensor& quads) {
+  AccRows s;
+  s.xq = xq.const_data_ptr<int8_t>();
+  s.lda = xq.stride(0);
+  s.K = xq.size(1);
+  s.quads = quads.const_data_ptr<uint8_t>();
+  return s;
+}
+
+// f(m, acc row m (N int32), scratch of `scratch_n` floats) for every row m < M, rows in parallel.
+template <class F>
+void for_each_row(const AccRows& s, int64_t M, int64_t N, int64_t scratch_n, const F& f) {
+  if (s.acc != nullptr) {
+    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / N), [&](int64_t r0, int64_t r1) {
+      std::vector<float> sc(scratch_n);
+      for (int64_t m = r0; m < r1; ++m) f(m, s.acc + m * N, sc.data());
+    });
+    return;
+  }
+  cpu::int8_gemm_vnni_rows(s.xq, s.lda, M, s.K, s.quads, N, [&](int64_t m0, int64_t mb, const int32_t* c, int64_t ldc) {
+    std::vector<float> sc(scratch_n);
+    for (int64_t i = 0; i < mb; ++i) f(m0 + i, c + i * ldc, sc.data());
+  });
+}
+
+// y (M, N) = the epilogue of every row; y may be the acc tensor's own storage (each row is made in
+// scratch before its slot is written).
+void epilogue_rows(const EpilogueArgs& a, const AccRows& src, float* yp) {
+  const int64_t N = a.N;
+  const RowFn fn = pick(a);
+  const float* xsp = a.xs.const_data_ptr<float>();
+  const float* wsp = a.ws.const_data_ptr<float>();
+  const float* bp = a.b.defined() ? a.b.const_data_ptr<float>() : nullptr;
+  const float* rp = a.r.defined() ? a.r.const_data_ptr<float>() : nullptr;
+  for_each_row(src, a.M, N, 2 * N, [&](int64_t m, const int32_t* am, float* row) {
+    // the result row, then the outlier product's
+    fn(am, xsp[m], wsp, bp, rp != nullptr ? rp + m * N : nullptr, a.outlier_row(m, row + N), row, N);
+    std::copy(row, row + N, yp + m * N);
+  });
+}
+
+// The epilogue (no residual), then each row quantized per token into q / scale (and its outlier
+// channels into yop), through a scratch row.
+void epilogue_quant_rows(const EpilogueArgs& a, const Outliers& o, const AccRows& src, int8_t* qp, float* sp,
+                         float* yop) {
+  const int64_t N = a.N;
+  const RowFn fn = pick(a);
+  const float* xsp = a.xs.const_data_ptr<float>();
+  const float* wsp = a.ws.const_data_ptr<float>();
+  const float* bp = a.b.defined() ? a.b.const_data_ptr<float>() : nullptr;
+  const float* kp = o.keep_ptr();
+  const int64_t* ip = o.idx_ptr();
+  // one output row, L1/L2 resident between the passes, and the outlier product's
+  for_each_row(src, a.M, N, 2 * N, [&](int64_t m, const int32_t* am, float* row) {
+    fn(am, xsp[m], wsp, bp, nullptr, a.outlier_row(m, row + N), row, N);
+    quantize_row(row, kp, ip, o.n_o, qp + m * N, sp + m, yop + m * o.n_o, N);
+  });
 }
 
 }  // namespace
@@ -302,21 +395,8 @@ at::Tensor int8_linear_epilogue_cpu(const at::Tensor& acc_in, const at::Tensor& 
                                     const c10::optional<at::Tensor>& w_out) {
   const EpilogueArgs a =
       check_epilogue("int8_linear_epilogue", acc_in, xs_in, ws_in, bias, activation, residual, x_out, w_out);
-  const int64_t N = a.N;
-  at::Tensor y = at::empty({a.M, N}, a.acc.options().dtype(at::kFloat));
-  const RowFn fn = pick(a);
-  const int32_t* ap = a.acc.const_data_ptr<int32_t>();
-  const float* xsp = a.xs.const_data_ptr<float>();
-  const float* wsp = a.ws.const_data_ptr<float>();
-  const float* bp = a.b.defined() ? a.b.const_data_ptr<float>() : nullptr;
-  const float* rp = a.r.defined() ? a.r.const_data_ptr<float>() : nullptr;
-  float* yp = y.mutable_data_ptr<float>();
-  at::parallel_for(0, a.M, std::max<int64_t>(1, 16384 / N), [&](int64_t r0, int64_t r1) {
-    std::vector<float> z(a.xo.defined() ? N : 0);
-    for (int64_t m = r0; m < r1; ++m)
-      fn(ap + m * N, xsp[m], wsp, bp, rp != nullptr ? rp + m * N : nullptr, a.outlier_row(m, z.data()), yp + m * N,
-         N);
-  });
+  at::Tensor y = at::empty({a.M, a.N}, a.acc.options().dtype(at::kFloat));
+  epilogue_rows(a, rows_of(a.acc), y.mutable_data_ptr<float>());
   return y;
 }
 
@@ -330,21 +410,8 @@ void int8_linear_epilogue_inplace_cpu(at::Tensor& acc, const at::Tensor& xs_in, 
   const char* op = "int8_linear_epilogue_";
   const EpilogueArgs a = check_epilogue(op, acc, xs_in, ws_in, bias, activation, residual, x_out, w_out);
   TORCH_CHECK_VALUE(acc.is_contiguous(), op, ": acc must be contiguous (it is overwritten in place)");
-  const int64_t N = a.N;
-  const RowFn fn = pick(a);
-  const float* xsp = a.xs.const_data_ptr<float>();
-  const float* wsp = a.ws.const_data_ptr<float>();
-  const float* bp = a.b.defined() ? a.b.const_data_ptr<float>() : nullptr;
-  const float* rp = a.r.defined() ? a.r.const_data_ptr<float>() : nullptr;
   void* base = acc.mutable_data_ptr();
-  at::parallel_for(0, a.M, std::max<int64_t>(1, 16384 / N), [&](int64_t r0, int64_t r1) {
-    std::vector<float> row(a.xo.defined() ? 2 * N : N);  // the result row, then the outlier product's
-    for (int64_t m = r0; m < r1; ++m) {
-      const int32_t* am = static_cast<const int32_t*>(base) + m * N;
-      fn(am, xsp[m], wsp, bp, rp != nullptr ? rp + m * N : nullptr, a.outlier_row(m, row.data() + N), row.data(), N);
-      std::copy(row.begin(), row.begin() + N, static_cast<float*>(base) + m * N);
-    }
-  });
+  epilogue_rows(a, rows_of(acc), static_cast<float*>(base));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear_epilogue_quant_cpu(
@@ -353,28 +420,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear_epilogue_quant_cpu(
     const c10::optional<at::Tensor>& outliers) {
   const char* op = "int8_linear_epilogue_quant";
   const EpilogueArgs a = check_epilogue(op, acc_in, xs_in, ws_in, bias, activation, c10::nullopt, x_out, w_out);
-  const int64_t N = a.N;
-  const Outliers o = check_outliers(op, outliers, N);
-  at::Tensor q = at::empty({a.M, N}, a.acc.options().dtype(at::kChar));
+  const Outliers o = check_outliers(op, outliers, a.N);
+  at::Tensor q = at::empty({a.M, a.N}, a.acc.options().dtype(at::kChar));
   at::Tensor scale = at::empty({a.M}, a.acc.options().dtype(at::kFloat));
   at::Tensor y_out = at::empty({a.M, o.n_o}, a.acc.options().dtype(at::kFloat));
-  float* yop = y_out.mutable_data_ptr<float>();
-  const float* kp = o.keep_ptr();
-  const int64_t* ip = o.idx_ptr();
-  const RowFn fn = pick(a);
-  const int32_t* ap = a.acc.const_data_ptr<int32_t>();
-  const float* xsp = a.xs.const_data_ptr<float>();
-  const float* wsp = a.ws.const_data_ptr<float>();
-  const float* bp = a.b.defined() ? a.b.const_data_ptr<float>() : nullptr;
-  int8_t* qp = q.mutable_data_ptr<int8_t>();
-  float* sp = scale.mutable_data_ptr<float>();
-  at::parallel_for(0, a.M, std::max<int64_t>(1, 16384 / N), [&](int64_t r0, int64_t r1) {
-    std::vector<float> row(2 * N);  // one output row, L1/L2 resident between the passes, and the outlier product's
-    for (int64_t m = r0; m < r1; ++m) {
-      fn(ap + m * N, xsp[m], wsp, bp, nullptr, a.outlier_row(m, row.data() + N), row.data(), N);
-      quantize_row(row.data(), kp, ip, o.n_o, qp + m * N, sp + m, yop + m * o.n_o, N);
-    }
-  });
+  epilogue_quant_rows(a, o, rows_of(a.acc), q.mutable_data_ptr<int8_t>(), scale.mutable_data_ptr<float>(),
+                      y_out.mutable_data_ptr<float>());
   return {q, scale, y_out};
 }
 
@@ -384,7 +435,7 @@ namespace {
 // quantized per token into q / scale. y may be acc's own storage (each acc row is read into a
 // scratch row before its y row is written).
 void epilogue_ln_quant(const EpilogueArgs& a, const Outliers& o, const at::Tensor& lw, const at::Tensor& lb, float eps,
-                       const int32_t* ap, float* yp, int8_t* qp, float* sp, float* yop) {
+                       const AccRows& src, float* yp, int8_t* qp, float* sp, float* yop) {
   const int64_t N = a.N;
   const RowFn fn = pick_row<0>(a.b.defined(), false);  // the residual joins in the LayerNorm row
   const float* xsp = a.xs.const_data_ptr<float>();
@@ -393,25 +444,20 @@ void epilogue_ln_quant(const EpilogueArgs& a, const Outliers& o, const at::Tenso
   const float* rp = a.r.const_data_ptr<float>();
   const float* lwp = lw.const_data_ptr<float>();
   const float* lbp = lb.const_data_ptr<float>();
-  at::parallel_for(0, a.M, std::max<int64_t>(1, 16384 / N), [&](int64_t r0, int64_t r1) {
-    std::vector<float> row(2 * N);  // the epilogue's row and LayerNorm's (or the outlier product's) scratch row
-    const float* kp = o.keep_ptr();
-    const int64_t* ip = o.idx_ptr();
-    for (int64_t m = r0; m < r1; ++m) {
-      float* ym = yp + m * N;
-      // acc * x_scale * w_scale (+ outlier product) + bias
-      fn(ap + m * N, xsp[m], wsp, bp, nullptr, a.outlier_row(m, row.data() + N), row.data(), N);
-      cpu::add_layer_norm_row(row.data(), rp + m * N, lwp, lbp, ym, row.data() + N, N, eps);  // LN(. + residual)
-      quantize_row(ym, kp, ip, o.n_o, qp + m * N, sp + m, yop + m * o.n_o, N);
-    }
+  const float* kp = o.keep_ptr();
+  const int64_t* ip = o.idx_ptr();
+  // the epilogue's row and LayerNorm's (or the outlier product's) scratch row
+  for_each_row(src, a.M, N, 2 * N, [&](int64_t m, const int32_t* am, float* row) {
+    float* ym = yp + m * N;
+    // acc * x_scale * w_scale (+ outlier product) + bias
+    fn(am, xsp[m], wsp, bp, nullptr, a.outlier_row(m, row + N), row, N);
+    cpu::add_layer_norm_row(row, rp + m * N, lwp, lbp, ym, row + N, N, eps);  // LN(. + residual)
+    quantize_row(ym, kp, ip, o.n_o, qp + m * N, sp + m, yop + m * o.n_o, N);
   });
 }
 
-EpilogueArgs check_ln_quant(const char* op, const at::Tensor& acc, const at::Tensor& xs, const at::Tensor& ws,
-                            const c10::optional<at::Tensor>& bias, const at::Tensor& residual,
-                            const at::Tensor& ln_weight, const at::Tensor& ln_bias, double eps,
-                            const c10::optional<at::Tensor>& x_out, const c10::optional<at::Tensor>& w_out) {
-  EpilogueArgs a = check_epilogue(op, acc, xs, ws, bias, "none", residual, x_out, w_out);
+EpilogueArgs check_ln(const char* op, EpilogueArgs a, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
+                      double eps) {
   const std::pair<const char*, const at::Tensor*> ln[] = {{"ln_weight", &ln_weight}, {"ln_bias", &ln_bias}};
   for (const auto& [name, t] : ln) {
     TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t->scalar_type());
@@ -431,17 +477,68 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear_epilogue_ln_quant_inp
     const c10::optional<at::Tensor>& x_out, const c10::optional<at::Tensor>& w_out,
     const c10::optional<at::Tensor>& outliers) {
   const char* op = "int8_linear_epilogue_ln_quant_";
-  const EpilogueArgs a = check_ln_quant(op, acc, xs, ws, bias, residual, ln_weight, ln_bias, eps, x_out, w_out);
+  const EpilogueArgs a =
+      check_ln(op, check_epilogue(op, acc, xs, ws, bias, "none", residual, x_out, w_out), ln_weight, ln_bias, eps);
   TORCH_CHECK_VALUE(acc.is_contiguous(), op, ": acc must be contiguous (it is overwritten in place)");
   const Outliers o = check_outliers(op, outliers, a.N);
   at::Tensor q = at::empty({a.M, a.N}, acc.options().dtype(at::kChar));
   at::Tensor scale = at::empty({a.M}, acc.options().dtype(at::kFloat));
   at::Tensor h_out = at::empty({a.M, o.n_o}, acc.options().dtype(at::kFloat));
   void* base = acc.mutable_data_ptr();
-  epilogue_ln_quant(a, o, ln_weight.contiguous(), ln_bias.contiguous(), static_cast<float>(eps),
-                    static_cast<const int32_t*>(base), static_cast<float*>(base), q.mutable_data_ptr<int8_t>(),
-                    scale.mutable_data_ptr<float>(), h_out.mutable_data_ptr<float>());
+  epilogue_ln_quant(a, o, ln_weight.contiguous(), ln_bias.contiguous(), static_cast<float>(eps), rows_of(acc),
+                    static_cast<float*>(base), q.mutable_data_ptr<int8_t>(), scale.mutable_data_ptr<float>(),
+                    h_out.mutable_data_ptr<float>());
   return {q, scale, h_out};
+}
+
+// The fused ops: the same epilogues on the AVX-512 VNNI GEMM of xq (M, K) int8 and the weight's quad
+// panels (fastlm.linear.pack_int8_quads; int8_gemm_vnni.cpp), block by block.
+at::Tensor int8_linear_vnni_cpu(const at::Tensor& xq, const at::Tensor& quads, int64_t n, const at::Tensor& xs,
+                                const at::Tensor& ws, const c10::optional<at::Tensor>& bias,
+                                c10::string_view activation, const c10::optional<at::Tensor>& residual,
+                                const c10::optional<at::Tensor>& x_out, const c10::optional<at::Tensor>& w_out) {
+  const char* op = "int8_linear_vnni";
+  cpu::check_vnni_operands(op, xq, quads, n);
+  const EpilogueArgs a = check_epilogue_mn(op, xq.size(0), n, xs, ws, bias, activation, residual, x_out, w_out);
+  at::Tensor y = at::empty({a.M, a.N}, xs.options());
+  epilogue_rows(a, rows_of(xq, quads), y.mutable_data_ptr<float>());
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear_vnni_quant_cpu(
+    const at::Tensor& xq, const at::Tensor& quads, int64_t n, const at::Tensor& xs, const at::Tensor& ws,
+    const c10::optional<at::Tensor>& bias, c10::string_view activation, const c10::optional<at::Tensor>& x_out,
+    const c10::optional<at::Tensor>& w_out, const c10::optional<at::Tensor>& outliers) {
+  const char* op = "int8_linear_vnni_quant";
+  cpu::check_vnni_operands(op, xq, quads, n);
+  const EpilogueArgs a = check_epilogue_mn(op, xq.size(0), n, xs, ws, bias, activation, c10::nullopt, x_out, w_out);
+  const Outliers o = check_outliers(op, outliers, a.N);
+  at::Tensor q = at::empty({a.M, a.N}, xq.options());
+  at::Tensor scale = at::empty({a.M}, xs.options());
+  at::Tensor y_out = at::empty({a.M, o.n_o}, xs.options());
+  epilogue_quant_rows(a, o, rows_of(xq, quads), q.mutable_data_ptr<int8_t>(), scale.mutable_data_ptr<float>(),
+                      y_out.mutable_data_ptr<float>());
+  return {q, scale, y_out};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_linear_vnni_ln_quant_cpu(
+    const at::Tensor& xq, const at::Tensor& quads, int64_t n, const at::Tensor& xs, const at::Tensor& ws,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& residual, const at::Tensor& ln_weight,
+    const at::Tensor& ln_bias, double eps, const c10::optional<at::Tensor>& x_out,
+    const c10::optional<at::Tensor>& w_out, const c10::optional<at::Tensor>& outliers) {
+  const char* op = "int8_linear_vnni_ln_quant";
+  cpu::check_vnni_operands(op, xq, quads, n);
+  const EpilogueArgs a = check_ln(
+      op, check_epilogue_mn(op, xq.size(0), n, xs, ws, bias, "none", residual, x_out, w_out), ln_weight, ln_bias, eps);
+  const Outliers o = check_outliers(op, outliers, a.N);
+  at::Tensor h = at::empty({a.M, a.N}, xs.options());
+  at::Tensor q = at::empty({a.M, a.N}, xq.options());
+  at::Tensor scale = at::empty({a.M}, xs.options());
+  at::Tensor h_out = at::empty({a.M, o.n_o}, xs.options());
+  epilogue_ln_quant(a, o, ln_weight.contiguous(), ln_bias.contiguous(), static_cast<float>(eps), rows_of(xq, quads),
+                    h.mutable_data_ptr<float>(), q.mutable_data_ptr<int8_t>(), scale.mutable_data_ptr<float>(),
+                    h_out.mutable_data_ptr<float>());
+  return {h, q, scale, h_out};
 }
 
 TORCH_LIBRARY_FRAGMENT(fastlm, m) {
@@ -456,6 +553,14 @@ TORCH_LIBRARY_FRAGMENT(fastlm, m) {
   m.def("int8_linear_epilogue_ln_quant_(Tensor(a!) acc, Tensor x_scale, Tensor w_scale, Tensor? bias, "
         "Tensor residual, Tensor ln_weight, Tensor ln_bias, float eps, Tensor? x_out=None, Tensor? w_out=None, "
         "Tensor? outliers=None) -> (Tensor, Tensor, Tensor)");
+  m.def("int8_linear_vnni(Tensor xq, Tensor quads, int n, Tensor x_scale, Tensor w_scale, Tensor? bias=None, "
+        "str activation='none', Tensor? residual=None, Tensor? x_out=None, Tensor? w_out=None) -> Tensor");
+  m.def("int8_linear_vnni_quant(Tensor xq, Tensor quads, int n, Tensor x_scale, Tensor w_scale, Tensor? bias=None, "
+        "str activation='none', Tensor? x_out=None, Tensor? w_out=None, Tensor? outliers=None) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("int8_linear_vnni_ln_quant(Tensor xq, Tensor quads, int n, Tensor x_scale, Tensor w_scale, Tensor? bias, "
+        "Tensor residual, Tensor ln_weight, Tensor ln_bias, float eps, Tensor? x_out=None, Tensor? w_out=None, "
+        "Tensor? outliers=None) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
@@ -464,6 +569,9 @@ TORCH_LIBRARY_IMPL(fastlm, CPU, m) {
   m.impl("int8_linear_epilogue_quant", &int8_linear_epilogue_quant_cpu);
   m.impl("int8_linear_epilogue_", &int8_linear_epilogue_inplace_cpu);
   m.impl("int8_linear_epilogue_ln_quant_", &int8_linear_epilogue_ln_quant_inplace_cpu);
+  m.impl("int8_linear_vnni", &int8_linear_vnni_cpu);
+  m.impl("int8_linear_vnni_quant", &int8_linear_vnni_quant_cpu);
+  m.impl("int8_linear_vnni_ln_quant", &int8_linear_vnni_ln_quant_cpu);
 }
 
 }  // namespace fastlm

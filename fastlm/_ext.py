@@ -85,6 +85,30 @@ if _C is not None:
         return (acc.new_empty(acc.shape, dtype=torch.int8), acc.new_empty(acc.shape[:1], dtype=torch.float32),
                 acc.new_empty((acc.shape[0], n_o), dtype=torch.float32))
 
+    @torch.library.register_fake("fastlm::int8_gemm_vnni")
+    def _int8_gemm_vnni_fake(a, quads, n):
+        return a.new_empty((a.shape[0], n), dtype=torch.int32)
+
+    @torch.library.register_fake("fastlm::int8_linear_vnni")
+    def _int8_linear_vnni_fake(xq, quads, n, x_scale, w_scale, bias=None, activation="none", residual=None,
+                               x_out=None, w_out=None):
+        return xq.new_empty((xq.shape[0], n), dtype=torch.float32)
+
+    @torch.library.register_fake("fastlm::int8_linear_vnni_quant")
+    def _int8_linear_vnni_quant_fake(xq, quads, n, x_scale, w_scale, bias=None, activation="none", x_out=None,
+                                     w_out=None, outliers=None):
+        n_o = 0 if outliers is None else outliers.shape[0]
+        return (xq.new_empty((xq.shape[0], n), dtype=torch.int8), xq.new_empty(xq.shape[:1], dtype=torch.float32),
+                xq.new_empty((xq.shape[0], n_o), dtype=torch.float32))
+
+    @torch.library.register_fake("fastlm::int8_linear_vnni_ln_quant")
+    def _int8_linear_vnni_ln_quant_fake(xq, quads, n, x_scale, w_scale, bias, residual, ln_weight, ln_bias, eps,
+                                        x_out=None, w_out=None, outliers=None):
+        n_o = 0 if outliers is None else outliers.shape[0]
+        M = xq.shape[0]
+        return (xq.new_empty((M, n), dtype=torch.float32), xq.new_empty((M, n), dtype=torch.int8),
+                xq.new_empty((M,), dtype=torch.float32), xq.new_empty((M, n_o), dtype=torch.float32))
+
     @torch.library.register_fake("fastlm::attention_blocked")
     def _attention_blocked_fake(q, k, v, scale, portable=False):
         B, H, Sq, D = q.shape

@@ -140,14 +140,30 @@ def own_int8_gemm() -> bool:
     return _ext.available() and hasattr(torch.ops.fastlm, "int8_gemm_avx2")
 
 
+def own_vnni_gemm() -> bool:
+    """Whether fastlm._C's AVX-512 VNNI int8 GEMM (csrc/int8_gemm_vnni.cpp) runs its VNNI tiles here:
+    the CPU has AVX-512 BW + VNNI (real flags) and fastlm._C's ISA is not capped below AVX-512."""
+    from fastlm import _ext
+
+    if not (_ext.available() and hasattr(torch.ops.fastlm, "int8_linear_vnni")):
+        return False
+    flags = cpu_flags()
+    return {"avx512bw", "avx512_vnni"} <= flags and not _fastlm_capped()
+
+
 def int8_gemm_path() -> str:
     """The exact int8 GEMM quantize="int8_dynamic" runs on CPU (fastlm.linear.int_mm):
+    - "fastlm_vnni": the CPU has AVX-512 VNNI but no AMX-INT8 and fastlm._C is loaded, uncapped:
+      csrc/int8_gemm_vnni.cpp (vpdpbusd, exact int32 sums), block by block with the epilogue fused
+      (Int8DynamicLinear keeps its weight in that kernel's uint8 quad panels);
     - "torch._int_mm": the CPU has an int8 dot-product instruction (oneDNN's VNNI / AMX GEMM) and
       torch's sums are exact (int8_gemm_exact);
     - "fastlm_avx2": no int8 dot-product instruction (or fastlm._C's ISA capped below AVX-512, the
       forced AVX2 route), or torch's sums are inexact: csrc/quant_avx2.cpp, exact int32 sums
       (its portable loop where fastlm._C runs portable code);
     - "float64": neither fastlm._C nor an exact torch._int_mm: a float64 product (exact, slow)."""
+    if "amx_int8" not in cpu_flags() and own_vnni_gemm():
+        return "fastlm_vnni"
     own = own_int8_gemm()
     if has_int8_dot() and not _fastlm_capped() and int8_gemm_exact():
         return "torch._int_mm"
@@ -163,6 +179,8 @@ def int8_gemm_note() -> str:
     if slow:
         return f"slower than float32: {slow}"
     path = int8_gemm_path()
+    if path == "fastlm_vnni":
+        return "int8 GEMM (fastlm AVX-512 VNNI kernel, vpdpbusd, exact int32 sums, epilogue fused per row block)"
     if path == "fastlm_avx2":
         return ("int8 GEMM (fastlm AVX2 kernel, vpmovsxbw + vpmaddwd, exact int32 sums: no int8 dot-product "
                 "instruction used), faster than float32")
@@ -174,6 +192,8 @@ def int8_gemm_slow() -> str | None:
     torch._int_mm with an int8 dot-product instruction (INT8_DOT_FLAGS), or fastlm's AVX2 int8 GEMM
     where it was measured faster than float32 (AVX2_INT8_PAYS). The flags are judged on x86 only."""
     path = int8_gemm_path()
+    if path == "fastlm_vnni":
+        return None
     if path == "torch._int_mm":
         if has_int8_dot():
             return None

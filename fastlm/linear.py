@@ -43,7 +43,7 @@ def int_mm(a: Tensor, b: Tensor) -> Tensor:
     path = cpu_features.int8_gemm_path()
     if path == "fastlm_avx2":
         return torch.ops.fastlm.int8_gemm_avx2(a, b)
-    if path == "torch._int_mm":
+    if path in ("torch._int_mm", "fastlm_vnni"):  # (fastlm_vnni's kernel reads packed quads: Int8DynamicLinear)
         return torch._int_mm(a, b)
     return (a.double() @ b.double()).to(torch.int32)
 
@@ -140,6 +140,29 @@ def pack_int8_panels(q: Tensor) -> Tensor:
     wp[:N, :K] = q
     packed = wp.view(nb, PANEL, k2, 2).permute(0, 2, 1, 3)  # (nb, k2, 16, 2)
     return _hugepage(packed).view(nb, k2, 2 * PANEL)
+
+
+def pack_int8_quads(q: Tensor) -> Tensor:
+    """(N, K) int8 -> quad panels (ceil(N / 16), ceil(K / 4), 64) uint8, contiguous: element
+    [p, kk, 4j + t] = q[16p + j, 4kk + t] + 128 (128, a zero weight, past N and K): the four weights
+    of a channel at k = 4kk..4kk + 3 side by side, offset to unsigned, as AVX-512 VNNI's vpdpbusd
+    reads its unsigned operand (csrc/int8_gemm_vnni.cpp). Int8DynamicLinear's weight layout where
+    cpu_features.int8_gemm_path() == "fastlm_vnni"."""
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise ValueError(f"pack_int8_quads: q must be 2-D int8, got {q.dtype} of shape {tuple(q.shape)}")
+    N, K = q.shape
+    nb, k4 = -(-N // PANEL), -(-K // 4)
+    wp = torch.full((nb * PANEL, 4 * k4), 128, dtype=torch.uint8, device=q.device)
+    wp[:N, :K] = (q.to(torch.int16) + 128).to(torch.uint8)
+    packed = wp.view(nb, PANEL, k4, 4).permute(0, 2, 1, 3)  # (nb, k4, 16, 4)
+    return _hugepage(packed).view(nb, k4, 4 * PANEL)
+
+
+def unpack_int8_quads(p: Tensor, n: int, k: int) -> Tensor:
+    """Inverse of pack_int8_quads: (nb, k4, 64) uint8 -> (n, k) int8 contiguous."""
+    nb, k4, _ = p.shape
+    w = p.view(nb, k4, PANEL, 4).permute(0, 2, 1, 3).reshape(nb * PANEL, 4 * k4)[:n, :k]
+    return (w.to(torch.int16) - 128).to(torch.int8).contiguous()
 
 
 def unpack_int8_panels(p: Tensor, n: int, k: int) -> Tensor:
@@ -424,43 +447,74 @@ class Int8DynamicLinear(FastLinear):
         self._relayout()
         return self
 
-    def _panels_here(self, device: torch.device) -> bool:
-        return device.type == "cpu" and cpu_features.int8_gemm_path() == "fastlm_avx2"
+    def _layout_here(self, device: torch.device) -> str:
+        """The weight layout this module keeps on `device`: "quads" (pack_int8_quads, uint8) where the
+        int8 GEMM is fastlm's VNNI kernel, "pairs" (pack_int8_panels) where it is fastlm's AVX2 kernel,
+        else "nk" ((N, K) view of (K, N) memory, what torch._int_mm reads)."""
+        if device.type != "cpu":
+            return "nk"
+        path = cpu_features.int8_gemm_path()
+        return "quads" if path == "fastlm_vnni" else "pairs" if path == "fastlm_avx2" else "nk"
+
+    @staticmethod
+    def _layout_of(q: Tensor) -> str:
+        if q.dim() == 2:
+            return "nk"
+        return "quads" if q.dtype == torch.uint8 else "pairs"
+
+    def _nk(self, q: Tensor) -> Tensor:
+        """An int8 weight in any layout -> (N, K) int8."""
+        layout = self._layout_of(q)
+        if layout == "quads":
+            return unpack_int8_quads(q, self.out_features, self.in_features)
+        if layout == "pairs":
+            return unpack_int8_panels(q, self.out_features, self.in_features)
+        return q
 
     def _in_layout(self, q: Tensor) -> Tensor:
-        """An int8 weight, (N, K) or pair panels, in the layout this module keeps on q's device."""
-        if q.dim() == 3:
-            q = unpack_int8_panels(q, self.out_features, self.in_features)
-        if self._panels_here(q.device):
+        """An int8 weight, in any of the layouts, in the layout this module keeps on q's device."""
+        want = self._layout_here(q.device)
+        if self._layout_of(q) == want and (want != "nk" or q.t().is_contiguous()):
+            return q
+        q = self._nk(q)
+        if want == "quads":
+            return pack_int8_quads(q)
+        if want == "pairs":
             return pack_int8_panels(q)
         return q if q.t().is_contiguous() else q.t().contiguous().t()  # (N, K) view of (K, N) memory
 
     def _relayout(self) -> None:
         with torch.no_grad():
-            q = self.qweight
-            if (q.dim() == 3) != self._panels_here(q.device) or (q.dim() == 2 and not q.t().is_contiguous()):
-                self.qweight = self._in_layout(q)
+            self.qweight = self._in_layout(self.qweight)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "qweight"
         q = state_dict.get(key)
-        if isinstance(q, Tensor) and q.dim() in (2, 3) and q.dim() != self.qweight.dim():
-            state_dict[key] = self._in_layout(q.to(self.qweight.device))  # saved where the other layout ran
+        if isinstance(q, Tensor) and q.dim() in (2, 3) and (
+                self._layout_of(q) != self._layout_of(self.qweight) or q.shape != self.qweight.shape):
+            state_dict[key] = self._in_layout(q.to(self.qweight.device))  # saved where another layout ran
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _qweight_nk(self) -> Tensor:
-        """The int8 weight as (N, K), whatever the layout (a copy from pair panels)."""
-        q = self.qweight
-        return unpack_int8_panels(q, self.out_features, self.in_features) if q.dim() == 3 else q
+        """The int8 weight as (N, K), whatever the layout (a copy from panels)."""
+        return self._nk(self.qweight)
 
     def _int_mm(self, xq: Tensor) -> Tensor:
         """xq (M, K) int8 @ the weight^T -> (M, N) int32, exact (fastlm.linear.int_mm's paths)."""
         q = self.qweight
-        if q.dim() == 3:
-            if cpu_features.int8_gemm_path() == "fastlm_avx2":
-                return torch.ops.fastlm.int8_gemm_avx2_panels(xq, q, self.out_features)
-            q = unpack_int8_panels(q, self.out_features, self.in_features)  # the path changed since: slow
+        layout, path = self._layout_of(q), cpu_features.int8_gemm_path()
+        if layout == "quads" and path == "fastlm_vnni":
+            return torch.ops.fastlm.int8_gemm_vnni(xq, q, self.out_features)
+        if layout == "pairs" and path == "fastlm_avx2":
+            return torch.ops.fastlm.int8_gemm_avx2_panels(xq, q, self.out_features)
+        if layout != "nk":
+            q = self._nk(q)  # the path changed since the layout was made: unpacked per call (slow)
         return int_mm(xq, q.t())
+
+    def _quads(self) -> bool:
+        """Whether the fused VNNI ops (GEMM and epilogue in one, int8_gemm_vnni.cpp) run this layer:
+        its weight is in quads and the path is still fastlm_vnni."""
+        return self.qweight.dtype == torch.uint8 and cpu_features.int8_gemm_path() == "fastlm_vnni"
 
     def dequantized(self) -> Tensor:
         """The (N, K) float32 weight the layer computes with: q * scale, and the float32 columns
@@ -528,6 +582,9 @@ class Int8DynamicLinear(FastLinear):
         xs (M,) float32, xo (M, n_o) float32 the outlier channels (required when the layer has
         them) -> act(xq W^T * xs * scale + xo @ w_out + b) + residual, (M, N) float32. Needs fastlm._C."""
         x_out, w_out = self._outlier_args(xo)
+        if self._quads():
+            return torch.ops.fastlm.int8_linear_vnni(xq, self.qweight, self.out_features, xs, self.scale, self.bias,
+                                                     _act_name(activation), residual, x_out, w_out)
         acc = self._int_mm(xq)  # (M, N) int32
         torch.ops.fastlm.int8_linear_epilogue_(acc, xs, self.scale, self.bias, _act_name(activation), residual,
                                                x_out, w_out)
@@ -543,6 +600,11 @@ class Int8DynamicLinear(FastLinear):
         if xq is None or not self.takes(xq):
             xq = self.quantize_input(x)
         x_out, w_out = self._outlier_args(xq.xo)
+        if self._quads():
+            q, s, yo = torch.ops.fastlm.int8_linear_vnni_quant(xq.q, self.qweight, self.out_features, xq.scale,
+                                                               self.scale, self.bias, _act_name(activation), x_out,
+                                                               w_out, outliers)
+            return Int8Rows(q, s, None if outliers is None else yo, outliers)
         acc = self._int_mm(xq.q)  # (M, N) int32
         q, s, yo = torch.ops.fastlm.int8_linear_epilogue_quant(acc, xq.scale, self.scale, self.bias,
                                                                _act_name(activation), x_out, w_out, outliers)
@@ -557,6 +619,11 @@ class Int8DynamicLinear(FastLinear):
         for bit). xq: Int8Rows for this layer, residual (M, N) float32 -> (h (M, N) float32,
         Int8Rows of h). Needs fastlm._C."""
         x_out, w_out = self._outlier_args(xq.xo)
+        if self._quads():
+            h, hq, hs, ho = torch.ops.fastlm.int8_linear_vnni_ln_quant(
+                xq.q, self.qweight, self.out_features, xq.scale, self.scale, self.bias, residual, ln_weight, ln_bias,
+                float(eps), x_out, w_out, outliers)
+            return h, Int8Rows(hq, hs, None if outliers is None else ho, outliers)
         acc = self._int_mm(xq.q)  # (M, N) int32
         hq, hs, ho = torch.ops.fastlm.int8_linear_epilogue_ln_quant_(
             acc, xq.scale, self.scale, self.bias, residual, ln_weight, ln_bias, float(eps), x_out, w_out, outliers)
@@ -578,7 +645,12 @@ class Int8TiedEmbedding(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         h = self.head[0]
         q = h.qweight
-        if q.dim() == 3 and q.shape[-1] == 2 * PANEL:  # pair panels (nb, ceil(K / 2), 32)
+        if q.dim() == 3 and q.dtype == torch.uint8:  # quad panels (nb, ceil(K / 4), 64) of q + 128
+            nb, k4, _ = q.shape
+            rows = q.view(nb, k4, PANEL, 4)[ids // PANEL, :, ids % PANEL]  # (..., k4, 4)
+            rows = rows.reshape(*rows.shape[:-2], 4 * k4)[..., : self.embedding_dim]
+            rows = (rows.to(torch.int16) - 128).to(torch.int8)
+        elif q.dim() == 3 and q.shape[-1] == 2 * PANEL:  # pair panels (nb, ceil(K / 2), 32)
             nb, k2, _ = q.shape
             rows = q.view(nb, k2, PANEL, 2)[ids // PANEL, :, ids % PANEL]  # (..., k2, 2)
             rows = rows.reshape(*rows.shape[:-2], 2 * k2)[..., : self.embedding_dim]

@@ -31,8 +31,9 @@ def flags(monkeypatch):
 
 @pytest.fixture
 def no_own_gemm(monkeypatch):
-    """As without fastlm._C's AVX2 int8 GEMM: torch's int8 GEMM is all there is."""
+    """As without fastlm._C's int8 GEMMs (AVX2 and VNNI): torch's int8 GEMM is all there is."""
     monkeypatch.setattr(cpu_features, "own_int8_gemm", lambda: False)
+    monkeypatch.setattr(cpu_features, "own_vnni_gemm", lambda: False)
 
 
 @pytest.mark.parametrize("cpu, slow", [(ZEN3, True), (ZEN4, False), (ALDER_LAKE, False), (SAPPHIRE_RAPIDS, False)])
@@ -50,7 +51,8 @@ def test_without_vnni_int8_dynamic_runs_fastlm_s_avx2_gemm(flags, monkeypatch, c
     flags(cpu)
     capped = torch.ops.fastlm.cpu_isa("") != "avx512" and "avx512f" in cpu  # FASTLM_CPU_ISA=avx2 on an AVX-512 CPU
     own = cpu is ZEN3 or capped
-    assert cpu_features.int8_gemm_path() == ("fastlm_avx2" if own else "torch._int_mm")
+    vnni = cpu is ZEN4 and not capped  # AVX-512 VNNI without AMX: fastlm's VNNI GEMM, epilogue fused
+    assert cpu_features.int8_gemm_path() == ("fastlm_avx2" if own else "fastlm_vnni" if vnni else "torch._int_mm")
     assert (cpu_features.int8_gemm_slow() is None) == (not own or cpu_features.AVX2_INT8_PAYS)
     note = info.report()["int8_dynamic on this CPU"]
     assert ("fastlm AVX2 kernel" in note) == (own and cpu_features.AVX2_INT8_PAYS)
@@ -60,6 +62,8 @@ def test_without_vnni_int8_dynamic_runs_fastlm_s_avx2_gemm(flags, monkeypatch, c
         if own:
             assert (cpu_features.int8_gemm_slow() is None) == pays
             assert note.startswith("int8 GEMM (fastlm AVX2 kernel" if pays else "slower than float32: ")
+        elif vnni:
+            assert note.startswith("int8 GEMM (fastlm AVX-512 VNNI kernel")
         else:
             assert note == "int8 GEMM (torch._int_mm)"
 
@@ -79,7 +83,10 @@ def test_the_real_flags_are_read():
     has_dot = any(f in real for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
     assert cpu_features.has_int8_dot() == has_dot
     path = cpu_features.int8_gemm_path()
-    if path == "torch._int_mm":  # an int8 dot-product instruction, exact sums, fastlm not capped below it
+    if path == "fastlm_vnni":  # AVX-512 VNNI (no AMX), fastlm not capped below it: fastlm's own VNNI GEMM
+        assert "avx512_vnni" in real and "amx_int8" not in real and cpu_features.int8_gemm_slow() is None
+        assert torch.ops.fastlm.cpu_isa("") == "avx512"
+    elif path == "torch._int_mm":  # an int8 dot-product instruction, exact sums, fastlm not capped below it
         assert has_dot and cpu_features.int8_gemm_exact() and cpu_features.int8_gemm_slow() is None
     else:  # no VNNI, or the AVX2 subset of CI (FASTLM_CPU_ISA=avx2; ONEDNN_MAX_CPU_ISA=AVX2 makes torch's saturate)
         assert path == "fastlm_avx2"
@@ -110,7 +117,10 @@ def test_no_warning_where_the_int8_gemm_pays(flags, caplog):
         fastlm.from_pretrained(tiny_bert(), quantize="int8")
     warned = [r for r in caplog.records if "slower than float32" in r.getMessage()]
     rep = info.report()
-    if cpu_features.int8_gemm_path() == "torch._int_mm":
+    if cpu_features.int8_gemm_path() == "fastlm_vnni":
+        assert not warned
+        assert rep["int8_dynamic on this CPU"].startswith("int8 GEMM (fastlm AVX-512 VNNI kernel")
+    elif cpu_features.int8_gemm_path() == "torch._int_mm":
         assert not warned
         assert rep["int8_dynamic on this CPU"] == "int8 GEMM (torch._int_mm)"
     else:  # the AVX2 subset: fastlm capped at AVX2 takes its own int8 GEMM, and says whether it pays there
@@ -164,6 +174,7 @@ def test_without_an_exact_int8_gemm_int8_dynamic_stays_exact(monkeypatch, caplog
     x = torch.randn(3, 7, 300)
     expect = lin(x)
     monkeypatch.setattr(cpu_features, "own_int8_gemm", lambda: False)  # no fastlm AVX2 int8 GEMM to fall back on
+    monkeypatch.setattr(cpu_features, "own_vnni_gemm", lambda: False)  # nor its VNNI one
     monkeypatch.setattr(cpu_features, "int8_gemm_exact", lambda: False)
     assert cpu_features.int8_gemm_path() == "float64"
     assert torch.equal(int_mm(a, b), exact)

@@ -124,6 +124,8 @@ def test_int8_dynamic_fused_path_equals_torch_path(M, act, monkeypatch):
     m = Int8DynamicLinear.from_linear(lin)
     if cpu_features.int8_gemm_path() == "fastlm_avx2":  # the AVX2 int8 GEMM's pair panels, packed once
         assert m.qweight.shape == (9, 49, 32) and m.qweight.is_contiguous()
+    elif cpu_features.int8_gemm_path() == "fastlm_vnni":  # the VNNI GEMM's uint8 quad panels, packed once
+        assert m.qweight.shape == (9, 25, 64) and m.qweight.dtype == torch.uint8 and m.qweight.is_contiguous()
     else:
         assert m.qweight.shape == (129, 97) and m.qweight.t().is_contiguous()  # (K, N) memory
     x = torch.randn(M, 97)
