@@ -195,7 +195,9 @@ void int8_gemm_vnni_rows(const int8_t* a, int64_t lda, int64_t M, int64_t K, con
   if (nblocks >= threads) {
     // each block: GEMM into a per-thread L2-sized buffer, then its rows' epilogue
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<int32_t> c(static_cast<size_t>(mb * N));
+      // kept per thread: a fresh ~384 KB buffer per call would be page-faulted in again each time
+      thread_local std::vector<int32_t> c;
+      if (c.size() < static_cast<size_t>(mb * N)) c.resize(static_cast<size_t>(mb * N));
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t m0 = b * mb, n_rows = std::min(mb, M - m0);
         block(m0, n_rows, 0, nq, c.data(), N);
