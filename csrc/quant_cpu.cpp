@@ -38,8 +38,10 @@
 //     into an L2-resident int32 buffer and run through the same row functions at once. Bit for bit
 //     the unfused op on the exact product (acc = xq @ w^T).
 // In place, each row is read into a per-thread scratch row before its slot is written.
-// The loops are plain C++ that gcc vectorises, cloned per ISA (AVX-512, AVX2, baseline) and picked at
-// load time, as in ffn.cpp.
+// The epilogue loops are plain C++ that gcc vectorises, cloned per ISA (AVX-512, AVX2, baseline) and
+// picked at load time, as in ffn.cpp; absmax / quantize rows are AVX-512F / AVX2 intrinsics picked by
+// cpu::isa_level() (FASTLM_CPU_ISA caps them), bit for bit the cloned C++ rows kept for the portable
+// level (gcc left the absmax scalar).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
