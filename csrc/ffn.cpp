@@ -17,6 +17,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #ifdef FASTLM_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -361,6 +365,78 @@ at::Tensor ffn_cuda(const at::Tensor& x_in, const at::Tensor& w1, const at::Tens
 }
 #endif
 
+#if defined(__GNUC__) && defined(__x86_64__)
+#define FASTLM_LN_X86 1
+// add_layer_norm_row (int8_linear_epilogue_ln_quant_'s LayerNorm, one row at a time) with AVX-512 /
+// AVX2 intrinsics, bit for bit layer_norm_row<float> as its x86-64-v4 / v3 clones compute it: v =
+// x + r and lane_sum's 16 lanes (lane l adds v[l], v[16 + l], ... in order, then the lanes 0..15
+// and the tail in order) in one pass instead of three, lane_sq_dev itself (the cloned function),
+// then y = fma((v - mean) * rstd, w, b), the FMA the clones contract the last line into.
+__attribute__((target("avx512f,avx2,fma"))) void add_layer_norm_row_512(const float* x, const float* r, const float* w,
+                                                                        const float* b, float* y, float* v, int64_t n,
+                                                                        float eps) {
+  __m512 acc = _mm512_setzero_ps();
+  const int64_t n16 = n / 16 * 16;
+  for (int64_t j = 0; j < n16; j += 16) {
+    __m512 t = _mm512_loadu_ps(x + j);
+    if (r != nullptr) t = _mm512_add_ps(t, _mm512_loadu_ps(r + j));
+    _mm512_storeu_ps(v + j, t);
+    acc = _mm512_add_ps(acc, t);
+  }
+  for (int64_t j = n16; j < n; ++j) v[j] = r != nullptr ? x[j] + r[j] : x[j];
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, acc);
+  float total = 0.f;
+  for (int l = 0; l < 16; ++l) total += lanes[l];
+  for (int64_t j = n16; j < n; ++j) total += v[j];
+  const float mean = total / static_cast<float>(n);
+  const float rstd = 1.0f / std::sqrt(lane_sq_dev(v, n, mean) / static_cast<float>(n) + eps);
+  const __m512 mv = _mm512_set1_ps(mean), rv = _mm512_set1_ps(rstd);
+  int64_t j = 0;
+  for (; j < n16; j += 16)
+    _mm512_storeu_ps(y + j, _mm512_fmadd_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(v + j), mv), rv),
+                                            _mm512_loadu_ps(w + j), _mm512_loadu_ps(b + j)));
+  if (j < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - j)) - 1u);
+    _mm512_mask_storeu_ps(y + j, m, _mm512_fmadd_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, v + j), mv), rv),
+                                                    _mm512_maskz_loadu_ps(m, w + j), _mm512_maskz_loadu_ps(m, b + j)));
+  }
+}
+
+__attribute__((target("avx2,fma"))) void add_layer_norm_row_256(const float* x, const float* r, const float* w,
+                                                               const float* b, float* y, float* v, int64_t n,
+                                                               float eps) {
+  __m256 lo = _mm256_setzero_ps(), hi = lo;  // lanes 0..7 and 8..15
+  const int64_t n16 = n / 16 * 16;
+  for (int64_t j = 0; j < n16; j += 16) {
+    __m256 a = _mm256_loadu_ps(x + j), c = _mm256_loadu_ps(x + j + 8);
+    if (r != nullptr) {
+      a = _mm256_add_ps(a, _mm256_loadu_ps(r + j));
+      c = _mm256_add_ps(c, _mm256_loadu_ps(r + j + 8));
+    }
+    _mm256_storeu_ps(v + j, a);
+    _mm256_storeu_ps(v + j + 8, c);
+    lo = _mm256_add_ps(lo, a);
+    hi = _mm256_add_ps(hi, c);
+  }
+  for (int64_t j = n16; j < n; ++j) v[j] = r != nullptr ? x[j] + r[j] : x[j];
+  alignas(32) float lanes[16];
+  _mm256_store_ps(lanes, lo);
+  _mm256_store_ps(lanes + 8, hi);
+  float total = 0.f;
+  for (int l = 0; l < 16; ++l) total += lanes[l];
+  for (int64_t j = n16; j < n; ++j) total += v[j];
+  const float mean = total / static_cast<float>(n);
+  const float rstd = 1.0f / std::sqrt(lane_sq_dev(v, n, mean) / static_cast<float>(n) + eps);
+  const __m256 mv = _mm256_set1_ps(mean), rv = _mm256_set1_ps(rstd);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    _mm256_storeu_ps(y + j, _mm256_fmadd_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(v + j), mv), rv),
+                                            _mm256_loadu_ps(w + j), _mm256_loadu_ps(b + j)));
+  for (; j < n; ++j) y[j] = std::fma((v[j] - mean) * rstd, w[j], b[j]);
+}
+#endif
+
 }  // namespace
 
 namespace cpu {
@@ -374,6 +450,11 @@ void layer_norm(const float* x, const float* r, const float* w, const float* b, 
 
 void add_layer_norm_row(const float* x, const float* r, const float* w, const float* b, float* y, float* v, int64_t n,
                         float eps) {
+#ifdef FASTLM_LN_X86
+  const int isa = isa_level();
+  if (isa >= 2) return add_layer_norm_row_512(x, r, w, b, y, v, n, eps);
+  if (isa == 1) return add_layer_norm_row_256(x, r, w, b, y, v, n, eps);
+#endif
   layer_norm_row<float>(x, r, w, b, y, nullptr, v, n, eps);
 }
 }  // namespace cpu

@@ -546,3 +546,110 @@ def test_int8_seam_with_outlier_channels_equals_unfused(M, monkeypatch):
     monkeypatch.setattr(flinear._ext, "available", lambda: False)
     torch.testing.assert_close(nxt(h), fused, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dense(y), dense_fused, rtol=1e-5, atol=1e-5)
+
+
+# ---- the AVX-512 / AVX2 rows against the portable (plain C++) rows, bit for bit ----------------
+
+QUANT_ISAS = ["avx512", "avx2", "portable"]
+AWKWARD = [1, 15, 16, 17, 31, 33, 97, 1025, 3073]
+
+
+def _quant_isas():
+    """The row paths this process may take, from the current one (capped by FASTLM_CPU_ISA) down."""
+    return QUANT_ISAS[QUANT_ISAS.index(torch.ops.fastlm.cpu_isa("")):]
+
+
+def _per_isa(fn):
+    """fn() under every available row path (the ISA restored after), as {isa: result}."""
+    prev = torch.ops.fastlm.cpu_isa("")
+    out = {}
+    try:
+        for isa in _quant_isas():
+            torch.ops.fastlm.cpu_isa(isa)
+            out[isa] = fn()
+    finally:
+        torch.ops.fastlm.cpu_isa(prev)
+    return out
+
+
+def _awkward_x(M, K, kind, g):
+    """Rows of one kind: random ranges, exact .5 ties after the division by the scale (absmax
+    127 * 2^e, values (k + .5) * 2^e), ties perturbed by a few ulps, huge values, subnormal
+    scales; an all-zero row."""
+    e = torch.randint(-30, 30, (M, 1), generator=g).float()
+    if kind == "randn":
+        x = torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 10
+    elif kind in ("ties", "near_ties"):
+        x = torch.randint(-127, 127, (M, K), generator=g).float() + 0.5
+        if kind == "near_ties":
+            x = x + torch.randint(-3, 4, (M, K), generator=g).float() * 2.0**-17
+        x = x * torch.exp2(e)
+        x[:, 0] = 127 * torch.exp2(e[:, 0])
+    elif kind == "huge":
+        x = torch.randn(M, K, generator=g) * 1e37
+    else:  # "tiny": absmax / 127 is subnormal
+        x = torch.randn(M, K, generator=g) * 1e-38
+    if M > 2:
+        x[1] = 0
+    return x
+
+
+@pytest.mark.parametrize("K", AWKWARD)
+@pytest.mark.parametrize("M", [1, 3, 17])
+def test_quantize_rows_int8_isa_paths_equal_torch_bit_for_bit(M, K):
+    """quantize_rows_int8 == torch.round(x / scale).clamp(-127, 127) exactly (a true division, ties to
+    even) on every row path, with and without outlier channels; with NaN / inf inputs (no torch
+    reference) the paths agree with the portable one bit for bit."""
+    g = torch.Generator().manual_seed(M * 10007 + K)
+    for kind in ["randn", "ties", "near_ties", "huge", "tiny"]:
+        x = _awkward_x(M, K, kind, g)
+        idx = _outlier_idx(K, min(3, K - 1), K) if K > 1 else None
+        def run(x=x, idx=idx):
+            return (*torch.ops.fastlm.quantize_rows_int8(x), *torch.ops.fastlm.quantize_rows_int8(x, idx))
+        for isa, (q, s, qo, so) in _per_isa(run).items():
+            q_ref, s_ref = _quant_ref(x)
+            assert torch.equal(s, s_ref) and torch.equal(q, q_ref), (isa, kind)
+            if idx is not None:
+                qo_ref, so_ref = _masked_quant_ref(x, idx)
+                assert torch.equal(so, so_ref) and torch.equal(qo, qo_ref), (isa, kind)
+    x = torch.randn(M, K, generator=g)
+    x.view(-1)[torch.randint(0, M * K, (max(1, M * K // 8),), generator=g)] = torch.tensor(
+        [float("nan"), float("inf"), -float("inf"), 3e38])[torch.randint(0, 4, (max(1, M * K // 8),), generator=g)]
+    res = _per_isa(lambda: torch.ops.fastlm.quantize_rows_int8(x))
+    for isa, (q, s) in res.items():
+        assert torch.equal(q, res["portable"][0]) and torch.equal(s, res["portable"][1]), isa
+
+
+@pytest.mark.parametrize("N", AWKWARD)
+@pytest.mark.parametrize("M", [1, 17])
+def test_fused_epilogues_isa_paths_bit_for_bit(M, N):
+    """On every row path: epilogue_quant == epilogue then quantize_rows_int8, ln_quant == epilogue,
+    add_layer_norm_ext, quantize_rows_int8, all exactly, and every path's outputs equal the portable
+    path's; acc with .5 ties after the division (x_scale = w_scale = 1, absmax 254)."""
+    g = torch.Generator().manual_seed(M * 7919 + N)
+    ties = torch.randint(-254, 255, (M, N), generator=g, dtype=torch.int32)
+    ties[:, 0] = 254
+    cases = [(ties, torch.ones(M), torch.ones(N), None), (*_gemm_out(M, N, True),)]
+    r, lw, lb = torch.randn(M, N, generator=g) * 3, torch.randn(N, generator=g), torch.randn(N, generator=g)
+    idx = _outlier_idx(N, min(2, N - 1), N) if N > 1 else None
+    for acc, xs, ws, b in cases:
+        def run(acc=acc, xs=xs, ws=ws, b=b):
+            out = []
+            for act in ["none", "gelu", "gelu_tanh"]:
+                out += torch.ops.fastlm.int8_linear_epilogue_quant(acc, xs, ws, b, act, None, None, idx)
+                y = torch.ops.fastlm.int8_linear_epilogue(acc, xs, ws, b, act)
+                out += [y, *torch.ops.fastlm.quantize_rows_int8(y, idx)]
+            a2 = acc.clone()
+            out += torch.ops.fastlm.int8_linear_epilogue_ln_quant_(a2, xs, ws, b, r, lw, lb, 1e-12, None, None, idx)
+            h = torch.ops.fastlm.add_layer_norm_ext(torch.ops.fastlm.int8_linear_epilogue(acc, xs, ws, b), r, lw, lb,
+                                                    1e-12)[0]
+            out += [a2.view(torch.float32), h, *torch.ops.fastlm.quantize_rows_int8(h, idx)]
+            return out
+        res = _per_isa(run)
+        for isa, out in res.items():
+            for k in range(3):  # epilogue_quant (q, scale) == quantize_rows_int8(epilogue)
+                q, s, _, _, q2, s2 = out[6 * k:6 * k + 6]
+                assert torch.equal(q, q2) and torch.equal(s, s2), (isa, k)
+            q, s, _, h_inplace, h, q2, s2 = out[18:]
+            assert torch.equal(h_inplace, h) and torch.equal(q, q2) and torch.equal(s, s2), isa
+            assert all(torch.equal(a, p) for a, p in zip(out, res["portable"], strict=True)), isa
