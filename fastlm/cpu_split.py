@@ -11,7 +11,8 @@ what the whole batch computes for its rows (int8_dynamic: bit for bit; the GEMM 
 every other op is per row or per sequence).
 
 Used by the encoders' forward (fastlm/models/bert.py) when `n_chunks` says so: CPU tensors, an
-int8_dynamic model (the path measured; see docs/design.md, Performance), torch.get_num_threads()
+int8_dynamic model, or a float32 one where fastlm._C runs AVX2 (its one-thread chunks run fastlm's
+packed GEMM; the paths measured, see docs/design.md, Performance), torch.get_num_threads()
 >= 2, at least 2 sequences and MIN_ROWS tokens per chunk. `FASTLM_CPU_BATCH_SPLIT=0` turns it off.
 
 Threads: a pool of n worker threads made on first use, each with torch.set_num_threads(1) (a

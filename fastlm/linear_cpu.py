@@ -10,6 +10,12 @@ each call (measured: BERT-base B8 S128 447 -> 425 ms). The packed copy is rebuil
 changes (another tensor, an in-place update, `.to()`); it costs a second copy of the weight. A
 weight that is an inference tensor (made under torch.inference_mode) has no version counter, so
 its in-place updates cannot be seen: it is never packed (oneDNN reorders it on each call).
+
+Where fastlm._C runs AVX2 (an AVX2-only CPU, or FASTLM_CPU_ISA=avx2), the packed copy is fastlm's
+16-channel panels instead, and float32 rows on one intra-op thread (a chunk of a batch split over
+threads) go to fastlm's own packed GEMM (torch.ops.fastlm.packed_linear, csrc/gemv.cpp's register
+tiles): measured faster than oneDNN's AVX2 kernels there (see `tiles_here`); with more intra-op
+threads oneDNN runs on the plain weight.
 """
 
 from __future__ import annotations
@@ -64,6 +70,8 @@ class CPULinear(nn.Linear):
 
     _packed: Tensor | None = None
     _packed_key: tuple | None = None
+    _panels: Tensor | None = None
+    _panels_key: tuple | None = None
 
     def onednn_weight(self) -> Tensor | None:
         """The weight reordered for oneDNN (a float32 or bfloat16 mkldnn tensor, the weight's dtype),
@@ -86,6 +94,41 @@ class CPULinear(nn.Linear):
             self._packed_key = key
         return self._packed
 
+    def panels(self) -> Tensor | None:
+        """The float32 weight packed into fastlm's 16-channel panels (fastlm.linear.pack_panels), built on
+        first use and kept while the weight is unchanged (as onednn_weight); None for an inference-tensor
+        weight (no version counter: packed per call instead)."""
+        w = self.weight
+        version = _version(w)
+        key = (w.data_ptr(), version, tuple(w.shape), tuple(w.stride()))
+        if version is None or self._panels_key != key:
+            from fastlm.linear import pack_panels
+
+            with torch.no_grad():
+                panels = pack_panels(w.detach())
+            if version is None:
+                return panels
+            self._panels, self._panels_key = panels, key
+        return self._panels
+
+    def panels_layout(self, x: Tensor) -> bool:
+        """Whether this layer keeps its float32 weight as fastlm's panels (its one packed copy) instead
+        of oneDNN's reorder: fastlm._C runs AVX2 (an AVX2-only CPU, or FASTLM_CPU_ISA=avx2)."""
+        return (x.dtype == torch.float32 and self.weight.dtype == torch.float32 and self.weight.dim() == 2
+                and x.numel() > 0 and not torch.compiler.is_compiling() and torch.ops.fastlm.cpu_isa("") == "avx2")
+
+    def tiles_here(self, x: Tensor) -> bool:
+        """Whether float32 x runs fastlm's packed GEMM on the panels: the panels layout and one intra-op
+        thread (a chunk of a batch split over threads, fastlm/cpu_split.py, or a one-thread process).
+        Measured 2026-12-07 on the Zen 4 capped at AVX2, BERT-base B8 S128 float32, one process
+        alternating: one thread 0.92x the time of oneDNN's AVX2 GEMMs on its reordered weight (GEMMs
+        alone at M 512: 107-111 vs 103-109 GFLOP/s); 2 threads with the batch split 0.91x (best; median
+        0.90x) of oneDNN split over both threads per op, while the packed GEMM split over 2 threads per
+        op took 1.37x: with more intra-op threads oneDNN runs, on the plain weight (reordered per call:
+        B1 S128 ~5% slower than on a kept reorder, no second copy). At AVX-512 oneDNN stays (108-112 vs
+        100-104 GFLOP/s)."""
+        return self.panels_layout(x) and torch.get_num_threads() == 1
+
     def fused_ready(self, x: Tensor) -> bool:
         """Whether forward(x, activation=..., residual=...) runs fastlm._C's fused linear."""
         return x.device.type == "cpu" and _ext.available() and not torch.is_grad_enabled()
@@ -98,6 +141,11 @@ class CPULinear(nn.Linear):
         if self.fused_ready(x):
             if self._bf16_as_fp32(x):
                 return self._forward_bf16_as_fp32(x, activation, residual)
+            if self.panels_layout(x):
+                if torch.get_num_threads() == 1:  # tiles_here
+                    return torch.ops.fastlm.packed_linear(x, self.panels(), self.out_features, None, self.bias,
+                                                          residual, activation or "none")
+                return torch.ops.fastlm.linear_ext(x, self.weight, self.bias, None, activation or "none", residual)
             packed = None  # under torch.compile the plain weight (oneDNN reorders it per call)
             if x.dtype == self.weight.dtype and not torch.compiler.is_compiling():
                 packed = self.onednn_weight()
@@ -124,8 +172,8 @@ class CPULinear(nn.Linear):
         y = torch.ops.fastlm.linear_ext(x.float(), self.weight.float(), b, None, activation or "none", r)
         return y.to(torch.bfloat16)
 
-    def _apply(self, fn, recurse=True):  # .to() / .half() / .cuda(): drop the packed copy (rebuilt on use)
-        self._packed = self._packed_key = None
+    def _apply(self, fn, recurse=True):  # .to() / .half() / .cuda(): drop the packed copies (rebuilt on use)
+        self._packed = self._packed_key = self._panels = self._panels_key = None
         return super()._apply(fn, recurse)
 
     def __getstate__(self):  # copy / pickle without the packed copy (rebuilt on first use)
@@ -133,4 +181,6 @@ class CPULinear(nn.Linear):
         state = dict(state)
         state.pop("_packed", None)
         state.pop("_packed_key", None)
+        state.pop("_panels", None)
+        state.pop("_panels_key", None)
         return state

@@ -1,4 +1,4 @@
-"""The CPU batch split of int8_dynamic encoder forwards (fastlm/cpu_split.py): a chunk of the
+"""The CPU batch split of int8_dynamic (and, at AVX2, float32) encoder forwards (fastlm/cpu_split.py): a chunk of the
 batch per thread gives the whole batch's hidden states bit for bit (the float32 pooler / heads
 to float32 rounding), in order, with padding, pooler and
 heads; it splits only where it should, never nests, and leaves the caller's thread count alone."""
@@ -119,13 +119,42 @@ def test_split_raises_a_chunks_error(two_threads, monkeypatch):
         cpu_split.run(boom, 2, (torch.zeros(4, 1),))
 
 
-def test_fp32_model_does_not_split(two_threads, monkeypatch):
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_fp32_model_splits_only_at_avx2(isa, two_threads, monkeypatch):
+    """A float32 model splits its batch only where fastlm._C runs AVX2 (whose one-thread chunks run
+    fastlm's packed GEMM): there the split equals the unsplit forward (oneDNN over both threads) and
+    transformers to float32 rounding; at AVX-512 it does not split."""
+    from fastlm import _ext, cpu_features
+
+    if not _ext.available():
+        pytest.skip("fastlm._C is not built: no AVX2 / AVX-512 kernels to choose between")
+    flags = cpu_features.cpu_flags()
+    if not ({"avx2", "fma"} <= flags and (isa == "avx2" or "avx512f" in flags)):
+        pytest.skip(f"this CPU cannot run fastlm._C at {isa}")
     monkeypatch.setattr(cpu_split, "MIN_ROWS", 1)
-    model = fastlm.from_pretrained(randomize_(tf.BertModel(_cfg()).eval(), std=0.05))
+    hf = randomize_(tf.BertModel(_cfg()).eval(), std=0.05)
+    model = fastlm.from_pretrained(hf)
+    ids = torch.randint(0, 211, (4, 16))
+    mask = torch.ones_like(ids)
+    mask[2, 11:] = 0
+    before = torch.ops.fastlm.cpu_isa("")
     calls = []
-    monkeypatch.setattr(cpu_split, "run", lambda *a: calls.append(1))
-    model(torch.randint(0, 211, (4, 16)))
-    assert not calls
+    run = cpu_split.run
+    monkeypatch.setattr(cpu_split, "run", lambda *a: calls.append(1) or run(*a))
+    try:
+        torch.ops.fastlm.cpu_isa(isa)
+        split = model(ids, mask).last_hidden_state
+        assert bool(calls) == (isa == "avx2")
+        monkeypatch.setenv("FASTLM_CPU_BATCH_SPLIT", "0")
+        whole = model(ids, mask).last_hidden_state
+    finally:
+        torch.ops.fastlm.cpu_isa(before)
+    assert len(calls) <= 1
+    keep = mask.bool()
+    torch.testing.assert_close(split[keep], whole[keep], rtol=1e-5, atol=2e-5)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(split[keep], ref[keep], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")

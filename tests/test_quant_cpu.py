@@ -158,26 +158,81 @@ def test_cpu_linear_packed_fused_matches_float64(M, act, residual):
 
 @pytest.mark.skipif(not onednn_packable(), reason="this torch has no oneDNN")
 def test_cpu_linear_packs_once_and_follows_the_weight():
+    """The weight is packed once (oneDNN's reorder, or fastlm's panels where fastlm._C runs AVX2: run
+    on one thread there, where the panels are used), reused by later calls, and repacked when the
+    weight changes in place or is replaced."""
     lin = CPULinear(64, 96)
     x = torch.randn(40, 64)
-    with torch.inference_mode():
+    tiles = lin.panels_layout(x)
+    with _threads(1 if tiles else torch.get_num_threads()), torch.inference_mode():
         lin(x)
-        packed = lin._packed
-        assert packed is not None and packed.is_mkldnn
+        packed = lin._panels if tiles else lin._packed
+        assert packed is not None and (tiles or packed.is_mkldnn)
+        assert (lin._packed is None) if tiles else (lin._panels is None)  # one packed copy, not two
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
             y = lin(x)
     names = {e.key for e in p.key_averages()}
-    assert "mkldnn::_linear_pointwise" in names and "mkldnn::_reorder_linear_weight" not in names
-    assert lin._packed is packed  # reused
+    if tiles:
+        assert "fastlm::packed_linear" in names and "mkldnn::_linear_pointwise" not in names
+        assert lin._panels is packed  # reused
+    else:
+        assert "mkldnn::_linear_pointwise" in names and "mkldnn::_reorder_linear_weight" not in names
+        assert lin._packed is packed  # reused
     torch.testing.assert_close(y, F.linear(x, lin.weight, lin.bias), atol=2e-5, rtol=1e-5)
     with torch.no_grad():
         lin.weight.mul_(-2.0)  # in place: the packed copy must follow
-    with torch.inference_mode():
+    with _threads(1 if tiles else torch.get_num_threads()), torch.inference_mode():
         y2 = lin(x)
-    torch.testing.assert_close(y2, F.linear(x, lin.weight, lin.bias), atol=4e-5, rtol=1e-5)
-    lin.weight = torch.nn.Parameter(torch.randn(96, 64))  # another tensor
-    with torch.inference_mode():
+        torch.testing.assert_close(y2, F.linear(x, lin.weight, lin.bias), atol=4e-5, rtol=1e-5)
+        lin.weight = torch.nn.Parameter(torch.randn(96, 64))  # another tensor
         torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), atol=4e-5, rtol=1e-5)
+
+
+class _threads:
+    """torch.set_num_threads(n) inside the block, the old count after."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
+
+
+@pytest.mark.parametrize("M", [1, 17, 97, 129])
+@pytest.mark.parametrize("act,residual", [(None, False), ("gelu", False), ("gelu_tanh", False), (None, True)])
+def test_cpu_linear_on_fastlm_tiles_at_avx2(M, act, residual):
+    """Where fastlm._C runs AVX2 (cpu_isa "avx2"), float32 CPULinear runs packed_linear on its panels:
+    act(x W^T + b) + r within float32 rounding of a float64 reference, 3-D inputs too."""
+    if not {"avx2", "fma"} <= cpu_features.cpu_flags():
+        pytest.skip("this CPU has no AVX2 + FMA: fastlm._C cannot run AVX2 here")
+    before = torch.ops.fastlm.cpu_isa("")
+    try:
+        torch.ops.fastlm.cpu_isa("avx2")
+        lin = CPULinear(129, 97)
+        x = torch.randn(M, 129)
+        r = torch.randn(M, 97) if residual else None
+        want = _ref_linear(x, lin, act, r)
+        assert lin.panels_layout(x)
+        with _threads(1), torch.inference_mode():
+            assert lin.tiles_here(x)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
+                y = lin(x, activation=act, residual=r)
+            y3 = lin(x.view(1, M, 129), activation=act, residual=None if r is None else r.view(1, M, 97))
+        assert "fastlm::packed_linear" in {e.key for e in p.key_averages()}
+        assert lin._panels is not None and lin._packed is None
+        assert (y.double() - want).abs().max().item() <= 2e-5 * (1 + want.abs().max().item())
+        assert torch.equal(y3.view(M, 97), y)
+        with _threads(2), torch.inference_mode():  # more intra-op threads: oneDNN on the plain weight
+            assert not lin.tiles_here(x)
+            y2 = lin(x, activation=act, residual=r)
+        assert lin._packed is None  # still one packed copy, the panels
+        assert (y2.double() - want).abs().max().item() <= 2e-5 * (1 + want.abs().max().item())
+    finally:
+        torch.ops.fastlm.cpu_isa(before)
 
 
 def test_cpu_linear_without_onednn():
@@ -253,15 +308,17 @@ def test_cpu_linear_copies_and_moves_drop_the_packed_copy():
 
     lin = CPULinear(64, 96)
     x = torch.randn(40, 64)
-    with torch.inference_mode():
+    tiles = lin.panels_layout(x)
+    attr = "_panels" if tiles else "_packed"  # fastlm's panels at AVX2 (used on one thread), else oneDNN's reorder
+    with _threads(1 if tiles else torch.get_num_threads()), torch.inference_mode():
         y = lin(x)
-    assert lin._packed is not None
+    assert getattr(lin, attr) is not None
     twin = copy.deepcopy(lin)
-    assert twin._packed is None  # rebuilt on use, not copied
-    with torch.inference_mode():
+    assert getattr(twin, attr) is None  # rebuilt on use, not copied
+    with _threads(1 if tiles else torch.get_num_threads()), torch.inference_mode():
         torch.testing.assert_close(twin(x), y)
     lin.double()
-    assert lin._packed is None
+    assert getattr(lin, attr) is None
     with torch.inference_mode():
         torch.testing.assert_close(lin(x.double()), F.linear(x.double(), lin.weight, lin.bias))
 

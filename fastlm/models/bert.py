@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fastlm import cpu_split, ops
+from fastlm import _ext, cpu_split, ops
 from fastlm.backend import model_entry
 from fastlm.linear import Int8DynamicLinear
 from fastlm.linear_cpu import CPULinear
@@ -333,7 +333,7 @@ class BertModel(nn.Module):
     ) -> BaseModelOutput:
         self.check_inputs(input_ids, attention_mask, token_type_ids)
         n = cpu_split.n_chunks(input_ids) if self._batch_split_ok() else 1
-        if n > 1:  # CPU int8_dynamic: a chunk of the batch per thread (fastlm/cpu_split.py)
+        if n > 1:  # CPU int8_dynamic (or float32 at AVX2): a chunk of the batch per thread (fastlm/cpu_split.py)
             parts = cpu_split.run(self._encode, n, (input_ids, attention_mask, token_type_ids))
             h = torch.cat([p[0] for p in parts])
             pooled = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
@@ -342,9 +342,17 @@ class BertModel(nn.Module):
         return BaseModelOutput(last_hidden_state=h, pooler_output=pooled)
 
     def _batch_split_ok(self) -> bool:
-        """Whether the forward may split its batch over threads: int8_dynamic models (the path
-        measured, fastlm/cpu_split.py)."""
-        return bool(len(self.encoder.layer)) and isinstance(self.encoder.layer[0].attention.qkv, Int8DynamicLinear)
+        """Whether the forward may split its batch over threads (fastlm/cpu_split.py): int8_dynamic
+        models, and float32 ones where fastlm._C runs AVX2 (whose one-thread chunks run fastlm's packed
+        GEMM: capped Zen 4, BERT-base B8 S128, 2 threads, 0.91x the time of the unsplit oneDNN forward,
+        fastlm.linear_cpu.CPULinear.tiles_here). At AVX-512 float32 the split measured 0.99x: not taken."""
+        if not len(self.encoder.layer):
+            return False
+        qkv = self.encoder.layer[0].attention.qkv
+        if isinstance(qkv, Int8DynamicLinear):
+            return True
+        return (isinstance(qkv, CPULinear) and qkv.weight.device.type == "cpu" and qkv.weight.dtype == torch.float32
+                and _ext.available() and torch.ops.fastlm.cpu_isa("") == "avx2")
 
     def _encode(self, input_ids: Tensor, attention_mask: Tensor | None,
                 token_type_ids: Tensor | None) -> tuple[Tensor, Tensor | None]:
