@@ -377,8 +377,9 @@ def same_channels(a: Tensor | None, b: Tensor | None) -> bool:
 
 class Int8DynamicLinear(FastLinear):
     """int8 weights (as Int8Linear) with dynamic per-token int8 activations:
-    x_scale[m] = absmax(x[m]) / 127, xq = round(x / x_scale) in [-127, 127], then torch's int8 GEMM
-    (torch._int_mm, oneDNN VNNI on CPU) with int32 accumulation, y = acc * x_scale[m] * scale[n] + b.
+    x_scale[m] = absmax(x[m]) / 127, xq = round(x / x_scale) in [-127, 127], then an exact int8 GEMM
+    with int32 accumulation (cpu_features.int8_gemm_path(): fastlm's AVX-512 VNNI or AVX2 kernel, or
+    torch._int_mm), y = acc * x_scale[m] * scale[n] + b.
 
     Outlier channels (`outliers`: int64 (n_o,) input channels, or None; chosen by fastlm.quantize_
     at quantization time): an LLM.int8()-style decomposition (Dettmers et al. 2022,
@@ -389,17 +390,20 @@ class Int8DynamicLinear(FastLinear):
     original columns. The int8 weight stays the only copy of the others.
 
     `qweight`, the one copy of the int8 weight, in the layout of the CPU's int8 GEMM (chosen when the
-    module is built or moved, `.to()`): on CPU where that GEMM is fastlm's AVX2 kernel
-    (cpu_features.int8_gemm_path() == "fastlm_avx2": no int8 dot-product instruction, or fastlm._C's
-    ISA capped at AVX2) int8 pair panels (ceil(N / 16), ceil(K / 2), 32) (pack_int8_panels, Int8Linear's
-    layout), which the kernel reads without a per-call pack (torch.ops.fastlm.int8_gemm_avx2_panels);
-    elsewhere (N, K) viewed from (K, N) row-major memory, the layout torch._int_mm reads without a
-    per-call transpose. state_dict holds that layout; load_state_dict takes either. With fastlm._C
-    the quantization and the epilogue (scales, outlier product, bias, GELU, residual) are one fused
-    pass each (csrc/quant_cpu.cpp), the epilogue writing its
-    float32 result over the GEMM's int32 output (same size: no second buffer); without it, torch
-    ops compute the same. `next_outliers`: the outlier set of the int8 linear this one's LayerNorm'd
-    output feeds (forward_add_layer_norm), set by fastlm.quantize_. CPU float32 only."""
+    module is built or moved, `.to()`): where that GEMM is fastlm's AVX-512 VNNI kernel
+    (int8_gemm_path() == "fastlm_vnni") uint8 quad panels (ceil(N / 16), ceil(K / 4), 64) of w + 128
+    (pack_int8_quads), and each linear is one op, the GEMM made block by block with its epilogue
+    (torch.ops.fastlm.int8_linear_vnni*, a new float32 output); where it is fastlm's AVX2 kernel
+    ("fastlm_avx2": no int8 dot-product instruction, or fastlm._C's ISA capped at AVX2) int8 pair panels
+    (ceil(N / 16), ceil(K / 2), 32) (pack_int8_panels, Int8Linear's layout), read without a per-call
+    pack (torch.ops.fastlm.int8_gemm_avx2_panels); elsewhere (N, K) viewed from (K, N) row-major
+    memory, the layout torch._int_mm reads without a per-call transpose. state_dict holds that layout;
+    load_state_dict takes any of the three (of this module's size). With fastlm._C the quantization
+    and the epilogue (scales, outlier product, bias, GELU, residual) are one fused pass each
+    (csrc/quant_cpu.cpp); off the VNNI path the epilogue writes its float32 result over the GEMM's
+    int32 output (same size: no second buffer); without fastlm._C, torch ops compute the same.
+    `next_outliers`: the outlier set of the int8 linear this one's LayerNorm'd output feeds
+    (forward_add_layer_norm), set by fastlm.quantize_. CPU float32 only."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, outliers: Tensor | None = None):
         super().__init__()
@@ -487,12 +491,20 @@ class Int8DynamicLinear(FastLinear):
         with torch.no_grad():
             self.qweight = self._in_layout(self.qweight)
 
+    def _shape_in(self, layout: str) -> tuple[int, ...]:
+        """qweight's shape in `layout` for this module's (out_features, in_features)."""
+        N, K, nb = self.out_features, self.in_features, -(-self.out_features // PANEL)
+        return {"nk": (N, K), "pairs": (nb, -(-K // 2), 2 * PANEL), "quads": (nb, -(-K // 4), 4 * PANEL)}[layout]
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "qweight"
         q = state_dict.get(key)
-        if isinstance(q, Tensor) and q.dim() in (2, 3) and (
-                self._layout_of(q) != self._layout_of(self.qweight) or q.shape != self.qweight.shape):
-            state_dict[key] = self._in_layout(q.to(self.qweight.device))  # saved where another layout ran
+        # saved where another layout ran: relaid out, but only when it is this module's size in its own
+        # layout (unpacking slices to (N, K): a larger saved weight would be cropped, not refused); a
+        # weight of another size is left as saved, so load_state_dict reports the size mismatch
+        if (isinstance(q, Tensor) and q.dim() in (2, 3) and self._layout_of(q) != self._layout_of(self.qweight)
+                and tuple(q.shape) == self._shape_in(self._layout_of(q))):
+            state_dict[key] = self._in_layout(q.to(self.qweight.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _qweight_nk(self) -> Tensor:

@@ -65,7 +65,9 @@ class CPULinear(nn.Linear):
     "gelu_tanh", residual=None) = act(x @ W^T + b) + residual, x (..., in) -> (..., out). On CPU
     tensors with fastlm._C loaded and autograd off: torch.ops.fastlm.linear_ext (oneDNN on the
     packed weight for fp32 or bf16 (oneDNN's bf16 matmul, fp32 accumulation) with >= 32 rows, the
-    activation / residual fused into the GEMM's output pass; else ATen's addmm); elsewhere F.linear.
+    activation / residual fused into the GEMM's output pass; else ATen's addmm), or, for float32
+    where fastlm._C runs AVX2, torch.ops.fastlm.packed_linear on fastlm's panels with one intra-op
+    thread and linear_ext on the plain weight with more (see tiles_here); elsewhere F.linear.
     A residual with an activation is refused (ValueError): no model needs it."""
 
     _packed: Tensor | None = None
@@ -96,8 +98,8 @@ class CPULinear(nn.Linear):
 
     def panels(self) -> Tensor | None:
         """The float32 weight packed into fastlm's 16-channel panels (fastlm.linear.pack_panels), built on
-        first use and kept while the weight is unchanged (as onednn_weight); None for an inference-tensor
-        weight (no version counter: packed per call instead)."""
+        first use and kept while the weight is unchanged (as onednn_weight); for an inference-tensor weight
+        (no version counter: its in-place updates cannot be seen) packed anew on every call, not kept."""
         w = self.weight
         version = _version(w)
         key = (w.data_ptr(), version, tuple(w.shape), tuple(w.stride()))

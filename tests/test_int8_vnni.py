@@ -272,3 +272,20 @@ def test_the_path_on_this_cpu():
     want = ({"avx512bw", "avx512_vnni"} <= flags and "amx_int8" not in flags
             and ops.cpu_isa("") == "avx512")
     assert (cpu_features.int8_gemm_path() == "fastlm_vnni") == want
+
+
+@pytest.mark.parametrize("src", ["fastlm_vnni", "fastlm_avx2", "torch._int_mm"])
+@pytest.mark.parametrize("dst", ["fastlm_vnni", "fastlm_avx2", "torch._int_mm"])
+def test_state_dict_of_another_size_is_refused_in_any_layout(monkeypatch, src, dst):
+    """A weight saved for a wider layer is refused (size mismatch), whichever layouts it was saved
+    and is loaded in: relaying it out would crop it to this layer's in_features."""
+    def build(path, k):
+        monkeypatch.setattr(cpu_features, "int8_gemm_path", lambda: path)
+        return Int8DynamicLinear.from_linear(torch.nn.Linear(k, 32))
+
+    saved = build(src, 64).state_dict()
+    target = build(dst, 56)
+    before = target.qweight.clone()
+    with pytest.raises(RuntimeError, match="size mismatch for qweight"):
+        target.load_state_dict(saved)
+    assert torch.equal(target.qweight, before)
