@@ -56,8 +56,6 @@ void add_layer_norm_row(const float* x, const float* r, const float* w, const fl
 using RowsFn = std::function<void(int64_t m0, int64_t mb, const int32_t* c, int64_t ldc)>;
 void int8_gemm_vnni_rows(const int8_t* a, int64_t lda, int64_t M, int64_t K, const uint8_t* quads, int64_t N,
                          const RowsFn& rows);
-// Whether int8_gemm_vnni_rows runs its AVX-512 VNNI tiles here (else a portable int32 loop).
-bool vnni_gemm_native();
 // TORCH_CHECKs of a (M, K) int8 (unit column stride, K within the exact bound) and quads for n channels.
 void check_vnni_operands(const char* op, const at::Tensor& a, const at::Tensor& quads, int64_t n);
 

@@ -40,6 +40,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -158,17 +159,18 @@ void block_portable(const int8_t* a, int64_t lda, int64_t mb, int64_t K, const u
     }
 }
 
-}  // namespace
-
-namespace cpu {
-
+// Whether the VNNI tiles run here (else the portable loop): AVX-512 VNNI and fastlm._C not capped below it.
 bool vnni_gemm_native() {
 #ifdef FASTLM_V_X86
-  return avx512vnni_allowed();
+  return cpu::avx512vnni_allowed();
 #else
   return false;
 #endif
 }
+
+}  // namespace
+
+namespace cpu {
 
 void int8_gemm_vnni_rows(const int8_t* a, int64_t lda, int64_t M, int64_t K, const uint8_t* quads, int64_t N,
                          const RowsFn& rows) {
@@ -210,16 +212,16 @@ void int8_gemm_vnni_rows(const int8_t* a, int64_t lda, int64_t M, int64_t K, con
   const int64_t per = std::max<int64_t>(1, threads / nblocks);
   const int64_t chunk = std::max<int64_t>(2, ((nq + per - 1) / per + 1) / 2 * 2);  // panels, even
   const int64_t nchunks = (nq + chunk - 1) / chunk;
-  std::vector<int32_t> c(static_cast<size_t>(M * N));
+  const std::unique_ptr<int32_t[]> c(new int32_t[M * N]);  // every element written below: not zeroed first
   at::parallel_for(0, nblocks * nchunks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / nchunks, q0 = (i % nchunks) * chunk, q1 = std::min(nq, q0 + chunk);
       const int64_t m0 = b * mb;
-      block(m0, std::min(mb, M - m0), q0, q1, c.data() + m0 * N + q0 * kNR, N);
+      block(m0, std::min(mb, M - m0), q0, q1, c.get() + m0 * N + q0 * kNR, N);
     }
   });
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / N), [&](int64_t r0, int64_t r1) {
-    rows(r0, r1 - r0, c.data() + r0 * N, N);
+    rows(r0, r1 - r0, c.get() + r0 * N, N);
   });
 }
 

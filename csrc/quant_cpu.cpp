@@ -517,10 +517,14 @@ void epilogue_rows(const EpilogueArgs& a, const AccRows& src, float* yp) {
   const float* wsp = a.ws.const_data_ptr<float>();
   const float* bp = a.b.defined() ? a.b.const_data_ptr<float>() : nullptr;
   const float* rp = a.r.defined() ? a.r.const_data_ptr<float>() : nullptr;
+  // y over acc's own storage: each row made in scratch first (the row functions take __restrict
+  // pointers); into a separate y (the out-of-place and fused ops) straight to its row
+  const bool in_place = static_cast<const void*>(src.acc) == static_cast<const void*>(yp);
   for_each_row(src, a.M, N, 2 * N, [&](int64_t m, const int32_t* am, float* row) {
-    // the result row, then the outlier product's
-    fn(am, xsp[m], wsp, bp, rp != nullptr ? rp + m * N : nullptr, a.outlier_row(m, row + N), row, N);
-    std::copy(row, row + N, yp + m * N);
+    // the result row (scratch in place), then the outlier product's
+    float* out = in_place ? row : yp + m * N;
+    fn(am, xsp[m], wsp, bp, rp != nullptr ? rp + m * N : nullptr, a.outlier_row(m, row + N), out, N);
+    if (in_place) std::copy(row, row + N, yp + m * N);
   });
 }
 

@@ -43,7 +43,7 @@ def int_mm(a: Tensor, b: Tensor) -> Tensor:
     path = cpu_features.int8_gemm_path()
     if path == "fastlm_avx2":
         return torch.ops.fastlm.int8_gemm_avx2(a, b)
-    if path in ("torch._int_mm", "fastlm_vnni"):  # (fastlm_vnni's kernel reads packed quads: Int8DynamicLinear)
+    if path in ("torch._int_mm", "fastlm_vnni"):  # fastlm_vnni's kernel reads packed quads (Int8DynamicLinear)
         return torch._int_mm(a, b)
     return (a.double() @ b.double()).to(torch.int32)
 
@@ -514,13 +514,11 @@ class Int8DynamicLinear(FastLinear):
     def _int_mm(self, xq: Tensor) -> Tensor:
         """xq (M, K) int8 @ the weight^T -> (M, N) int32, exact (fastlm.linear.int_mm's paths)."""
         q = self.qweight
-        layout, path = self._layout_of(q), cpu_features.int8_gemm_path()
-        if layout == "quads" and path == "fastlm_vnni":
-            return torch.ops.fastlm.int8_gemm_vnni(xq, q, self.out_features)
-        if layout == "pairs" and path == "fastlm_avx2":
+        layout = self._layout_of(q)
+        if layout == "pairs" and cpu_features.int8_gemm_path() == "fastlm_avx2":
             return torch.ops.fastlm.int8_gemm_avx2_panels(xq, q, self.out_features)
-        if layout != "nk":
-            q = self._nk(q)  # the path changed since the layout was made: unpacked per call (slow)
+        if layout != "nk":  # quads run the fused ops (_quads()) while the path is fastlm_vnni; here the path
+            q = self._nk(q)  # changed since the layout was made: unpacked per call (slow)
         return int_mm(xq, q.t())
 
     def _quads(self) -> bool:
@@ -657,15 +655,13 @@ class Int8TiedEmbedding(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         h = self.head[0]
         q = h.qweight
-        if q.dim() == 3 and q.dtype == torch.uint8:  # quad panels (nb, ceil(K / 4), 64) of q + 128
-            nb, k4, _ = q.shape
-            rows = q.view(nb, k4, PANEL, 4)[ids // PANEL, :, ids % PANEL]  # (..., k4, 4)
-            rows = rows.reshape(*rows.shape[:-2], 4 * k4)[..., : self.embedding_dim]
-            rows = (rows.to(torch.int16) - 128).to(torch.int8)
-        elif q.dim() == 3 and q.shape[-1] == 2 * PANEL:  # pair panels (nb, ceil(K / 2), 32)
-            nb, k2, _ = q.shape
-            rows = q.view(nb, k2, PANEL, 2)[ids // PANEL, :, ids % PANEL]  # (..., k2, 2)
-            rows = rows.reshape(*rows.shape[:-2], 2 * k2)[..., : self.embedding_dim]
+        if q.dim() == 3:  # panels (nb, ceil(K / g), 16 g): g = 1 (K, 16), 2 pair panels, 4 quads (of q + 128)
+            nb, kg, width = q.shape
+            g = width // PANEL
+            rows = q.view(nb, kg, PANEL, g)[ids // PANEL, :, ids % PANEL]  # (..., kg, g)
+            rows = rows.reshape(*rows.shape[:-2], kg * g)[..., : self.embedding_dim]  # (..., K)
+            if q.dtype == torch.uint8:
+                rows = (rows.to(torch.int16) - 128).to(torch.int8)
         else:
-            rows = q[ids // PANEL, :, ids % PANEL] if q.dim() == 3 else q[ids]  # (..., K) int8
+            rows = q[ids]  # (..., K) int8
         return (rows.float() * h.scale[ids].unsqueeze(-1)).to(self.dtype)
