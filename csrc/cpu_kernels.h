@@ -56,6 +56,13 @@ void add_layer_norm_row(const float* x, const float* r, const float* w, const fl
 using RowsFn = std::function<void(int64_t m0, int64_t mb, const int32_t* c, int64_t ldc)>;
 void int8_gemm_vnni_rows(const int8_t* a, int64_t lda, int64_t M, int64_t K, const uint8_t* quads, int64_t N,
                          const RowsFn& rows);
+// int8_gemm_amx.cpp: whether the AMX-INT8 tiles run the above (the CPU has AMX-INT8, Linux granted
+// the tile state, fastlm._C not capped below AVX-512, torch.ops.fastlm.int8_gemm_tiles not "vnni"), and
+// its block: rows [0, mb) of a (lda apart, readable to 4 * ceil(K / 4) bytes) x quad panels [q0, q1)
+// -> c (mb rows, ldc apart; column 0 is channel 16 * q0), exact int32.
+bool amx_int8_usable();
+void int8_block_amx(const int8_t* a, int64_t lda, int64_t mb, int64_t K, const uint8_t* quads, int64_t N, int64_t q0,
+                    int64_t q1, int32_t* c, int64_t ldc);
 // TORCH_CHECKs of a (M, K) int8 (unit column stride, K within the exact bound) and quads for n channels.
 void check_vnni_operands(const char* op, const at::Tensor& a, const at::Tensor& quads, int64_t n);
 

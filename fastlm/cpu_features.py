@@ -141,8 +141,9 @@ def own_int8_gemm() -> bool:
 
 
 def own_vnni_gemm() -> bool:
-    """Whether fastlm._C's AVX-512 VNNI int8 GEMM (csrc/int8_gemm_vnni.cpp) runs its VNNI tiles here:
-    the CPU has AVX-512 BW + VNNI (real flags) and fastlm._C's ISA is not capped below AVX-512."""
+    """Whether fastlm._C's quad-panel int8 GEMM (csrc/int8_gemm_vnni.cpp) runs its own tiles here:
+    the CPU has AVX-512 BW + VNNI (real flags; every AMX-INT8 CPU has them too) and fastlm._C's ISA is
+    not capped below AVX-512. Which tiles (AMX-INT8 or AVX-512 VNNI): own_int8_tiles()."""
     from fastlm import _ext
 
     if not (_ext.available() and hasattr(torch.ops.fastlm, "int8_linear_vnni")):
@@ -151,18 +152,33 @@ def own_vnni_gemm() -> bool:
     return {"avx512bw", "avx512_vnni"} <= flags and not _fastlm_capped()
 
 
+def own_int8_tiles() -> str:
+    """The tiles fastlm._C's quad-panel int8 GEMM runs: "amx" (TDPBSUD, csrc/int8_gemm_amx.cpp: the CPU
+    has AMX-INT8 and Linux granted the tile state), "vnni" (vpdpbusd) or "portable"; "" without
+    fastlm._C. torch.ops.fastlm.int8_gemm_tiles("vnni") keeps AMX off (A/B, tests), "auto" restores."""
+    from fastlm import _ext
+
+    if not (_ext.available() and hasattr(torch.ops.fastlm, "int8_gemm_tiles")):
+        return ""
+    return torch.ops.fastlm.int8_gemm_tiles("")
+
+
 def int8_gemm_path() -> str:
     """The exact int8 GEMM quantize="int8_dynamic" runs on CPU (fastlm.linear.int_mm):
-    - "fastlm_vnni": the CPU has AVX-512 VNNI but no AMX-INT8 and fastlm._C is loaded, uncapped:
-      csrc/int8_gemm_vnni.cpp (vpdpbusd, exact int32 sums), block by block with the epilogue fused
-      (Int8DynamicLinear keeps its weight in that kernel's uint8 quad panels);
-    - "torch._int_mm": the CPU has an int8 dot-product instruction (oneDNN's VNNI / AMX GEMM) and
+    - "fastlm_vnni": the CPU has AVX-512 VNNI (AMX-INT8 CPUs included) and fastlm._C is loaded,
+      uncapped: csrc/int8_gemm_vnni.cpp (vpdpbusd, or TDPBSUD tiles where the CPU has AMX-INT8:
+      csrc/int8_gemm_amx.cpp; exact int32 sums), block by block with the epilogue fused
+      (Int8DynamicLinear keeps its weight in that kernel's uint8 quad panels). On AMX, measured
+      2026-12-08 on a 2-vCPU Intel Xeon (AMX-INT8), BERT-base B8 S128 int8_dynamic, one process
+      alternating, bit-equal outputs: 137 vs 164 ms (2 threads) and 293 vs 368 ms (1) against
+      torch._int_mm (oneDNN's s8s8s32 gemm, which did not run AMX there);
+    - "torch._int_mm": the CPU has an int8 dot-product instruction (AVX-VNNI without AVX-512) and
       torch's sums are exact (int8_gemm_exact);
     - "fastlm_avx2": no int8 dot-product instruction (or fastlm._C's ISA capped below AVX-512, the
       forced AVX2 route), or torch's sums are inexact: csrc/quant_avx2.cpp, exact int32 sums
       (its portable loop where fastlm._C runs portable code);
     - "float64": neither fastlm._C nor an exact torch._int_mm: a float64 product (exact, slow)."""
-    if "amx_int8" not in cpu_flags() and own_vnni_gemm():
+    if own_vnni_gemm():
         return "fastlm_vnni"
     own = own_int8_gemm()
     if has_int8_dot() and not _fastlm_capped() and int8_gemm_exact():
@@ -180,6 +196,8 @@ def int8_gemm_note() -> str:
         return f"slower than float32: {slow}"
     path = int8_gemm_path()
     if path == "fastlm_vnni":
+        if own_int8_tiles() == "amx":
+            return "int8 GEMM (fastlm AMX-INT8 kernel, TDPBSUD tiles, exact int32 sums, epilogue fused per row block)"
         return "int8 GEMM (fastlm AVX-512 VNNI kernel, vpdpbusd, exact int32 sums, epilogue fused per row block)"
     if path == "fastlm_avx2":
         return ("int8 GEMM (fastlm AVX2 kernel, vpmovsxbw + vpmaddwd, exact int32 sums: no int8 dot-product "

@@ -51,7 +51,7 @@ def test_without_vnni_int8_dynamic_runs_fastlm_s_avx2_gemm(flags, monkeypatch, c
     flags(cpu)
     capped = torch.ops.fastlm.cpu_isa("") != "avx512" and "avx512f" in cpu  # FASTLM_CPU_ISA=avx2 on an AVX-512 CPU
     own = cpu is ZEN3 or capped
-    vnni = cpu is ZEN4 and not capped  # AVX-512 VNNI without AMX: fastlm's VNNI GEMM, epilogue fused
+    vnni = cpu in (ZEN4, SAPPHIRE_RAPIDS) and not capped  # AVX-512 VNNI (AMX too): fastlm's own GEMM, epilogue fused
     assert cpu_features.int8_gemm_path() == ("fastlm_avx2" if own else "fastlm_vnni" if vnni else "torch._int_mm")
     assert (cpu_features.int8_gemm_slow() is None) == (not own or cpu_features.AVX2_INT8_PAYS)
     note = info.report()["int8_dynamic on this CPU"]
@@ -62,8 +62,9 @@ def test_without_vnni_int8_dynamic_runs_fastlm_s_avx2_gemm(flags, monkeypatch, c
         if own:
             assert (cpu_features.int8_gemm_slow() is None) == pays
             assert note.startswith("int8 GEMM (fastlm AVX2 kernel" if pays else "slower than float32: ")
-        elif vnni:
-            assert note.startswith("int8 GEMM (fastlm AVX-512 VNNI kernel")
+        elif vnni:  # the tiles are the real CPU's (fastlm._C asks CPUID, not these flags)
+            tiles = "AMX-INT8" if cpu_features.own_int8_tiles() == "amx" else "AVX-512 VNNI"
+            assert note.startswith(f"int8 GEMM (fastlm {tiles} kernel")
         else:
             assert note == "int8 GEMM (torch._int_mm)"
 
@@ -83,9 +84,12 @@ def test_the_real_flags_are_read():
     has_dot = any(f in real for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
     assert cpu_features.has_int8_dot() == has_dot
     path = cpu_features.int8_gemm_path()
-    if path == "fastlm_vnni":  # AVX-512 VNNI (no AMX), fastlm not capped below it: fastlm's own VNNI GEMM
-        assert "avx512_vnni" in real and "amx_int8" not in real and cpu_features.int8_gemm_slow() is None
+    if path == "fastlm_vnni":  # AVX-512 VNNI, fastlm not capped below it: fastlm's own GEMM (AMX tiles with AMX-INT8)
+        assert "avx512_vnni" in real and cpu_features.int8_gemm_slow() is None
         assert torch.ops.fastlm.cpu_isa("") == "avx512"
+        assert cpu_features.own_int8_tiles() == ("amx" if "amx_int8" in real else "vnni")
+        note = info.report()["int8_dynamic on this CPU"]
+        assert ("AMX-INT8" in note) == ("amx_int8" in real) and ("AVX-512 VNNI" in note) == ("amx_int8" not in real)
     elif path == "torch._int_mm":  # an int8 dot-product instruction, exact sums, fastlm not capped below it
         assert has_dot and cpu_features.int8_gemm_exact() and cpu_features.int8_gemm_slow() is None
     else:  # no VNNI, or the AVX2 subset of CI (FASTLM_CPU_ISA=avx2; ONEDNN_MAX_CPU_ISA=AVX2 makes torch's saturate)
@@ -118,8 +122,9 @@ def test_no_warning_where_the_int8_gemm_pays(flags, caplog):
     warned = [r for r in caplog.records if "slower than float32" in r.getMessage()]
     rep = info.report()
     if cpu_features.int8_gemm_path() == "fastlm_vnni":
-        assert not warned
-        assert rep["int8_dynamic on this CPU"].startswith("int8 GEMM (fastlm AVX-512 VNNI kernel")
+        assert not warned  # the tiles are the real CPU's (fastlm._C asks CPUID, not these flags)
+        tiles = "AMX-INT8" if cpu_features.own_int8_tiles() == "amx" else "AVX-512 VNNI"
+        assert rep["int8_dynamic on this CPU"].startswith(f"int8 GEMM (fastlm {tiles} kernel")
     elif cpu_features.int8_gemm_path() == "torch._int_mm":
         assert not warned
         assert rep["int8_dynamic on this CPU"] == "int8 GEMM (torch._int_mm)"

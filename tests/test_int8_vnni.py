@@ -1,8 +1,10 @@
-"""fastlm's AVX-512 VNNI int8 GEMM (csrc/int8_gemm_vnni.cpp) and the fused int8 linears built on it
+"""fastlm's AVX-512 VNNI / AMX-INT8 int8 GEMM (csrc/int8_gemm_vnni.cpp, int8_gemm_amx.cpp) and the fused int8 linears built on it
 (csrc/quant_cpu.cpp int8_linear_vnni*): exact int32 sums against a float64 product, bit for bit the
 unfused epilogues on that product, the same bits at any thread count and on the portable loop, and
 Int8DynamicLinear keeping its weight as quad panels where the path is "fastlm_vnni". On a CPU without
-VNNI the same ops run the portable loop, so every test here runs on every CPU."""
+VNNI the same ops run the portable loop, so every test here runs on every CPU. The GEMM tests run once
+per tile kind (`tiles`): the AMX tiles where the CPU has AMX-INT8, the VNNI tiles on any AVX-512 VNNI CPU
+(AMX turned off for the test); a kind this CPU cannot run is skipped, saying so."""
 
 import pytest
 import torch
@@ -42,6 +44,30 @@ def isa():
     ops.cpu_isa(before)
 
 
+@pytest.fixture(params=["amx", "vnni"])
+def tiles(request):
+    """Runs the test on AMX-INT8 tiles or on AVX-512 VNNI tiles (torch.ops.fastlm.int8_gemm_tiles)."""
+    want = request.param
+    ran = ops.int8_gemm_tiles("auto" if want == "amx" else "vnni")
+    try:
+        if ran != want:
+            pytest.skip(f"this CPU runs the {ran} tiles here, not {want} "
+                        f"(AMX needs AMX-INT8, VNNI AVX-512 VNNI, fastlm._C uncapped)")
+        yield want
+    finally:
+        ops.int8_gemm_tiles("auto")
+
+
+def test_int8_gemm_tiles_names_and_checks_its_argument():
+    assert ops.int8_gemm_tiles("") in ("amx", "vnni", "portable")
+    with pytest.raises(ValueError, match="int8_gemm_tiles: set must be"):
+        ops.int8_gemm_tiles("amx512")
+    flags = cpu_features.cpu_flags()
+    if ops.cpu_isa("") == "avx512" and {"avx512bw", "avx512_vnni"} <= flags:
+        assert ops.int8_gemm_tiles("") == ("amx" if "amx_int8" in flags else "vnni")
+        assert cpu_features.own_int8_tiles() == ops.int8_gemm_tiles("")
+
+
 def test_quads_layout_round_trips():
     _, w = _operands(3, 13, 37, 0)
     p = pack_int8_quads(w)
@@ -55,14 +81,14 @@ def test_quads_layout_round_trips():
 
 @pytest.mark.parametrize("M", [1, 17, 97, 129, 1025])
 @pytest.mark.parametrize("K,N", [(1, 1), (3, 17), (97, 45), (129, 33), (768, 129), (1025, 16), (3073, 48)])
-def test_int8_gemm_vnni_is_exact(M, K, N):
+def test_int8_gemm_vnni_is_exact(M, K, N, tiles):
     a, w = _operands(M, K, N, M * 7919 + K * 31 + N)
     _poison((M, N), torch.int32)
     assert torch.equal(ops.int8_gemm_vnni(a, pack_int8_quads(w), N), _exact(a, w))
 
 
 @pytest.mark.parametrize("K", [4, 4096, 65792])
-def test_int8_gemm_vnni_extremes(K):
+def test_int8_gemm_vnni_extremes(K, tiles):
     """The largest sums the contract allows: -128 activations against -127 / 127 weights over K."""
     a = torch.full((9, K), -128, dtype=torch.int8)
     a[1::2] = 127
@@ -74,7 +100,7 @@ def test_int8_gemm_vnni_extremes(K):
 
 
 @pytest.mark.parametrize("M", [1, 17, 97, 300])
-def test_int8_gemm_vnni_threads_and_portable_agree(M, isa):
+def test_int8_gemm_vnni_threads_and_portable_agree(M, isa, tiles):
     a, w = _operands(M, 257, 200, M)
     p = pack_int8_quads(w)
     want = _exact(a, w)
@@ -89,7 +115,7 @@ def test_int8_gemm_vnni_threads_and_portable_agree(M, isa):
     assert torch.equal(ops.int8_gemm_vnni(a, p, 200), want)
 
 
-def test_int8_gemm_vnni_strided_rows():
+def test_int8_gemm_vnni_strided_rows(tiles):
     a, w = _operands(33, 100, 40, 3)
     wide = torch.zeros(33, 160, dtype=torch.int8)
     wide[:, 20:120] = a
@@ -110,7 +136,7 @@ def _epilogue_inputs(M, N, seed):
 @pytest.mark.parametrize("M", [1, 17, 97, 129])
 @pytest.mark.parametrize("K,N", [(97, 45), (768, 129), (129, 768)])
 @pytest.mark.parametrize("outliers", [False, True])
-def test_fused_ops_equal_the_unfused_epilogues(M, K, N, outliers):
+def test_fused_ops_equal_the_unfused_epilogues(M, K, N, outliers, tiles):
     """int8_linear_vnni / _quant / _ln_quant give, bit for bit, the epilogue ops of quant_cpu.cpp on
     the exact int32 product (the same row functions, fed block by block)."""
     a, w = _operands(M, K, N, M + K + N)
@@ -267,10 +293,10 @@ def test_tied_embedding_reads_quads(vnni_path):
 
 
 def test_the_path_on_this_cpu():
-    """fastlm_vnni exactly where the CPU has AVX-512 VNNI without AMX and fastlm._C runs AVX-512."""
+    """fastlm_vnni exactly where the CPU has AVX-512 VNNI (AMX-INT8 CPUs too: its AMX tiles run there)
+    and fastlm._C runs AVX-512."""
     flags = cpu_features.cpu_flags()
-    want = ({"avx512bw", "avx512_vnni"} <= flags and "amx_int8" not in flags
-            and ops.cpu_isa("") == "avx512")
+    want = {"avx512bw", "avx512_vnni"} <= flags and ops.cpu_isa("") == "avx512"
     assert (cpu_features.int8_gemm_path() == "fastlm_vnni") == want
 
 
