@@ -1,10 +1,11 @@
-"""fastlm's AVX-512 VNNI / AMX-INT8 int8 GEMM (csrc/int8_gemm_vnni.cpp, int8_gemm_amx.cpp) and the fused int8 linears built on it
-(csrc/quant_cpu.cpp int8_linear_vnni*): exact int32 sums against a float64 product, bit for bit the
-unfused epilogues on that product, the same bits at any thread count and on the portable loop, and
-Int8DynamicLinear keeping its weight as quad panels where the path is "fastlm_vnni". On a CPU without
-VNNI the same ops run the portable loop, so every test here runs on every CPU. The GEMM tests run once
-per tile kind (`tiles`): the AMX tiles where the CPU has AMX-INT8, the VNNI tiles on any AVX-512 VNNI CPU
-(AMX turned off for the test); a kind this CPU cannot run is skipped, saying so."""
+"""fastlm's AVX-512 VNNI / AMX-INT8 int8 GEMM (csrc/int8_gemm_vnni.cpp, int8_gemm_amx.cpp) and the
+fused int8 linears built on it (csrc/quant_cpu.cpp int8_linear_vnni*): exact int32 sums against a
+float64 product, bit for bit the unfused epilogues on that product, the same bits at any thread count
+and on the portable loop, and Int8DynamicLinear keeping its weight as quad panels where the path is
+"fastlm_vnni". On a CPU without VNNI the same ops run the portable loop, so every test here runs on
+every CPU. The GEMM tests run once per tile kind (`tiles`): the AMX tiles where the CPU has AMX-INT8,
+the VNNI tiles on any AVX-512 VNNI CPU (AMX turned off for the test); a kind this CPU cannot run is
+skipped, saying so."""
 
 import pytest
 import torch
