@@ -390,7 +390,7 @@ class Int8DynamicLinear(FastLinear):
     original columns. The int8 weight stays the only copy of the others.
 
     `qweight`, the one copy of the int8 weight, in the layout of the CPU's int8 GEMM (chosen when the
-    module is built or moved, `.to()`): where that GEMM is fastlm's AVX-512 VNNI kernel
+    module is built or moved, `.to()`): where that GEMM is fastlm's AVX-512 VNNI / AMX-INT8 kernel
     (int8_gemm_path() == "fastlm_vnni") uint8 quad panels (ceil(N / 16), ceil(K / 4), 64) of w + 128
     (pack_int8_quads), and each linear is one op, the GEMM made block by block with its epilogue
     (torch.ops.fastlm.int8_linear_vnni*, a new float32 output); where it is fastlm's AVX2 kernel
