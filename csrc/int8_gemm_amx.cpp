@@ -16,9 +16,11 @@
 // row-sum correction is applied as the valid rows and channels are copied out to c.
 //
 // Measured 2026-12-08 on a 2-vCPU Intel Xeon (AMX-INT8, AVX-512 VNNI), one thread, M 1024, prototypes
-// of this loop nest: one TDPBSUD every 5.5 ns (~5.9 T int8 ops/s per core, register tiles only); A read
-// straight from its rows at stride K: 730-850 G ops/s; A copied into tile order: 1100-1600; torch's
-// _int_mm (oneDNN's s8s8s32 gemm_api, not AMX) ran 760 G ops/s inside BERT-base.
+// of this loop nest: one TDPBSUD every 5.5 ns (~5.9 T int8 ops/s per core, register tiles only; ~4.8 T
+// on random data); A read straight from its rows at stride K: 730-850 G ops/s; A copied into tile order
+// but not 64-byte aligned (a std::vector's data): 1100-1600, aligned: 1700-2700 (a tile row straddling
+// two cache lines costs every load twice the lines); 128-row blocks then 2000-2200 at BERT's FFN shapes.
+// torch's _int_mm (oneDNN's s8s8s32 gemm_api, not AMX) ran 760 G ops/s inside BERT-base.
 //
 // Linux hands out AMX tile state per process on request (arch_prctl ARCH_REQ_XCOMP_PERM for
 // XTILEDATA, Linux 5.16+): asked once; where it is refused, or the CPU has no AMX-INT8, or fastlm._C
@@ -152,14 +154,18 @@ FASTLM_AMX_FN void block_amx_impl(const int8_t* a, int64_t lda, int64_t mb, int6
   const int64_t nkb = (K4 + 15) / 16;       // k steps of 16 quads (64 k)
   const int64_t tail_kb = K4 % 16 ? nkb - 1 : -1;
   const int64_t npairs = (mb + 31) / 32;
-  thread_local std::vector<int8_t> ap;      // the block's rows in tile order: [pair][2][nkb][16 rows][64]
+  // the block's rows in tile order: [pair][2][nkb][16 rows][64], 64-byte aligned: a tile row that
+  // straddles two cache lines made every A tile load twice the lines (the GEMM 1.5-2.2x slower)
+  thread_local std::vector<int8_t> ap_buf;
   thread_local std::vector<int32_t> rsum;
   alignas(64) int32_t acc[32 * 32];         // one 32 x 32 output tile
   alignas(64) uint8_t bt[2048];             // a panel pair's last k step, zero-padded
-  if (ap.size() < static_cast<size_t>(npairs * 2 * nkb * 1024)) ap.resize(static_cast<size_t>(npairs * 2 * nkb * 1024));
+  const size_t ap_bytes = static_cast<size_t>(npairs * 2 * nkb * 1024) + 64;
+  if (ap_buf.size() < ap_bytes) ap_buf.resize(ap_bytes);
+  int8_t* const ap = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(ap_buf.data()) + 63) & ~uintptr_t{63});
   if (rsum.size() < static_cast<size_t>(npairs * 32)) rsum.resize(static_cast<size_t>(npairs * 32));
   for (int64_t i = 0; i < npairs * 32; ++i) {
-    int8_t* dst = ap.data() + (i / 16) * nkb * 1024 + (i % 16) * 64;
+    int8_t* dst = ap + (i / 16) * nkb * 1024 + (i % 16) * 64;
     if (i >= mb) {
       for (int64_t kb = 0; kb < nkb; ++kb) std::memset(dst + kb * 1024, 0, 64);
       continue;
@@ -188,7 +194,7 @@ FASTLM_AMX_FN void block_amx_impl(const int8_t* a, int64_t lda, int64_t mb, int6
     }
     const int64_t nv = std::min<int64_t>(N - q * 16, two ? 32 : 16);
     for (int64_t pr = 0; pr < npairs; ++pr) {
-      const int8_t* ap0 = ap.data() + pr * 2 * nkb * 1024;
+      const int8_t* ap0 = ap + pr * 2 * nkb * 1024;
       if (two)
         pair_chunk<true>(ap0, ap0 + nkb * 1024, p0, p1, 0, nkb, bt, tail_kb, acc, 32, true);
       else

@@ -170,8 +170,8 @@ def int8_gemm_path() -> str:
       csrc/int8_gemm_amx.cpp; exact int32 sums), block by block with the epilogue fused
       (Int8DynamicLinear keeps its weight in that kernel's uint8 quad panels). On AMX, measured
       2026-12-08 on a 2-vCPU Intel Xeon (AMX-INT8), BERT-base B8 S128 int8_dynamic, one process
-      alternating, bit-equal outputs: 137 vs 164 ms (2 threads) and 293 vs 368 ms (1) against
-      torch._int_mm (oneDNN's s8s8s32 gemm, which did not run AMX there);
+      alternating, bit-equal outputs: 137 vs 170 ms (2 threads) and 257 vs 325 ms (1) against
+      torch._int_mm (oneDNN's s8s8s32 gemm, which did not run AMX there; docs/design.md);
     - "torch._int_mm": the CPU has an int8 dot-product instruction (AVX-VNNI without AVX-512) and
       torch's sums are exact (int8_gemm_exact);
     - "fastlm_avx2": no int8 dot-product instruction (or fastlm._C's ISA capped below AVX-512, the
