@@ -8,11 +8,14 @@ chunk per thread the threads meet once per forward and each runs whole single-th
 (oneDNN's int8 GEMM on one Zen 4 core: ~430 G int8 ops/s of CPU time, ~90% of the core's VNNI
 rate). Each real token's output depends on its own sequence only, so a chunk computes exactly
 what the whole batch computes for its rows (int8_dynamic: bit for bit; the GEMM is exact and
-every other op is per row or per sequence).
+every other op is per row or per sequence; float32 the same bits where measured; bfloat16 within
+oneDNN's own row-count dependence: its bf16 matmul may block the sum differently for other M, so
+outputs can differ by an ulp of bf16 from the unsplit forward's, as they do between batch sizes).
 
 Used by the encoders' forward (fastlm/models/bert.py) when `n_chunks` says so: CPU tensors, an
-int8_dynamic model, or a float32 one where fastlm._C runs AVX2 (its one-thread chunks run fastlm's
-packed GEMM; the paths measured, see docs/design.md, Performance), torch.get_num_threads()
+int8_dynamic model, a float32 one where fastlm._C runs AVX2 (its one-thread chunks run fastlm's
+packed GEMM) or a bfloat16 one on a CPU with AMX-BF16 (the paths measured, see docs/design.md,
+Performance, and BertModel._batch_split_ok), torch.get_num_threads()
 >= 2, at least 2 sequences and MIN_ROWS tokens per chunk. `FASTLM_CPU_BATCH_SPLIT=0` turns it off.
 
 Threads: a pool of n worker threads made on first use, each with torch.set_num_threads(1) (a
@@ -52,13 +55,14 @@ def in_worker() -> bool:
     return getattr(_local, "worker", False)
 
 
-def n_chunks(input_ids: Tensor) -> int:
+def n_chunks(input_ids: Tensor, min_rows: int | None = None) -> int:
     """How many chunks to run a (B, S) batch in: 1 (no split) off CPU, when disabled, inside a
-    worker, with one intra-op thread, or with fewer than 2 sequences or MIN_ROWS tokens per chunk."""
+    worker, with one intra-op thread, or with fewer than 2 sequences or `min_rows` (default
+    MIN_ROWS) tokens per chunk."""
     if input_ids.device.type != "cpu" or input_ids.dim() != 2 or not enabled() or in_worker():
         return 1
     B, S = input_ids.shape
-    n = min(torch.get_num_threads(), B, (B * S) // MIN_ROWS)
+    n = min(torch.get_num_threads(), B, (B * S) // (MIN_ROWS if min_rows is None else min_rows))
     return n if n >= 2 else 1
 
 

@@ -1,7 +1,8 @@
-"""The CPU batch split of int8_dynamic (and, at AVX2, float32) encoder forwards (fastlm/cpu_split.py): a chunk of the
-batch per thread gives the whole batch's hidden states bit for bit (the float32 pooler / heads
-to float32 rounding), in order, with padding, pooler and
-heads; it splits only where it should, never nests, and leaves the caller's thread count alone."""
+"""The CPU batch split of encoder forwards (fastlm/cpu_split.py: int8_dynamic; float32 at AVX2;
+bfloat16 with AMX-BF16): a chunk of the batch per thread gives the whole batch's hidden states bit
+for bit (the float32 pooler / heads to float32 rounding; bfloat16 within its contract), in order,
+with padding, pooler and heads; it splits only where it should, never nests, and leaves the
+caller's thread count alone."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import transformers as tf
 from conftest import randomize_
 
 import fastlm
-from fastlm import cpu_split
+from fastlm import cpu_features, cpu_split
 
 
 @pytest.fixture
@@ -66,6 +67,34 @@ def test_split_equals_whole_batch(B, padding, two_threads, monkeypatch):
         ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
     err = (split.last_hidden_state - ref)[mask.bool()].abs().max().item()
     assert err < 0.1 * ref.abs().max().item(), err
+
+
+@pytest.mark.parametrize("amx_bf16", [True, False])
+def test_bf16_splits_where_the_cpu_has_amx_bf16(amx_bf16, two_threads, monkeypatch):
+    """A bfloat16 encoder splits its batch on a CPU with AMX-BF16 (measured there: 0.70x the time),
+    from BF16_SPLIT_MIN_ROWS tokens per chunk, not elsewhere; split, it stays within the bf16
+    contract: last_hidden_state's error against transformers fp32 <= 2x transformers' own bf16 error."""
+    real = cpu_features.cpu_flags()
+    flags = real | {"amx_bf16"} if amx_bf16 else real - {"amx_bf16"}
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setenv("FASTLM_CPU_BATCH_SPLIT", "1")
+    hf = randomize_(tf.BertModel(_cfg()).eval(), std=0.05)
+    model = fastlm.from_pretrained(hf, dtype=torch.bfloat16)
+    calls = []
+    run = cpu_split.run
+    monkeypatch.setattr(cpu_split, "run", lambda *a: calls.append(1) or run(*a))
+    short = torch.randint(0, 211, (2, 200))  # 200 tokens per chunk: below BF16_SPLIT_MIN_ROWS (it was slower)
+    assert torch.isfinite(model(short).last_hidden_state).all() and not calls
+    ids = torch.randint(0, 211, (4, 129))  # 258 tokens per chunk
+    got = model(ids).last_hidden_state
+    assert bool(calls) == amx_bf16
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    with torch.no_grad():
+        ref32 = hf(input_ids=ids).last_hidden_state
+        plain = hf.to(torch.bfloat16)(input_ids=ids).last_hidden_state
+    err = (got.float() - ref32).abs().max().item()
+    base = (plain.float() - ref32).abs().max().item()
+    assert err <= 2 * base + 1e-3 * ref32.abs().max().item(), (err, base)
 
 
 def test_split_heads_and_caller_threads(two_threads, monkeypatch):

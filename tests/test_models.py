@@ -2,6 +2,7 @@
 
 import json
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -342,7 +343,10 @@ def test_bert_bf16_unpadded_within_2x_of_transformers():
         ref32 = hb(input_ids=ids).last_hidden_state
         plain = hb.to(torch.bfloat16)(input_ids=ids).last_hidden_state
     model = fastlm.from_pretrained(hb, dtype=torch.bfloat16)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
+    # unsplit (FASTLM_CPU_BATCH_SPLIT=0): the profiler sees the calling thread's ops only, and with
+    # AMX-BF16 the batch would be split over worker threads (tests/test_cpu_split.py tests that route)
+    with mock.patch.dict(os.environ, {"FASTLM_CPU_BATCH_SPLIT": "0"}), \
+            torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
         got = model(ids).last_hidden_state
     assert got.dtype == torch.bfloat16
     names = [e.key for e in p.key_averages()]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fastlm import _ext, cpu_split, ops
+from fastlm import _ext, cpu_features, cpu_split, ops
 from fastlm.backend import model_entry
 from fastlm.linear import Int8DynamicLinear
 from fastlm.linear_cpu import CPULinear
@@ -57,6 +57,10 @@ def _act(name: str, x: Tensor) -> Tensor:
 
 
 # -- families --------------------------------------------------------------------------------
+
+# tokens per chunk from which a bfloat16 forward splits its batch over threads (BertModel._batch_split_ok)
+BF16_SPLIT_MIN_ROWS = 256
+
 
 @dataclass(frozen=True)
 class EncoderDims:
@@ -332,7 +336,8 @@ class BertModel(nn.Module):
         self, input_ids: Tensor, attention_mask: Tensor | None = None, token_type_ids: Tensor | None = None
     ) -> BaseModelOutput:
         self.check_inputs(input_ids, attention_mask, token_type_ids)
-        n = cpu_split.n_chunks(input_ids) if self._batch_split_ok() else 1
+        ok = self._batch_split_ok()
+        n = cpu_split.n_chunks(input_ids, min_rows=BF16_SPLIT_MIN_ROWS if ok == "bf16" else None) if ok else 1
         if n > 1:  # CPU int8_dynamic (or float32 at AVX2): a chunk of the batch per thread (fastlm/cpu_split.py)
             parts = cpu_split.run(self._encode, n, (input_ids, attention_mask, token_type_ids))
             h = torch.cat([p[0] for p in parts])
@@ -341,18 +346,26 @@ class BertModel(nn.Module):
             h, pooled = self._encode(input_ids, attention_mask, token_type_ids)
         return BaseModelOutput(last_hidden_state=h, pooler_output=pooled)
 
-    def _batch_split_ok(self) -> bool:
+    def _batch_split_ok(self) -> bool | str:
         """Whether the forward may split its batch over threads (fastlm/cpu_split.py): int8_dynamic
-        models, and float32 ones where fastlm._C runs AVX2 (whose one-thread chunks run fastlm's packed
+        models, float32 ones where fastlm._C runs AVX2 (whose one-thread chunks run fastlm's packed
         GEMM: capped Zen 4, BERT-base B8 S128, 2 threads, 0.91x the time of the unsplit oneDNN forward,
-        fastlm.linear_cpu.CPULinear.tiles_here). At AVX-512 float32 the split measured 0.99x: not taken."""
+        fastlm.linear_cpu.CPULinear.tiles_here), and bfloat16 ones on a CPU with AMX-BF16 (oneDNN's AMX
+        bf16 matmul scales poorly over threads at N 768 / K 3072: 2-vCPU Intel Xeon with AMX, BERT-base
+        B8 S128, 2 threads, one process alternating: 150 vs 214 ms, 0.70x; 0.67-0.80x from 256 to 768
+        tokens per chunk, 0.91x at B32 S64, but 1.12x at 128 tokens per chunk: "bf16", which splits
+        only from BF16_SPLIT_MIN_ROWS tokens per chunk). At AVX-512 float32 the split measured 0.99x
+        (Zen 4) and 0.97x (the Xeon): not taken. bf16 without AMX: not measured, not taken."""
         if not len(self.encoder.layer):
             return False
         qkv = self.encoder.layer[0].attention.qkv
         if isinstance(qkv, Int8DynamicLinear):
             return True
-        return (isinstance(qkv, CPULinear) and qkv.weight.device.type == "cpu" and qkv.weight.dtype == torch.float32
-                and _ext.available() and torch.ops.fastlm.cpu_isa("") == "avx2")
+        if not (isinstance(qkv, CPULinear) and qkv.weight.device.type == "cpu"):
+            return False
+        if qkv.weight.dtype == torch.bfloat16:
+            return "bf16" if "amx_bf16" in cpu_features.cpu_flags() else False
+        return qkv.weight.dtype == torch.float32 and _ext.available() and torch.ops.fastlm.cpu_isa("") == "avx2"
 
     def _encode(self, input_ids: Tensor, attention_mask: Tensor | None,
                 token_type_ids: Tensor | None) -> tuple[Tensor, Tensor | None]:
