@@ -253,6 +253,7 @@ def test_int8_step_one_arena_and_threads_agree():
     assert len({lin.qweight.untyped_storage().data_ptr() for lin in lins}) == 1
     ids = torch.randint(0, 1999, (1, 5))
     prev = torch.get_num_threads()
+    prev_pf = torch.ops.fastlm.int8_gemv_prefetch(-1)
     torch.set_num_threads(2)
     try:
         outs = []
@@ -271,7 +272,7 @@ def test_int8_step_one_arena_and_threads_agree():
                 lin.qweight = q
     finally:
         torch.set_num_threads(prev)
-        torch.ops.fastlm.int8_gemv_prefetch(0)
+        torch.ops.fastlm.int8_gemv_prefetch(prev_pf)
     assert torch.isfinite(outs[0]).all()
     for y in outs[1:]:
         assert torch.equal(y, outs[0])

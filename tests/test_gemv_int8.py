@@ -7,6 +7,10 @@ AVX-512BW, AVX2, portable), against an fp64 reference of the same int8 weights w
 
 and the fp32-activation mode (int8_gemv_mode(0)) against the same reference at fp32 rounding."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -195,10 +199,10 @@ def test_int8_linear_uses_pair_panels_on_cpu():
 
 @pytest.fixture
 def two_threads():
-    prev = torch.get_num_threads()
+    prev, prev_pf = torch.get_num_threads(), torch.ops.fastlm.int8_gemv_prefetch(-1)
     yield
     torch.set_num_threads(prev)
-    torch.ops.fastlm.int8_gemv_prefetch(0)
+    torch.ops.fastlm.int8_gemv_prefetch(prev_pf)
 
 
 # one row, work large enough to be shared (>= 64 KB of panels per thread): 1, 2 and 3 threads (chunks
@@ -250,6 +254,17 @@ def test_tile_sizes_agree_bit_for_bit(path, tile_rows, M, N, K):
         outs.append(y)
     for cap, y in zip((2, 3, 4, 5, 6, 7, 8, 11, 16, 0), outs[1:], strict=True):
         assert torch.equal(y, outs[0]), f"rows per tile {cap} differ from 1"
+
+
+def test_int8_prefetch_default_follows_the_cpu_vendor():
+    """2048 bytes ahead on Intel CPUs (measured faster there), none elsewhere (csrc/gemv.cpp), read in a
+    fresh process without FASTLM_INT8_GEMV_PREFETCH."""
+    with open("/proc/cpuinfo") as f:
+        intel = "GenuineIntel" in f.read()
+    env = {k: v for k, v in os.environ.items() if k != "FASTLM_INT8_GEMV_PREFETCH"}
+    code = "import torch, fastlm; print(torch.ops.fastlm.int8_gemv_prefetch(-1))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert int(out.stdout.split()[-1]) == (2048 if intel else 0)
 
 
 def test_schedule_knobs_refuse_bad_values():
