@@ -7,13 +7,13 @@
 //
 // A quad panel is exactly AMX's B-tile layout: 16 rows of 64 bytes = 16 quads of k x 16 channels, so
 // a B tile is 1 KB read straight from the panel (stride 64). Per block of rows (int8_gemm_vnni_rows
-// hands each thread its blocks) the rows go in pairs of 16-row tiles: the pair's activation rows are
-// first copied into tile order ([k block][row][64 bytes], zero past the rows and K: the A tiles then
-// load 1 KB contiguous from L1), then for each pair of panels 2 x 2 tiles accumulate over k (tmm0-3:
-// int32 C, tmm4-5: A, tmm6-7: B), K in chunks of 192 quads (768 k: the pair's A chunk, 24 KB, stays in
-// the 48 KB L1 while the panels stream from L2) with the C tiles kept in a per-thread int32 scratch
-// between chunks (its row pitch padded off a multiple of 4 KB: rows 4 KB apart alias in L1). The
-// row-sum correction is applied as the valid rows and channels are copied out to c.
+// hands each thread its blocks, 128 rows on AMX) the block's activation rows are first copied into
+// tile order ([pair of 16-row tiles][k step][16 rows][64 bytes], 64-byte aligned, zero past the rows
+// and K: each A tile is then 1 KB contiguous), then for each pair of panels and each pair of row tiles
+// 2 x 2 C tiles accumulate over all of K (tmm0-3: int32 C, tmm4-5: A, tmm6-7: B), are stored to a
+// 32 x 32 scratch and copied out to c, the valid rows and channels only, less 128 * rowsum(a). Each
+// panel pair is thus read once per block; the block's copied rows come from L2 for every panel pair
+// (K chunks kept in L1 with the C tiles carried between chunks were not tried).
 //
 // Measured 2026-12-08 on a 2-vCPU Intel Xeon (AMX-INT8, AVX-512 VNNI), one thread, M 1024, prototypes
 // of this loop nest: one TDPBSUD every 5.5 ns (~5.9 T int8 ops/s per core, register tiles only; ~4.8 T
@@ -49,8 +49,6 @@
 
 namespace fastlm {
 namespace {
-
-constexpr int64_t kKChunk = 192;  // quads of k per chunk (768 k): a row pair's A chunk is 24 KB
 
 #ifdef FASTLM_AMX_X86
 bool cpu_has_amx_int8() {
@@ -95,26 +93,18 @@ FASTLM_AMX_FN void load_tile_config() {
 
 FASTLM_AMX_FN void release_tiles() { _tile_release(); }
 
-// One panel pair (TWO) or one panel: C tiles over the k steps [kb0, kb1) (of 16 quads) of the
-// chunk, A from the packed pair ap0 / ap1 (1 KB per k step), B straight from the panels p0 / p1;
-// `tail` (the last k step of a K with K4 % 16 != 0) reads the panels' zero-padded copies bt instead.
+// One panel pair (TWO) or one panel: C tiles zeroed, then the k steps [kb0, kb1) (of 16 quads), A from
+// the packed row pair ap0 / ap1 (1 KB per k step), B straight from the panels p0 / p1; `tail_kb` (the
+// last k step of a K with K4 % 16 != 0) reads the panels' zero-padded copies bt instead; C stored to
+// acc (32 rows, ldp apart).
 template <bool TWO>
 FASTLM_AMX_FN void pair_chunk(const int8_t* ap0, const int8_t* ap1, const uint8_t* p0, const uint8_t* p1, int64_t kb0,
-                              int64_t kb1, const uint8_t* bt, int64_t tail_kb, int32_t* acc, int64_t ldp, bool first) {
-  if (first) {
-    _tile_zero(0);
-    _tile_zero(2);
-    if constexpr (TWO) {
-      _tile_zero(1);
-      _tile_zero(3);
-    }
-  } else {
-    _tile_loadd(0, acc, ldp * 4);
-    _tile_loadd(2, acc + 16 * ldp, ldp * 4);
-    if constexpr (TWO) {
-      _tile_loadd(1, acc + 16, ldp * 4);
-      _tile_loadd(3, acc + 16 * ldp + 16, ldp * 4);
-    }
+                              int64_t kb1, const uint8_t* bt, int64_t tail_kb, int32_t* acc, int64_t ldp) {
+  _tile_zero(0);
+  _tile_zero(2);
+  if constexpr (TWO) {
+    _tile_zero(1);
+    _tile_zero(3);
   }
   for (int64_t kb = kb0; kb < kb1; ++kb) {
     const uint8_t* b0 = kb == tail_kb ? bt : p0 + kb * 1024;
@@ -155,7 +145,8 @@ FASTLM_AMX_FN void block_amx_impl(const int8_t* a, int64_t lda, int64_t mb, int6
   const int64_t tail_kb = K4 % 16 ? nkb - 1 : -1;
   const int64_t npairs = (mb + 31) / 32;
   // the block's rows in tile order: [pair][2][nkb][16 rows][64], 64-byte aligned: a tile row that
-  // straddles two cache lines made every A tile load twice the lines (the GEMM 1.5-2.2x slower)
+  // straddles two cache lines made every A tile load twice the lines (the GEMM 1.5-2.2x slower). Kept
+  // per thread (~128 x K bytes: 384 KB at K 3072, 8.4 MB at the K bound) and reused across calls.
   thread_local std::vector<int8_t> ap_buf;
   thread_local std::vector<int32_t> rsum;
   alignas(64) int32_t acc[32 * 32];         // one 32 x 32 output tile
@@ -196,9 +187,9 @@ FASTLM_AMX_FN void block_amx_impl(const int8_t* a, int64_t lda, int64_t mb, int6
     for (int64_t pr = 0; pr < npairs; ++pr) {
       const int8_t* ap0 = ap + pr * 2 * nkb * 1024;
       if (two)
-        pair_chunk<true>(ap0, ap0 + nkb * 1024, p0, p1, 0, nkb, bt, tail_kb, acc, 32, true);
+        pair_chunk<true>(ap0, ap0 + nkb * 1024, p0, p1, 0, nkb, bt, tail_kb, acc, 32);
       else
-        pair_chunk<false>(ap0, ap0 + nkb * 1024, p0, p0, 0, nkb, bt, tail_kb, acc, 32, true);
+        pair_chunk<false>(ap0, ap0 + nkb * 1024, p0, p0, 0, nkb, bt, tail_kb, acc, 32);
       // out: the valid rows and channels, less 128 * rowsum(a) (the + 128 of the unsigned weights)
       const int64_t rv = std::min<int64_t>(32, mb - pr * 32);
       const __mmask16 m0 = nv >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nv) - 1);

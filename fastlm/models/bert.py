@@ -19,6 +19,7 @@ Left padding costs a little extra (one query per such row and layer); right padd
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -363,8 +364,9 @@ class BertModel(nn.Module):
             return True
         if not (isinstance(qkv, CPULinear) and qkv.weight.device.type == "cpu"):
             return False
-        if qkv.weight.dtype == torch.bfloat16:
-            return "bf16" if "amx_bf16" in cpu_features.cpu_flags() else False
+        if qkv.weight.dtype == torch.bfloat16:  # AMX-BF16, and oneDNN not capped below AMX (ONEDNN_MAX_CPU_ISA)
+            cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+            return "bf16" if "amx_bf16" in cpu_features.cpu_flags() and (not cap or "AMX" in cap) else False
         return qkv.weight.dtype == torch.float32 and _ext.available() and torch.ops.fastlm.cpu_isa("") == "avx2"
 
     def _encode(self, input_ids: Tensor, attention_mask: Tensor | None,
