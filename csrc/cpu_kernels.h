@@ -61,6 +61,8 @@ void int8_gemm_vnni_rows(const int8_t* a, int64_t lda, int64_t M, int64_t K, con
 // its block: rows [0, mb) of a (lda apart, readable to 4 * ceil(K / 4) bytes) x quad panels [q0, q1)
 // -> c (mb rows, ldc apart; column 0 is channel 16 * q0), exact int32.
 bool amx_int8_usable();
+// sum_k a[k] over one row of K int8 (int8_gemm_vnni.cpp: vpdpbusd against ones where AVX-512 VNNI runs).
+int32_t int8_row_sum(const int8_t* a, int64_t K);
 void int8_block_amx(const int8_t* a, int64_t lda, int64_t mb, int64_t K, const uint8_t* quads, int64_t N, int64_t q0,
                     int64_t q1, int32_t* c, int64_t ldc);
 // TORCH_CHECKs of a (M, K) int8 (unit column stride, K within the exact bound) and quads for n channels.

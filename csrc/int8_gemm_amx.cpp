@@ -128,16 +128,6 @@ FASTLM_AMX_FN void pair_chunk(const int8_t* ap0, const int8_t* ap1, const uint8_
   }
 }
 
-FASTLM_AMX_FN int32_t row_sum(const int8_t* a, int64_t K) {
-  const __m512i ones = _mm512_set1_epi8(1);
-  __m512i s = _mm512_setzero_si512();
-  int64_t k = 0;
-  for (; k + 64 <= K; k += 64) s = _mm512_dpbusd_epi32(s, ones, _mm512_loadu_si512(a + k));
-  int32_t t = _mm512_reduce_add_epi32(s);
-  for (; k < K; ++k) t += a[k];
-  return t;
-}
-
 FASTLM_AMX_FN void block_amx_impl(const int8_t* a, int64_t lda, int64_t mb, int64_t K, const uint8_t* quads,
                                   int64_t N, int64_t q0, int64_t q1, int32_t* c, int64_t ldc) {
   const int64_t K4 = (K + 3) / 4;           // quads per panel (rows of a are readable to 4 * K4)
@@ -162,7 +152,7 @@ FASTLM_AMX_FN void block_amx_impl(const int8_t* a, int64_t lda, int64_t mb, int6
       continue;
     }
     const int8_t* src = a + i * lda;
-    rsum[i] = row_sum(src, K);
+    rsum[i] = cpu::int8_row_sum(src, K);
     for (int64_t kb = 0; kb < nkb; ++kb) {
       const int64_t n = std::min<int64_t>(64, 4 * K4 - kb * 64);
       std::memcpy(dst + kb * 1024, src + kb * 64, n);

@@ -72,8 +72,8 @@ int64_t block_rows(int64_t N, bool amx) {
 }
 
 #ifdef FASTLM_V_X86
-// sum_k a[k] over one row of K bytes (K4 * 4, zero-padded by the caller's layout where K % 4 != 0:
-// here the row is read only to K, the tail in scalar code).
+// sum_k a[k] over one row of K bytes (read only to K, the tail in scalar code); also the AMX tiles'
+// (cpu::int8_row_sum, int8_gemm_amx.cpp).
 FASTLM_V_VNNI int32_t row_sum_vnni(const int8_t* a, int64_t K) {
   const __m512i ones = _mm512_set1_epi8(1);
   __m512i s = _mm512_setzero_si512();
@@ -177,6 +177,15 @@ bool vnni_gemm_native() {
 }  // namespace
 
 namespace cpu {
+
+int32_t int8_row_sum(const int8_t* a, int64_t K) {
+#ifdef FASTLM_V_X86
+  if (avx512vnni_allowed()) return row_sum_vnni(a, K);
+#endif
+  int32_t t = 0;
+  for (int64_t k = 0; k < K; ++k) t += a[k];
+  return t;
+}
 
 void int8_gemm_vnni_rows(const int8_t* a, int64_t lda, int64_t M, int64_t K, const uint8_t* quads, int64_t N,
                          const RowsFn& rows) {
